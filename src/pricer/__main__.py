@@ -1,0 +1,5 @@
+import sys
+
+from pricer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,429 @@
+"""`create_app(settings)`: the engine as one ASGI app.
+
+A request flows (DESIGN §1): request context -> error envelope -> route match (404/405) -> body limit
+-> authentication -> endpoint -> market data -> pricing core -> response.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib.resources import files
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pricer.auth.keys import KeyHasher, KeyVerifier, make_record, parse_key
+from pricer.demo import ADMIN_CLIENT_ID, DemoKeys, seed_demo
+from pricer.endpoints.admin import AdminEndpoints
+from pricer.endpoints.common import json_response, utc_now
+from pricer.endpoints.health import HealthEndpoints
+from pricer.endpoints.quotes import QuoteEndpoints
+from pricer.endpoints.rates import RateEndpoints
+from pricer.marketdata.service import MarketData, MarketDataWriter
+from pricer.middleware.authentication import Authentication
+from pricer.middleware.body_limit import BodyLimit
+from pricer.middleware.errors import ErrorEnvelope
+from pricer.middleware.request_context import RequestContext
+from pricer.middleware.route_match import Dispatch, RouteMatch
+from pricer.models import Client, FeeType
+from pricer.models import Scope as AuthScope
+from pricer.openapi import build_openapi
+from pricer.pricing.core import RatePolicy
+from pricer.routing import ApiRoute
+from pricer.schemas import (
+    AvailabilityUploadResponse,
+    BatchRequest,
+    BatchResponse,
+    ClientBody,
+    ClientView,
+    DependencyHealth,
+    DetailedHealth,
+    EventsBody,
+    EventsView,
+    Health,
+    IssuedKey,
+    KeyBody,
+    LoadResult,
+    QuoteRequest,
+    QuoteResponse,
+    RateListResponse,
+    RateResponse,
+    StockBody,
+    StockView,
+    VolatilityBody,
+    VolatilityView,
+)
+from pricer.settings import Settings, SettingsError, development_defaults_in_use
+from pricer.stores.memory import memory_stores
+from pricer.stores.protocols import Stores
+
+log = logging.getLogger("pricer.app")
+
+QUOTE_SCOPES = frozenset({AuthScope.QUOTE, AuthScope.AUDIT})
+
+
+@dataclass
+class Lifecycle:
+    """What happens at start-up and shutdown, and the state operators see (draining)."""
+
+    startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    draining: bool = False
+
+
+class PricerApp:
+    """The ASGI application: lifespan events here, HTTP through the middleware chain."""
+
+    def __init__(self, chain: ASGIApp, lifecycle: Lifecycle, stores: Stores, routes: list[ApiRoute]) -> None:
+        self._chain = chain
+        self.lifecycle = lifecycle
+        self.stores = stores
+        self.routes = routes
+        self.demo_keys: DemoKeys | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self._chain(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    for step in self.lifecycle.startup:
+                        await step()
+                except Exception as error:
+                    log.exception("Start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(error)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for step in reversed(self.lifecycle.shutdown):
+                    try:
+                        await step()
+                    except Exception:
+                        log.exception("Shutdown step failed")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(
+    settings: Settings,
+    *,
+    stores: Stores | None = None,
+    on_demo_keys: Callable[[DemoKeys], None] | None = None,
+) -> PricerApp:
+    """Build the engine. `stores` overrides the configured backends (tests of logic use memory ones)."""
+    if stores is None:
+        if settings.database_url is not None:
+            raise SettingsError("DATABASE_URL: the PostgreSQL stores are not part of this build yet")
+        stores = memory_stores(max_quote_rows=settings.memory_quotes_max_rows)
+    for name in development_defaults_in_use(settings):
+        log.warning("Development default in use", extra={"logfmt_fields": {"variable": name}})
+
+    policy = RatePolicy(
+        volatility_factor=settings.volatility_factor,
+        volatility_threshold=settings.volatility_threshold,
+        event_risk_factor=settings.event_risk_factor,
+        min_borrow_rate=settings.min_borrow_rate,
+        max_borrow_rate=settings.max_borrow_rate,
+    )
+    market = MarketData(
+        stores,
+        policy=policy,
+        default_volatility_index=settings.default_volatility_index,
+        event_window_days=settings.event_window_days,
+    )
+    writer = MarketDataWriter(stores)
+    hasher = KeyHasher(settings.api_key_pepper)
+    lifecycle = Lifecycle()
+
+    from pricer.quoting import Quoter
+
+    quoting = QuoteEndpoints(Quoter(stores, market), stores.quotes, max_batch_size=settings.max_batch_size)
+    rates = RateEndpoints(market)
+    admin = AdminEndpoints(
+        stores,
+        writer,
+        hasher,
+        default_rate_limit=settings.rate_limit_per_minute,
+        default_burst=settings.effective_burst,
+    )
+    health = HealthEndpoints(
+        {
+            "database": _memory_check("memory")
+            if settings.database_url is None
+            else _memory_check("postgresql"),
+            "redis": _memory_check("memory"),
+            "market_data": _market_data_check(market, settings.market_data_stale_after_hours),
+            "audit": _memory_check("memory"),
+        },
+        is_draining=lambda: lifecycle.draining,
+    )
+
+    small = settings.max_body_bytes
+    large = settings.max_batch_body_bytes
+    text_media = ("text/plain",)
+    routes: list[ApiRoute] = [
+        ApiRoute(
+            "/health",
+            health.health,
+            methods=["GET"],
+            scope=None,
+            body_limit=small,
+            summary="Liveness",
+            responses={200: Health},
+        ),
+        ApiRoute(
+            "/health/detailed",
+            health.detailed,
+            methods=["GET"],
+            scope=None,
+            body_limit=small,
+            summary="Dependencies and their state",
+            responses={200: DetailedHealth},
+        ),
+        ApiRoute(
+            "/api/v1/calculate-locate",
+            quoting.calculate_locate,
+            methods=["GET", "POST"],
+            scope=AuthScope.QUOTE,
+            body_limit=small,
+            summary="One locate-fee quote",
+            request_body=QuoteRequest,
+            query=QuoteRequest,
+            responses={200: QuoteResponse},
+        ),
+        ApiRoute(
+            "/api/v1/calculate-locate/batch",
+            quoting.calculate_batch,
+            methods=["POST"],
+            scope=AuthScope.QUOTE,
+            body_limit=large,
+            summary="Many quotes in one call (?atomic=true)",
+            request_body=BatchRequest,
+            request_media=("application/json", "application/msgpack"),
+            responses={200: BatchResponse},
+        ),
+        ApiRoute(
+            "/api/v1/rates/{ticker}",
+            rates.rate,
+            methods=["GET"],
+            scope=AuthScope.RATES,
+            body_limit=small,
+            summary="Current borrow rate of a ticker",
+            responses={200: RateResponse},
+        ),
+        ApiRoute(
+            "/api/v1/rates",
+            rates.rates,
+            methods=["GET"],
+            scope=AuthScope.RATES,
+            body_limit=small,
+            summary="Rates of up to 1,000 tickers (?tickers=A,B)",
+            responses={200: RateListResponse},
+        ),
+        ApiRoute(
+            "/api/v1/quotes/{quote_id}",
+            quoting.get_quote,
+            methods=["GET"],
+            scope=QUOTE_SCOPES,
+            body_limit=small,
+            summary="An audited quote",
+            responses={200: QuoteResponse},
+        ),
+        ApiRoute(
+            "/api/v1/admin/clients/{client_id}",
+            admin.put_client,
+            methods=["PUT"],
+            scope=AuthScope.ADMIN,
+            body_limit=small,
+            summary="Create or replace a client",
+            request_body=ClientBody,
+            responses={200: ClientView, 201: ClientView},
+        ),
+        ApiRoute(
+            "/api/v1/admin/stocks/{ticker}",
+            admin.put_stock,
+            methods=["PUT"],
+            scope=AuthScope.ADMIN,
+            body_limit=small,
+            summary="Create or replace a stock",
+            request_body=StockBody,
+            responses={200: StockView, 201: StockView},
+        ),
+        ApiRoute(
+            "/api/v1/admin/availability",
+            admin.upload_availability,
+            methods=["POST"],
+            scope=AuthScope.ADMIN,
+            body_limit=large,
+            request_media=text_media,
+            summary="Upload an IBKR-format availability file (text/plain body)",
+            responses={200: AvailabilityUploadResponse},
+        ),
+        ApiRoute(
+            "/api/v1/admin/vix-history",
+            admin.upload_vix,
+            methods=["POST"],
+            scope=AuthScope.ADMIN,
+            body_limit=large,
+            request_media=text_media,
+            summary="Upload a Cboe VIX history CSV; its last close becomes the volatility index",
+            responses={200: LoadResult},
+        ),
+        ApiRoute(
+            "/api/v1/admin/earnings-calendar",
+            admin.upload_earnings,
+            methods=["POST"],
+            scope=AuthScope.ADMIN,
+            body_limit=large,
+            request_media=text_media,
+            summary="Upload an Alpha Vantage earnings calendar CSV (replaces those tickers' events)",
+            responses={200: LoadResult},
+        ),
+        ApiRoute(
+            "/api/v1/admin/volatility",
+            admin.put_volatility,
+            methods=["PUT"],
+            scope=AuthScope.ADMIN,
+            body_limit=small,
+            summary="Set the market volatility index",
+            request_body=VolatilityBody,
+            responses={200: VolatilityView},
+        ),
+        ApiRoute(
+            "/api/v1/admin/events/{ticker}",
+            admin.put_events,
+            methods=["PUT"],
+            scope=AuthScope.ADMIN,
+            body_limit=small,
+            summary="Replace a ticker's events",
+            request_body=EventsBody,
+            responses={200: EventsView},
+        ),
+        ApiRoute(
+            "/api/v1/admin/keys",
+            admin.issue_key,
+            methods=["POST"],
+            scope=AuthScope.ADMIN,
+            body_limit=small,
+            summary="Issue an API key (the secret is shown once)",
+            request_body=KeyBody,
+            responses={201: IssuedKey},
+        ),
+        ApiRoute(
+            "/api/v1/admin/keys/{key_id}",
+            admin.revoke_key,
+            methods=["DELETE"],
+            scope=AuthScope.ADMIN,
+            body_limit=small,
+            summary="Revoke an API key",
+            responses={204: None},
+        ),
+    ]
+    openapi_body = json_response(build_openapi(routes)).body
+    docs_body = files("pricer.endpoints").joinpath("static/docs.html").read_bytes()
+
+    async def openapi(request: Request) -> Response:
+        return Response(openapi_body, media_type="application/json")
+
+    async def docs(request: Request) -> Response:
+        return Response(docs_body, media_type="text/html")
+
+    routes += [
+        ApiRoute(
+            "/openapi.json", openapi, methods=["GET"], scope=None, body_limit=small, summary="This document"
+        ),
+        ApiRoute(
+            "/docs", docs, methods=["GET"], scope=None, body_limit=small, summary="API documentation page"
+        ),
+    ]
+
+    chain: ASGIApp = Dispatch()
+    chain = Authentication(
+        chain, keys=KeyVerifier(stores.keys, hasher), enabled=settings.enable_authentication
+    )
+    chain = BodyLimit(chain)
+    chain = RouteMatch(chain, routes)
+    chain = ErrorEnvelope(chain)
+    chain = RequestContext(chain)
+    app = PricerApp(chain, lifecycle, stores, routes)
+
+    async def seed() -> None:
+        now = utc_now()
+        if settings.seed_demo_data and settings.database_url is None:
+            app.demo_keys = await seed_demo(stores, hasher, now)
+            if on_demo_keys is not None:
+                on_demo_keys(app.demo_keys)
+        if settings.bootstrap_admin_key is not None:
+            await ensure_bootstrap_admin(stores, hasher, settings.bootstrap_admin_key, now)
+
+    lifecycle.startup.append(seed)
+    return app
+
+
+async def ensure_bootstrap_admin(stores: Stores, hasher: KeyHasher, key: str, now: dt.datetime) -> None:
+    """Make sure an admin key with exactly this value exists, for client `admin` (DESIGN §2.4)."""
+    if parse_key(key) is None:
+        raise SettingsError("BOOTSTRAP_ADMIN_KEY: expected bre_<8-16 [a-z0-9]>_<32-64 [A-Za-z0-9]>")
+    if await stores.clients.get(ADMIN_CLIENT_ID) is None:
+        await stores.clients.put(
+            Client(
+                client_id=ADMIN_CLIENT_ID,
+                markup_percentage=0.0,
+                transaction_fee_type=FeeType.FLAT,
+                transaction_amount=0.0,
+                updated_at=now,
+            )
+        )
+    record = make_record(
+        hasher,
+        key,
+        client_id=ADMIN_CLIENT_ID,
+        scopes={AuthScope.ADMIN},
+        now=now,
+        expires_at=now + dt.timedelta(days=3650),
+    )
+    await stores.keys.put(record)
+
+
+def _memory_check(backend: str) -> Callable[[], Awaitable[DependencyHealth]]:
+    async def check() -> DependencyHealth:
+        return DependencyHealth(status="healthy", latency_ms=0.0, detail={"backend": backend})
+
+    return check
+
+
+def _market_data_check(
+    market: MarketData, stale_after_hours: float
+) -> Callable[[], Awaitable[DependencyHealth]]:
+    async def check() -> DependencyHealth:
+        started = time.perf_counter()
+        snapshot = await market.snapshot()
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        if snapshot is None:
+            return DependencyHealth(
+                status="degraded",
+                latency_ms=latency,
+                detail={"availability": "none loaded; rates use the fallback"},
+            )
+        age_hours = (utc_now() - snapshot.as_of).total_seconds() / 3600
+        return DependencyHealth(
+            status="healthy" if age_hours <= stale_after_hours else "degraded",
+            latency_ms=latency,
+            detail={
+                "availability_as_of": snapshot.as_of.isoformat(),
+                "age_hours": round(age_hours, 2),
+                "rows": len(snapshot.entries),
+            },
+        )
+
+    return check

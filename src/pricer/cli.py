@@ -1,0 +1,134 @@
+"""The one console script: `pricer serve`, `pricer load ibkr|vix|earnings FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from pricer import __version__
+from pricer.settings import Settings, SettingsError, load_settings
+
+_LOAD_ENDPOINTS = {
+    "ibkr": "/api/v1/admin/availability",
+    "vix": "/api/v1/admin/vix-history",
+    "earnings": "/api/v1/admin/earnings-calendar",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pricer", description="Borrow Rate & Locate Fee Pricing Engine")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "serve", help="serve the engine with uvicorn (HOST, PORT, WORKERS from the environment)"
+    )
+    load = commands.add_parser("load", help="load a market-data file into the running engine")
+    load.add_argument("kind", choices=sorted(_LOAD_ENDPOINTS))
+    load.add_argument("file", type=Path)
+    load.add_argument(
+        "--url", help="engine base URL (default: PRICER_URL, the demo keys file, or http://HOST:PORT)"
+    )
+    load.add_argument("--key", help="admin API key (default: PRICER_ADMIN_KEY or the demo keys file)")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        print(f"pricer: configuration error: {error}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return serve(settings)
+    return load_file(settings, args.kind, args.file, url=args.url, key=args.key)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from pricer.app import create_app
+    from pricer.demo import announce_demo_keys
+    from pricer.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    base_url = f"http://{settings.host}:{settings.port}"
+    try:
+        app = create_app(
+            settings,
+            on_demo_keys=lambda keys: announce_demo_keys(keys, settings.demo_keys_file, base_url),
+        )
+    except SettingsError as error:
+        print(f"pricer: configuration error: {error}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_seconds) + 25),
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _demo_file_values(settings: Settings) -> dict[str, str]:
+    path = settings.demo_keys_file
+    if not path or not os.path.exists(path):
+        return {}
+    values = {}
+    for line in Path(path).read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            values[name.strip()] = value.strip()
+    return values
+
+
+def load_file(settings: Settings, kind: str, file: Path, *, url: str | None, key: str | None) -> int:
+    """Send the file to the running engine's admin endpoint (the embedded default's way to load)."""
+    demo = _demo_file_values(settings)
+    base = (
+        url
+        or os.environ.get("PRICER_URL")
+        or demo.get("PRICER_URL")
+        or f"http://{settings.host}:{settings.port}"
+    )
+    admin_key = key or os.environ.get("PRICER_ADMIN_KEY") or demo.get("DEMO_ADMIN_KEY")
+    if not admin_key:
+        print("pricer: no admin key: pass --key or set PRICER_ADMIN_KEY", file=sys.stderr)
+        return 2
+    try:
+        content = file.read_bytes()
+    except OSError as error:
+        print(f"pricer: cannot read {file}: {error.strerror}", file=sys.stderr)
+        return 2
+    request = urllib.request.Request(  # noqa: S310 - the URL is the operator's own engine
+        base.rstrip("/") + _LOAD_ENDPOINTS[kind],
+        data=content,
+        method="POST",
+        headers={"Content-Type": "text/plain", "X-API-Key": admin_key},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
+            print(json.dumps(json.loads(response.read()), indent=2))
+            return 0
+    except urllib.error.HTTPError as error:
+        body = error.read().decode(errors="replace")
+        print(f"pricer: {kind} file rejected ({error.code}): {body}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as error:
+        print(f"pricer: cannot reach the engine at {base}: {error.reason}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Per-request state shared by the middlewares and endpoints, kept in the ASGI scope."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.types import Scope
+
+if TYPE_CHECKING:
+    from pricer.auth.keys import Principal
+    from pricer.routing import ApiRoute
+
+STATE_KEY = "pricer.state"
+
+
+class RequestState:
+    __slots__ = ("client_id", "principal", "request_id", "route", "route_template")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.route: ApiRoute | None = None
+        self.route_template = "unmatched"
+        self.principal: Principal | None = None
+        self.client_id: str | None = None
+
+
+def request_state(scope: Scope) -> RequestState:
+    state: RequestState = scope[STATE_KEY]
+    return state

@@ -1,0 +1,1 @@
+"""HTTP endpoints: decode and validate, call market data and the pricing core, encode."""

@@ -1,0 +1,287 @@
+"""Locate-fee quotes: single (POST body or GET query), batch (JSON or msgpack), and read-back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pricer.context import request_state
+from pricer.endpoints.common import json_response, msgpack_response, utc_now, wants_msgpack
+from pricer.errors import FieldProblem, InvalidParameter, NotFound, TickerNotFound
+from pricer.middleware.authentication import acting_principal, current_principal
+from pricer.models import Scope
+from pricer.pricing.core import to_scaled_int
+from pricer.quotes import split_quote_id
+from pricer.quoting import Quoter
+from pricer.schemas import (
+    BatchPosition,
+    BatchRequest,
+    BatchResponse,
+    LenientBatchRequest,
+    QuoteRequest,
+    RowError,
+)
+from pricer.stores.protocols import QuoteStore
+from pricer.tickers import TICKER_RULE, normalize_ticker
+from pricer.validation import JSON, MSGPACK, Decoder, require_places, require_ticker
+
+MAX_POSITION_VALUE = 1_000_000_000
+_POSITION_FIELDS = frozenset(BatchPosition.__struct_fields__)
+
+
+class QuoteEndpoints:
+    def __init__(self, quoter: Quoter, quotes: QuoteStore, *, max_batch_size: int) -> None:
+        self._quoter = quoter
+        self._quotes = quotes
+        self._max_batch_size = max_batch_size
+        self._single = Decoder(QuoteRequest)
+        self._batch = Decoder(BatchRequest, accept_msgpack=True)
+        self._lenient_batch = Decoder(LenientBatchRequest, accept_msgpack=True)
+
+    # ---- single -----------------------------------------------------------------------------
+
+    async def calculate_locate(self, request: Request) -> Response:
+        if request.method == "GET":
+            location = "query"
+            quote = self._single.convert_query(request.query_params)
+        else:
+            location = "body"
+            media = self._single.media_type(request)
+            quote = self._single.decode(await request.body(), media)
+        ticker = require_ticker(quote.ticker, location=location)
+        cents = require_places(quote.position_value, 2, "position_value", location=location)
+        principal = acting_principal(request.scope, quote.client_id)
+        terms = await self._quoter.client_terms(quote.client_id)
+        state = request_state(request.scope)
+        outcome = await self._quoter.price(
+            terms,
+            tickers=[ticker],
+            position_cents=np.array([cents], dtype=np.int64),
+            loan_days=np.array([quote.loan_days], dtype=np.int64),
+            input_index=np.zeros(1, dtype=np.int64),
+            key_id=principal.key_id,
+            request_id=state.request_id,
+            now=utc_now(),
+        )
+        if outcome.unknown_rows:
+            raise TickerNotFound(ticker)
+        await self._quotes.add(outcome.batch)
+        return json_response(outcome.batch.quote_response(0))
+
+    # ---- batch ------------------------------------------------------------------------------
+
+    async def calculate_batch(self, request: Request) -> Response:
+        media = self._batch.media_type(request)
+        atomic = _flag(request.query_params.get("atomic"), "atomic")
+        body = await request.body()
+        try:
+            parsed = self._batch.decode(body, media)
+            client_id, rows = parsed.client_id, parsed.positions
+            tickers_raw = [row.ticker for row in rows]
+            values = np.fromiter((row.position_value for row in rows), dtype=np.float64, count=len(rows))
+            days = np.fromiter((row.loan_days for row in rows), dtype=np.float64, count=len(rows))
+            errors: list[RowError] = []
+        except InvalidParameter:
+            # Some rows are malformed: decode leniently so that each bad row gets its own error.
+            lenient = self._lenient_batch.decode(body, media)
+            client_id = lenient.client_id
+            tickers_raw, values, days, errors = _lenient_rows(lenient.positions)
+        count = len(tickers_raw)
+        if count > self._max_batch_size:
+            raise InvalidParameter.for_field(
+                "positions", f"at most {self._max_batch_size} positions per batch (got {count})"
+            )
+
+        tickers = [normalize_ticker(raw) or "" if isinstance(raw, str) else "" for raw in tickers_raw]
+        cents, errors = _check_rows(tickers, values, days, errors)
+        if atomic and errors:
+            raise _atomic_failure(errors)
+
+        principal = acting_principal(request.scope, client_id)
+        terms = await self._quoter.client_terms(client_id)
+        bad = np.zeros(count, dtype=bool)
+        for error in errors:
+            bad[error.index] = True
+        good = np.flatnonzero(~bad)
+        outcome = await self._quoter.price(
+            terms,
+            tickers=[tickers[index] for index in good.tolist()],
+            position_cents=cents[good],
+            loan_days=days[good].astype(np.int64),
+            input_index=good.astype(np.int64),
+            key_id=principal.key_id,
+            request_id=request_state(request.scope).request_id,
+            now=utc_now(),
+        )
+        for row in outcome.unknown_rows:
+            index = int(good[row])
+            errors.append(
+                RowError(
+                    index=index,
+                    error_code="TICKER_NOT_FOUND",
+                    error=f"Unknown ticker: {tickers[index]}",
+                    field="ticker",
+                )
+            )
+        if atomic and errors:
+            raise _atomic_failure(errors)
+        batch = outcome.batch
+        await self._quotes.add(batch)
+        errors.sort(key=lambda error: error.index)
+        response = BatchResponse(
+            client_id=client_id,
+            fee_schedule=terms.view,
+            calculated_at=batch.calculated_at,
+            count=count,
+            priced=batch.size,
+            quotes=batch.batch_quotes(),
+            errors=errors,
+        )
+        if media == MSGPACK or wants_msgpack(request.headers.get("accept")):
+            return msgpack_response(response)
+        return json_response(response)
+
+    # ---- read-back --------------------------------------------------------------------------
+
+    async def get_quote(self, request: Request) -> Response:
+        quote_id = request.path_params["quote_id"]
+        where = split_quote_id(quote_id)
+        batch = await self._quotes.find(where[0]) if where is not None else None
+        if where is None or batch is None or where[1] >= batch.size:
+            raise NotFound("Unknown quote", details={"quote_id": quote_id})
+        principal = current_principal(request.scope)
+        if not (principal.allows(Scope.AUDIT) or principal.client_id == batch.client_id):
+            # Another client's quote is not disclosed, not even its existence.
+            raise NotFound("Unknown quote", details={"quote_id": quote_id})
+        return json_response(batch.quote_response(where[1]))
+
+
+def _flag(raw: str | None, name: str) -> bool:
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0", ""):
+        return False
+    raise InvalidParameter.for_field(name, "expected true or false", location="query")
+
+
+def _lenient_rows(
+    positions: list[Any],
+) -> tuple[
+    list[Any], np.ndarray[Any, np.dtype[np.float64]], np.ndarray[Any, np.dtype[np.float64]], list[RowError]
+]:
+    """Columns of loosely decoded rows; a row of the wrong shape or types gets an error and NaNs."""
+    count = len(positions)
+    tickers: list[Any] = [None] * count
+    values = np.full(count, np.nan)
+    days = np.full(count, np.nan)
+    errors: list[RowError] = []
+    for index, row in enumerate(positions):
+        problem = _row_problem(row)
+        if problem is not None:
+            errors.append(
+                RowError(
+                    index=index, error_code="INVALID_PARAMETER", error=problem.message, field=problem.field
+                )
+            )
+            continue
+        tickers[index] = row["ticker"]
+        values[index] = row["position_value"]
+        days[index] = row["loan_days"]
+    return tickers, values, days, errors
+
+
+def _row_problem(row: Any) -> FieldProblem | None:
+    if not isinstance(row, dict):
+        return FieldProblem("position", "body", "expected an object with ticker, position_value, loan_days")
+    unknown = sorted(set(row) - _POSITION_FIELDS)
+    if unknown:
+        return FieldProblem(str(unknown[0]), "body", f"unknown field `{unknown[0]}`")
+    for name in ("ticker", "position_value", "loan_days"):
+        if name not in row:
+            return FieldProblem(name, "body", f"missing required field `{name}`")
+    if not isinstance(row["ticker"], str):
+        return FieldProblem("ticker", "body", "ticker: expected a string")
+    value = row["position_value"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) > 1e15:
+        return FieldProblem("position_value", "body", "position_value: expected a number")
+    days = row["loan_days"]
+    if isinstance(days, bool) or not isinstance(days, int) or abs(days) > 1_000_000:
+        return FieldProblem("loan_days", "body", "loan_days: expected an integer from 1 to 365")
+    return None
+
+
+def _check_rows(
+    tickers: list[str],
+    values: np.ndarray[Any, np.dtype[np.float64]],
+    days: np.ndarray[Any, np.dtype[np.float64]],
+    errors: list[RowError],
+) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[RowError]]:
+    """The value rules for every row not already in error (one error per row, first rule broken
+    first); exact cents of each position. `tickers` holds "" where a ticker did not normalise."""
+    already = np.zeros(len(tickers), dtype=bool)
+    for error in errors:
+        already[error.index] = True
+    for index, ticker in enumerate(tickers):
+        if not ticker and not already[index]:
+            errors.append(
+                RowError(
+                    index=index,
+                    error_code="INVALID_PARAMETER",
+                    error=f"ticker: expected {TICKER_RULE}",
+                    field="ticker",
+                )
+            )
+            already[index] = True
+    cents, exact = to_scaled_int(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), 2)
+    finite = np.isfinite(values)
+    in_range = finite & (values >= 0.01) & (values <= MAX_POSITION_VALUE)
+    places_ok = exact & finite
+    days_ok = np.isfinite(days) & (days >= 1) & (days <= 365) & (days == np.floor(days))
+    for index in np.flatnonzero(~already & ~(in_range & places_ok)).tolist():
+        rule = "from 0.01 to 1,000,000,000" if not in_range[index] else "at most 2 decimals"
+        errors.append(
+            RowError(
+                index=index,
+                error_code="INVALID_PARAMETER",
+                error=f"position_value: expected a number {rule}",
+                field="position_value",
+            )
+        )
+        already[index] = True
+    for index in np.flatnonzero(~already & ~days_ok).tolist():
+        errors.append(
+            RowError(
+                index=index,
+                error_code="INVALID_PARAMETER",
+                error="loan_days: expected an integer from 1 to 365",
+                field="loan_days",
+            )
+        )
+    return cents, errors
+
+
+def _atomic_failure(errors: list[RowError]) -> InvalidParameter:
+    errors.sort(key=lambda error: error.index)
+    return InvalidParameter(
+        f"{len(errors)} invalid position(s); atomic batch rejected",
+        problems=[
+            FieldProblem(f"positions[{error.index}].{error.field or 'position'}", "body", error.error)
+            for error in errors[:1000]
+        ],
+        details={
+            "invalid_rows": len(errors),
+            "errors": [
+                {"index": e.index, "error_code": e.error_code, "error": e.error, "field": e.field}
+                for e in errors[:1000]
+            ],
+        },
+    )
+
+
+__all__ = ["JSON", "QuoteEndpoints"]

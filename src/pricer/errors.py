@@ -1,0 +1,158 @@
+"""The domain's error tree.
+
+Code below the edge raises these; `middleware.errors.ErrorEnvelope` turns them into the HTTP error
+envelope of DESIGN §2.3 in one place. Nothing here knows about HTTP beyond the status each kind maps to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import msgspec
+
+
+class FieldProblem(msgspec.Struct, frozen=True):
+    """One reason a request was rejected: which field, where it was, and the rule it broke."""
+
+    field: str
+    location: str
+    message: str
+
+
+class PricerError(Exception):
+    """Base of every error the engine answers on purpose."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, *, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details) if details is not None else None
+
+
+class InvalidParameter(PricerError):
+    status = 400
+    code = "INVALID_PARAMETER"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        problems: Sequence[FieldProblem] = (),
+        valid_params: Sequence[str] = (),
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, details=details)
+        self.problems = list(problems)
+        self.valid_params = list(valid_params)
+
+    @classmethod
+    def for_field(cls, field: str, message: str, *, location: str = "body") -> InvalidParameter:
+        return cls(f"{field}: {message}", problems=[FieldProblem(field, location, message)])
+
+
+class DataFileError(InvalidParameter):
+    """A market-data file that is damaged or not of the expected format; `line` is 1-based."""
+
+    def __init__(self, kind: str, line: int, message: str) -> None:
+        super().__init__(
+            f"{kind} file rejected at line {line}: {message}",
+            problems=[FieldProblem(f"line {line}", "body", message)],
+            details={"file_type": kind, "line": line},
+        )
+        self.kind = kind
+        self.line = line
+
+
+class Unauthorized(PricerError):
+    status = 401
+    code = "UNAUTHORIZED"
+
+    def __init__(self, reason: str = "invalid_key") -> None:
+        # One public message for every kind of bad credential; `reason` is only for metrics and logs.
+        super().__init__("Missing or invalid credentials")
+        self.reason = reason
+
+
+class Forbidden(PricerError):
+    status = 403
+    code = "FORBIDDEN"
+
+
+class NotFound(PricerError):
+    status = 404
+    code = "NOT_FOUND"
+
+
+class TickerNotFound(NotFound):
+    code = "TICKER_NOT_FOUND"
+
+    def __init__(self, ticker: str) -> None:
+        super().__init__(f"Unknown ticker: {ticker}", details={"ticker": ticker})
+        self.ticker = ticker
+
+
+class ClientNotFound(NotFound):
+    code = "CLIENT_NOT_FOUND"
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(f"Unknown client: {client_id}", details={"client_id": client_id})
+
+
+class MethodNotAllowed(PricerError):
+    status = 405
+    code = "METHOD_NOT_ALLOWED"
+
+    def __init__(self, allowed: Sequence[str]) -> None:
+        super().__init__("Method not allowed", details={"allowed": list(allowed)})
+        self.allowed = list(allowed)
+
+
+class PayloadTooLarge(PricerError):
+    status = 413
+    code = "PAYLOAD_TOO_LARGE"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body exceeds {limit} bytes", details={"max_bytes": limit})
+
+
+class UnsupportedMediaType(PricerError):
+    status = 415
+    code = "UNSUPPORTED_MEDIA_TYPE"
+
+    def __init__(self, got: str, allowed: Sequence[str]) -> None:
+        super().__init__(
+            f"Unsupported Content-Type {got!r}; use one of {', '.join(allowed)}",
+            details={"content_type": got, "allowed": list(allowed)},
+        )
+
+
+class RateLimitExceeded(PricerError):
+    status = 429
+    code = "RATE_LIMIT_EXCEEDED"
+
+    def __init__(self, retry_after: int, bucket: str = "requests") -> None:
+        super().__init__("Rate limit exceeded", details={"retry_after": retry_after, "bucket": bucket})
+        self.retry_after = retry_after
+
+
+class BackendError(PricerError):
+    status = 502
+    code = "BACKEND_ERROR"
+
+
+class BackendTimeout(PricerError):
+    status = 504
+    code = "BACKEND_TIMEOUT"
+
+
+class ServiceUnavailable(PricerError):
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+
+
+class Conflict(PricerError):
+    status = 409
+    code = "CONFLICT"

@@ -1,0 +1,79 @@
+"""Structured logs: one logfmt line per event (`level=WARNING msg="Rate limit exceeded" client_id=...`).
+
+Messages the runbook greps for are constants here; secrets are never passed to a log call.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+AUTHENTICATION_ERROR = "Authentication error"
+RATE_LIMIT_EXCEEDED = "Rate limit exceeded"
+BACKEND_SERVICE_ERROR = "Backend service error"
+VALIDATION_ERROR = "Validation error"
+SLOW_REQUEST = "Slow request"
+
+FIELDS_ATTR = "logfmt_fields"
+
+
+def _quote(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    text = str(value)
+    if text and all(ch.isalnum() or ch in "-_.:/" for ch in text):
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+class LogfmtFormatter(logging.Formatter):
+    # Names whose values are always quoted, as the runbook's LogQL patterns expect (client_id="x").
+    _ALWAYS_QUOTED = frozenset({"client_id", "endpoint", "msg"})
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [
+            f"ts={stamp}.{int(record.msecs):03d}Z",
+            f"level={record.levelname}",
+            f"logger={record.name}",
+            "msg=" + _always_quoted(record.getMessage()),
+        ]
+        fields: Mapping[str, Any] = getattr(record, FIELDS_ATTR, None) or {}
+        for name, value in fields.items():
+            if value is None:
+                continue
+            rendered = _always_quoted(value) if name in self._ALWAYS_QUOTED else _quote(value)
+            parts.append(f"{name}={rendered}")
+        if record.exc_info:
+            parts.append("exc=" + _always_quoted(self.formatException(record.exc_info)))
+        return " ".join(parts)
+
+
+def _always_quoted(value: object) -> str:
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{text}"'
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """`extra=` for a log call: `log.warning(VALIDATION_ERROR, extra=fields(client_id=...))`."""
+    return {FIELDS_ATTR: values}
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    # uvicorn's own access log is replaced by the engine's request logging.
+    logging.getLogger("uvicorn.access").disabled = True

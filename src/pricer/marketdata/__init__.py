@@ -1,0 +1,1 @@
+"""Market data: file loaders and the rate inputs gathered for pricing."""

@@ -1,0 +1,192 @@
+"""Market data for pricing: gathers each ticker's rate inputs from the stores and prices them.
+
+Sources of the base rate, in order: a lender API rate, the availability snapshot in force (FEERATE / 100),
+else the floor (`fallback`). A ticker is known when it has a stock record or a row in the snapshot.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from decimal import Decimal
+
+import numpy as np
+
+from pricer.models import (
+    AvailabilitySnapshot,
+    BorrowStatus,
+    MarketEvent,
+    RateSource,
+    Stock,
+    VolatilityReading,
+)
+from pricer.pricing.core import (
+    NO_STATUS,
+    RATE_PLACES,
+    STATUS_NAMES,
+    RatePolicy,
+    price_rates,
+)
+from pricer.quotes import TickerRate
+from pricer.stores.protocols import Stores
+
+_STATUS_CODES = {BorrowStatus(name): code for code, name in enumerate(STATUS_NAMES)}
+_STATUSES = [BorrowStatus(name) for name in STATUS_NAMES]
+
+# Risk of an earnings report with no risk of its own, by days left to it (DESIGN §3).
+EARNINGS_RISK_BY_DAYS = ((1, 8), (3, 6), (7, 4))
+
+
+def event_risk(events: Sequence[MarketEvent], today: dt.date) -> int:
+    """The highest risk among events dated from today on; an earnings report without its own risk
+    takes 8 within a day, 6 within three days, 4 within seven."""
+    highest = 0
+    for event in events:
+        if event.risk_factor is not None:
+            risk = event.risk_factor
+        else:
+            days = (event.date - today).days
+            risk = next((value for limit, value in EARNINGS_RISK_BY_DAYS if days <= limit), 0)
+        highest = max(highest, risk)
+    return highest
+
+
+def rate_units_of(value: float) -> int:
+    """A rate with at most 8 decimals (validated upstream) in exact 1e-8 units."""
+    return int(Decimal(repr(value)).scaleb(RATE_PLACES))
+
+
+class MarketData:
+    def __init__(
+        self,
+        stores: Stores,
+        *,
+        policy: RatePolicy,
+        default_volatility_index: str,
+        event_window_days: int,
+    ) -> None:
+        self._stores = stores
+        self._policy = policy
+        self._default_volatility = VolatilityReading(
+            value=float(default_volatility_index),
+            as_of=dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
+            source="default",
+        )
+        self._event_window = dt.timedelta(days=event_window_days)
+
+    @property
+    def policy(self) -> RatePolicy:
+        return self._policy
+
+    async def volatility(self) -> VolatilityReading:
+        reading = await self._stores.volatility.latest()
+        return reading if reading is not None else self._default_volatility
+
+    async def snapshot(self) -> AvailabilitySnapshot | None:
+        return await self._stores.availability.current()
+
+    async def ticker_rates(self, tickers: Sequence[str], now: dt.datetime) -> list[TickerRate | None]:
+        """The rate of each (normalised, distinct) ticker at `now`; None for an unknown ticker."""
+        stores = self._stores
+        snapshot = await stores.availability.current()
+        entries = snapshot.entries if snapshot is not None else {}
+        stocks = await stores.stocks.get_many(tickers)
+        known = [ticker for ticker in tickers if ticker in stocks or ticker in entries]
+        if not known:
+            return [None] * len(tickers)
+        today = now.date()
+        events = await stores.events.between(known, today, today + self._event_window)
+        reading = await self.volatility()
+
+        policy_min = self._policy.min_rate_units
+        count = len(known)
+        base = np.empty(count, dtype=np.float64)
+        risk = np.zeros(count, dtype=np.int64)
+        stock_min = np.zeros(count, dtype=np.int64)
+        stored_status = np.full(count, NO_STATUS, dtype=np.int8)
+        sources: list[RateSource] = []
+        available: list[int | None] = []
+        as_of: list[dt.datetime] = []
+        for row, ticker in enumerate(known):
+            stock: Stock | None = stocks.get(ticker)
+            if stock is not None:
+                stock_min[row] = rate_units_of(stock.min_borrow_rate)
+                if stock.borrow_status is not None:
+                    stored_status[row] = _STATUS_CODES[stock.borrow_status]
+            entry = entries.get(ticker)
+            if entry is not None and entry.fee_rate is not None:
+                base[row] = entry.fee_rate
+                sources.append(RateSource.AVAILABILITY_FILE)
+                as_of.append(snapshot.as_of if snapshot is not None else now)
+            else:
+                # No market rate: the floor is the base, adjusted like any other (DESIGN §3).
+                base[row] = max(int(stock_min[row]), policy_min) / 10**RATE_PLACES
+                sources.append(RateSource.FALLBACK)
+                as_of.append(stock.updated_at if stock is not None and stock.updated_at else now)
+            available.append(entry.available if entry is not None else None)
+            ticker_events = events.get(ticker)
+            if ticker_events:
+                risk[row] = event_risk(ticker_events, today)
+
+        priced = price_rates(
+            base,
+            risk,
+            stock_min,
+            stored_status,
+            volatility_index=Decimal(repr(reading.value)),
+            policy=self._policy,
+        )
+        rate_units = priced.rate_units.tolist()
+        min_units = priced.min_rate_units.tolist()
+        event_adjustment = priced.event_adjustment.tolist()
+        statuses = priced.status.tolist()
+        bases = base.tolist()
+        risks = risk.tolist()
+        by_ticker = {
+            ticker: TickerRate(
+                ticker=ticker,
+                rate_units=rate_units[row],
+                base_rate=bases[row],
+                volatility_index=reading.value,
+                volatility_adjustment=priced.volatility_adjustment,
+                event_risk_factor=risks[row],
+                event_adjustment=event_adjustment[row],
+                min_rate_units=min_units[row],
+                borrow_status=_STATUSES[statuses[row]],
+                source=sources[row],
+                available_shares=available[row],
+                as_of=as_of[row],
+            )
+            for row, ticker in enumerate(known)
+        }
+        return [by_ticker.get(ticker) for ticker in tickers]
+
+
+class MarketDataWriter:
+    """Every market-data write goes through here (admin endpoints, CLI), so that later layers
+    (rate caches, invalidation messages) have one place to hook into."""
+
+    def __init__(self, stores: Stores) -> None:
+        self._stores = stores
+
+    async def add_availability(self, snapshot: AvailabilitySnapshot) -> bool:
+        """Keep the snapshot; True when it is now the one in force."""
+        await self._stores.availability.add(snapshot)
+        current = await self._stores.availability.current()
+        return (
+            current is not None
+            and current.as_of == snapshot.as_of
+            and current.loaded_at == snapshot.loaded_at
+        )
+
+    async def add_volatility(self, reading: VolatilityReading) -> None:
+        await self._stores.volatility.add(reading)
+
+    async def replace_events(self, ticker: str, events: Sequence[MarketEvent]) -> None:
+        await self._stores.events.replace(ticker, events)
+
+    async def replace_events_many(self, events: dict[str, list[MarketEvent]]) -> None:
+        await self._stores.events.replace_many(events)
+
+    async def put_stock(self, stock: Stock) -> bool:
+        return await self._stores.stocks.put(stock)

@@ -1,0 +1,93 @@
+"""Authentication: `X-API-Key` (and, with a token verifier, `Authorization: Bearer <jwt>`) to a
+Principal, and the route's scope check. Open routes (no scope) make no authentication attempt."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Protocol
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pricer.auth.keys import KeyVerifier, Principal
+from pricer.context import request_state
+from pricer.errors import Forbidden, Unauthorized
+from pricer.models import Scope as AuthScope
+
+
+class TokenVerifier(Protocol):
+    async def verify(self, token: str, now: dt.datetime) -> Principal: ...
+
+
+class Authentication:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: KeyVerifier,
+        tokens: TokenVerifier | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.app = app
+        self._keys = keys
+        self._tokens = tokens
+        self._enabled = enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = request_state(scope) if scope["type"] == "http" else None
+        route = state.route if state is not None else None
+        if state is None or route is None or route.required_scopes is None:
+            await self.app(scope, receive, send)
+            return
+        if self._enabled:
+            principal = await self._authenticate(scope)
+            if not any(principal.allows(scope) for scope in route.required_scopes):
+                needed = sorted(scope.value for scope in route.required_scopes)
+                raise Forbidden(
+                    f"This key lacks the scope this route needs ({' or '.join(needed)})",
+                    details={"required_scopes": needed},
+                )
+            state.principal = principal
+            state.client_id = principal.client_id
+        await self.app(scope, receive, send)
+
+    async def _authenticate(self, scope: Scope) -> Principal:
+        api_key: bytes | None = None
+        authorization: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-api-key":
+                api_key = value
+            elif name == b"authorization":
+                authorization = value
+        now = dt.datetime.now(dt.UTC)
+        if api_key is not None:
+            return await self._keys.verify(api_key.decode("latin-1").strip(), now)
+        if authorization is not None:
+            scheme, _, credentials = authorization.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and self._tokens is not None and credentials.strip():
+                return await self._tokens.verify(credentials.strip(), now)
+            raise Unauthorized("invalid_token")
+        raise Unauthorized("missing")
+
+
+def current_principal(scope: Scope, *, acting_for: str | None = None) -> Principal:
+    """The principal of an authenticated route's request.
+
+    With authentication disabled (local development) it is a key-less principal with every scope that
+    acts as the client the request names (DESIGN §2.4)."""
+    state = request_state(scope)
+    principal = state.principal
+    if principal is None:
+        return Principal(key_id=None, client_id=acting_for or "anonymous", scopes=frozenset(AuthScope))
+    return principal
+
+
+def acting_principal(scope: Scope, client_id: str) -> Principal:
+    """The principal a request acts as for `client_id` (403 when its key may not act for it)."""
+    principal = current_principal(scope, acting_for=client_id)
+    if not principal.may_act_for(client_id):
+        raise Forbidden(
+            "This key may not act for that client_id",
+            details={"client_id": client_id},
+        )
+    request_state(scope).client_id = client_id
+    return principal

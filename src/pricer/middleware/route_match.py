@@ -1,0 +1,56 @@
+"""Matches the route before any other work: unknown paths are 404 (and wrong methods 405) before
+authentication, and the route template is known to every later step (logs, metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pricer.context import request_state
+from pricer.errors import MethodNotAllowed, NotFound
+from pricer.routing import ApiRoute
+
+
+class RouteMatch:
+    def __init__(self, app: ASGIApp, routes: Sequence[ApiRoute]) -> None:
+        self.app = app
+        self._routes = tuple(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        partial: ApiRoute | None = None
+        for route in self._routes:
+            match, child_scope = route.matches(scope)
+            if match is Match.FULL:
+                scope.update(child_scope)
+                self._select(scope, route)
+                await self.app(scope, receive, send)
+                return
+            if match is Match.PARTIAL and partial is None:
+                partial = route
+        if partial is not None:
+            if scope["method"] == "OPTIONS":
+                # A preflight that CORS did not answer: allowed methods, no body.
+                self._select(scope, partial)
+            raise MethodNotAllowed(sorted(partial.methods or ()))
+        raise NotFound(f"No route for {scope['path']}")
+
+    @staticmethod
+    def _select(scope: Scope, route: ApiRoute) -> None:
+        state = request_state(scope)
+        state.route = route
+        state.route_template = route.path
+        scope["route"] = route
+
+
+class Dispatch:
+    """The innermost app: runs the matched route's endpoint."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = request_state(scope).route
+        assert route is not None, "RouteMatch runs before Dispatch"
+        await route.app(scope, receive, send)

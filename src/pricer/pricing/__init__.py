@@ -1,0 +1,26 @@
+"""Pricing core: pure functions over NumPy arrays, exact to the cent (DESIGN §3).
+
+A single quote is a batch of one; nothing here does I/O or knows about HTTP.
+"""
+
+from pricer.pricing.core import (
+    FeeArrays,
+    FeeTerms,
+    RateArrays,
+    RatePolicy,
+    borrow_status_codes,
+    price_locates,
+    price_rates,
+    to_scaled_int,
+)
+
+__all__ = [
+    "FeeArrays",
+    "FeeTerms",
+    "RateArrays",
+    "RatePolicy",
+    "borrow_status_codes",
+    "price_locates",
+    "price_rates",
+    "to_scaled_int",
+]

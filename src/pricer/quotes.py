@@ -1,0 +1,184 @@
+"""Priced quotes as the engine keeps them: one columnar record per pricing call.
+
+A quote id is the call's 24-hex-digit batch id followed by the row's 8-hex-digit position among the
+priced rows, so that a batch of 10^6 quotes needs no per-row object or index to be stored or found.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from pricer.models import BorrowStatus, RateSource
+from pricer.pricing.core import RATE_SCALE, Int64Array
+from pricer.schemas import (
+    BatchQuote,
+    Breakdown,
+    FeeScheduleView,
+    QuoteResponse,
+    RateComponents,
+    RateResponse,
+)
+
+BATCH_ID_HEX = 24
+ROW_HEX = 8
+QUOTE_ID_LENGTH = BATCH_ID_HEX + ROW_HEX
+_HEX = frozenset("0123456789abcdef")
+
+
+def new_batch_id() -> str:
+    return secrets.token_hex(BATCH_ID_HEX // 2)
+
+
+def split_quote_id(quote_id: str) -> tuple[str, int] | None:
+    """(batch id, row) of a well-formed quote id, else None."""
+    if len(quote_id) != QUOTE_ID_LENGTH or not _HEX.issuperset(quote_id):
+        return None
+    return quote_id[:BATCH_ID_HEX], int(quote_id[BATCH_ID_HEX:], 16)
+
+
+class TickerRate(msgspec.Struct, frozen=True, kw_only=True):
+    """One ticker's borrow rate with every component, as priced at one instant."""
+
+    ticker: str
+    rate_units: int
+    base_rate: float
+    volatility_index: float
+    volatility_adjustment: float
+    event_risk_factor: int
+    event_adjustment: float
+    min_rate_units: int
+    borrow_status: BorrowStatus
+    source: RateSource
+    available_shares: int | None
+    as_of: dt.datetime
+
+    @property
+    def rate(self) -> float:
+        return self.rate_units / RATE_SCALE
+
+    def components(self) -> RateComponents:
+        return RateComponents(
+            base_rate=self.base_rate,
+            volatility_index=self.volatility_index,
+            volatility_adjustment=self.volatility_adjustment,
+            event_risk_factor=self.event_risk_factor,
+            event_adjustment=self.event_adjustment,
+            min_rate=self.min_rate_units / RATE_SCALE,
+            borrow_status=self.borrow_status,
+            source=self.source,
+            is_fallback=self.source is RateSource.FALLBACK,
+            as_of=self.as_of,
+        )
+
+    def response(self) -> RateResponse:
+        return RateResponse(
+            ticker=self.ticker,
+            current_rate=self.rate,
+            base_rate=self.base_rate,
+            volatility_index=self.volatility_index,
+            volatility_adjustment=self.volatility_adjustment,
+            event_risk_factor=self.event_risk_factor,
+            event_adjustment=self.event_adjustment,
+            min_rate=self.min_rate_units / RATE_SCALE,
+            borrow_status=self.borrow_status,
+            available_shares=self.available_shares,
+            source=self.source,
+            is_fallback=self.source is RateSource.FALLBACK,
+            last_updated=self.as_of,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PricedBatch:
+    """Every priced position of one call (a single quote is a batch of one), columnar.
+
+    Row arrays are aligned: row r came from request row `input_index[r]` and used `rates[rate_index[r]]`.
+    Money columns are in cents.
+    """
+
+    batch_id: str
+    calculated_at: dt.datetime
+    request_id: str
+    client_id: str
+    key_id: str | None
+    fee_schedule: FeeScheduleView
+    rates: list[TickerRate]
+    rate_index: Int64Array
+    input_index: Int64Array
+    position_cents: Int64Array
+    loan_days: Int64Array
+    borrow_cost: Int64Array
+    markup: Int64Array
+    transaction_fees: Int64Array
+    total_fee: Int64Array
+
+    @property
+    def size(self) -> int:
+        return int(self.position_cents.shape[0])
+
+    def quote_id(self, row: int) -> str:
+        return f"{self.batch_id}{row:08x}"
+
+    def quote_ids(self) -> list[str]:
+        prefix = self.batch_id
+        return [f"{prefix}{row:08x}" for row in range(self.size)]
+
+    def quote_response(self, row: int) -> QuoteResponse:
+        """The single-quote body of one row: what a single quote returned, or a batch row in that shape."""
+        rate = self.rates[int(self.rate_index[row])]
+        return QuoteResponse(
+            quote_id=self.quote_id(row),
+            ticker=rate.ticker,
+            client_id=self.client_id,
+            position_value=int(self.position_cents[row]) / 100,
+            loan_days=int(self.loan_days[row]),
+            fee_schedule=self.fee_schedule,
+            total_fee=int(self.total_fee[row]) / 100,
+            breakdown=Breakdown(
+                borrow_cost=int(self.borrow_cost[row]) / 100,
+                markup=int(self.markup[row]) / 100,
+                transaction_fees=int(self.transaction_fees[row]) / 100,
+            ),
+            borrow_rate_used=rate.rate,
+            rate=rate.components(),
+            calculated_at=self.calculated_at,
+        )
+
+    def batch_quotes(self) -> list[BatchQuote]:
+        """The `quotes` list of a batch response, built column-wise (no per-row Python arithmetic)."""
+        tickers = [rate.ticker for rate in self.rates]
+        rates = [rate.rate for rate in self.rates]
+        rate_index = self.rate_index.tolist()
+        return [
+            BatchQuote(
+                index=index,
+                quote_id=quote_id,
+                ticker=tickers[which],
+                position_value=position,
+                loan_days=days,
+                total_fee=total,
+                breakdown=Breakdown(borrow_cost=cost, markup=markup, transaction_fees=fees),
+                borrow_rate_used=rates[which],
+            )
+            for index, quote_id, which, position, days, total, cost, markup, fees in zip(
+                self.input_index.tolist(),
+                self.quote_ids(),
+                rate_index,
+                (self.position_cents / 100).tolist(),
+                self.loan_days.tolist(),
+                (self.total_fee / 100).tolist(),
+                (self.borrow_cost / 100).tolist(),
+                (self.markup / 100).tolist(),
+                (self.transaction_fees / 100).tolist(),
+                strict=True,
+            )
+        ]
+
+
+def empty_int_column() -> Int64Array:
+    return np.zeros(0, dtype=np.int64)

@@ -1,0 +1,123 @@
+"""From validated positions to priced, recorded quotes: market data, then the pricing core.
+
+Single quotes and batches take the same path; a single quote is a batch of one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pricer.errors import ClientNotFound, Forbidden
+from pricer.marketdata.service import MarketData
+from pricer.models import Client, FeeType
+from pricer.pricing.core import PERCENT_PLACES, FeeTerms, Int64Array, price_locates, to_scaled_int
+from pricer.quotes import PricedBatch, TickerRate, new_batch_id
+from pricer.schemas import FeeScheduleView
+from pricer.stores.protocols import Stores
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTerms:
+    client: Client
+    terms: FeeTerms
+    view: FeeScheduleView
+
+
+def fee_terms(client: Client) -> FeeTerms:
+    """The client's schedule in exact units (its values were checked for places when stored)."""
+    markup, _ = to_scaled_int([client.markup_percentage], PERCENT_PLACES)
+    percentage = client.transaction_fee_type is FeeType.PERCENTAGE
+    amount, _ = to_scaled_int([client.transaction_amount], PERCENT_PLACES if percentage else 2)
+    return FeeTerms(
+        day_count=client.day_count,
+        markup_units=int(markup[0]),
+        percentage_fee=percentage,
+        transaction_units=int(amount[0]),
+    )
+
+
+def fee_schedule_view(client: Client) -> FeeScheduleView:
+    return FeeScheduleView(
+        markup_percentage=client.markup_percentage,
+        transaction_fee_type=client.transaction_fee_type,
+        transaction_amount=client.transaction_amount,
+        day_count=client.day_count,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PricingOutcome:
+    batch: PricedBatch
+    unknown_rows: list[int]  # rows (of those given) whose ticker is unknown; not priced
+
+
+class Quoter:
+    def __init__(self, stores: Stores, market: MarketData) -> None:
+        self._stores = stores
+        self._market = market
+
+    async def client_terms(self, client_id: str) -> ClientTerms:
+        client = await self._stores.clients.get(client_id)
+        if client is None:
+            raise ClientNotFound(client_id)
+        if not client.active:
+            raise Forbidden("Client is inactive", details={"client_id": client_id})
+        return ClientTerms(client=client, terms=fee_terms(client), view=fee_schedule_view(client))
+
+    async def price(
+        self,
+        terms: ClientTerms,
+        *,
+        tickers: Sequence[str],
+        position_cents: Int64Array,
+        loan_days: Int64Array,
+        input_index: Int64Array,
+        key_id: str | None,
+        request_id: str,
+        now: dt.datetime,
+    ) -> PricingOutcome:
+        """Price rows of normalised tickers; rows with unknown tickers are left out and reported."""
+        slot: dict[str, int] = {}
+        row_slot = np.fromiter(
+            (slot.setdefault(ticker, len(slot)) for ticker in tickers), dtype=np.int64, count=len(tickers)
+        )
+        unique = list(slot)
+        found = await self._market.ticker_rates(unique, now)
+        known_rates: list[TickerRate] = []
+        remap = np.full(len(unique), -1, dtype=np.int64)
+        for position, rate in enumerate(found):
+            if rate is not None:
+                remap[position] = len(known_rates)
+                known_rates.append(rate)
+        rate_index = remap[row_slot]
+        priced = rate_index >= 0
+        unknown_rows = np.flatnonzero(~priced).tolist()
+        if unknown_rows:
+            rate_index = rate_index[priced]
+            position_cents = position_cents[priced]
+            loan_days = loan_days[priced]
+            input_index = input_index[priced]
+        rate_units = np.array([rate.rate_units for rate in known_rates], dtype=np.int64)
+        fees = price_locates(position_cents, loan_days, rate_units[rate_index], terms.terms)
+        batch = PricedBatch(
+            batch_id=new_batch_id(),
+            calculated_at=now,
+            request_id=request_id,
+            client_id=terms.client.client_id,
+            key_id=key_id,
+            fee_schedule=terms.view,
+            rates=known_rates,
+            rate_index=rate_index,
+            input_index=input_index,
+            position_cents=position_cents,
+            loan_days=loan_days,
+            borrow_cost=fees.borrow_cost,
+            markup=fees.markup,
+            transaction_fees=fees.transaction_fees,
+            total_fee=fees.total_fee,
+        )
+        return PricingOutcome(batch=batch, unknown_rows=unknown_rows)

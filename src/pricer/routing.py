@@ -1,0 +1,58 @@
+"""Routes that carry what the middlewares need to know before the endpoint runs."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pricer.models import Scope as AuthScope
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def asgi_endpoint(handler: Handler) -> ASGIApp:
+    """An ASGI app from `handler(request) -> response`; errors propagate to the error edge."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await handler(Request(scope, receive))
+        await response(scope, receive, send)
+
+    return app
+
+
+class ApiRoute(Route):
+    """A route with the scopes that admit a request (None: an open route) and its body size limit."""
+
+    def __init__(
+        self,
+        path: str,
+        handler: Handler,
+        *,
+        methods: Sequence[str],
+        scope: AuthScope | frozenset[AuthScope] | None,
+        body_limit: int,
+        name: str | None = None,
+        summary: str = "",
+        request_body: Any = None,
+        request_media: Sequence[str] = ("application/json",),
+        query: Any = None,
+        responses: Mapping[int, Any] | None = None,
+    ) -> None:
+        super().__init__(path, handler, methods=list(methods), name=name or handler.__name__)
+        self.app = asgi_endpoint(handler)
+        # Any one of these scopes admits a request; None makes an open route.
+        self.required_scopes: frozenset[AuthScope] | None = (
+            frozenset({scope}) if isinstance(scope, AuthScope) else scope
+        )
+        self.body_limit = body_limit
+        # What the OpenAPI document says of this route (types are msgspec Structs).
+        self.summary = summary
+        self.request_body = request_body
+        self.request_media = tuple(request_media)
+        self.query = query
+        self.responses = dict(responses or {})

@@ -1,0 +1,311 @@
+"""The HTTP API's schema (DESIGN §2): msgspec Structs for every request, response and error.
+
+Decoding checks types, required and unknown fields; value rules that need the decimal text (places) or
+that batch rows check per row are applied by the endpoints with the same messages (see `validation`).
+The OpenAPI document is generated from these Structs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from pricer.models import BorrowStatus, FeeType, RateSource, Scope
+
+ClientId = Annotated[
+    str,
+    Meta(pattern=r"^[A-Za-z0-9_-]{3,50}$", description="3 to 50 letters, digits, '_' or '-'"),
+]
+TickerText = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=10,
+        description="1-10 letters/digits with at most one class separator; BRK.B, BRK-B, BRK B mean BRK.B",
+    ),
+]
+PositionValue = Annotated[float, Meta(ge=0.01, le=1_000_000_000, description="Dollars, at most 2 decimals")]
+LoanDays = Annotated[int, Meta(ge=1, le=365)]
+Money = Annotated[float, Meta(description="Dollars with at most 2 decimals")]
+Rate = Annotated[float, Meta(description="Annual fraction (0.05 = 5 %), at most 8 decimals")]
+Percent4 = Annotated[float, Meta(ge=0, le=100, description="Percent, at most 4 decimals")]
+DayCount = Literal[360, 365, 366]
+
+
+# ---- quotes --------------------------------------------------------------------------------------
+
+
+class QuoteRequest(msgspec.Struct, forbid_unknown_fields=True):
+    ticker: TickerText
+    position_value: PositionValue
+    loan_days: LoanDays
+    client_id: ClientId
+
+
+class FeeScheduleView(msgspec.Struct):
+    markup_percentage: float
+    transaction_fee_type: FeeType
+    transaction_amount: float
+    day_count: int
+
+
+class Breakdown(msgspec.Struct):
+    borrow_cost: Money
+    markup: Money
+    transaction_fees: Money
+
+
+class RateComponents(msgspec.Struct):
+    base_rate: Rate
+    volatility_index: float
+    volatility_adjustment: float
+    event_risk_factor: int
+    event_adjustment: float
+    min_rate: Rate
+    borrow_status: BorrowStatus
+    source: RateSource
+    is_fallback: bool
+    as_of: dt.datetime
+
+
+class QuoteResponse(msgspec.Struct, kw_only=True):
+    status: Literal["success"] = "success"
+    quote_id: str
+    ticker: str
+    client_id: str
+    position_value: Money
+    loan_days: int
+    fee_schedule: FeeScheduleView
+    total_fee: Money
+    breakdown: Breakdown
+    borrow_rate_used: Rate
+    rate: RateComponents
+    calculated_at: dt.datetime
+
+
+class BatchPosition(msgspec.Struct, forbid_unknown_fields=True):
+    ticker: str
+    position_value: float
+    loan_days: int
+
+
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    client_id: ClientId
+    positions: list[BatchPosition]
+
+
+class LenientBatchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Decodes a batch whose rows may be malformed, so that each bad row gets its own error."""
+
+    client_id: ClientId
+    positions: list[Any]
+
+
+class BatchQuote(msgspec.Struct):
+    index: int
+    quote_id: str
+    ticker: str
+    position_value: Money
+    loan_days: int
+    total_fee: Money
+    breakdown: Breakdown
+    borrow_rate_used: Rate
+
+
+class RowError(msgspec.Struct):
+    index: int
+    error_code: str
+    error: str
+    field: str | None = None
+
+
+class BatchResponse(msgspec.Struct, kw_only=True):
+    status: Literal["success"] = "success"
+    client_id: str
+    fee_schedule: FeeScheduleView
+    calculated_at: dt.datetime
+    count: int
+    priced: int
+    quotes: list[BatchQuote]
+    errors: list[RowError]
+
+
+# ---- rates ---------------------------------------------------------------------------------------
+
+
+class RateResponse(msgspec.Struct, kw_only=True):
+    status: Literal["success"] = "success"
+    ticker: str
+    current_rate: Rate
+    base_rate: Rate
+    volatility_index: float
+    volatility_adjustment: float
+    event_risk_factor: int
+    event_adjustment: float
+    min_rate: Rate
+    borrow_status: BorrowStatus
+    available_shares: int | None
+    source: RateSource
+    is_fallback: bool
+    last_updated: dt.datetime
+
+
+class RateListError(msgspec.Struct):
+    ticker: str
+    error_code: str
+    error: str
+
+
+class RateListResponse(msgspec.Struct, kw_only=True):
+    status: Literal["success"] = "success"
+    rates: list[RateResponse]
+    errors: list[RateListError]
+
+
+# ---- auth ----------------------------------------------------------------------------------------
+
+
+class TokenResponse(msgspec.Struct):
+    access_token: str
+    expires_in: int
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the scheme's name, not a secret
+
+
+# ---- admin ---------------------------------------------------------------------------------------
+
+
+class ClientBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    markup_percentage: Percent4
+    transaction_fee_type: FeeType
+    transaction_amount: Annotated[
+        float,
+        Meta(
+            ge=0, le=1_000_000_000, description="FLAT: dollars (2 decimals); PERCENTAGE: 0-100 (4 decimals)"
+        ),
+    ]
+    day_count: DayCount = 365
+    active: bool = True
+    rate_limit_per_minute: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
+    burst: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
+
+
+class ClientView(msgspec.Struct):
+    client_id: str
+    markup_percentage: float
+    transaction_fee_type: FeeType
+    transaction_amount: float
+    day_count: int
+    active: bool
+    rate_limit_per_minute: int
+    burst: int
+    updated_at: dt.datetime | None
+
+
+class StockBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    min_borrow_rate: Annotated[
+        float, Meta(ge=0, le=10, description="Annual fraction, at most 8 decimals")
+    ] = 0.0
+    borrow_status: BorrowStatus | None = None
+
+
+class StockView(msgspec.Struct):
+    ticker: str
+    min_borrow_rate: float
+    borrow_status: BorrowStatus | None
+    updated_at: dt.datetime | None
+
+
+class AvailabilityUploadResponse(msgspec.Struct, kw_only=True):
+    status: Literal["success"] = "success"
+    rows: int
+    as_of: dt.datetime
+    in_force: bool
+
+
+class VolatilityBody(msgspec.Struct, forbid_unknown_fields=True):
+    value: Annotated[float, Meta(ge=0, le=200, description="Market volatility index, at most 4 decimals")]
+
+
+class VolatilityView(msgspec.Struct, kw_only=True):
+    status: Literal["success"] = "success"
+    value: float
+    as_of: dt.datetime
+    source: str
+
+
+class EventBody(msgspec.Struct, forbid_unknown_fields=True):
+    date: dt.date
+    type: Annotated[str, Meta(min_length=1, max_length=40)] = "earnings"
+    risk_factor: Annotated[int, Meta(ge=0, le=10)] | None = None
+
+
+class EventsBody(msgspec.Struct, forbid_unknown_fields=True):
+    events: Annotated[list[EventBody], Meta(max_length=1000)]
+
+
+class EventsView(msgspec.Struct, kw_only=True):
+    status: Literal["success"] = "success"
+    ticker: str
+    events: list[EventBody]
+
+
+class KeyBody(msgspec.Struct, forbid_unknown_fields=True):
+    client_id: ClientId
+    scopes: Annotated[list[Scope], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: [Scope.QUOTE, Scope.RATES]
+    )
+    expires_in_days: Annotated[int, Meta(ge=1, le=3650)] = 90
+
+
+class IssuedKey(msgspec.Struct):
+    key_id: str
+    api_key: str
+    client_id: str
+    scopes: list[Scope]
+    expires_at: dt.datetime
+
+
+class LoadResult(msgspec.Struct, kw_only=True):
+    status: Literal["success"] = "success"
+    kind: str
+    rows: int
+    detail: dict[str, Any]
+
+
+# ---- health and errors ---------------------------------------------------------------------------
+
+
+class Health(msgspec.Struct):
+    status: str
+    version: str
+
+
+class DependencyHealth(msgspec.Struct, omit_defaults=True):
+    status: Literal["healthy", "degraded", "unhealthy"]
+    latency_ms: float
+    detail: dict[str, Any] | None = None
+
+
+class DetailedHealth(msgspec.Struct):
+    status: Literal["healthy", "degraded", "unhealthy"]
+    version: str
+    dependencies: dict[str, DependencyHealth]
+
+
+class ValidationProblem(msgspec.Struct):
+    field: str
+    location: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    status: Literal["error"] = "error"
+    error: str
+    error_code: str
+    details: dict[str, Any] | None
+    request_id: str
+    validation_errors: list[ValidationProblem] | msgspec.UnsetType = msgspec.UNSET
+    valid_params: list[str] | msgspec.UnsetType = msgspec.UNSET

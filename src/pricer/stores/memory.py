@@ -1,0 +1,162 @@
+"""In-memory stores: the embedded default, and the reference for the contract tests."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+
+from pricer.models import (
+    ApiKeyRecord,
+    AvailabilitySnapshot,
+    Client,
+    MarketEvent,
+    Stock,
+    VolatilityReading,
+)
+from pricer.quotes import PricedBatch
+from pricer.stores.protocols import Stores
+
+
+class MemoryClientStore:
+    def __init__(self) -> None:
+        self._clients: dict[str, Client] = {}
+
+    async def get(self, client_id: str) -> Client | None:
+        return self._clients.get(client_id)
+
+    async def put(self, client: Client) -> bool:
+        created = client.client_id not in self._clients
+        self._clients[client.client_id] = client
+        return created
+
+
+class MemoryStockStore:
+    def __init__(self) -> None:
+        self._stocks: dict[str, Stock] = {}
+
+    async def get_many(self, tickers: Sequence[str]) -> Mapping[str, Stock]:
+        stocks = self._stocks
+        return {ticker: stocks[ticker] for ticker in tickers if ticker in stocks}
+
+    async def put(self, stock: Stock) -> bool:
+        created = stock.ticker not in self._stocks
+        self._stocks[stock.ticker] = stock
+        return created
+
+
+class MemoryAvailabilityStore:
+    """Keeps the snapshot in force only: an older file than the one in force changes nothing."""
+
+    def __init__(self) -> None:
+        self._current: AvailabilitySnapshot | None = None
+
+    async def add(self, snapshot: AvailabilitySnapshot) -> None:
+        if self._current is None or snapshot.as_of >= self._current.as_of:
+            self._current = snapshot
+
+    async def current(self) -> AvailabilitySnapshot | None:
+        return self._current
+
+
+class MemoryVolatilityStore:
+    def __init__(self) -> None:
+        self._latest: VolatilityReading | None = None
+
+    async def add(self, reading: VolatilityReading) -> None:
+        if self._latest is None or reading.as_of >= self._latest.as_of:
+            self._latest = reading
+
+    async def latest(self) -> VolatilityReading | None:
+        return self._latest
+
+
+class MemoryEventStore:
+    def __init__(self) -> None:
+        self._events: dict[str, tuple[MarketEvent, ...]] = {}
+
+    async def replace(self, ticker: str, events: Sequence[MarketEvent]) -> None:
+        self._set(ticker, events)
+
+    async def replace_many(self, events: Mapping[str, Sequence[MarketEvent]]) -> None:
+        for ticker, ticker_events in events.items():
+            self._set(ticker, ticker_events)
+
+    def _set(self, ticker: str, events: Sequence[MarketEvent]) -> None:
+        if events:
+            self._events[ticker] = tuple(sorted(events, key=lambda event: event.date))
+        else:
+            self._events.pop(ticker, None)
+
+    async def between(
+        self, tickers: Iterable[str], first: dt.date, last: dt.date
+    ) -> Mapping[str, Sequence[MarketEvent]]:
+        found: dict[str, Sequence[MarketEvent]] = {}
+        for ticker in tickers:
+            events = self._events.get(ticker)
+            if events:
+                window = [event for event in events if first <= event.date <= last]
+                if window:
+                    found[ticker] = window
+        return found
+
+
+class MemoryKeyStore:
+    def __init__(self) -> None:
+        self._keys: dict[str, ApiKeyRecord] = {}
+
+    async def get(self, key_id: str) -> ApiKeyRecord | None:
+        return self._keys.get(key_id)
+
+    async def put(self, record: ApiKeyRecord) -> None:
+        self._keys[record.key_id] = record
+
+    async def revoke(self, key_id: str, at: dt.datetime) -> bool:
+        record = self._keys.get(key_id)
+        if record is None:
+            return False
+        if record.revoked_at is None:
+            self._keys[key_id] = ApiKeyRecord(
+                key_id=record.key_id,
+                client_id=record.client_id,
+                secret_hash=record.secret_hash,
+                scopes=record.scopes,
+                created_at=record.created_at,
+                expires_at=record.expires_at,
+                revoked_at=at,
+            )
+        return True
+
+    async def list(self, client_id: str | None = None) -> Sequence[ApiKeyRecord]:
+        return [record for record in self._keys.values() if client_id in (None, record.client_id)]
+
+
+class MemoryQuoteStore:
+    """Priced batches, columnar, oldest evicted once more than `max_rows` positions are held."""
+
+    def __init__(self, max_rows: int) -> None:
+        self._max_rows = max_rows
+        self._rows = 0
+        self._batches: OrderedDict[str, PricedBatch] = OrderedDict()
+
+    async def add(self, batch: PricedBatch) -> None:
+        self._batches[batch.batch_id] = batch
+        self._rows += batch.size
+        while self._rows > self._max_rows and len(self._batches) > 1:
+            _, evicted = self._batches.popitem(last=False)
+            self._rows -= evicted.size
+
+    async def find(self, batch_id: str) -> PricedBatch | None:
+        return self._batches.get(batch_id)
+
+
+def memory_stores(*, max_quote_rows: int) -> Stores:
+    return Stores(
+        clients=MemoryClientStore(),
+        stocks=MemoryStockStore(),
+        availability=MemoryAvailabilityStore(),
+        volatility=MemoryVolatilityStore(),
+        events=MemoryEventStore(),
+        keys=MemoryKeyStore(),
+        quotes=MemoryQuoteStore(max_quote_rows),
+    )

@@ -1,0 +1,89 @@
+"""What the engine needs of its stores; each Protocol has an in-memory and a PostgreSQL implementation."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pricer.models import (
+    ApiKeyRecord,
+    AvailabilitySnapshot,
+    Client,
+    MarketEvent,
+    Stock,
+    VolatilityReading,
+)
+from pricer.quotes import PricedBatch
+
+
+class ClientStore(Protocol):
+    async def get(self, client_id: str) -> Client | None: ...
+
+    async def put(self, client: Client) -> bool:
+        """Store the client whole; True when it was created, False when it replaced one."""
+        ...
+
+
+class StockStore(Protocol):
+    async def get_many(self, tickers: Sequence[str]) -> Mapping[str, Stock]: ...
+
+    async def put(self, stock: Stock) -> bool: ...
+
+
+class AvailabilityStore(Protocol):
+    async def add(self, snapshot: AvailabilitySnapshot) -> None:
+        """Keep a snapshot; the one with the newest `as_of` is in force (ties: the last added)."""
+        ...
+
+    async def current(self) -> AvailabilitySnapshot | None: ...
+
+
+class VolatilityStore(Protocol):
+    async def add(self, reading: VolatilityReading) -> None: ...
+
+    async def latest(self) -> VolatilityReading | None:
+        """The reading with the latest `as_of` (ties: the last added)."""
+        ...
+
+
+class EventStore(Protocol):
+    async def replace(self, ticker: str, events: Sequence[MarketEvent]) -> None: ...
+
+    async def replace_many(self, events: Mapping[str, Sequence[MarketEvent]]) -> None: ...
+
+    async def between(
+        self, tickers: Iterable[str], first: dt.date, last: dt.date
+    ) -> Mapping[str, Sequence[MarketEvent]]:
+        """Events dated from `first` through `last` (inclusive) of the given tickers."""
+        ...
+
+
+class KeyStore(Protocol):
+    async def get(self, key_id: str) -> ApiKeyRecord | None: ...
+
+    async def put(self, record: ApiKeyRecord) -> None: ...
+
+    async def revoke(self, key_id: str, at: dt.datetime) -> bool:
+        """Mark the key revoked; False when there is no such key."""
+        ...
+
+    async def list(self, client_id: str | None = None) -> Sequence[ApiKeyRecord]: ...
+
+
+class QuoteStore(Protocol):
+    async def add(self, batch: PricedBatch) -> None: ...
+
+    async def find(self, batch_id: str) -> PricedBatch | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Stores:
+    clients: ClientStore
+    stocks: StockStore
+    availability: AvailabilityStore
+    volatility: VolatilityStore
+    events: EventStore
+    keys: KeyStore
+    quotes: QuoteStore
