@@ -70,7 +70,7 @@ def _text_of(content: str | bytes) -> str:
 
 
 def _lines_of(text: str) -> list[str]:
-    """Physical lines, split on LF with CRLF accepted (a lone CR stays in its line and fails its checks).
+    """Physical lines, split on LF with CRLF accepted (a lone CR is not a line break: it stays in its line).
 
     `str.splitlines` is not used: it also splits on characters such as NEL (U+0085, a latin-1 byte) and
     would shift the line numbers the errors report.
@@ -396,7 +396,8 @@ def _csv_records(text: str) -> Iterator[tuple[int, list[str]]]:
         except StopIteration:
             return
         except csv.Error as exc:
-            raise DataFileError(EARNINGS_KIND, reader.line_num, f"not valid CSV: {exc}") from None
+            # Reported where the record starts: an unterminated quote fails only at the end of the data.
+            raise DataFileError(EARNINGS_KIND, start, f"not valid CSV: {exc}") from None
         yield start, record
         start = reader.line_num + 1
 
@@ -405,9 +406,10 @@ def parse_earnings(content: str | bytes) -> EarningsCalendar:
     """Parse an Alpha Vantage `EARNINGS_CALENDAR` CSV into each ticker's earnings events.
 
     The header must be exactly `symbol,name,reportDate,fiscalDateEnding,estimate,currency`; every row has
-    six fields (names with commas are quoted), `reportDate` and `fiscalDateEnding` are `YYYY-MM-DD` dates
-    and `estimate` is empty or a decimal number. A symbol that does not normalise as a ticker (e.g.
-    `COR_OLD`) is not an error: its rows are left out and the symbol is listed in `skipped`. Rows giving
+    six fields (names with commas are quoted), `reportDate` and `fiscalDateEnding` are `YYYY-MM-DD` dates,
+    `estimate` is empty or a decimal number and `currency` a three-letter code. A symbol that does not
+    normalise as a ticker (e.g. `COR_OLD`) is not an error: its rows are left out and the symbol is listed
+    in `skipped`. Rows giving
     the same (ticker, reportDate) twice, as the real calendar does for a few companies with two fiscal
     periods, collapse to one event. Events are `MarketEvent(date=reportDate, type="earnings",
     risk_factor=None)`; their risk follows the days to the report (DESIGN §3).
@@ -432,7 +434,7 @@ def parse_earnings(content: str | bytes) -> EarningsCalendar:
             raise DataFileError(EARNINGS_KIND, blank_line, "blank line among the data rows")
         if len(record) != len(EARNINGS_HEADER):
             raise DataFileError(EARNINGS_KIND, line, f"expected 6 fields, found {len(record)}")
-        symbol, _name, report, fiscal, estimate, _currency = record
+        symbol, _name, report, fiscal, estimate, currency = record
         try:
             report_date = _iso_date(report)
         except ValueError:
@@ -447,6 +449,10 @@ def parse_earnings(content: str | bytes) -> EarningsCalendar:
             ) from None
         if estimate and _DECIMAL.fullmatch(estimate) is None:
             raise DataFileError(EARNINGS_KIND, line, f"estimate {estimate!r} is not a decimal number")
+        try:
+            _currency(currency)
+        except ValueError as exc:
+            raise DataFileError(EARNINGS_KIND, line, str(exc).replace("CUR", "currency", 1)) from None
         rows += 1
         ticker = normalize_ticker(symbol)
         if ticker is None:

@@ -1,0 +1,134 @@
+"""Shared fixtures: an in-process engine on embedded defaults, and a real one on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pricer.app import PricerApp, create_app
+from pricer.demo import DemoKeys
+from pricer.settings import Settings, load_settings
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_settings(**overrides: str) -> Settings:
+    """Settings as the engine would read them from this environment (only the overrides set)."""
+    return load_settings({"DEMO_KEYS_FILE": "", **overrides})
+
+
+async def started_app(settings: Settings) -> PricerApp:
+    app = create_app(settings)
+    for step in app.lifecycle.startup:
+        await step()
+    return app
+
+
+@dataclass
+class Engine:
+    app: PricerApp
+    client: httpx.AsyncClient
+    keys: DemoKeys
+
+    def as_client(self) -> dict[str, str]:
+        return {"X-API-Key": self.keys.client_key}
+
+    def as_admin(self) -> dict[str, str]:
+        return {"X-API-Key": self.keys.admin_key}
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[Engine]:
+    """The engine on embedded defaults, seeded with demo data, called in-process over ASGI."""
+    app = await started_app(make_settings())
+    assert app.demo_keys is not None
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://engine.test") as client:
+        yield Engine(app=app, client=client, keys=app.demo_keys)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    process: subprocess.Popen[str]
+    keys: dict[str, str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def start_server(tmp_path: Path, **env: str) -> RunningServer:
+    """`python -m pricer serve` as a real process on a free loopback port; waits for /health."""
+    port = free_port()
+    keys_file = tmp_path / "demo-keys.env"
+    log_path = tmp_path / f"server-{port}.log"
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PRICER_", "DATABASE_URL", "REDIS_URL"))},
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "DEMO_KEYS_FILE": str(keys_file),
+        **env,
+    }
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pricer", "serve"],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200 and keys_file.exists():
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    else:
+        process.kill()
+        raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+    keys = dict(line.split("=", 1) for line in keys_file.read_text().splitlines() if "=" in line)
+    return RunningServer(base_url=base_url, process=process, keys=keys, log_path=log_path)
+
+
+def stop_server(server: RunningServer) -> None:
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[RunningServer]:
+    server = start_server(tmp_path)
+    try:
+        yield server
+    finally:
+        stop_server(server)
