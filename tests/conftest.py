@@ -25,8 +25,10 @@ def anyio_backend() -> str:
 
 
 def make_settings(**overrides: str) -> Settings:
-    """Settings as the engine would read them from this environment (only the overrides set)."""
-    return load_settings({"DEMO_KEYS_FILE": "", **overrides})
+    """Settings as the engine would read them from an environment holding only these variables.
+
+    Tests of logic run with limits far above what they send; rate-limit tests set their own."""
+    return load_settings({"DEMO_KEYS_FILE": "", "RATE_LIMIT_PER_MINUTE": "1000000", **overrides})
 
 
 async def started_app(settings: Settings) -> PricerApp:

@@ -8,32 +8,45 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
 
+import redis.asyncio as aioredis
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pricer.auth.keys import KeyHasher, KeyVerifier, make_record, parse_key
+from pricer.auth.tokens import TokenService
 from pricer.demo import ADMIN_CLIENT_ID, DemoKeys, seed_demo
 from pricer.endpoints.admin import AdminEndpoints
+from pricer.endpoints.auth import AuthEndpoints
 from pricer.endpoints.common import json_response, utc_now
-from pricer.endpoints.health import HealthEndpoints
+from pricer.endpoints.health import (
+    DependencyCheck,
+    HealthEndpoints,
+    limiter_check,
+    market_data_check,
+    memory_check,
+)
 from pricer.endpoints.quotes import QuoteEndpoints
 from pricer.endpoints.rates import RateEndpoints
 from pricer.marketdata.service import MarketData, MarketDataWriter
 from pricer.middleware.authentication import Authentication
 from pricer.middleware.body_limit import BodyLimit
+from pricer.middleware.cors import CORS
 from pricer.middleware.errors import ErrorEnvelope
+from pricer.middleware.rate_limit import ClientLimits, RateLimit
 from pricer.middleware.request_context import RequestContext
 from pricer.middleware.route_match import Dispatch, RouteMatch
 from pricer.models import Client, FeeType
 from pricer.models import Scope as AuthScope
 from pricer.openapi import build_openapi
 from pricer.pricing.core import RatePolicy
+from pricer.ratelimit.buckets import RateLimiter
+from pricer.ratelimit.memory import MemoryLimiter
+from pricer.ratelimit.redis import RedisLimiter
 from pricer.routing import ApiRoute
 from pricer.schemas import (
     AvailabilityUploadResponse,
@@ -41,7 +54,6 @@ from pricer.schemas import (
     BatchResponse,
     ClientBody,
     ClientView,
-    DependencyHealth,
     DetailedHealth,
     EventsBody,
     EventsView,
@@ -55,6 +67,7 @@ from pricer.schemas import (
     RateResponse,
     StockBody,
     StockView,
+    TokenResponse,
     VolatilityBody,
     VolatilityView,
 )
@@ -65,6 +78,7 @@ from pricer.stores.protocols import Stores
 log = logging.getLogger("pricer.app")
 
 QUOTE_SCOPES = frozenset({AuthScope.QUOTE, AuthScope.AUDIT})
+ANY_SCOPE = frozenset(AuthScope)
 
 
 @dataclass
@@ -156,17 +170,37 @@ def create_app(
         default_rate_limit=settings.rate_limit_per_minute,
         default_burst=settings.effective_burst,
     )
+    limiter = build_limiter(settings) if settings.enable_rate_limiting else None
+    limits = (
+        ClientLimits(
+            limiter,
+            stores.clients,
+            default_per_minute=settings.rate_limit_per_minute,
+            default_burst=settings.effective_burst,
+            positions_per_minute=settings.positions_limit_per_minute,
+        )
+        if limiter is not None
+        else None
+    )
+    tokens = TokenService(
+        stores.keys,
+        secret=settings.jwt_secret_key,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        ttl_seconds=settings.jwt_ttl_seconds,
+    )
     health = HealthEndpoints(
         {
-            "database": _memory_check("memory")
-            if settings.database_url is None
-            else _memory_check("postgresql"),
-            "redis": _memory_check("memory"),
-            "market_data": _market_data_check(market, settings.market_data_stale_after_hours),
-            "audit": _memory_check("memory"),
+            "database": DependencyCheck(memory_check("memory")),
+            "redis": DependencyCheck(
+                limiter_check(limiter) if isinstance(limiter, RedisLimiter) else memory_check("memory")
+            ),
+            "market_data": DependencyCheck(market_data_check(market, settings.market_data_stale_after_hours)),
+            "audit": DependencyCheck(memory_check("memory")),
         },
         is_draining=lambda: lifecycle.draining,
     )
+    auth_endpoints = AuthEndpoints(tokens)
 
     small = settings.max_body_bytes
     large = settings.max_batch_body_bytes
@@ -211,6 +245,15 @@ def create_app(
             request_body=BatchRequest,
             request_media=("application/json", "application/msgpack"),
             responses={200: BatchResponse},
+        ),
+        ApiRoute(
+            "/api/v1/auth/token",
+            auth_endpoints.token,
+            methods=["POST"],
+            scope=ANY_SCOPE,
+            body_limit=small,
+            summary="Exchange an API key (X-API-Key) for a short-lived bearer token",
+            responses={200: TokenResponse},
         ),
         ApiRoute(
             "/api/v1/rates/{ticker}",
@@ -348,12 +391,14 @@ def create_app(
     ]
 
     chain: ASGIApp = Dispatch()
+    chain = RateLimit(chain, limits=limits)
     chain = Authentication(
-        chain, keys=KeyVerifier(stores.keys, hasher), enabled=settings.enable_authentication
+        chain, keys=KeyVerifier(stores.keys, hasher), tokens=tokens, enabled=settings.enable_authentication
     )
     chain = BodyLimit(chain)
     chain = RouteMatch(chain, routes)
     chain = ErrorEnvelope(chain)
+    chain = CORS(chain, origins=settings.cors_origins)
     chain = RequestContext(chain)
     app = PricerApp(chain, lifecycle, stores, routes)
 
@@ -367,6 +412,8 @@ def create_app(
             await ensure_bootstrap_admin(stores, hasher, settings.bootstrap_admin_key, now)
 
     lifecycle.startup.append(seed)
+    if limiter is not None:
+        lifecycle.shutdown.append(limiter.close)
     return app
 
 
@@ -395,35 +442,13 @@ async def ensure_bootstrap_admin(stores: Stores, hasher: KeyHasher, key: str, no
     await stores.keys.put(record)
 
 
-def _memory_check(backend: str) -> Callable[[], Awaitable[DependencyHealth]]:
-    async def check() -> DependencyHealth:
-        return DependencyHealth(status="healthy", latency_ms=0.0, detail={"backend": backend})
-
-    return check
-
-
-def _market_data_check(
-    market: MarketData, stale_after_hours: float
-) -> Callable[[], Awaitable[DependencyHealth]]:
-    async def check() -> DependencyHealth:
-        started = time.perf_counter()
-        snapshot = await market.snapshot()
-        latency = round((time.perf_counter() - started) * 1000, 3)
-        if snapshot is None:
-            return DependencyHealth(
-                status="degraded",
-                latency_ms=latency,
-                detail={"availability": "none loaded; rates use the fallback"},
-            )
-        age_hours = (utc_now() - snapshot.as_of).total_seconds() / 3600
-        return DependencyHealth(
-            status="healthy" if age_hours <= stale_after_hours else "degraded",
-            latency_ms=latency,
-            detail={
-                "availability_as_of": snapshot.as_of.isoformat(),
-                "age_hours": round(age_hours, 2),
-                "rows": len(snapshot.entries),
-            },
-        )
-
-    return check
+def build_limiter(settings: Settings) -> RateLimiter:
+    if settings.redis_url is None:
+        return MemoryLimiter()
+    client = aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=0.25,
+        socket_timeout=1.0,
+        health_check_interval=0,
+    )
+    return RedisLimiter(client, expected_replicas=settings.expected_replicas)

@@ -8,13 +8,15 @@ from starlette.types import Scope
 
 if TYPE_CHECKING:
     from pricer.auth.keys import Principal
+    from pricer.middleware.rate_limit import ClientLimits
+    from pricer.ratelimit.buckets import Decision
     from pricer.routing import ApiRoute
 
 STATE_KEY = "pricer.state"
 
 
 class RequestState:
-    __slots__ = ("client_id", "principal", "request_id", "route", "route_template")
+    __slots__ = ("client_id", "limits", "principal", "rate_decision", "request_id", "route", "route_template")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -22,6 +24,8 @@ class RequestState:
         self.route_template = "unmatched"
         self.principal: Principal | None = None
         self.client_id: str | None = None
+        self.limits: ClientLimits | None = None  # set on limited routes
+        self.rate_decision: Decision | None = None  # the request bucket's decision, for the headers
 
 
 def request_state(scope: Scope) -> RequestState:

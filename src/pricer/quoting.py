@@ -6,7 +6,7 @@ Single quotes and batches take the same path; a single quote is a batch of one.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,8 +79,12 @@ class Quoter:
         key_id: str | None,
         request_id: str,
         now: dt.datetime,
+        admit: Callable[[int], Awaitable[None]] | None = None,
     ) -> PricingOutcome:
-        """Price rows of normalised tickers; rows with unknown tickers are left out and reported."""
+        """Price rows of normalised tickers; rows with unknown tickers are left out and reported.
+
+        `admit(count)` runs once the rows to price are known and before they are priced (the batch
+        endpoint draws them from the positions bucket there; it raises to refuse)."""
         slot: dict[str, int] = {}
         row_slot = np.fromiter(
             (slot.setdefault(ticker, len(slot)) for ticker in tickers), dtype=np.int64, count=len(tickers)
@@ -96,6 +100,8 @@ class Quoter:
         rate_index = remap[row_slot]
         priced = rate_index >= 0
         unknown_rows = np.flatnonzero(~priced).tolist()
+        if admit is not None:
+            await admit(len(tickers) - len(unknown_rows))
         if unknown_rows:
             rate_index = rate_index[priced]
             position_cents = position_cents[priced]

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from pricer import __version__
-from pricer.endpoints.common import json_response
+from pricer.endpoints.common import json_response, utc_now
+from pricer.marketdata.service import MarketData
+from pricer.ratelimit.redis import RedisLimiter
 from pricer.schemas import DependencyHealth, DetailedHealth, Health
 
-DependencyCheck = Callable[[], Awaitable[DependencyHealth]]
+Check = Callable[[], Awaitable[DependencyHealth]]
+
+
+@dataclass(frozen=True, slots=True)
+class DependencyCheck:
+    """A dependency's check. When a non-critical dependency is unhealthy a fallback serves in its place,
+    so the engine is degraded, not unhealthy (e.g. Redis down: limits are enforced locally)."""
+
+    check: Check
+    critical: bool = False
+    timeout_seconds: float = 1.0
+
 
 _RANK = {"healthy": 0, "degraded": 1, "unhealthy": 2}
 
@@ -30,10 +46,11 @@ class HealthEndpoints:
 
     async def detailed(self, request: Request) -> Response:
         dependencies: dict[str, DependencyHealth] = {}
-        for name, check in self._checks.items():
+        worst = 0
+        for name, dependency in self._checks.items():
             started = time.perf_counter()
             try:
-                result = await check()
+                result = await asyncio.wait_for(dependency.check(), dependency.timeout_seconds)
             except Exception as error:  # a failing check is a finding, not a crash
                 result = DependencyHealth(
                     status="unhealthy",
@@ -41,9 +58,62 @@ class HealthEndpoints:
                     detail={"error": type(error).__name__},
                 )
             dependencies[name] = result
-        worst = max((_RANK[dep.status] for dep in dependencies.values()), default=0)
+            rank = _RANK[result.status]
+            worst = max(worst, rank if dependency.critical else min(rank, _RANK["degraded"]))
         if self._is_draining():
             worst = 2
         status = next(name for name, rank in _RANK.items() if rank == worst)
         body = DetailedHealth(status=status, version=__version__, dependencies=dependencies)  # type: ignore[arg-type]
         return json_response(body, status=503 if status == "unhealthy" else 200)
+
+
+def memory_check(backend: str) -> Check:
+    async def check() -> DependencyHealth:
+        return DependencyHealth(status="healthy", latency_ms=0.0, detail={"backend": backend})
+
+    return check
+
+
+def limiter_check(limiter: RedisLimiter) -> Check:
+    async def check() -> DependencyHealth:
+        try:
+            latency = await limiter.ping()
+        except Exception as error:
+            return DependencyHealth(
+                status="unhealthy",
+                latency_ms=0.0,
+                detail={"backend": "redis", "error": type(error).__name__, "rate_limits": "enforced locally"},
+            )
+        status: Literal["healthy", "degraded"] = "degraded" if limiter.degraded else "healthy"
+        return DependencyHealth(
+            status=status,
+            latency_ms=round(latency, 3),
+            detail={"backend": "redis", "local_decisions": limiter.local_decisions},
+        )
+
+    return check
+
+
+def market_data_check(market: MarketData, stale_after_hours: float) -> Check:
+    async def check() -> DependencyHealth:
+        started = time.perf_counter()
+        snapshot = await market.snapshot()
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        if snapshot is None:
+            return DependencyHealth(
+                status="degraded",
+                latency_ms=latency,
+                detail={"availability": "none loaded; rates use the fallback"},
+            )
+        age_hours = (utc_now() - snapshot.as_of).total_seconds() / 3600
+        return DependencyHealth(
+            status="healthy" if age_hours <= stale_after_hours else "degraded",
+            latency_ms=latency,
+            detail={
+                "availability_as_of": snapshot.as_of.isoformat(),
+                "age_hours": round(age_hours, 2),
+                "rows": len(snapshot.entries),
+            },
+        )
+
+    return check

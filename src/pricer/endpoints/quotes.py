@@ -53,7 +53,7 @@ class QuoteEndpoints:
             quote = self._single.decode(await request.body(), media)
         ticker = require_ticker(quote.ticker, location=location)
         cents = require_places(quote.position_value, 2, "position_value", location=location)
-        principal = acting_principal(request.scope, quote.client_id)
+        principal = await acting_principal(request.scope, quote.client_id)
         terms = await self._quoter.client_terms(quote.client_id)
         state = request_state(request.scope)
         outcome = await self._quoter.price(
@@ -100,8 +100,15 @@ class QuoteEndpoints:
         if atomic and errors:
             raise _atomic_failure(errors)
 
-        principal = acting_principal(request.scope, client_id)
+        principal = await acting_principal(request.scope, client_id)
         terms = await self._quoter.client_terms(client_id)
+        state = request_state(request.scope)
+        limits = state.limits
+
+        async def draw_positions(priced: int) -> None:
+            if limits is not None:
+                await limits.draw_positions(state, client_id, priced)
+
         bad = np.zeros(count, dtype=bool)
         for error in errors:
             bad[error.index] = True
@@ -113,8 +120,9 @@ class QuoteEndpoints:
             loan_days=days[good].astype(np.int64),
             input_index=good.astype(np.int64),
             key_id=principal.key_id,
-            request_id=request_state(request.scope).request_id,
+            request_id=state.request_id,
             now=utc_now(),
+            admit=draw_positions,
         )
         for row in outcome.unknown_rows:
             index = int(good[row])

@@ -81,8 +81,13 @@ def current_principal(scope: Scope, *, acting_for: str | None = None) -> Princip
     return principal
 
 
-def acting_principal(scope: Scope, client_id: str) -> Principal:
-    """The principal a request acts as for `client_id` (403 when its key may not act for it)."""
+async def acting_principal(scope: Scope, client_id: str) -> Principal:
+    """The principal a request acts as for `client_id` (403 when its key may not act for it).
+
+    Without authentication the request is charged here, to the client it names (DESIGN §2.4)."""
+    state = request_state(scope)
+    if state.principal is None and state.limits is not None and state.rate_decision is None:
+        await state.limits.charge_request(state, client_id)
     principal = current_principal(scope, acting_for=client_id)
     if not principal.may_act_for(client_id):
         raise Forbidden(

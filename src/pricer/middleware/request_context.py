@@ -8,6 +8,7 @@ import secrets
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pricer.context import STATE_KEY, RequestState
+from pricer.middleware.rate_limit import rate_limit_headers
 
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
@@ -36,12 +37,16 @@ class RequestContext:
                 break
         if not request_id:
             request_id = secrets.token_hex(16).encode()
-        scope[STATE_KEY] = RequestState(request_id.decode())
+        state = RequestState(request_id.decode())
+        scope[STATE_KEY] = state
         extra = [(b"x-request-id", request_id), (b"x-correlation-id", request_id), *self._static_headers]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
+                headers = [*message.get("headers", ()), *extra]
+                if state.rate_decision is not None:
+                    headers += rate_limit_headers(state.rate_decision)
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

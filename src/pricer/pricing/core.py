@@ -108,7 +108,9 @@ class RateArrays(msgspec.Struct, frozen=True):
 
 def borrow_status_codes(base: Float64Array, stored_status: Int8Array) -> Int8Array:
     """The stored status where set, else from the base rate: EASY ≤ 1 %, MEDIUM ≤ 10 %, HARD above."""
-    derived = np.where(base <= EASY_MAX_BASE, STATUS_EASY, np.where(base <= MEDIUM_MAX_BASE, STATUS_MEDIUM, STATUS_HARD))
+    derived = np.where(
+        base <= EASY_MAX_BASE, STATUS_EASY, np.where(base <= MEDIUM_MAX_BASE, STATUS_MEDIUM, STATUS_HARD)
+    )
     result: Int8Array = np.where(stored_status >= 0, stored_status, derived).astype(np.int8)
     return result
 

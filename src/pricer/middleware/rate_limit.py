@@ -1,0 +1,115 @@
+"""Per-client rate limits (DESIGN §2.5), after authentication so that every request is charged to the
+client of its key, never to an anonymous or spoofable bucket.
+
+The request bucket is charged here; the batch endpoint draws its priced positions from the positions
+bucket through `draw_positions`. The decision travels in the request state, and `RequestContext` turns it
+into the RateLimit headers of whatever response goes out (429s included).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pricer.context import RequestState, request_state
+from pricer.errors import RateLimitExceeded
+from pricer.logs import RATE_LIMIT_EXCEEDED, fields
+from pricer.ratelimit.buckets import BucketSpec, Decision, RateLimiter
+from pricer.stores.protocols import ClientStore
+
+log = logging.getLogger("pricer.ratelimit")
+
+
+class ClientLimits:
+    """Which buckets a client has, and the charging of them."""
+
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        clients: ClientStore,
+        *,
+        default_per_minute: int,
+        default_burst: int,
+        positions_per_minute: int,
+    ) -> None:
+        self.limiter = limiter
+        self._clients = clients
+        self._default_per_minute = default_per_minute
+        self._default_burst = default_burst
+        self._positions_per_minute = positions_per_minute
+        self.exceeded = 0
+
+    async def request_bucket(self, client_id: str) -> BucketSpec:
+        client = await self._clients.get(client_id)
+        per_minute = self._default_per_minute
+        burst = self._default_burst
+        if client is not None and client.rate_limit_per_minute is not None:
+            per_minute = client.rate_limit_per_minute
+            burst = client.burst if client.burst is not None else per_minute
+        elif client is not None and client.burst is not None:
+            burst = client.burst
+        return BucketSpec(f"ratelimit:{client_id}", per_minute, burst)
+
+    def positions_bucket(self, client_id: str) -> BucketSpec:
+        return BucketSpec(
+            f"ratelimit:{client_id}:positions", self._positions_per_minute, self._positions_per_minute
+        )
+
+    async def charge_request(self, state: RequestState, client_id: str) -> None:
+        decision = await self.limiter.acquire(await self.request_bucket(client_id))
+        state.rate_decision = decision
+        if not decision.allowed:
+            self._refuse(state, client_id, decision, "requests")
+
+    async def draw_positions(self, state: RequestState, client_id: str, count: int) -> None:
+        if count <= 0:
+            return
+        decision = await self.limiter.acquire(self.positions_bucket(client_id), count)
+        if not decision.allowed:
+            self._refuse(state, client_id, decision, "positions")
+
+    def _refuse(self, state: RequestState, client_id: str, decision: Decision, bucket: str) -> None:
+        self.exceeded += 1
+        log.warning(
+            RATE_LIMIT_EXCEEDED,
+            extra=fields(
+                client_id=client_id,
+                endpoint=state.route_template,
+                request_id=state.request_id,
+                bucket=bucket,
+                retry_after=decision.retry_after,
+            ),
+        )
+        raise RateLimitExceeded(decision.retry_after, bucket=bucket)
+
+
+class RateLimit:
+    def __init__(self, app: ASGIApp, *, limits: ClientLimits | None) -> None:
+        self.app = app
+        self._limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limits = self._limits
+        if limits is not None and scope["type"] == "http":
+            state = request_state(scope)
+            route = state.route
+            if route is not None and route.required_scopes is not None:
+                state.limits = limits
+                if state.principal is not None:
+                    await limits.charge_request(state, state.principal.client_id)
+                # Without authentication (local development) the endpoint charges the client it names.
+        await self.app(scope, receive, send)
+
+
+def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    spec = decision.spec
+    remaining = str(decision.remaining).encode()
+    reset = str(decision.reset_after).encode()
+    return [
+        (b"ratelimit-policy", f'"default";q={spec.capacity};w={decision.refill_window}'.encode()),
+        (b"ratelimit", b'"default";r=' + remaining + b";t=" + reset),
+        (b"x-ratelimit-limit", str(spec.per_minute).encode()),
+        (b"x-ratelimit-remaining", remaining),
+        (b"x-ratelimit-reset", reset),
+    ]

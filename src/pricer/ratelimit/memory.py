@@ -1,0 +1,60 @@
+"""In-process token buckets with bounded memory: full (idle) buckets are dropped, and past
+`max_buckets` the least recently used bucket is evicted."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from pricer.ratelimit.buckets import BucketSpec, Decision, refill
+
+
+class MemoryLimiter:
+    def __init__(self, *, max_buckets: int = 200_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._max_buckets = max_buckets
+        self._clock = clock
+        self._decisions_since_sweep = 0
+
+    @property
+    def degraded(self) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def decide(self, spec: BucketSpec, cost: int = 1, *, local: bool = False) -> Decision:
+        now = self._clock()
+        buckets = self._buckets
+        state = buckets.get(spec.key)
+        if state is None:
+            tokens = float(spec.capacity)
+        else:
+            tokens = refill(state[0], now - state[1], spec)
+            buckets.move_to_end(spec.key)
+        allowed = tokens >= cost
+        if allowed:
+            tokens -= cost
+        buckets[spec.key] = (tokens, now)
+        self._decisions_since_sweep += 1
+        if len(buckets) > self._max_buckets:
+            buckets.popitem(last=False)
+        if self._decisions_since_sweep >= 10_000:
+            self._sweep(now, spec)
+        return Decision(allowed=allowed, tokens=tokens, spec=spec, cost=cost, local=local)
+
+    async def acquire(self, spec: BucketSpec, cost: int = 1) -> Decision:
+        return self.decide(spec, cost)
+
+    def _sweep(self, now: float, spec: BucketSpec) -> None:
+        """Drop buckets idle long enough to be full again (an absent bucket is full)."""
+        self._decisions_since_sweep = 0
+        # The longest refill of any bucket is not known per key; buckets idle for 10 minutes are full
+        # for any limit of at least capacity/10 per minute, which every configured limit is.
+        idle_before = now - 600.0
+        for key in [key for key, (_, stamp) in self._buckets.items() if stamp < idle_before]:
+            del self._buckets[key]
+
+    async def close(self) -> None:
+        return None
