@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 
 import redis.asyncio as aioredis
+from opentelemetry.sdk.trace import SpanProcessor
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -40,8 +42,11 @@ from pricer.middleware.errors import ErrorEnvelope
 from pricer.middleware.rate_limit import ClientLimits, RateLimit
 from pricer.middleware.request_context import RequestContext
 from pricer.middleware.route_match import Dispatch, RouteMatch
+from pricer.middleware.telemetry import RequestTelemetry
 from pricer.models import Client, FeeType
 from pricer.models import Scope as AuthScope
+from pricer.observability.metrics import Metrics
+from pricer.observability.tracing import Tracing, build_tracing
 from pricer.openapi import build_openapi
 from pricer.pricing.core import RatePolicy
 from pricer.ratelimit.buckets import RateLimiter
@@ -99,6 +104,8 @@ class PricerApp:
         self.stores = stores
         self.routes = routes
         self.demo_keys: DemoKeys | None = None
+        self.metrics: Metrics | None = None
+        self.tracing: Tracing | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -133,6 +140,7 @@ def create_app(
     *,
     stores: Stores | None = None,
     on_demo_keys: Callable[[DemoKeys], None] | None = None,
+    span_processor: SpanProcessor | None = None,
 ) -> PricerApp:
     """Build the engine. `stores` overrides the configured backends (tests of logic use memory ones)."""
     if stores is None:
@@ -161,7 +169,10 @@ def create_app(
 
     from pricer.quoting import Quoter
 
-    quoting = QuoteEndpoints(Quoter(stores, market), stores.quotes, max_batch_size=settings.max_batch_size)
+    metrics = Metrics()
+    tracing = build_tracing(span_processor)
+    quoter = Quoter(stores, market, metrics=metrics, tracing=tracing)
+    quoting = QuoteEndpoints(quoter, stores.quotes, max_batch_size=settings.max_batch_size)
     rates = RateEndpoints(market)
     admin = AdminEndpoints(
         stores,
@@ -178,6 +189,8 @@ def create_app(
             default_per_minute=settings.rate_limit_per_minute,
             default_burst=settings.effective_burst,
             positions_per_minute=settings.positions_limit_per_minute,
+            metrics=metrics,
+            tracing=tracing,
         )
         if limiter is not None
         else None
@@ -200,7 +213,7 @@ def create_app(
         },
         is_draining=lambda: lifecycle.draining,
     )
-    auth_endpoints = AuthEndpoints(tokens)
+    auth_endpoints = AuthEndpoints(tokens, metrics)
 
     small = settings.max_body_bytes
     large = settings.max_batch_body_bytes
@@ -381,9 +394,20 @@ def create_app(
     async def docs(request: Request) -> Response:
         return Response(docs_body, media_type="text/html")
 
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     routes += [
         ApiRoute(
             "/openapi.json", openapi, methods=["GET"], scope=None, body_limit=small, summary="This document"
+        ),
+        ApiRoute(
+            "/metrics",
+            prometheus,
+            methods=["GET"],
+            scope=None,
+            body_limit=small,
+            summary="Prometheus exposition",
         ),
         ApiRoute(
             "/docs", docs, methods=["GET"], scope=None, body_limit=small, summary="API documentation page"
@@ -393,14 +417,26 @@ def create_app(
     chain: ASGIApp = Dispatch()
     chain = RateLimit(chain, limits=limits)
     chain = Authentication(
-        chain, keys=KeyVerifier(stores.keys, hasher), tokens=tokens, enabled=settings.enable_authentication
+        chain,
+        keys=KeyVerifier(stores.keys, hasher),
+        tokens=tokens,
+        enabled=settings.enable_authentication,
+        metrics=metrics,
+        tracing=tracing,
     )
     chain = BodyLimit(chain)
     chain = RouteMatch(chain, routes)
     chain = ErrorEnvelope(chain)
     chain = CORS(chain, origins=settings.cors_origins)
+    chain = RequestTelemetry(
+        chain, metrics=metrics, tracing=tracing, slow_request_ms=settings.slow_request_ms
+    )
     chain = RequestContext(chain)
     app = PricerApp(chain, lifecycle, stores, routes)
+    app.metrics = metrics
+    app.tracing = tracing
+    lifecycle.shutdown.append(_run_sync(tracing.shutdown))
+    lifecycle.shutdown.append(_run_sync(metrics.shutdown))
 
     async def seed() -> None:
         now = utc_now()
@@ -440,6 +476,13 @@ async def ensure_bootstrap_admin(stores: Stores, hasher: KeyHasher, key: str, no
         expires_at=now + dt.timedelta(days=3650),
     )
     await stores.keys.put(record)
+
+
+def _run_sync(step: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        step()
+
+    return run
 
 
 def build_limiter(settings: Settings) -> RateLimiter:

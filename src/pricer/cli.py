@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
 import os
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from pricer import __version__
+from pricer.logs import fields
 from pricer.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from pricer.app import PricerApp
+
+log = logging.getLogger("pricer.cli")
 
 _LOAD_ENDPOINTS = {
     "ibkr": "/api/v1/admin/availability",
@@ -76,9 +86,35 @@ def serve(settings: Settings) -> int:
         server_header=False,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_seconds) + 25),
     )
-    server = uvicorn.Server(config)
+    server = _draining_server_class()(config, app=app, drain_seconds=settings.shutdown_drain_seconds)
     server.run()
     return 0 if server.started else 1
+
+
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM: /health answers 503 for the drain period while requests are still served (the
+        readiness probe takes the pod out), then uvicorn closes the listener, lets in-flight requests
+        finish and runs the lifespan shutdown (the audit queue flushes). A second signal stops at once."""
+
+        def __init__(self, config: uvicorn.Config, *, app: PricerApp, drain_seconds: float) -> None:
+            super().__init__(config)
+            self._app = app
+            self._drain_seconds = drain_seconds
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            lifecycle = self._app.lifecycle
+            if lifecycle.draining or self._drain_seconds <= 0:
+                super().handle_exit(sig, frame)
+                return
+            lifecycle.draining = True
+            log.info("Draining before shutdown", extra=fields(seconds=self._drain_seconds))
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(loop.call_later, self._drain_seconds, super().handle_exit, sig, frame)
+
+    return DrainingServer
 
 
 def _demo_file_values(settings: Settings) -> dict[str, str]:

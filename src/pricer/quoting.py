@@ -6,6 +6,7 @@ Single quotes and batches take the same path; a single quote is a batch of one.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,7 +14,9 @@ import numpy as np
 
 from pricer.errors import ClientNotFound, Forbidden
 from pricer.marketdata.service import MarketData
-from pricer.models import Client, FeeType
+from pricer.models import Client, FeeType, RateSource
+from pricer.observability.metrics import Metrics
+from pricer.observability.tracing import Tracing
 from pricer.pricing.core import PERCENT_PLACES, FeeTerms, Int64Array, price_locates, to_scaled_int
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
 from pricer.schemas import FeeScheduleView
@@ -56,9 +59,11 @@ class PricingOutcome:
 
 
 class Quoter:
-    def __init__(self, stores: Stores, market: MarketData) -> None:
+    def __init__(self, stores: Stores, market: MarketData, *, metrics: Metrics, tracing: Tracing) -> None:
         self._stores = stores
         self._market = market
+        self._metrics = metrics
+        self._tracing = tracing
 
     async def client_terms(self, client_id: str) -> ClientTerms:
         client = await self._stores.clients.get(client_id)
@@ -80,6 +85,7 @@ class Quoter:
         request_id: str,
         now: dt.datetime,
         admit: Callable[[int], Awaitable[None]] | None = None,
+        single: bool = False,
     ) -> PricingOutcome:
         """Price rows of normalised tickers; rows with unknown tickers are left out and reported.
 
@@ -90,7 +96,10 @@ class Quoter:
             (slot.setdefault(ticker, len(slot)) for ticker in tickers), dtype=np.int64, count=len(tickers)
         )
         unique = list(slot)
-        found = await self._market.ticker_rates(unique, now)
+        started = time.perf_counter()
+        with self._tracing.span("market_data", {"tickers": len(unique)}):
+            found = await self._market.ticker_rates(unique, now)
+        market_seconds = time.perf_counter() - started
         known_rates: list[TickerRate] = []
         remap = np.full(len(unique), -1, dtype=np.int64)
         for position, rate in enumerate(found):
@@ -107,8 +116,17 @@ class Quoter:
             position_cents = position_cents[priced]
             loan_days = loan_days[priced]
             input_index = input_index[priced]
-        rate_units = np.array([rate.rate_units for rate in known_rates], dtype=np.int64)
-        fees = price_locates(position_cents, loan_days, rate_units[rate_index], terms.terms)
+        pricing_started = time.perf_counter()
+        with self._tracing.span("pricing", {"positions": int(position_cents.shape[0])}):
+            rate_units = np.array([rate.rate_units for rate in known_rates], dtype=np.int64)
+            fees = price_locates(position_cents, loan_days, rate_units[rate_index], terms.terms)
+        finished = time.perf_counter()
+        metrics = self._metrics
+        metrics.calculations["single" if single else "batch"] += int(position_cents.shape[0])
+        metrics.calculation_duration.record(market_seconds + finished - pricing_started)
+        fallback_slots = [slot for slot, rate in enumerate(known_rates) if rate.source is RateSource.FALLBACK]
+        if fallback_slots:
+            metrics.fallback_usage += int(np.isin(rate_index, fallback_slots).sum())
         batch = PricedBatch(
             batch_id=new_batch_id(),
             calculated_at=now,

@@ -9,18 +9,19 @@ from pricer.auth.tokens import TokenService
 from pricer.endpoints.common import json_response, utc_now
 from pricer.errors import Unauthorized
 from pricer.middleware.authentication import current_principal
+from pricer.observability.metrics import Metrics
 from pricer.schemas import TokenResponse
 
 
 class AuthEndpoints:
-    def __init__(self, tokens: TokenService) -> None:
+    def __init__(self, tokens: TokenService, metrics: Metrics) -> None:
         self._tokens = tokens
-        self.issued = 0
+        self._metrics = metrics
 
     async def token(self, request: Request) -> Response:
         if "x-api-key" not in request.headers:
             # Tokens are exchanged for keys only: a token cannot renew itself past its key's revocation.
             raise Unauthorized("missing")
         token = self._tokens.issue(current_principal(request.scope), utc_now())
-        self.issued += 1
+        self._metrics.jwt_tokens_issued += 1
         return json_response(TokenResponse(access_token=token, expires_in=self._tokens.ttl_seconds))

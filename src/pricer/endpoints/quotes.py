@@ -65,6 +65,7 @@ class QuoteEndpoints:
             key_id=principal.key_id,
             request_id=state.request_id,
             now=utc_now(),
+            single=True,
         )
         if outcome.unknown_rows:
             raise TickerNotFound(ticker)
@@ -156,15 +157,12 @@ class QuoteEndpoints:
 
     async def get_quote(self, request: Request) -> Response:
         quote_id = request.path_params["quote_id"]
-        where = split_quote_id(quote_id)
-        batch = await self._quotes.find(where[0]) if where is not None else None
-        if where is None or batch is None or where[1] >= batch.size:
-            raise NotFound("Unknown quote", details={"quote_id": quote_id})
+        quote = await self._quotes.get(quote_id) if split_quote_id(quote_id) is not None else None
         principal = current_principal(request.scope)
-        if not (principal.allows(Scope.AUDIT) or principal.client_id == batch.client_id):
+        if quote is None or not (principal.allows(Scope.AUDIT) or principal.client_id == quote.client_id):
             # Another client's quote is not disclosed, not even its existence.
             raise NotFound("Unknown quote", details={"quote_id": quote_id})
-        return json_response(batch.quote_response(where[1]))
+        return json_response(quote)
 
 
 def _flag(raw: str | None, name: str) -> bool:

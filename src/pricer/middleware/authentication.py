@@ -12,6 +12,8 @@ from pricer.auth.keys import KeyVerifier, Principal
 from pricer.context import request_state
 from pricer.errors import Forbidden, Unauthorized
 from pricer.models import Scope as AuthScope
+from pricer.observability.metrics import Metrics
+from pricer.observability.tracing import Tracing
 
 
 class TokenVerifier(Protocol):
@@ -26,11 +28,15 @@ class Authentication:
         keys: KeyVerifier,
         tokens: TokenVerifier | None = None,
         enabled: bool = True,
+        metrics: Metrics,
+        tracing: Tracing,
     ) -> None:
         self.app = app
         self._keys = keys
         self._tokens = tokens
         self._enabled = enabled
+        self._attempts = metrics.auth_attempts
+        self._tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = request_state(scope) if scope["type"] == "http" else None
@@ -39,7 +45,13 @@ class Authentication:
             await self.app(scope, receive, send)
             return
         if self._enabled:
-            principal = await self._authenticate(scope)
+            with self._tracing.span("authenticate"):
+                try:
+                    principal = await self._authenticate(scope)
+                except Unauthorized as error:
+                    self._attempts[error.reason] += 1
+                    raise
+            self._attempts["success"] += 1
             if not any(principal.allows(scope) for scope in route.required_scopes):
                 needed = sorted(scope.value for scope in route.required_scopes)
                 raise Forbidden(

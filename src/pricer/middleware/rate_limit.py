@@ -15,6 +15,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pricer.context import RequestState, request_state
 from pricer.errors import RateLimitExceeded
 from pricer.logs import RATE_LIMIT_EXCEEDED, fields
+from pricer.observability.metrics import Metrics
+from pricer.observability.tracing import Tracing
 from pricer.ratelimit.buckets import BucketSpec, Decision, RateLimiter
 from pricer.stores.protocols import ClientStore
 
@@ -32,13 +34,16 @@ class ClientLimits:
         default_per_minute: int,
         default_burst: int,
         positions_per_minute: int,
+        metrics: Metrics,
+        tracing: Tracing,
     ) -> None:
         self.limiter = limiter
+        self._metrics = metrics
+        self._tracing = tracing
         self._clients = clients
         self._default_per_minute = default_per_minute
         self._default_burst = default_burst
         self._positions_per_minute = positions_per_minute
-        self.exceeded = 0
 
     async def request_bucket(self, client_id: str) -> BucketSpec:
         client = await self._clients.get(client_id)
@@ -57,7 +62,8 @@ class ClientLimits:
         )
 
     async def charge_request(self, state: RequestState, client_id: str) -> None:
-        decision = await self.limiter.acquire(await self.request_bucket(client_id))
+        with self._tracing.span("rate_limit"):
+            decision = await self.limiter.acquire(await self.request_bucket(client_id))
         state.rate_decision = decision
         if not decision.allowed:
             self._refuse(state, client_id, decision, "requests")
@@ -70,7 +76,7 @@ class ClientLimits:
             self._refuse(state, client_id, decision, "positions")
 
     def _refuse(self, state: RequestState, client_id: str, decision: Decision, bucket: str) -> None:
-        self.exceeded += 1
+        self._metrics.rate_limit_exceeded += 1
         log.warning(
             RATE_LIMIT_EXCEEDED,
             extra=fields(

@@ -14,7 +14,8 @@ from pricer.models import (
     Stock,
     VolatilityReading,
 )
-from pricer.quotes import PricedBatch
+from pricer.quotes import PricedBatch, split_quote_id
+from pricer.schemas import QuoteResponse
 from pricer.stores.protocols import Stores
 
 
@@ -146,8 +147,14 @@ class MemoryQuoteStore:
             _, evicted = self._batches.popitem(last=False)
             self._rows -= evicted.size
 
-    async def find(self, batch_id: str) -> PricedBatch | None:
-        return self._batches.get(batch_id)
+    async def get(self, quote_id: str) -> QuoteResponse | None:
+        where = split_quote_id(quote_id)
+        if where is None:
+            return None
+        batch = self._batches.get(where[0])
+        if batch is None or where[1] >= batch.size:
+            return None
+        return batch.quote_response(where[1])
 
 
 def memory_stores(*, max_quote_rows: int) -> Stores:

@@ -16,6 +16,7 @@ from pricer.models import (
     VolatilityReading,
 )
 from pricer.quotes import PricedBatch
+from pricer.schemas import QuoteResponse
 
 
 class ClientStore(Protocol):
@@ -73,9 +74,15 @@ class KeyStore(Protocol):
 
 
 class QuoteStore(Protocol):
-    async def add(self, batch: PricedBatch) -> None: ...
+    """The audit trail of priced positions."""
 
-    async def find(self, batch_id: str) -> PricedBatch | None: ...
+    async def add(self, batch: PricedBatch) -> None:
+        """Record every position of the batch; readable through `get` on this replica once this returns."""
+        ...
+
+    async def get(self, quote_id: str) -> QuoteResponse | None:
+        """The quote as priced (a batch row in the single-quote shape), or None."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
