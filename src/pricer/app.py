@@ -150,6 +150,8 @@ def create_app(
     for name in development_defaults_in_use(settings):
         log.warning("Development default in use", extra={"logfmt_fields": {"variable": name}})
 
+    metrics = Metrics()
+    tracing = build_tracing(span_processor)
     policy = RatePolicy(
         volatility_factor=settings.volatility_factor,
         volatility_threshold=settings.volatility_threshold,
@@ -162,15 +164,15 @@ def create_app(
         policy=policy,
         default_volatility_index=settings.default_volatility_index,
         event_window_days=settings.event_window_days,
+        cache_ttl_seconds=settings.rate_cache_ttl_seconds,
+        metrics=metrics,
     )
-    writer = MarketDataWriter(stores)
+    writer = MarketDataWriter(stores, market)
     hasher = KeyHasher(settings.api_key_pepper)
     lifecycle = Lifecycle()
 
     from pricer.quoting import Quoter
 
-    metrics = Metrics()
-    tracing = build_tracing(span_processor)
     quoter = Quoter(stores, market, metrics=metrics, tracing=tracing)
     quoting = QuoteEndpoints(quoter, stores.quotes, max_batch_size=settings.max_batch_size)
     rates = RateEndpoints(market)

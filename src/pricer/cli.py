@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import http.client
 import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -147,23 +148,29 @@ def load_file(settings: Settings, kind: str, file: Path, *, url: str | None, key
     except OSError as error:
         print(f"pricer: cannot read {file}: {error.strerror}", file=sys.stderr)
         return 2
-    request = urllib.request.Request(  # noqa: S310 - the URL is the operator's own engine
-        base.rstrip("/") + _LOAD_ENDPOINTS[kind],
-        data=content,
-        method="POST",
-        headers={"Content-Type": "text/plain", "X-API-Key": admin_key},
-    )
+    target = urllib.parse.urlsplit(base.rstrip("/") + _LOAD_ENDPOINTS[kind])
+    if target.scheme not in ("http", "https") or not target.hostname:
+        print(f"pricer: not an http(s) URL: {base}", file=sys.stderr)
+        return 2
+    connection_class = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(target.hostname, target.port, timeout=120)
+    headers = {"Content-Type": "text/plain", "X-API-Key": admin_key, "Content-Length": str(len(content))}
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
-            print(json.dumps(json.loads(response.read()), indent=2))
-            return 0
-    except urllib.error.HTTPError as error:
-        body = error.read().decode(errors="replace")
-        print(f"pricer: {kind} file rejected ({error.code}): {body}", file=sys.stderr)
+        # The engine may answer (a refusal) and close before reading the whole file: read its answer.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            connection.request("POST", target.path, body=content, headers=headers)
+        response = connection.getresponse()
+        body = response.read().decode(errors="replace")
+    except OSError as error:
+        print(f"pricer: cannot reach the engine at {base}: {error}", file=sys.stderr)
         return 1
-    except urllib.error.URLError as error:
-        print(f"pricer: cannot reach the engine at {base}: {error.reason}", file=sys.stderr)
+    finally:
+        connection.close()
+    if response.status >= 400:
+        print(f"pricer: {kind} file rejected ({response.status}): {body}", file=sys.stderr)
         return 1
+    print(json.dumps(json.loads(body), indent=2))
+    return 0
 
 
 if __name__ == "__main__":

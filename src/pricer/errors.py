@@ -49,8 +49,14 @@ class InvalidParameter(PricerError):
         self.valid_params = list(valid_params)
 
     @classmethod
-    def for_field(cls, field: str, message: str, *, location: str = "body") -> InvalidParameter:
-        return cls(f"{field}: {message}", problems=[FieldProblem(field, location, message)])
+    def for_field(
+        cls, field: str, message: str, *, location: str = "body", valid_params: Sequence[str] = ()
+    ) -> InvalidParameter:
+        return cls(
+            f"{field}: {message}",
+            problems=[FieldProblem(field, location, message)],
+            valid_params=valid_params,
+        )
 
 
 class DataFileError(InvalidParameter):

@@ -73,6 +73,10 @@ class Quoter:
             raise Forbidden("Client is inactive", details={"client_id": client_id})
         return ClientTerms(client=client, terms=fee_terms(client), view=fee_schedule_view(client))
 
+    async def unknown_tickers(self, tickers: Sequence[str]) -> set[str]:
+        rates = await self._market.ticker_rates(tickers, dt.datetime.now(dt.UTC))
+        return {ticker for ticker, rate in zip(tickers, rates, strict=True) if rate is None}
+
     async def price(
         self,
         terms: ClientTerms,

@@ -205,9 +205,7 @@ class ClientView(msgspec.Struct):
 
 
 class StockBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    min_borrow_rate: Annotated[
-        float, Meta(ge=0, le=10, description="Annual fraction, at most 8 decimals")
-    ] = 0.0
+    min_borrow_rate: Annotated[float, Meta(ge=0, le=10, description="Annual fraction, at most 8 decimals")]
     borrow_status: BorrowStatus | None = None
 
 

@@ -88,8 +88,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return self.rate_limit_burst if self.rate_limit_burst is not None else self.rate_limit_per_minute
 
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+_TRUE = {"true", "1"}
+_FALSE = {"false", "0"}
 
 
 def _bool(raw: str) -> bool:

@@ -6,10 +6,11 @@ Every rejection names the field and the rule, as `InvalidParameter` with one `Fi
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Sequence
+from typing import Generic, TypeVar
 
 import msgspec
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
 from pricer.errors import FieldProblem, InvalidParameter, UnsupportedMediaType
@@ -78,8 +79,10 @@ class Decoder(Generic[T]):
                 valid_params=self.valid_params,
             ) from None
 
-    def convert_query(self, params: Mapping[str, str]) -> T:
-        """Query-string parameters into the same Struct (strings converted to numbers)."""
+    def convert_query(self, params: QueryParams) -> T:
+        """Query-string parameters into the same Struct (strings converted to numbers); a parameter given
+        twice is refused rather than silently taking one of its values."""
+        reject_duplicate_query_params(params.multi_items())
         try:
             return msgspec.convert(dict(params), self._kind, strict=False)
         except msgspec.ValidationError as error:
@@ -91,18 +94,26 @@ class Decoder(Generic[T]):
             ) from None
 
 
-def require_ticker(raw: str, *, field: str = "ticker", location: str = "body") -> str:
+def require_ticker(
+    raw: str, *, field: str = "ticker", location: str = "body", valid_params: Sequence[str] = ()
+) -> str:
     ticker = normalize_ticker(raw)
     if ticker is None:
-        raise InvalidParameter.for_field(field, f"expected {TICKER_RULE}", location=location)
+        raise InvalidParameter.for_field(
+            field, f"expected {TICKER_RULE}", location=location, valid_params=valid_params
+        )
     return ticker
 
 
-def require_places(value: float, places: int, field: str, *, location: str = "body") -> int:
+def require_places(
+    value: float, places: int, field: str, *, location: str = "body", valid_params: Sequence[str] = ()
+) -> int:
     """The exact integer value × 10^places, or a 400 when the value has more decimals."""
     units, exact = to_scaled_int([value], places)
     if not bool(exact[0]):
-        raise InvalidParameter.for_field(field, f"at most {places} decimals allowed", location=location)
+        raise InvalidParameter.for_field(
+            field, f"at most {places} decimals allowed", location=location, valid_params=valid_params
+        )
     return int(units[0])
 
 
@@ -112,7 +123,3 @@ def reject_duplicate_query_params(items: Sequence[tuple[str, str]], location: st
         if name in seen:
             raise InvalidParameter.for_field(name, "given more than once", location=location)
         seen.add(name)
-
-
-def as_any(value: object) -> Any:
-    return value

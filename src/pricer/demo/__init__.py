@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 from pricer.auth.keys import KeyHasher, make_record, new_key
 from pricer.marketdata.loaders import parse_availability
@@ -17,7 +16,6 @@ from pricer.stores.protocols import Stores
 
 DEMO_CLIENT_ID = "demo_client"
 ADMIN_CLIENT_ID = "admin"
-_EASTERN = ZoneInfo("America/New_York")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,11 +24,15 @@ class DemoKeys:
     admin_key: str
 
 
-def demo_availability_text(now: dt.datetime) -> str:
-    """The packaged demo availability file, stamped as published a minute ago (US Eastern)."""
+# The demo file is stamped before every real file in ../shared/data, so that loading one of those puts it
+# in force (the newest #BOF wins). /health/detailed reports the demo data as stale, which it is.
+DEMO_AVAILABILITY_STAMP = "#BOF|2021.06.01|16:00:00"
+
+
+def demo_availability_text() -> str:
+    """The packaged demo availability file (IBKR format)."""
     template = files("pricer.demo").joinpath("availability.txt").read_text()
-    stamp = (now - dt.timedelta(minutes=1)).astimezone(_EASTERN)
-    return template.replace("#BOF|DATE|TIME", f"#BOF|{stamp:%Y.%m.%d}|{stamp:%H:%M:%S}")
+    return template.replace("#BOF|DATE|TIME", DEMO_AVAILABILITY_STAMP)
 
 
 async def seed_demo(stores: Stores, hasher: KeyHasher, now: dt.datetime) -> DemoKeys:
@@ -68,7 +70,7 @@ async def seed_demo(stores: Stores, hasher: KeyHasher, now: dt.datetime) -> Demo
     for client in clients:
         await stores.clients.put(client)
     writer = MarketDataWriter(stores)
-    await writer.add_availability(parse_availability(demo_availability_text(now), loaded_at=now))
+    await writer.add_availability(parse_availability(demo_availability_text(), loaded_at=now))
     await writer.put_stock(
         Stock(ticker="AAPL", min_borrow_rate=0.0025, borrow_status=BorrowStatus.EASY, updated_at=now)
     )

@@ -89,15 +89,16 @@ class AdminEndpoints:
                 "client_id", "expected 3 to 50 letters, digits, '_' or '-'", location="path"
             )
         body = self._client.decode(await request.body(), self._client.media_type(request))
-        require_places(body.markup_percentage, 4, "markup_percentage")
+        valid = self._client.valid_params
+        require_places(body.markup_percentage, 4, "markup_percentage", valid_params=valid)
         if body.transaction_fee_type is FeeType.FLAT:
-            require_places(body.transaction_amount, 2, "transaction_amount")
+            require_places(body.transaction_amount, 2, "transaction_amount", valid_params=valid)
         else:
             if body.transaction_amount > 100:
                 raise InvalidParameter.for_field(
-                    "transaction_amount", "a PERCENTAGE fee must be from 0 to 100"
+                    "transaction_amount", "a PERCENTAGE fee must be from 0 to 100", valid_params=valid
                 )
-            require_places(body.transaction_amount, 4, "transaction_amount")
+            require_places(body.transaction_amount, 4, "transaction_amount", valid_params=valid)
         client = Client(
             client_id=client_id,
             markup_percentage=body.markup_percentage,
@@ -117,7 +118,7 @@ class AdminEndpoints:
     async def put_stock(self, request: Request) -> Response:
         ticker = require_ticker(request.path_params["ticker"], location="path")
         body = self._stock.decode(await request.body(), self._stock.media_type(request))
-        require_places(body.min_borrow_rate, 8, "min_borrow_rate")
+        require_places(body.min_borrow_rate, 8, "min_borrow_rate", valid_params=self._stock.valid_params)
         stock = Stock(
             ticker=ticker,
             min_borrow_rate=body.min_borrow_rate,
@@ -171,7 +172,7 @@ class AdminEndpoints:
 
     async def put_volatility(self, request: Request) -> Response:
         body = self._volatility.decode(await request.body(), self._volatility.media_type(request))
-        require_places(body.value, 4, "value")
+        require_places(body.value, 4, "value", valid_params=self._volatility.valid_params)
         reading = VolatilityReading(value=body.value, as_of=utc_now(), source="admin")
         await self._writer.add_volatility(reading)
         self._audit(request, "volatility.put", value=reading.value)

@@ -51,8 +51,11 @@ class QuoteEndpoints:
             location = "body"
             media = self._single.media_type(request)
             quote = self._single.decode(await request.body(), media)
-        ticker = require_ticker(quote.ticker, location=location)
-        cents = require_places(quote.position_value, 2, "position_value", location=location)
+        valid = self._single.valid_params
+        ticker = require_ticker(quote.ticker, location=location, valid_params=valid)
+        cents = require_places(
+            quote.position_value, 2, "position_value", location=location, valid_params=valid
+        )
         principal = await acting_principal(request.scope, quote.client_id)
         terms = await self._quoter.client_terms(quote.client_id)
         state = request_state(request.scope)
@@ -98,8 +101,12 @@ class QuoteEndpoints:
 
         tickers = [normalize_ticker(raw) or "" if isinstance(raw, str) else "" for raw in tickers_raw]
         cents, errors = _check_rows(tickers, values, days, errors)
-        if atomic and errors:
-            raise _atomic_failure(errors)
+        if atomic:
+            # List every invalid row, unknown tickers included (ticker existence is market data, not
+            # anything of the client's), and refuse the whole batch before anything is drawn or priced.
+            await self._add_unknown_ticker_errors(tickers, errors)
+            if errors:
+                raise _atomic_failure(errors)
 
         principal = await acting_principal(request.scope, client_id)
         terms = await self._quoter.client_terms(client_id)
@@ -152,6 +159,21 @@ class QuoteEndpoints:
         if media == MSGPACK or wants_msgpack(request.headers.get("accept")):
             return msgpack_response(response)
         return json_response(response)
+
+    async def _add_unknown_ticker_errors(self, tickers: list[str], errors: list[RowError]) -> None:
+        in_error = {error.index for error in errors}
+        candidates = {ticker for index, ticker in enumerate(tickers) if ticker and index not in in_error}
+        unknown = await self._quoter.unknown_tickers(sorted(candidates))
+        for index, ticker in enumerate(tickers):
+            if ticker in unknown and index not in in_error:
+                errors.append(
+                    RowError(
+                        index=index,
+                        error_code="TICKER_NOT_FOUND",
+                        error=f"Unknown ticker: {ticker}",
+                        field="ticker",
+                    )
+                )
 
     # ---- read-back --------------------------------------------------------------------------
 

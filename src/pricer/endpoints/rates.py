@@ -10,7 +10,7 @@ from pricer.errors import InvalidParameter, TickerNotFound
 from pricer.marketdata.service import MarketData
 from pricer.schemas import RateListError, RateListResponse
 from pricer.tickers import TICKER_RULE, normalize_ticker
-from pricer.validation import require_ticker
+from pricer.validation import reject_duplicate_query_params, require_ticker
 
 MAX_TICKERS_PER_CALL = 1000
 
@@ -27,6 +27,7 @@ class RateEndpoints:
         return json_response(rate.response())
 
     async def rates(self, request: Request) -> Response:
+        reject_duplicate_query_params(request.query_params.multi_items())
         unknown_params = sorted(set(request.query_params) - {"tickers"})
         if unknown_params:
             raise InvalidParameter.for_field(unknown_params[0], "unknown parameter", location="query")

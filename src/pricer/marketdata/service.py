@@ -7,8 +7,10 @@ else the floor (`fallback`). A ticker is known when it has a stock record or a r
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from decimal import Decimal
+from typing import Final, cast
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from pricer.models import (
     Stock,
     VolatilityReading,
 )
+from pricer.observability.metrics import Metrics
 from pricer.pricing.core import (
     NO_STATUS,
     RATE_PLACES,
@@ -56,6 +59,51 @@ def rate_units_of(value: float) -> int:
     return int(Decimal(repr(value)).scaleb(RATE_PLACES))
 
 
+_MISS: Final = object()
+
+
+class RateCache:
+    """Adjusted rates by ticker for the current UTC date (the event window moves with the date).
+
+    Entries expire after `ttl` seconds and all of them at once on `invalidate()` (any market-data write).
+    A rate computed while a write happened is not stored (its generation is stale)."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: dict[str, tuple[TickerRate | None, dt.date, float]] = {}
+        self.generation = 0
+
+    def invalidate(self) -> None:
+        self.generation += 1
+        self._entries = {}
+
+    def lookup(self, tickers: Sequence[str], today: dt.date) -> tuple[list[object], list[str]]:
+        now = self._clock()
+        entries = self._entries
+        found: list[object] = []
+        missing: list[str] = []
+        for ticker in tickers:
+            entry = entries.get(ticker)
+            if entry is not None and entry[1] == today and entry[2] > now:
+                found.append(entry[0])
+            else:
+                found.append(_MISS)
+                missing.append(ticker)
+        return found, missing
+
+    def store(
+        self, tickers: Sequence[str], rates: Sequence[TickerRate | None], today: dt.date, generation: int
+    ) -> None:
+        if generation != self.generation:
+            return
+        expires = self._clock() + self._ttl
+        if len(self._entries) > 200_000:
+            self._entries = {}
+        for ticker, rate in zip(tickers, rates, strict=True):
+            self._entries[ticker] = (rate, today, expires)
+
+
 class MarketData:
     def __init__(
         self,
@@ -64,9 +112,13 @@ class MarketData:
         policy: RatePolicy,
         default_volatility_index: str,
         event_window_days: int,
+        cache_ttl_seconds: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._stores = stores
         self._policy = policy
+        self._cache = RateCache(cache_ttl_seconds) if cache_ttl_seconds > 0 else None
+        self._metrics = metrics
         self._default_volatility = VolatilityReading(
             value=float(default_volatility_index),
             as_of=dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
@@ -85,8 +137,33 @@ class MarketData:
     async def snapshot(self) -> AvailabilitySnapshot | None:
         return await self._stores.availability.current()
 
+    def invalidate(self) -> None:
+        """Forget every cached rate: market data changed (here, or on another replica)."""
+        if self._cache is not None:
+            self._cache.invalidate()
+
     async def ticker_rates(self, tickers: Sequence[str], now: dt.datetime) -> list[TickerRate | None]:
         """The rate of each (normalised, distinct) ticker at `now`; None for an unknown ticker."""
+        cache = self._cache
+        if cache is None:
+            return await self._compute(tickers, now)
+        today = now.date()
+        generation = cache.generation
+        found, missing = cache.lookup(tickers, today)
+        if self._metrics is not None:
+            self._metrics.cache_hits += len(tickers) - len(missing)
+            self._metrics.cache_misses += len(missing)
+        if missing:
+            computed = await self._compute(missing, now)
+            cache.store(missing, computed, today, generation)
+            by_ticker = dict(zip(missing, computed, strict=True))
+            return [
+                by_ticker[ticker] if hit is _MISS else cast("TickerRate | None", hit)
+                for ticker, hit in zip(tickers, found, strict=True)
+            ]
+        return cast("list[TickerRate | None]", found)
+
+    async def _compute(self, tickers: Sequence[str], now: dt.datetime) -> list[TickerRate | None]:
         stores = self._stores
         snapshot = await stores.availability.current()
         entries = snapshot.entries if snapshot is not None else {}
@@ -166,12 +243,18 @@ class MarketDataWriter:
     """Every market-data write goes through here (admin endpoints, CLI), so that later layers
     (rate caches, invalidation messages) have one place to hook into."""
 
-    def __init__(self, stores: Stores) -> None:
+    def __init__(self, stores: Stores, market: MarketData | None = None) -> None:
         self._stores = stores
+        self._market = market
+
+    def _changed(self) -> None:
+        if self._market is not None:
+            self._market.invalidate()
 
     async def add_availability(self, snapshot: AvailabilitySnapshot) -> bool:
         """Keep the snapshot; True when it is now the one in force."""
         await self._stores.availability.add(snapshot)
+        self._changed()
         current = await self._stores.availability.current()
         return (
             current is not None
@@ -181,12 +264,17 @@ class MarketDataWriter:
 
     async def add_volatility(self, reading: VolatilityReading) -> None:
         await self._stores.volatility.add(reading)
+        self._changed()
 
     async def replace_events(self, ticker: str, events: Sequence[MarketEvent]) -> None:
         await self._stores.events.replace(ticker, events)
+        self._changed()
 
     async def replace_events_many(self, events: dict[str, list[MarketEvent]]) -> None:
         await self._stores.events.replace_many(events)
+        self._changed()
 
     async def put_stock(self, stock: Stock) -> bool:
-        return await self._stores.stocks.put(stock)
+        created = await self._stores.stocks.put(stock)
+        self._changed()
+        return created

@@ -17,7 +17,7 @@ Exactness strategy (every figure must equal the formula evaluated in `decimal.De
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal, DivisionByZero, InvalidOperation, Overflow, localcontext
 from typing import Final
 
 import msgspec
@@ -50,18 +50,25 @@ _RATE_QUANTUM: Final = Decimal(1).scaleb(-RATE_PLACES)
 # 4e-15 leaves an eightfold margin.
 _TIE_RELATIVE_TOLERANCE: Final = 4e-15
 _LIMB: Final = 10_000
+# The Decimal steps run in this context, never the calling thread's (whose precision, rounding or traps may be
+# anything): a base (≤ 17 significant digits as a repr) times a policy factor (~20 digits) must stay exact.
+_DECIMAL_CONTEXT: Final = Context(
+    prec=80, rounding=ROUND_HALF_UP, traps=[InvalidOperation, DivisionByZero, Overflow]
+)
 
 
 def to_scaled_int(values: npt.ArrayLike, places: int) -> tuple[Int64Array, BoolArray]:
     """Exact integers `value × 10^places`, and which values had at most `places` decimals.
 
     A float passes when it is the double nearest to a decimal with at most `places` decimals, i.e. its
-    shortest repr has at most that many decimals. Values must be finite and below 2^53 / 10^places.
+    shortest repr has at most that many decimals. Values that are not finite or not below 2^53 / 10^places in
+    magnitude are refused (units 0): callers may pass unvalidated input.
     """
     floats = np.asarray(values, dtype=np.float64)
     scale = float(10**places)
-    units = np.rint(floats * scale)
-    exact = (units / scale == floats) & np.isfinite(floats)
+    in_range = np.abs(floats) < 2.0**53 / scale  # False for NaN and ±inf
+    units = np.rint(np.where(in_range, floats, 0.0) * scale)
+    exact = (units / scale == floats) & in_range
     return np.where(exact, units, 0).astype(np.int64), exact
 
 
@@ -132,13 +139,15 @@ def price_rates(
     """
     base_arr = np.asarray(base, dtype=np.float64)
     risk = np.asarray(event_risk, dtype=np.int64)
-    volatility_adjustment = policy.volatility_adjustment(volatility_index)
-    event_adjustments = policy.event_adjustments()
-    # Exact combined factors (1 + vol_adj)(1 + event_adj), one per possible E.
-    factors = [(1 + volatility_adjustment) * (1 + adjustment) for adjustment in event_adjustments]
+    with localcontext(_DECIMAL_CONTEXT):
+        volatility_adjustment = policy.volatility_adjustment(volatility_index)
+        event_adjustments = policy.event_adjustments()
+        # Exact combined factors (1 + vol_adj)(1 + event_adj), one per possible E.
+        factors = [(1 + volatility_adjustment) * (1 + adjustment) for adjustment in event_adjustments]
+        max_units = policy.max_rate_units
+        policy_min_units = policy.min_rate_units
     factor_floats = np.array([float(factor) for factor in factors], dtype=np.float64)
 
-    max_units = policy.max_rate_units
     scaled = base_arr * factor_floats[risk] * float(RATE_SCALE)
     # Above twice the cap the rounding cannot matter; clipping keeps every value exactly representable.
     scaled = np.minimum(scaled, 2.0 * max_units + 2.0)
@@ -146,11 +155,12 @@ def price_rates(
     distance_to_tie = np.abs(scaled - np.floor(scaled) - 0.5)
     suspects = np.flatnonzero(distance_to_tie <= scaled * _TIE_RELATIVE_TOLERANCE + 1e-9)
     rate_units = units.astype(np.int64)
-    for index in suspects.tolist():
-        exact = Decimal(repr(float(base_arr[index]))) * factors[int(risk[index])]
-        rate_units[index] = int(exact.quantize(_RATE_QUANTUM, rounding=ROUND_HALF_UP).scaleb(RATE_PLACES))
+    with localcontext(_DECIMAL_CONTEXT):
+        for index in suspects.tolist():
+            exact = Decimal(repr(float(base_arr[index]))) * factors[int(risk[index])]
+            rate_units[index] = int(exact.quantize(_RATE_QUANTUM, rounding=ROUND_HALF_UP).scaleb(RATE_PLACES))
 
-    min_units = np.maximum(np.asarray(stock_min_rate_units, dtype=np.int64), policy.min_rate_units)
+    min_units = np.maximum(np.asarray(stock_min_rate_units, dtype=np.int64), policy_min_units)
     rate_units = np.minimum(np.maximum(rate_units, min_units), max_units)
     event_adjustment_floats = np.array([float(adjustment) for adjustment in event_adjustments])
     return RateArrays(

@@ -1,0 +1,291 @@
+"""The audit trail: every priced position is recorded, off the request path, and nothing accepted is lost.
+
+`AuditTrail` is the QuoteStore the endpoints use when the trail lives in a database:
+* `add` keeps the batch in a bounded in-process store (so `GET /quotes/{id}` works on this replica as soon
+  as the response is sent) and queues it for a background writer that writes batches in bulk;
+* when the database is down the writer appends the batches to an append-only spool file
+  (`AUDIT_SPOOL_DIR`) and replays it once the database is back (the writes are idempotent on quote id, so
+  a replay after a partial write adds no duplicate);
+* a full queue makes `add` wait (back-pressure) rather than drop anything;
+* `close` (graceful shutdown) drains the queue to the database, or to the spool.
+A hard kill loses only what was queued and neither written nor spooled (under normal load, milliseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import struct
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+import numpy as np
+
+from pricer.logs import fields
+from pricer.quotes import PricedBatch, TickerRate
+from pricer.schemas import FeeScheduleView, QuoteResponse
+from pricer.stores.memory import MemoryQuoteStore
+
+log = logging.getLogger("pricer.audit")
+
+_LENGTH = struct.Struct(">I")
+
+
+class QuoteSink(Protocol):
+    """Where the trail is written for good (PostgreSQL). `write` is idempotent on quote id."""
+
+    async def write(self, batches: Sequence[PricedBatch]) -> None: ...
+
+    async def get(self, quote_id: str) -> QuoteResponse | None: ...
+
+
+class SpooledBatch(msgspec.Struct, array_like=True):
+    batch_id: str
+    calculated_at: dt.datetime
+    request_id: str
+    client_id: str
+    key_id: str | None
+    fee_schedule: FeeScheduleView
+    rates: list[TickerRate]
+    rate_index: list[int]
+    input_index: list[int]
+    position_cents: list[int]
+    loan_days: list[int]
+    borrow_cost: list[int]
+    markup: list[int]
+    transaction_fees: list[int]
+    total_fee: list[int]
+
+    @classmethod
+    def of(cls, batch: PricedBatch) -> SpooledBatch:
+        return cls(
+            batch_id=batch.batch_id,
+            calculated_at=batch.calculated_at,
+            request_id=batch.request_id,
+            client_id=batch.client_id,
+            key_id=batch.key_id,
+            fee_schedule=batch.fee_schedule,
+            rates=batch.rates,
+            rate_index=batch.rate_index.tolist(),
+            input_index=batch.input_index.tolist(),
+            position_cents=batch.position_cents.tolist(),
+            loan_days=batch.loan_days.tolist(),
+            borrow_cost=batch.borrow_cost.tolist(),
+            markup=batch.markup.tolist(),
+            transaction_fees=batch.transaction_fees.tolist(),
+            total_fee=batch.total_fee.tolist(),
+        )
+
+    def batch(self) -> PricedBatch:
+        def column(values: list[int]) -> np.ndarray[tuple[int], np.dtype[np.int64]]:
+            return np.array(values, dtype=np.int64)
+
+        return PricedBatch(
+            batch_id=self.batch_id,
+            calculated_at=self.calculated_at,
+            request_id=self.request_id,
+            client_id=self.client_id,
+            key_id=self.key_id,
+            fee_schedule=self.fee_schedule,
+            rates=self.rates,
+            rate_index=column(self.rate_index),
+            input_index=column(self.input_index),
+            position_cents=column(self.position_cents),
+            loan_days=column(self.loan_days),
+            borrow_cost=column(self.borrow_cost),
+            markup=column(self.markup),
+            transaction_fees=column(self.transaction_fees),
+            total_fee=column(self.total_fee),
+        )
+
+
+class Spool:
+    """An append-only file of length-prefixed msgpack batches, fsynced on every append."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "audit-spool.bin"
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(SpooledBatch)
+
+    def append(self, batches: Sequence[PricedBatch]) -> None:
+        payload = bytearray()
+        for batch in batches:
+            record = self._encoder.encode(SpooledBatch.of(batch))
+            payload += _LENGTH.pack(len(record)) + record
+        with self.path.open("ab") as spool:
+            spool.write(payload)
+            spool.flush()
+            os.fsync(spool.fileno())
+
+    def read(self) -> list[PricedBatch]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        batches = []
+        offset = 0
+        while offset + _LENGTH.size <= len(data):
+            (length,) = _LENGTH.unpack_from(data, offset)
+            start = offset + _LENGTH.size
+            if start + length > len(data):
+                log.error(
+                    "Audit spool ends in a torn record; keeping what precedes it",
+                    extra=fields(path=str(self.path), offset=offset),
+                )
+                break
+            batches.append(self._decoder.decode(data[start : start + length]).batch())
+            offset = start + length
+        return batches
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    @property
+    def pending(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0
+
+
+class AuditTrail:
+    def __init__(
+        self,
+        sink: QuoteSink,
+        *,
+        spool: Spool,
+        recent_rows: int = 200_000,
+        max_queue_rows: int = 2_000_000,
+        max_write_rows: int = 200_000,
+        retry_seconds: float = 0.5,
+    ) -> None:
+        self._sink = sink
+        self._spool = spool
+        self._recent = MemoryQuoteStore(recent_rows)
+        self._queue: deque[PricedBatch] = deque()
+        self._queued_rows = 0
+        self._max_queue_rows = max_queue_rows
+        self._max_write_rows = max_write_rows
+        self._retry_seconds = retry_seconds
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.database_up = True
+        self.written_rows = 0
+        self.spooled_rows = 0
+
+    # ---- QuoteStore ---------------------------------------------------------------------------
+
+    async def add(self, batch: PricedBatch) -> None:
+        await self._recent.add(batch)
+        while self._queued_rows >= self._max_queue_rows and not self._closing:
+            self._room.clear()
+            await self._room.wait()
+        self._queue.append(batch)
+        self._queued_rows += batch.size
+        self._wakeup.set()
+
+    async def get(self, quote_id: str) -> QuoteResponse | None:
+        return await self._recent.get(quote_id) or await self._sink.get(quote_id)
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Positions accepted and not yet in the database (queued or spooled)."""
+        return self._queued_rows
+
+    @property
+    def spool_pending(self) -> bool:
+        return self._spool.pending
+
+    # ---- the writer ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._closing:
+            try:
+                await self._replay_spool()
+                if not self.spool_pending:
+                    await self._wakeup.wait()
+                self._wakeup.clear()
+                await self._drain()
+                if self.spool_pending and not self._closing:
+                    await asyncio.sleep(self._retry_seconds)
+            except Exception:
+                # The spool itself failed (disk full?): keep going; the queue holds the batches.
+                log.exception("Audit writer error")
+                await asyncio.sleep(self._retry_seconds)
+
+    def _take(self) -> list[PricedBatch]:
+        taken: list[PricedBatch] = []
+        rows = 0
+        while self._queue and (not taken or rows + self._queue[0].size <= self._max_write_rows):
+            batch = self._queue.popleft()
+            taken.append(batch)
+            rows += batch.size
+        return taken
+
+    def _release(self, batches: Sequence[PricedBatch]) -> None:
+        self._queued_rows -= sum(batch.size for batch in batches)
+        if self._queued_rows < self._max_queue_rows:
+            self._room.set()
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batches = self._take()
+            if not self.spool_pending:
+                try:
+                    await self._sink.write(batches)
+                    self.written_rows += sum(batch.size for batch in batches)
+                    self.database_up = True
+                    self._release(batches)
+                    continue
+                except Exception as error:
+                    self._database_down(error)
+            # The database is away (or the spool still holds older batches, which go first on replay).
+            try:
+                self._spool.append(batches)
+            except OSError:
+                self._queue.extendleft(reversed(batches))
+                raise
+            self.spooled_rows += sum(batch.size for batch in batches)
+            self._release(batches)
+
+    async def _replay_spool(self) -> None:
+        if not self._spool.pending:
+            return
+        batches = self._spool.read()
+        try:
+            for start in range(0, len(batches), 64):
+                await self._sink.write(batches[start : start + 64])
+        except Exception as error:
+            self._database_down(error)
+            return
+        self._spool.clear()
+        self.database_up = True
+        log.info("Audit spool replayed", extra=fields(batches=len(batches)))
+
+    def _database_down(self, error: Exception) -> None:
+        if self.database_up:
+            log.error("Backend service error", extra=fields(service="audit", error=type(error).__name__))
+        self.database_up = False
+
+    async def close(self) -> None:
+        """Drain everything queued to the database, else to the spool; then stop the writer."""
+        self._closing = True
+        self._room.set()
+        self._wakeup.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+        await self._replay_spool()
+        await self._drain()

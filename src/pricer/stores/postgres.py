@@ -1,0 +1,994 @@
+"""PostgreSQL stores over an asyncpg pool: the shared backend of a scaled-out deployment (DESIGN §1).
+
+Each class mirrors the semantics of its in-memory twin in `pricer.stores.memory` (the contract tests run
+one suite against both). The tables come from `stores/migrations/*.sql`, applied by
+`pricer.stores.migrate.migrate`.
+
+Numbers: a float is written as the shortest text that round-trips it (`repr`) into a NUMERIC column and
+read back through `::float8` (PostgreSQL converts the exact decimal text with a correctly rounded
+`strtod`, the same float as `float(Decimal(...))`), so every figure comes back bit for bit.
+
+Errors: every asyncpg or socket error is translated here (`translate_errors`): an unreachable or
+overloaded database becomes `ServiceUnavailable`, a rejected value `InvalidParameter`, a duplicate
+`Conflict`, anything else `BackendError`. Messages carry the SQLSTATE and the constraint at most, never the
+DSN, a host name or a password.
+
+Hot-path caching: `PgAvailabilityStore.current()` and `PgVolatilityStore.latest()` keep the record in force
+in process. A write through the store updates it before the call returns; another replica's write is
+picked up by a cheap indexed check made at most once per `refresh_seconds` (default 0.5 s, so a change is
+in force everywhere within 1 s), or at the next call after `invalidate()` (for an invalidation message).
+If that check fails while a record is cached, the cached record keeps serving (`last_refresh_error` tells)
+and the check is retried at the next interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import re
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Final
+
+import asyncpg  # type: ignore[import-untyped]
+import numpy as np
+
+from pricer.errors import (
+    BackendError,
+    Conflict,
+    InvalidParameter,
+    PricerError,
+    ServiceUnavailable,
+)
+from pricer.models import (
+    ApiKeyRecord,
+    AvailabilityEntry,
+    AvailabilitySnapshot,
+    BorrowStatus,
+    Client,
+    FeeType,
+    MarketEvent,
+    RateSource,
+    Scope,
+    Stock,
+    VolatilityReading,
+)
+from pricer.quotes import PricedBatch, split_quote_id
+from pricer.schemas import Breakdown, FeeScheduleView, QuoteResponse, RateComponents
+from pricer.stores.protocols import Stores
+
+__all__ = [
+    "DEFAULT_REFRESH_SECONDS",
+    "PgAvailabilityStore",
+    "PgClientStore",
+    "PgEventStore",
+    "PgKeyStore",
+    "PgQuoteStore",
+    "PgStockStore",
+    "PgVolatilityStore",
+    "connect_stores",
+    "postgres_stores",
+    "quote_identifier",
+    "translate_errors",
+    "valid_schema_name",
+]
+
+DEFAULT_REFRESH_SECONDS: Final = 0.5
+
+# ---- errors --------------------------------------------------------------------------------------
+
+_UNAVAILABLE = "The database is unavailable"
+# SQLSTATE classes / codes meaning "the database cannot serve us right now".
+_UNAVAILABLE_CLASSES: Final = ("08", "53", "28", "3D")  # connection, resources, authorization, catalog
+_UNAVAILABLE_CODES: Final = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05", "58000", "58030"})
+_SCHEMA_MISSING_CODES: Final = frozenset({"42P01", "42703", "42883", "3F000"})
+
+
+def _server_error(exc: Any, operation: str) -> PricerError:
+    """The PricerError for an error the server reported (an `asyncpg.PostgresError`)."""
+    sqlstate = str(getattr(exc, "sqlstate", None) or "")
+    details: dict[str, Any] = {"operation": operation, "sqlstate": sqlstate}
+    constraint = getattr(exc, "constraint_name", None)
+    if constraint:
+        details["constraint"] = str(constraint)
+    if sqlstate.startswith(_UNAVAILABLE_CLASSES) or sqlstate in _UNAVAILABLE_CODES:
+        return ServiceUnavailable(_UNAVAILABLE, details=details)
+    if sqlstate == "57014":
+        return ServiceUnavailable("The database did not answer in time", details=details)
+    if sqlstate.startswith("40"):
+        return ServiceUnavailable(
+            "The database aborted the operation (transient conflict); retry", details=details
+        )
+    if sqlstate == "23505":
+        return Conflict(
+            f"{operation}: the record already exists ({constraint or 'unique key'})", details=details
+        )
+    if sqlstate.startswith("23"):
+        return InvalidParameter(
+            f"{operation}: the database rejected the record ({constraint or 'integrity constraint'})",
+            details=details,
+        )
+    if sqlstate.startswith("22"):
+        return InvalidParameter(
+            f"{operation}: the database rejected a value (SQLSTATE {sqlstate})", details=details
+        )
+    if sqlstate in _SCHEMA_MISSING_CODES:
+        return BackendError(
+            f"{operation}: the database schema is missing or out of date; run the migrations", details=details
+        )
+    return BackendError(f"{operation}: database error (SQLSTATE {sqlstate or 'unknown'})", details=details)
+
+
+@contextlib.contextmanager
+def translate_errors(operation: str) -> Iterator[None]:
+    """Turn asyncpg and socket errors raised inside into PricerErrors (usable around `await`s).
+
+    Connection-level errors are raised `from None` with only the cause's class name in `details`, since
+    their text may name hosts or parts of the DSN; errors the server reported keep their cause.
+    """
+    try:
+        yield
+    except PricerError:
+        raise
+    except asyncpg.PostgresError as exc:
+        raise _server_error(exc, operation) from exc
+    except asyncpg.exceptions.ClientConfigurationError as exc:
+        raise ServiceUnavailable(
+            "The database URL or connection options are not valid",
+            details={"operation": operation, "cause": type(exc).__name__},
+        ) from None
+    except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+        raise ServiceUnavailable(
+            _UNAVAILABLE, details={"operation": operation, "cause": type(exc).__name__}
+        ) from None
+    except asyncpg.exceptions.InternalClientError as exc:
+        raise BackendError(
+            f"{operation}: database client error",
+            details={"operation": operation, "cause": type(exc).__name__},
+        ) from exc
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def valid_schema_name(name: str) -> bool:
+    return _SCHEMA_NAME.match(name) is not None
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _num(value: float) -> str:
+    """A float as the decimal text a NUMERIC column stores exactly (its shortest round-trip repr)."""
+    return repr(float(value))
+
+
+def _float(value: Any) -> float:
+    return float(value)
+
+
+def _utc(value: Any) -> dt.datetime:
+    moment: dt.datetime = value
+    return moment.astimezone(dt.UTC)
+
+
+def _opt_utc(value: Any) -> dt.datetime | None:
+    return None if value is None else _utc(value)
+
+
+class _PgStore:
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+
+# ---- clients and stocks --------------------------------------------------------------------------
+
+_SELECT_CLIENT = (
+    "SELECT client_id, markup_percentage::float8 AS markup_percentage, transaction_fee_type,"
+    " transaction_amount::float8 AS transaction_amount, day_count, active, rate_limit_per_minute, burst,"
+    " updated_at FROM clients WHERE client_id = $1"
+)
+
+
+def _client(row: Any) -> Client:
+    return Client(
+        client_id=str(row["client_id"]),
+        markup_percentage=_float(row["markup_percentage"]),
+        transaction_fee_type=FeeType(row["transaction_fee_type"]),
+        transaction_amount=_float(row["transaction_amount"]),
+        day_count=int(row["day_count"]),
+        active=bool(row["active"]),
+        rate_limit_per_minute=row["rate_limit_per_minute"],
+        burst=row["burst"],
+        updated_at=_opt_utc(row["updated_at"]),
+    )
+
+
+class PgClientStore(_PgStore):
+    async def get(self, client_id: str) -> Client | None:
+        with translate_errors("clients.get"):
+            row = await self._pool.fetchrow(_SELECT_CLIENT, client_id)
+        return None if row is None else _client(row)
+
+    async def put(self, client: Client) -> bool:
+        """Store the client whole; True when it was created, False when it replaced one."""
+        with translate_errors("clients.put"):
+            created = await self._pool.fetchval(
+                """
+                INSERT INTO clients AS c (
+                    client_id, markup_percentage, transaction_fee_type, transaction_amount,
+                    day_count, active, rate_limit_per_minute, burst, updated_at)
+                VALUES ($1, $2::numeric, $3, $4::numeric, $5, $6, $7, $8, $9)
+                ON CONFLICT (client_id) DO UPDATE SET
+                    markup_percentage = EXCLUDED.markup_percentage,
+                    transaction_fee_type = EXCLUDED.transaction_fee_type,
+                    transaction_amount = EXCLUDED.transaction_amount,
+                    day_count = EXCLUDED.day_count,
+                    active = EXCLUDED.active,
+                    rate_limit_per_minute = EXCLUDED.rate_limit_per_minute,
+                    burst = EXCLUDED.burst,
+                    updated_at = EXCLUDED.updated_at,
+                    stored_at = now()
+                RETURNING (c.xmax = 0) AS created
+                """,
+                client.client_id,
+                _num(client.markup_percentage),
+                str(client.transaction_fee_type),
+                _num(client.transaction_amount),
+                client.day_count,
+                client.active,
+                client.rate_limit_per_minute,
+                client.burst,
+                client.updated_at,
+            )
+        return bool(created)
+
+
+def _stock(row: Any) -> Stock:
+    status = row["borrow_status"]
+    return Stock(
+        ticker=str(row["ticker"]),
+        min_borrow_rate=_float(row["min_borrow_rate"]),
+        borrow_status=None if status is None else BorrowStatus(status),
+        updated_at=_opt_utc(row["updated_at"]),
+    )
+
+
+class PgStockStore(_PgStore):
+    async def get_many(self, tickers: Sequence[str]) -> Mapping[str, Stock]:
+        if not tickers:
+            return {}
+        with translate_errors("stocks.get_many"):
+            rows = await self._pool.fetch(
+                "SELECT ticker, min_borrow_rate::float8 AS min_borrow_rate, borrow_status, updated_at"
+                " FROM stocks WHERE ticker = ANY($1::text[])",
+                list(tickers),
+            )
+        found = {str(row["ticker"]): _stock(row) for row in rows}
+        return {ticker: found[ticker] for ticker in tickers if ticker in found}
+
+    async def put(self, stock: Stock) -> bool:
+        with translate_errors("stocks.put"):
+            created = await self._pool.fetchval(
+                """
+                INSERT INTO stocks AS s (ticker, min_borrow_rate, borrow_status, updated_at)
+                VALUES ($1, $2::numeric, $3, $4)
+                ON CONFLICT (ticker) DO UPDATE SET
+                    min_borrow_rate = EXCLUDED.min_borrow_rate,
+                    borrow_status = EXCLUDED.borrow_status,
+                    updated_at = EXCLUDED.updated_at,
+                    stored_at = now()
+                RETURNING (s.xmax = 0) AS created
+                """,
+                stock.ticker,
+                _num(stock.min_borrow_rate),
+                None if stock.borrow_status is None else str(stock.borrow_status),
+                stock.updated_at,
+            )
+        return bool(created)
+
+
+# ---- records in force, cached in process ---------------------------------------------------------
+
+
+class _InForce:
+    """When the record in force was last checked, and a lock so that one caller checks at a time."""
+
+    def __init__(self, refresh_seconds: float) -> None:
+        self.refresh_seconds = refresh_seconds
+        self.next_check = 0.0  # time.monotonic() at which the database is asked again
+        self.lock = asyncio.Lock()
+        self.key: tuple[dt.datetime, int] | None = None  # (as_of, id) of the cached record
+        self.last_refresh_error: PricerError | None = None
+        self.loaded = False  # whether the cache holds what the database had at some point
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_check
+
+    def checked(self, started: float) -> None:
+        self.next_check = started + self.refresh_seconds
+        self.last_refresh_error = None
+        self.loaded = True
+
+    def failed(self, error: PricerError) -> None:
+        self.next_check = time.monotonic() + self.refresh_seconds
+        self.last_refresh_error = error
+
+    def newer_or_same(self, key: tuple[dt.datetime, int]) -> bool:
+        return self.key is None or key >= self.key
+
+
+class PgAvailabilityStore(_PgStore):
+    """Every loaded file is kept (`availability_snapshots` + `availability_rows`); the one with the newest
+    `as_of` is in force, ties going to the last added. The snapshot in force is cached in process (see the
+    module's doc): `current()` costs nothing between checks."""
+
+    def __init__(self, pool: Any, *, refresh_seconds: float = DEFAULT_REFRESH_SECONDS) -> None:
+        super().__init__(pool)
+        self._in_force = _InForce(refresh_seconds)
+        self._snapshot: AvailabilitySnapshot | None = None
+
+    @property
+    def last_refresh_error(self) -> PricerError | None:
+        """Why the last check for a newer snapshot failed (the cached one kept serving), or None."""
+        return self._in_force.last_refresh_error
+
+    def invalidate(self) -> None:
+        """Make the next `current()` ask the database (e.g. on an invalidation message)."""
+        self._in_force.next_check = 0.0
+
+    async def add(self, snapshot: AvailabilitySnapshot) -> None:
+        """Keep the snapshot, atomically: its rows are COPYed in the transaction that records it."""
+        fee_texts: dict[float, str] = {}
+        rebate_texts: dict[float, str] = {}
+
+        def text(cache: dict[float, str], value: float | None) -> str | None:
+            if value is None:
+                return None
+            try:
+                return cache[value]
+            except KeyError:
+                cache[value] = repr(float(value))
+                return cache[value]
+
+        records = [
+            (
+                seq,
+                entry.ticker,
+                text(fee_texts, entry.fee_rate),
+                entry.available,
+                text(rebate_texts, entry.rebate_rate),
+                entry.name,
+                entry.currency,
+            )
+            for seq, entry in enumerate(snapshot.entries.values())
+        ]
+        with translate_errors("availability.add"):
+            async with self._pool.acquire() as connection, connection.transaction():
+                snapshot_id = await connection.fetchval(
+                    "INSERT INTO availability_snapshots (as_of, loaded_at, row_count)"
+                    " VALUES ($1, $2, $3) RETURNING id",
+                    snapshot.as_of,
+                    snapshot.loaded_at,
+                    len(records),
+                )
+                await connection.copy_records_to_table(
+                    "availability_rows",
+                    records=[(snapshot_id, *record) for record in records],
+                    columns=(
+                        "snapshot_id",
+                        "seq",
+                        "ticker",
+                        "fee_rate",
+                        "available",
+                        "rebate_rate",
+                        "name",
+                        "currency",
+                    ),
+                )
+        key = (snapshot.as_of, int(snapshot_id))
+        async with self._in_force.lock:
+            if self._in_force.newer_or_same(key):
+                self._in_force.key = key
+                self._in_force.loaded = True
+                self._snapshot = snapshot
+
+    async def current(self) -> AvailabilitySnapshot | None:
+        in_force = self._in_force
+        if not in_force.due() or (in_force.lock.locked() and in_force.loaded):
+            return self._snapshot  # fresh enough, or being refreshed by another caller meanwhile
+        async with in_force.lock:
+            if in_force.due():
+                await self._refresh()
+        return self._snapshot
+
+    async def _refresh(self) -> None:
+        started = time.monotonic()
+        try:
+            with translate_errors("availability.current"):
+                head = await self._pool.fetchrow(
+                    "SELECT id, as_of, loaded_at FROM availability_snapshots"
+                    " ORDER BY as_of DESC, id DESC LIMIT 1"
+                )
+                if head is None:
+                    self._snapshot, self._in_force.key = None, None
+                elif self._in_force.key is None or int(head["id"]) != self._in_force.key[1]:
+                    rows = await self._pool.fetch(
+                        "SELECT ticker, fee_rate::float8 AS fee_rate, available,"
+                        " rebate_rate::float8 AS rebate_rate, name, currency"
+                        " FROM availability_rows WHERE snapshot_id = $1 ORDER BY seq",
+                        head["id"],
+                    )
+                    entry = AvailabilityEntry
+                    entries = {row[0]: entry(row[0], row[1], row[2], row[3], row[4], row[5]) for row in rows}
+                    self._snapshot = AvailabilitySnapshot(
+                        as_of=_utc(head["as_of"]), entries=entries, loaded_at=_utc(head["loaded_at"])
+                    )
+                    self._in_force.key = (self._snapshot.as_of, int(head["id"]))
+        except ServiceUnavailable as error:
+            if not self._in_force.loaded:
+                raise  # nothing cached to fall back on
+            self._in_force.failed(error)
+            return
+        self._in_force.checked(started)
+
+
+class PgVolatilityStore(_PgStore):
+    """Readings are kept; the latest `as_of` is in force (ties: the last added), cached like availability."""
+
+    def __init__(self, pool: Any, *, refresh_seconds: float = DEFAULT_REFRESH_SECONDS) -> None:
+        super().__init__(pool)
+        self._in_force = _InForce(refresh_seconds)
+        self._latest: VolatilityReading | None = None
+
+    @property
+    def last_refresh_error(self) -> PricerError | None:
+        return self._in_force.last_refresh_error
+
+    def invalidate(self) -> None:
+        """Make the next `latest()` ask the database."""
+        self._in_force.next_check = 0.0
+
+    async def add(self, reading: VolatilityReading) -> None:
+        with translate_errors("volatility.add"):
+            reading_id = await self._pool.fetchval(
+                "INSERT INTO volatility_readings (value, as_of, source)"
+                " VALUES ($1::numeric, $2, $3) RETURNING id",
+                _num(reading.value),
+                reading.as_of,
+                reading.source,
+            )
+        key = (reading.as_of, int(reading_id))
+        async with self._in_force.lock:
+            if self._in_force.newer_or_same(key):
+                self._in_force.key = key
+                self._in_force.loaded = True
+                self._latest = reading
+
+    async def latest(self) -> VolatilityReading | None:
+        """The reading with the latest `as_of` (ties: the last added)."""
+        in_force = self._in_force
+        if not in_force.due() or (in_force.lock.locked() and in_force.loaded):
+            return self._latest  # fresh enough, or being refreshed by another caller meanwhile
+        async with in_force.lock:
+            if in_force.due():
+                await self._refresh()
+        return self._latest
+
+    async def _refresh(self) -> None:
+        started = time.monotonic()
+        try:
+            with translate_errors("volatility.latest"):
+                row = await self._pool.fetchrow(
+                    "SELECT id, value::float8 AS value, as_of, source FROM volatility_readings"
+                    " ORDER BY as_of DESC, id DESC LIMIT 1"
+                )
+        except ServiceUnavailable as error:
+            if not self._in_force.loaded:
+                raise  # nothing cached to fall back on
+            self._in_force.failed(error)
+            return
+        if row is None:
+            self._latest, self._in_force.key = None, None
+        elif self._in_force.key is None or int(row["id"]) != self._in_force.key[1]:
+            self._latest = VolatilityReading(
+                value=_float(row["value"]), as_of=_utc(row["as_of"]), source=row["source"]
+            )
+            self._in_force.key = (self._latest.as_of, int(row["id"]))
+        self._in_force.checked(started)
+
+
+# ---- events --------------------------------------------------------------------------------------
+
+
+class PgEventStore(_PgStore):
+    """A ticker's events are replaced whole; an empty list removes them."""
+
+    async def replace(self, ticker: str, events: Sequence[MarketEvent]) -> None:
+        await self.replace_many({ticker: events})
+
+    async def replace_many(self, events: Mapping[str, Sequence[MarketEvent]]) -> None:
+        if not events:
+            return
+        tickers: list[str] = []
+        seqs: list[int] = []
+        dates: list[dt.date] = []
+        types: list[str] = []
+        risks: list[int | None] = []
+        for ticker, ticker_events in events.items():
+            for seq, event in enumerate(sorted(ticker_events, key=lambda event: event.date)):
+                tickers.append(ticker)
+                seqs.append(seq)
+                dates.append(event.date)
+                types.append(event.type)
+                risks.append(event.risk_factor)
+        with translate_errors("events.replace"):
+            async with self._pool.acquire() as connection, connection.transaction():
+                await connection.execute(
+                    "DELETE FROM market_events WHERE ticker = ANY($1::text[])", list(events)
+                )
+                if tickers:
+                    await connection.execute(
+                        "INSERT INTO market_events (ticker, seq, date, type, risk_factor)"
+                        " SELECT * FROM unnest($1::text[], $2::int4[], $3::date[], $4::text[], $5::int2[])",
+                        tickers,
+                        seqs,
+                        dates,
+                        types,
+                        risks,
+                    )
+
+    async def between(
+        self, tickers: Iterable[str], first: dt.date, last: dt.date
+    ) -> Mapping[str, Sequence[MarketEvent]]:
+        """Events dated from `first` through `last` (inclusive) of the given tickers."""
+        wanted = list(dict.fromkeys(tickers))
+        if not wanted or first > last:
+            return {}
+        with translate_errors("events.between"):
+            rows = await self._pool.fetch(
+                "SELECT ticker, date, type, risk_factor FROM market_events"
+                " WHERE ticker = ANY($1::text[]) AND date BETWEEN $2 AND $3 ORDER BY ticker, seq",
+                wanted,
+                first,
+                last,
+            )
+        found: dict[str, list[MarketEvent]] = {}
+        for row in rows:
+            found.setdefault(row[0], []).append(MarketEvent(date=row[1], type=row[2], risk_factor=row[3]))
+        return {ticker: found[ticker] for ticker in wanted if ticker in found}
+
+
+# ---- API keys ------------------------------------------------------------------------------------
+
+_SELECT_KEYS = (
+    "SELECT key_id, client_id, secret_hash, scopes, created_at, expires_at, revoked_at FROM api_keys"
+)
+
+
+def _key(row: Any) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=str(row["key_id"]),
+        client_id=str(row["client_id"]),
+        secret_hash=bytes(row["secret_hash"]),
+        scopes=frozenset(Scope(scope) for scope in row["scopes"]),
+        created_at=_utc(row["created_at"]),
+        expires_at=_utc(row["expires_at"]),
+        revoked_at=_opt_utc(row["revoked_at"]),
+    )
+
+
+class PgKeyStore(_PgStore):
+    """API keys by id; only the secret's HMAC is stored (the record holds nothing else secret)."""
+
+    async def get(self, key_id: str) -> ApiKeyRecord | None:
+        with translate_errors("keys.get"):
+            row = await self._pool.fetchrow(_SELECT_KEYS + " WHERE key_id = $1", key_id)
+        return None if row is None else _key(row)
+
+    async def put(self, record: ApiKeyRecord) -> None:
+        with translate_errors("keys.put"):
+            await self._pool.execute(
+                """
+                INSERT INTO api_keys (
+                    key_id, client_id, secret_hash, scopes, created_at, expires_at, revoked_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7)
+                ON CONFLICT (key_id) DO UPDATE SET
+                    client_id = EXCLUDED.client_id,
+                    secret_hash = EXCLUDED.secret_hash,
+                    scopes = EXCLUDED.scopes,
+                    created_at = EXCLUDED.created_at,
+                    expires_at = EXCLUDED.expires_at,
+                    revoked_at = EXCLUDED.revoked_at
+                """,
+                record.key_id,
+                record.client_id,
+                bytes(record.secret_hash),
+                sorted(str(scope) for scope in record.scopes),
+                record.created_at,
+                record.expires_at,
+                record.revoked_at,
+            )
+
+    async def revoke(self, key_id: str, at: dt.datetime) -> bool:
+        """Mark the key revoked (the first revocation's time stays); False when there is no such key."""
+        with translate_errors("keys.revoke"):
+            found = await self._pool.fetchval(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, $2) WHERE key_id = $1 RETURNING true",
+                key_id,
+                at,
+            )
+        return found is not None
+
+    async def list(self, client_id: str | None = None) -> Sequence[ApiKeyRecord]:
+        with translate_errors("keys.list"):
+            rows = await self._pool.fetch(
+                _SELECT_KEYS + " WHERE $1::text IS NULL OR client_id = $1 ORDER BY created_at, key_id",
+                client_id,
+            )
+        return [_key(row) for row in rows]
+
+
+# ---- quotes (the audit trail) --------------------------------------------------------------------
+
+# Staging tables, one set per connection (temporary, emptied at each commit). Numbers that are floats in
+# Python travel as text and are cast in SQL; money and rates travel as integer cents / 1e-8 units.
+# The rows' table holds int8 columns only, so that its COPY stream is built by NumPy in one pass.
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_batches (
+    b int4, batch_id text, calculated_at timestamptz, request_id text, client_id text, key_id text,
+    markup_percentage text, transaction_fee_type text, transaction_amount text, day_count int4
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rates (
+    b int4, r int4, ticker text, rate_units int8, base_rate text, volatility_index text,
+    volatility_adjustment text, event_risk_factor int2, event_adjustment text, min_rate_units int8,
+    borrow_status text, rate_source text, available_shares int8, rate_as_of timestamptz
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rows_v2 (
+    b int8, row_index int8, input_index int8, rate_index int8, position_cents int8, loan_days int8,
+    borrow_cost int8, markup int8, transaction_fees int8, total_fee int8
+) ON COMMIT DELETE ROWS;
+"""
+
+_BATCH_COLUMNS = (
+    "b",
+    "batch_id",
+    "calculated_at",
+    "request_id",
+    "client_id",
+    "key_id",
+    "markup_percentage",
+    "transaction_fee_type",
+    "transaction_amount",
+    "day_count",
+)
+_RATE_COLUMNS = (
+    "b",
+    "r",
+    "ticker",
+    "rate_units",
+    "base_rate",
+    "volatility_index",
+    "volatility_adjustment",
+    "event_risk_factor",
+    "event_adjustment",
+    "min_rate_units",
+    "borrow_status",
+    "rate_source",
+    "available_shares",
+    "rate_as_of",
+)
+_ROW_COLUMNS = (
+    "b",
+    "row_index",
+    "input_index",
+    "rate_index",
+    "position_cents",
+    "loan_days",
+    "borrow_cost",
+    "markup",
+    "transaction_fees",
+    "total_fee",
+)
+
+# PostgreSQL's binary COPY format (https://www.postgresql.org/docs/current/sql-copy.html): a signature,
+# flags and header-extension length, then per tuple an int16 field count and, per field, an int32 length
+# followed by the value (big-endian), and an int16 -1 trailer. All row fields are int8, so a tuple is a
+# fixed-size record and a whole batch is one NumPy structured array.
+_COPY_SIGNATURE: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER: Final = b"\xff\xff"
+_ROW_DTYPE: Final = np.dtype(
+    [("fields", ">i2")]
+    + [item for name in _ROW_COLUMNS for item in ((f"{name}_length", ">i4"), (name, ">i8"))]
+)
+
+
+def _check_batch(batch: PricedBatch) -> None:
+    size = batch.size
+    columns = (
+        batch.rate_index,
+        batch.input_index,
+        batch.loan_days,
+        batch.borrow_cost,
+        batch.markup,
+        batch.transaction_fees,
+        batch.total_fee,
+    )
+    if any(column.shape != (size,) for column in columns):
+        raise ValueError(f"batch {batch.batch_id}: its columns differ in length")
+    if size and (int(batch.rate_index.min()) < 0 or int(batch.rate_index.max()) >= len(batch.rates)):
+        raise ValueError(f"batch {batch.batch_id}: a rate_index points outside its rates")
+
+
+def _binary_rows(b: int, batch: PricedBatch) -> bytes:
+    """The batch's rows as binary COPY tuples of `pricer_stage_quote_rows_v2` (without the framing)."""
+    tuples = np.empty(batch.size, dtype=_ROW_DTYPE)
+    tuples["fields"] = len(_ROW_COLUMNS)
+    for name in _ROW_COLUMNS:
+        tuples[f"{name}_length"] = 8
+    tuples["b"] = b
+    tuples["row_index"] = np.arange(batch.size, dtype=np.int64)
+    tuples["input_index"] = batch.input_index
+    tuples["rate_index"] = batch.rate_index
+    tuples["position_cents"] = batch.position_cents
+    tuples["loan_days"] = batch.loan_days
+    tuples["borrow_cost"] = batch.borrow_cost
+    tuples["markup"] = batch.markup
+    tuples["transaction_fees"] = batch.transaction_fees
+    tuples["total_fee"] = batch.total_fee
+    return tuples.tobytes()
+
+
+async def _chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+# Per-batch and per-rate values are converted once (MATERIALIZED), not once per row.
+_INSERT_STAGED = """
+WITH b AS MATERIALIZED (
+    SELECT b, batch_id, calculated_at, request_id, client_id, key_id,
+           markup_percentage::numeric AS markup_percentage, transaction_fee_type,
+           transaction_amount::numeric AS transaction_amount, day_count
+    FROM pricer_stage_quote_batches
+), x AS MATERIALIZED (
+    SELECT b, r, ticker, rate_units * 0.00000001 AS borrow_rate, base_rate::numeric AS base_rate,
+           volatility_index::numeric AS volatility_index,
+           volatility_adjustment::numeric AS volatility_adjustment, event_risk_factor,
+           event_adjustment::numeric AS event_adjustment, min_rate_units * 0.00000001 AS min_rate,
+           borrow_status, rate_source, available_shares, rate_as_of
+    FROM pricer_stage_quote_rates
+)
+INSERT INTO quotes (
+    quote_id, batch_id, row_index, input_index, calculated_at, request_id, client_id, key_id, ticker,
+    position_value, loan_days, markup_percentage, transaction_fee_type, transaction_amount, day_count,
+    borrow_rate, base_rate, volatility_index, volatility_adjustment, event_risk_factor, event_adjustment,
+    min_rate, borrow_status, rate_source, available_shares, rate_as_of,
+    borrow_cost, markup, transaction_fees, total_fee)
+SELECT
+    b.batch_id || lpad(to_hex(r.row_index), 8, '0'), b.batch_id, r.row_index, r.input_index, b.calculated_at,
+    b.request_id, b.client_id, b.key_id, x.ticker,
+    r.position_cents * 0.01, r.loan_days, b.markup_percentage, b.transaction_fee_type,
+    b.transaction_amount, b.day_count,
+    x.borrow_rate, x.base_rate, x.volatility_index, x.volatility_adjustment, x.event_risk_factor,
+    x.event_adjustment, x.min_rate, x.borrow_status, x.rate_source, x.available_shares, x.rate_as_of,
+    r.borrow_cost * 0.01, r.markup * 0.01, r.transaction_fees * 0.01, r.total_fee * 0.01
+FROM pricer_stage_quote_rows_v2 r
+JOIN b ON b.b = r.b
+JOIN x ON x.b = r.b AND x.r = r.rate_index
+"""
+# A plain INSERT is about twice as fast as one with ON CONFLICT (no speculative insertion); batches are
+# written whole in one transaction, so the plain one fails only when some batch is already there (a replay,
+# or another replica writing it at the same time), and then the merge runs instead.
+_MERGE_STAGED = _INSERT_STAGED + "ON CONFLICT (quote_id) DO NOTHING\n"
+
+_SELECT_QUOTE = """SELECT
+    quote_id, ticker, client_id, position_value::float8, loan_days,
+    markup_percentage::float8, transaction_fee_type, transaction_amount::float8, day_count,
+    total_fee::float8, borrow_cost::float8, markup::float8, transaction_fees::float8, borrow_rate::float8,
+    base_rate::float8, volatility_index::float8, volatility_adjustment::float8, event_risk_factor,
+    event_adjustment::float8, min_rate::float8, borrow_status, rate_source, rate_as_of, calculated_at
+FROM quotes WHERE quote_id = $1
+"""
+
+
+class PgQuoteStore(_PgStore):
+    """The audit trail: one `quotes` row per priced position, written with COPY into per-connection staging
+    tables and inserted from there (`ON CONFLICT (quote_id) DO NOTHING` when some rows already exist), so
+    writing a batch again (a replay after an outage) adds nothing.
+
+    A batch's rows are found by `quote_id LIKE '<batch_id>%'` (the primary key serves it)."""
+
+    async def add(self, batch: PricedBatch) -> None:
+        """Record every position of the batch; readable through `get` (on every replica) once this returns."""
+        await self.add_many([batch])
+
+    async def write(self, batches: Sequence[PricedBatch]) -> None:
+        """`add_many` in the shape of `pricer.audit.QuoteSink` (the background writer's sink)."""
+        await self.add_many(batches)
+
+    async def add_many(self, batches: Iterable[PricedBatch]) -> int:
+        """Record every position of the batches in one transaction; the number of rows that were new.
+
+        A batch whose columns are inconsistent (lengths, a rate index out of range) raises ValueError
+        before anything is written."""
+        batch_records: list[tuple[Any, ...]] = []
+        rate_records: list[tuple[Any, ...]] = []
+        row_parts: list[bytes] = [_COPY_SIGNATURE]
+        seen: set[str] = set()
+        for b, batch in enumerate(batches):
+            if batch.size == 0 or batch.batch_id in seen:
+                continue
+            seen.add(batch.batch_id)
+            _check_batch(batch)
+            schedule = batch.fee_schedule
+            batch_records.append(
+                (
+                    b,
+                    batch.batch_id,
+                    batch.calculated_at,
+                    batch.request_id,
+                    batch.client_id,
+                    batch.key_id,
+                    _num(schedule.markup_percentage),
+                    str(schedule.transaction_fee_type),
+                    _num(schedule.transaction_amount),
+                    schedule.day_count,
+                )
+            )
+            rate_records.extend(
+                (
+                    b,
+                    r,
+                    rate.ticker,
+                    rate.rate_units,
+                    _num(rate.base_rate),
+                    _num(rate.volatility_index),
+                    _num(rate.volatility_adjustment),
+                    rate.event_risk_factor,
+                    _num(rate.event_adjustment),
+                    rate.min_rate_units,
+                    str(rate.borrow_status),
+                    str(rate.source),
+                    rate.available_shares,
+                    rate.as_of,
+                )
+                for r, rate in enumerate(batch.rates)
+            )
+            row_parts.append(_binary_rows(b, batch))
+        if not batch_records:
+            return 0
+        row_parts.append(_COPY_TRAILER)
+        with translate_errors("quotes.add"):
+            async with self._pool.acquire() as connection, connection.transaction():
+                await connection.execute(_STAGING)
+                await connection.copy_records_to_table(
+                    "pricer_stage_quote_batches", records=batch_records, columns=_BATCH_COLUMNS
+                )
+                await connection.copy_records_to_table(
+                    "pricer_stage_quote_rates", records=rate_records, columns=_RATE_COLUMNS
+                )
+                await connection.copy_to_table(
+                    "pricer_stage_quote_rows_v2",
+                    source=_chunks(row_parts),
+                    columns=_ROW_COLUMNS,
+                    format="binary",
+                )
+                try:
+                    async with connection.transaction():  # a savepoint
+                        status = await connection.execute(_INSERT_STAGED)
+                except asyncpg.UniqueViolationError:
+                    status = await connection.execute(_MERGE_STAGED)
+        return int(str(status).rsplit(" ", 1)[-1])
+
+    async def get(self, quote_id: str) -> QuoteResponse | None:
+        """The quote as priced (a batch row in the single-quote shape), or None."""
+        if split_quote_id(quote_id) is None:
+            return None
+        with translate_errors("quotes.get"):
+            row = await self._pool.fetchrow(_SELECT_QUOTE, quote_id)
+        if row is None:
+            return None
+        (
+            stored_id,
+            ticker,
+            client_id,
+            position_value,
+            loan_days,
+            markup_percentage,
+            fee_type,
+            transaction_amount,
+            day_count,
+            total_fee,
+            borrow_cost,
+            markup,
+            transaction_fees,
+            borrow_rate,
+            base_rate,
+            volatility_index,
+            volatility_adjustment,
+            event_risk_factor,
+            event_adjustment,
+            min_rate,
+            borrow_status,
+            rate_source,
+            rate_as_of,
+            calculated_at,
+        ) = row
+        source = RateSource(rate_source)
+        return QuoteResponse(
+            quote_id=str(stored_id),
+            ticker=str(ticker),
+            client_id=str(client_id),
+            position_value=_float(position_value),
+            loan_days=int(loan_days),
+            fee_schedule=FeeScheduleView(
+                markup_percentage=_float(markup_percentage),
+                transaction_fee_type=FeeType(fee_type),
+                transaction_amount=_float(transaction_amount),
+                day_count=int(day_count),
+            ),
+            total_fee=_float(total_fee),
+            breakdown=Breakdown(
+                borrow_cost=_float(borrow_cost),
+                markup=_float(markup),
+                transaction_fees=_float(transaction_fees),
+            ),
+            borrow_rate_used=_float(borrow_rate),
+            rate=RateComponents(
+                base_rate=_float(base_rate),
+                volatility_index=_float(volatility_index),
+                volatility_adjustment=_float(volatility_adjustment),
+                event_risk_factor=int(event_risk_factor),
+                event_adjustment=_float(event_adjustment),
+                min_rate=_float(min_rate),
+                borrow_status=BorrowStatus(borrow_status),
+                source=source,
+                is_fallback=source is RateSource.FALLBACK,
+                as_of=_utc(rate_as_of),
+            ),
+            calculated_at=_utc(calculated_at),
+        )
+
+
+# ---- assembly ------------------------------------------------------------------------------------
+
+
+def postgres_stores(pool: Any, *, refresh_seconds: float = DEFAULT_REFRESH_SECONDS) -> Stores:
+    """The PostgreSQL stores over an existing pool (whose connections' search path holds the tables)."""
+    return Stores(
+        clients=PgClientStore(pool),
+        stocks=PgStockStore(pool),
+        availability=PgAvailabilityStore(pool, refresh_seconds=refresh_seconds),
+        volatility=PgVolatilityStore(pool, refresh_seconds=refresh_seconds),
+        events=PgEventStore(pool),
+        keys=PgKeyStore(pool),
+        quotes=PgQuoteStore(pool),
+    )
+
+
+async def connect_stores(
+    dsn: str,
+    *,
+    schema: str | None = None,
+    min_size: int = 2,
+    max_size: int = 10,
+    refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
+) -> tuple[Stores, asyncpg.Pool]:
+    """Open a pool on `dsn` (tables in `schema`, default: the server's search path) and build the stores
+    on it. The caller closes the pool (`await pool.close()`). Raises ServiceUnavailable when the database
+    cannot be reached. Migrations are not run here: see `pricer.stores.migrate.migrate`."""
+    if schema is not None and not valid_schema_name(schema):
+        raise PricerError(f"Schema name {schema!r} is not a plain identifier")
+    server_settings = {"application_name": "pricer", "jit": "off"}
+    if schema is not None:
+        server_settings["search_path"] = quote_identifier(schema)
+    with translate_errors("connect"):
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
+        )
+    return postgres_stores(pool, refresh_seconds=refresh_seconds), pool

@@ -1,0 +1,396 @@
+"""The error envelope (DESIGN §2.3), request ids, security headers, body limits, and the OpenAPI document
+and docs page (DESIGN §2)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from tests.conftest import Engine, make_settings, started_app
+
+pytestmark = pytest.mark.anyio
+
+QUOTE = "/api/v1/calculate-locate"
+BATCH = "/api/v1/calculate-locate/batch"
+GOOD_QUOTE = {"ticker": "AAPL", "position_value": 100000, "loan_days": 30, "client_id": "demo_client"}
+SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+ENVELOPE = {"status", "error", "error_code", "details", "request_id"}
+
+Call = Callable[[Engine], Awaitable[httpx.Response]]
+
+
+@contextlib.asynccontextmanager
+async def custom_engine(**overrides: str) -> AsyncIterator[Engine]:
+    app = await started_app(make_settings(**overrides))
+    assert app.demo_keys is not None
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://engine.test"
+    ) as client:
+        yield Engine(app=app, client=client, keys=app.demo_keys)
+
+
+def json_headers(engine: Engine, admin: bool = False) -> dict[str, str]:
+    return {**(engine.as_admin() if admin else engine.as_client()), "Content-Type": "application/json"}
+
+
+async def chunks(total: int, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    sent = 0
+    while sent < total:
+        piece = min(size, total - sent)
+        sent += piece
+        yield b" " * piece
+
+
+# ---- the envelope --------------------------------------------------------------------------------------
+
+ERROR_CALLS: list[Any] = [
+    pytest.param(
+        lambda e: e.client.post(QUOTE, content=b"{oops", headers=json_headers(e)),
+        400,
+        "INVALID_PARAMETER",
+        id="400-malformed",
+    ),
+    pytest.param(
+        lambda e: e.client.post(QUOTE, json={**GOOD_QUOTE, "loan_days": 0}, headers=e.as_client()),
+        400,
+        "INVALID_PARAMETER",
+        id="400-range",
+    ),
+    pytest.param(
+        lambda e: e.client.get("/api/v1/rates/A.B.C", headers=e.as_client()),
+        400,
+        "INVALID_PARAMETER",
+        id="400-path",
+    ),
+    pytest.param(
+        lambda e: e.client.post(
+            f"{BATCH}?atomic=true",
+            json={
+                "client_id": "demo_client",
+                "positions": [{"ticker": "AAPL", "position_value": 0, "loan_days": 1}],
+            },
+            headers=e.as_client(),
+        ),
+        400,
+        "INVALID_PARAMETER",
+        id="400-atomic",
+    ),
+    pytest.param(
+        lambda e: e.client.post(
+            "/api/v1/admin/availability",
+            content="#BOF|bad\r\n",
+            headers={**e.as_admin(), "Content-Type": "text/plain"},
+        ),
+        400,
+        "INVALID_PARAMETER",
+        id="400-file",
+    ),
+    pytest.param(lambda e: e.client.post(QUOTE, json=GOOD_QUOTE), 401, "UNAUTHORIZED", id="401"),
+    pytest.param(
+        lambda e: e.client.post(QUOTE, json={**GOOD_QUOTE, "client_id": "xyz123"}, headers=e.as_client()),
+        403,
+        "FORBIDDEN",
+        id="403",
+    ),
+    pytest.param(lambda e: e.client.get("/no/such/path"), 404, "NOT_FOUND", id="404-path"),
+    pytest.param(
+        lambda e: e.client.get("/api/v1/rates/ZZZZ", headers=e.as_client()),
+        404,
+        "TICKER_NOT_FOUND",
+        id="404-ticker",
+    ),
+    pytest.param(
+        lambda e: e.client.post(QUOTE, json={**GOOD_QUOTE, "client_id": "nobody"}, headers=e.as_admin()),
+        404,
+        "CLIENT_NOT_FOUND",
+        id="404-client",
+    ),
+    pytest.param(
+        lambda e: e.client.get("/api/v1/quotes/" + "0" * 32, headers=e.as_client()),
+        404,
+        "NOT_FOUND",
+        id="404-quote",
+    ),
+    pytest.param(lambda e: e.client.delete("/health"), 405, "METHOD_NOT_ALLOWED", id="405"),
+    pytest.param(
+        lambda e: e.client.post(QUOTE, content=b" " * (2 << 20), headers=json_headers(e)),
+        413,
+        "PAYLOAD_TOO_LARGE",
+        id="413",
+    ),
+    pytest.param(
+        lambda e: e.client.post(
+            QUOTE, content=b"{}", headers={**e.as_client(), "Content-Type": "text/plain"}
+        ),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        id="415",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "status", "code"), ERROR_CALLS)
+async def test_every_error_uses_the_envelope(engine: Engine, call: Call, status: int, code: str) -> None:
+    response = await call(engine)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].split(";")[0] == "application/json"
+    body = response.json()
+    assert set(body) >= ENVELOPE
+    assert body["status"] == "error"
+    assert body["error_code"] == code
+    assert isinstance(body["error"], str)
+    assert body["error"]
+    assert body["details"] is None or isinstance(body["details"], dict)
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert "Traceback" not in response.text
+    assert engine.keys.client_key not in response.text
+    assert engine.keys.admin_key not in response.text
+    if code == "INVALID_PARAMETER":
+        assert set(body) == ENVELOPE | {"validation_errors", "valid_params"}
+        assert body["validation_errors"]
+        for problem in body["validation_errors"]:
+            assert set(problem) == {"field", "location", "message"}
+            assert all(isinstance(value, str) and value for value in problem.values())
+        assert isinstance(body["valid_params"], list)
+    else:
+        assert set(body) == ENVELOPE
+
+
+# ---- request ids and headers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_id", ["abc-123", "req_1.2:3", "A" * 128, "0f8fad5b-d9cb-469f-a165-70867728950e"]
+)
+async def test_a_sane_request_id_is_echoed(engine: Engine, request_id: str) -> None:
+    for response in (
+        await engine.client.get("/health", headers={"X-Request-ID": request_id}),
+        await engine.client.post(
+            QUOTE, json=GOOD_QUOTE, headers={**engine.as_client(), "X-Request-ID": request_id}
+        ),
+        await engine.client.get("/nowhere", headers={"X-Request-ID": request_id}),
+    ):
+        assert response.headers["x-request-id"] == request_id
+        assert response.headers["x-correlation-id"] == request_id
+        if response.status_code >= 400:
+            assert response.json()["request_id"] == request_id
+
+
+@pytest.mark.parametrize(
+    "request_id", ["x" * 300, "has spaces in it", "<script>alert(1)</script>", 'a"b', "semi;colon", "A" * 129]
+)
+async def test_an_insane_request_id_is_replaced(engine: Engine, request_id: str) -> None:
+    for response in (
+        await engine.client.get("/health", headers={"X-Request-ID": request_id}),
+        await engine.client.get(
+            "/api/v1/rates/ZZZZ", headers={**engine.as_client(), "X-Request-ID": request_id}
+        ),
+    ):
+        replaced = response.headers["x-request-id"]
+        assert replaced != request_id
+        assert SANE_ID.fullmatch(replaced)
+        assert response.headers["x-correlation-id"] == replaced
+        if response.status_code >= 400:
+            assert response.json()["request_id"] == replaced
+
+
+async def test_request_ids_are_generated_and_distinct(engine: Engine) -> None:
+    seen = set()
+    for _ in range(5):
+        response = await engine.client.get("/health")
+        assert SANE_ID.fullmatch(response.headers["x-request-id"])
+        assert response.headers["x-correlation-id"] == response.headers["x-request-id"]
+        seen.add(response.headers["x-request-id"])
+    assert len(seen) == 5
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda e: e.client.get("/health"),
+        lambda e: e.client.get("/docs"),
+        lambda e: e.client.post(QUOTE, json=GOOD_QUOTE, headers=e.as_client()),
+        lambda e: e.client.get("/api/v1/rates/AAPL", headers=e.as_client()),
+        lambda e: e.client.post(QUOTE, json=GOOD_QUOTE),
+        lambda e: e.client.get("/missing"),
+    ],
+)
+async def test_security_headers_on_every_response(engine: Engine, call: Call) -> None:
+    response = await call(engine)
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "no-store" in response.headers["cache-control"]
+    assert response.headers.get("referrer-policy")
+    assert "server" not in response.headers or "uvicorn" not in response.headers["server"].lower()
+
+
+# ---- body limits -----------------------------------------------------------------------------------------
+
+
+async def test_body_over_the_default_limit_is_413_with_and_without_content_length(engine: Engine) -> None:
+    over = (1 << 20) + 1
+    declared = await engine.client.post(QUOTE, content=b" " * over, headers=json_headers(engine))
+    assert declared.status_code == 413, declared.text
+    assert declared.json()["error_code"] == "PAYLOAD_TOO_LARGE"
+    request = engine.client.build_request("POST", QUOTE, content=chunks(over), headers=json_headers(engine))
+    assert "content-length" not in request.headers
+    assert request.headers["transfer-encoding"] == "chunked"
+    streamed = await engine.client.send(request)
+    assert streamed.status_code == 413, streamed.text
+    assert streamed.json()["error_code"] == "PAYLOAD_TOO_LARGE"
+    # Just under the limit is read (and then judged on its content).
+    under = await engine.client.post(
+        QUOTE,
+        content=msgspec.json.encode(GOOD_QUOTE) + b" " * ((1 << 20) - 200),
+        headers=json_headers(engine),
+    )
+    assert under.status_code == 200, under.text
+
+
+async def test_declared_oversized_body_is_413_before_authentication(engine: Engine) -> None:
+    response = await engine.client.post(
+        QUOTE, content=b" " * ((1 << 20) + 1), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413, response.text
+
+
+async def test_configured_limits_for_single_and_batch_routes() -> None:
+    async with custom_engine(MAX_BODY_BYTES="2048", MAX_BATCH_BODY_BYTES="8192") as engine:
+        quote = msgspec.json.encode(GOOD_QUOTE)
+        fits = await engine.client.post(
+            QUOTE, content=quote + b" " * (2048 - len(quote)), headers=json_headers(engine)
+        )
+        assert fits.status_code == 200, fits.text
+        for content in (quote + b" " * 2000, chunks(3000, size=500)):
+            response = await engine.client.post(QUOTE, content=content, headers=json_headers(engine))
+            assert response.status_code == 413, response.text
+
+        row = {"ticker": "AAPL", "position_value": 10, "loan_days": 1}
+        batch = msgspec.json.encode({"client_id": "demo_client", "positions": [row] * 80})
+        assert 2048 < len(batch) <= 8192
+        ok = await engine.client.post(BATCH, content=batch, headers=json_headers(engine))
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["priced"] == 80
+        big = msgspec.json.encode({"client_id": "demo_client", "positions": [row] * 200})
+        assert len(big) > 8192
+
+        async def stream(data: bytes) -> AsyncIterator[bytes]:
+            for start in range(0, len(data), 1000):
+                yield data[start : start + 1000]
+
+        for content in (big, stream(big)):
+            response = await engine.client.post(BATCH, content=content, headers=json_headers(engine))
+            assert response.status_code == 413, response.text
+            assert response.json()["details"]["max_bytes"] == 8192
+
+
+# ---- OpenAPI and docs ---------------------------------------------------------------------------------
+
+DESIGN_OPERATIONS = {
+    "/health": {"get"},
+    "/health/detailed": {"get"},
+    "/api/v1/calculate-locate": {"get", "post"},
+    "/api/v1/calculate-locate/batch": {"post"},
+    "/api/v1/rates/{ticker}": {"get"},
+    "/api/v1/rates": {"get"},
+    "/api/v1/quotes/{quote_id}": {"get"},
+    "/api/v1/auth/token": {"post"},
+    "/api/v1/admin/clients/{client_id}": {"put"},
+    "/api/v1/admin/stocks/{ticker}": {"put"},
+    "/api/v1/admin/availability": {"post"},
+    "/api/v1/admin/vix-history": {"post"},
+    "/api/v1/admin/earnings-calendar": {"post"},
+    "/api/v1/admin/volatility": {"put"},
+    "/api/v1/admin/events/{ticker}": {"put"},
+    "/api/v1/admin/keys": {"post"},
+    "/api/v1/admin/keys/{key_id}": {"delete"},
+}
+SCHEMAS = {
+    "QuoteRequest", "QuoteResponse", "ErrorBody", "ValidationProblem", "BatchRequest", "BatchResponse",
+    "BatchQuote", "RowError", "RateResponse", "RateListResponse", "ClientBody", "ClientView", "StockBody",
+    "VolatilityBody", "EventsBody", "KeyBody", "IssuedKey", "TokenResponse", "Health", "DetailedHealth",
+}  # fmt: skip
+OPEN_PATHS = {"/health", "/health/detailed"}
+
+
+def refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in refs(value)]
+    return []
+
+
+async def test_openapi_document(engine: Engine) -> None:
+    response = await engine.client.get("/openapi.json")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    document = response.json()
+    assert document["openapi"].startswith("3.1")
+    assert document["info"]["version"] == (await engine.client.get("/health")).json()["version"]
+    paths = document["paths"]
+    for path, methods in DESIGN_OPERATIONS.items():
+        assert path in paths, path
+        assert methods <= set(paths[path]), (path, set(paths[path]))
+    for route in engine.app.routes:
+        if route.path not in {"/openapi.json", "/docs", "/metrics"}:
+            assert route.path in paths, route.path
+    schemas = document["components"]["schemas"]
+    assert set(schemas) >= SCHEMAS
+    for ref in refs(document):
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.rsplit("/", 1)[1] in schemas, ref
+    quote_request = schemas["QuoteRequest"]
+    assert set(quote_request["required"]) == {"ticker", "position_value", "loan_days", "client_id"}
+    assert set(quote_request["properties"]) == {"ticker", "position_value", "loan_days", "client_id"}
+    assert set(schemas["ErrorBody"]["properties"]) >= ENVELOPE | {"validation_errors", "valid_params"}
+    # Requests and responses are wired to their schemas.
+    post_quote = paths["/api/v1/calculate-locate"]["post"]
+    assert post_quote["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/QuoteRequest"
+    )
+    assert post_quote["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/QuoteResponse"
+    )
+    assert post_quote["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorBody"
+    )
+    get_quote = paths["/api/v1/calculate-locate"]["get"]
+    assert {p["name"] for p in get_quote["parameters"] if p["in"] == "query"} == set(
+        quote_request["required"]
+    )
+    batch_media = set(paths["/api/v1/calculate-locate/batch"]["post"]["requestBody"]["content"])
+    assert batch_media == {"application/json", "application/msgpack"}
+    assert paths["/api/v1/rates/{ticker}"]["get"]["parameters"][0]["name"] == "ticker"
+    # Security: protected operations say so; open ones do not.
+    schemes = document["components"]["securitySchemes"]
+    assert any(s.get("type") == "apiKey" and s.get("name") == "X-API-Key" for s in schemes.values())
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if path in OPEN_PATHS:
+                assert not operation.get("security"), (path, method)
+            else:
+                assert operation.get("security"), (path, method)
+                assert "401" in operation["responses"], (path, method)
+
+
+async def test_docs_page_works_offline(engine: Engine) -> None:
+    response = await engine.client.get("/docs")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    html = response.text
+    assert "openapi.json" in html
+    tags = re.findall(r"<(?:script|link|img|iframe)\b[^>]*>", html, flags=re.IGNORECASE)
+    for tag in tags:
+        assert not re.search(r"(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", tag, flags=re.IGNORECASE), tag
+    assert not re.search(r"@import|url\(\s*[\"']?(?:https?:)?//", html, flags=re.IGNORECASE)
+    assert not re.search(r"(?:import|fetch)\s*\(\s*[\"'](?:https?:)?//", html, flags=re.IGNORECASE)
+    external = re.findall(r"https?://[^\s\"'<>]+", html)
+    assert not [url for url in external if "engine.test" not in url and "localhost" not in url], external
