@@ -36,6 +36,7 @@ from pricer.endpoints.quotes import QuoteEndpoints
 from pricer.endpoints.rates import RateEndpoints
 from pricer.marketdata.service import MarketData, MarketDataWriter
 from pricer.middleware.authentication import Authentication
+from pricer.middleware.authorization import Authorization
 from pricer.middleware.body_limit import BodyLimit
 from pricer.middleware.cors import CORS
 from pricer.middleware.errors import ErrorEnvelope
@@ -417,6 +418,7 @@ def create_app(
     ]
 
     chain: ASGIApp = Dispatch()
+    chain = Authorization(chain)
     chain = RateLimit(chain, limits=limits)
     chain = Authentication(
         chain,
@@ -450,6 +452,8 @@ def create_app(
             await ensure_bootstrap_admin(stores, hasher, settings.bootstrap_admin_key, now)
 
     lifecycle.startup.append(seed)
+    if isinstance(limiter, RedisLimiter):
+        lifecycle.startup.append(limiter.warm_up)
     if limiter is not None:
         lifecycle.shutdown.append(limiter.close)
     return app

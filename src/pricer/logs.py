@@ -38,10 +38,9 @@ class LogfmtFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        # `level=... msg="..."` first and adjacent: the runbook's LogQL patterns match on that text.
         parts = [
-            f"ts={stamp}.{int(record.msecs):03d}Z",
             f"level={record.levelname}",
-            f"logger={record.name}",
             "msg=" + _always_quoted(record.getMessage()),
         ]
         fields: Mapping[str, Any] = getattr(record, FIELDS_ATTR, None) or {}
@@ -50,6 +49,8 @@ class LogfmtFormatter(logging.Formatter):
                 continue
             rendered = _always_quoted(value) if name in self._ALWAYS_QUOTED else _quote(value)
             parts.append(f"{name}={rendered}")
+        parts.append(f"logger={record.name}")
+        parts.append(f"ts={stamp}.{int(record.msecs):03d}Z")
         if record.exc_info:
             parts.append("exc=" + _always_quoted(self.formatException(record.exc_info)))
         return " ".join(parts)

@@ -52,12 +52,6 @@ class Authentication:
                     self._attempts[error.reason] += 1
                     raise
             self._attempts["success"] += 1
-            if not any(principal.allows(scope) for scope in route.required_scopes):
-                needed = sorted(scope.value for scope in route.required_scopes)
-                raise Forbidden(
-                    f"This key lacks the scope this route needs ({' or '.join(needed)})",
-                    details={"required_scopes": needed},
-                )
             state.principal = principal
             state.client_id = principal.client_id
         await self.app(scope, receive, send)

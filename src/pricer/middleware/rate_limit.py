@@ -13,7 +13,7 @@ import logging
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pricer.context import RequestState, request_state
-from pricer.errors import RateLimitExceeded
+from pricer.errors import InvalidParameter, RateLimitExceeded
 from pricer.logs import RATE_LIMIT_EXCEEDED, fields
 from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import Tracing
@@ -71,7 +71,14 @@ class ClientLimits:
     async def draw_positions(self, state: RequestState, client_id: str, count: int) -> None:
         if count <= 0:
             return
-        decision = await self.limiter.acquire(self.positions_bucket(client_id), count)
+        bucket = self.positions_bucket(client_id)
+        if count > bucket.capacity:
+            # No wait would ever admit it: the client must split the batch.
+            raise InvalidParameter.for_field(
+                "positions",
+                f"{count} positions to price exceed the positions limit of {bucket.capacity} per minute",
+            )
+        decision = await self.limiter.acquire(bucket, count)
         if not decision.allowed:
             self._refuse(state, client_id, decision, "positions")
 

@@ -34,18 +34,23 @@ class Decision(NamedTuple):
     @property
     def reset_after(self) -> int:
         """Whole seconds until the bucket is full again."""
-        return max(0, math.ceil((self.spec.capacity - self.tokens) / self.spec.rate))
+        return max(0, _ceil((self.spec.capacity - self.tokens) / self.spec.rate))
 
     @property
     def retry_after(self) -> int:
         """Whole seconds until `cost` tokens are there (at least 1)."""
         missing = max(0.0, min(self.cost, self.spec.capacity) - self.tokens)
-        return max(1, math.ceil(missing / self.spec.rate))
+        return max(1, _ceil(missing / self.spec.rate))
 
     @property
     def refill_window(self) -> int:
         """Seconds to refill an empty bucket."""
-        return max(1, math.ceil(self.spec.capacity / self.spec.rate))
+        return max(1, _ceil(self.spec.capacity / self.spec.rate))
+
+
+def _ceil(seconds: float) -> int:
+    """Whole seconds up, forgiving float noise (1.0000000000000002 s is 1 s)."""
+    return math.ceil(seconds - 1e-9)
 
 
 def refill(tokens: float, elapsed: float, spec: BucketSpec) -> float:

@@ -12,7 +12,8 @@ from pricer.ratelimit.buckets import BucketSpec, Decision, refill
 
 class MemoryLimiter:
     def __init__(self, *, max_buckets: int = 200_000, clock: Callable[[], float] = time.monotonic) -> None:
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # key -> (tokens, when they were counted, when the bucket is full again)
+        self._buckets: OrderedDict[str, tuple[float, float, float]] = OrderedDict()
         self._max_buckets = max_buckets
         self._clock = clock
         self._decisions_since_sweep = 0
@@ -36,24 +37,21 @@ class MemoryLimiter:
         allowed = tokens >= cost
         if allowed:
             tokens -= cost
-        buckets[spec.key] = (tokens, now)
+        buckets[spec.key] = (tokens, now, now + (spec.capacity - tokens) / spec.rate)
         self._decisions_since_sweep += 1
         if len(buckets) > self._max_buckets:
             buckets.popitem(last=False)
         if self._decisions_since_sweep >= 10_000:
-            self._sweep(now, spec)
+            self._sweep(now)
         return Decision(allowed=allowed, tokens=tokens, spec=spec, cost=cost, local=local)
 
     async def acquire(self, spec: BucketSpec, cost: int = 1) -> Decision:
         return self.decide(spec, cost)
 
-    def _sweep(self, now: float, spec: BucketSpec) -> None:
-        """Drop buckets idle long enough to be full again (an absent bucket is full)."""
+    def _sweep(self, now: float) -> None:
+        """Drop buckets that are full again (an absent bucket is full)."""
         self._decisions_since_sweep = 0
-        # The longest refill of any bucket is not known per key; buckets idle for 10 minutes are full
-        # for any limit of at least capacity/10 per minute, which every configured limit is.
-        idle_before = now - 600.0
-        for key in [key for key, (_, stamp) in self._buckets.items() if stamp < idle_before]:
+        for key in [key for key, (_, _, full_at) in self._buckets.items() if full_at <= now]:
             del self._buckets[key]
 
     async def close(self) -> None:

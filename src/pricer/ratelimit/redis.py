@@ -167,7 +167,9 @@ class RedisLimiter:
                     item.future.set_result(self._decide_locally(item.spec, item.cost))
             return
         self.round_trips += 1
-        self._open_until = 0.0
+        if self._clock() - self._call_started <= self._budget:
+            # Only a reply within the budget closes the breaker: a late one means Redis is still slow.
+            self._open_until = 0.0
         for index, item in enumerate(batch):
             self.shared_decisions += 1
             if not item.future.done():
@@ -194,8 +196,15 @@ class RedisLimiter:
             per_minute=max(1, round(spec.per_minute * self._share)),
             capacity=max(1, round(spec.capacity * self._share)),
         )
-        local = self._local.decide(share, cost, local=True)
-        return local._replace(spec=spec, tokens=local.tokens / self._share)
+        # Reported as decided: against this replica's share, so the headers tell the limit in force.
+        return self._local.decide(share, cost, local=True)
+
+    async def warm_up(self) -> None:
+        """Connect and load the script before the first request, so that it is decided within budget."""
+        try:
+            await self._redis.script_load(BUCKET_SCRIPT)
+        except (RedisError, OSError) as error:
+            self._trip(type(error).__name__)
 
     async def ping(self) -> float:
         """Round-trip time in ms; raises when Redis is unreachable."""

@@ -6,7 +6,8 @@ lock (one per database and target schema) before it looks at anything, so that r
 serialise: the first applies the pending files, the others then find nothing left to do. Each file runs in
 its own transaction together with its `schema_migrations` row, so a failing file leaves no trace and the
 run stops there (the error names the file). A recorded version whose file is no longer shipped is left
-alone; files are never edited once released: a change is a new file.
+alone; files are never edited once released: a change is a new file. A file must be able to run inside a
+transaction (no `CREATE INDEX CONCURRENTLY`, no `VACUUM`).
 """
 
 from __future__ import annotations
