@@ -30,7 +30,7 @@ def secret_of(key: str) -> str:
 
 
 def logfmt_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if line.startswith("ts=")]
+    return [line for line in log.splitlines() if line.startswith("level=")]
 
 
 def start_plain_server(tmp_path: Path, **env: str) -> RunningServer:

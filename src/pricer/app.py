@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
 
-import redis.asyncio as aioredis
 from opentelemetry.sdk.trace import SpanProcessor
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -21,20 +20,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pricer.auth.keys import KeyHasher, KeyVerifier, make_record, parse_key
 from pricer.auth.tokens import TokenService
+from pricer.backends import Backends, build_backends
 from pricer.demo import ADMIN_CLIENT_ID, DemoKeys, seed_demo
 from pricer.endpoints.admin import AdminEndpoints
 from pricer.endpoints.auth import AuthEndpoints
 from pricer.endpoints.common import json_response, utc_now
-from pricer.endpoints.health import (
-    DependencyCheck,
-    HealthEndpoints,
-    limiter_check,
-    market_data_check,
-    memory_check,
-)
+from pricer.endpoints.health import DependencyCheck, HealthEndpoints, market_data_check
 from pricer.endpoints.quotes import QuoteEndpoints
 from pricer.endpoints.rates import RateEndpoints
-from pricer.marketdata.service import MarketData, MarketDataWriter
+from pricer.marketdata.service import MARKET_TOPIC, MarketData, MarketDataWriter
 from pricer.middleware.authentication import Authentication
 from pricer.middleware.authorization import Authorization
 from pricer.middleware.body_limit import BodyLimit
@@ -50,9 +44,6 @@ from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import Tracing, build_tracing
 from pricer.openapi import build_openapi
 from pricer.pricing.core import RatePolicy
-from pricer.ratelimit.buckets import RateLimiter
-from pricer.ratelimit.memory import MemoryLimiter
-from pricer.ratelimit.redis import RedisLimiter
 from pricer.routing import ApiRoute
 from pricer.schemas import (
     AvailabilityUploadResponse,
@@ -78,7 +69,6 @@ from pricer.schemas import (
     VolatilityView,
 )
 from pricer.settings import Settings, SettingsError, development_defaults_in_use
-from pricer.stores.memory import memory_stores
 from pricer.stores.protocols import Stores
 
 log = logging.getLogger("pricer.app")
@@ -106,6 +96,7 @@ class PricerApp:
         self.routes = routes
         self.demo_keys: DemoKeys | None = None
         self.metrics: Metrics | None = None
+        self.backends: Backends | None = None
         self.tracing: Tracing | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -143,11 +134,9 @@ def create_app(
     on_demo_keys: Callable[[DemoKeys], None] | None = None,
     span_processor: SpanProcessor | None = None,
 ) -> PricerApp:
-    """Build the engine. `stores` overrides the configured backends (tests of logic use memory ones)."""
-    if stores is None:
-        if settings.database_url is not None:
-            raise SettingsError("DATABASE_URL: the PostgreSQL stores are not part of this build yet")
-        stores = memory_stores(max_quote_rows=settings.memory_quotes_max_rows)
+    """Build the engine. `stores` overrides the configured stores (tests of logic use memory ones)."""
+    backends = build_backends(settings, stores)
+    stores = backends.stores
     for name in development_defaults_in_use(settings):
         log.warning("Development default in use", extra={"logfmt_fields": {"variable": name}})
 
@@ -168,7 +157,8 @@ def create_app(
         cache_ttl_seconds=settings.rate_cache_ttl_seconds,
         metrics=metrics,
     )
-    writer = MarketDataWriter(stores, market)
+    backends.bus.subscribe(lambda topic, _key: market.invalidate() if topic in (MARKET_TOPIC, "*") else None)
+    writer = MarketDataWriter(stores, backends.bus)
     hasher = KeyHasher(settings.api_key_pepper)
     lifecycle = Lifecycle()
 
@@ -184,7 +174,7 @@ def create_app(
         default_rate_limit=settings.rate_limit_per_minute,
         default_burst=settings.effective_burst,
     )
-    limiter = build_limiter(settings) if settings.enable_rate_limiting else None
+    limiter = backends.limiter
     limits = (
         ClientLimits(
             limiter,
@@ -207,12 +197,8 @@ def create_app(
     )
     health = HealthEndpoints(
         {
-            "database": DependencyCheck(memory_check("memory")),
-            "redis": DependencyCheck(
-                limiter_check(limiter) if isinstance(limiter, RedisLimiter) else memory_check("memory")
-            ),
+            **backends.checks,
             "market_data": DependencyCheck(market_data_check(market, settings.market_data_stale_after_hours)),
-            "audit": DependencyCheck(memory_check("memory")),
         },
         is_draining=lambda: lifecycle.draining,
     )
@@ -438,6 +424,7 @@ def create_app(
     chain = RequestContext(chain)
     app = PricerApp(chain, lifecycle, stores, routes)
     app.metrics = metrics
+    app.backends = backends
     app.tracing = tracing
     lifecycle.shutdown.append(_run_sync(tracing.shutdown))
     lifecycle.shutdown.append(_run_sync(metrics.shutdown))
@@ -451,11 +438,8 @@ def create_app(
         if settings.bootstrap_admin_key is not None:
             await ensure_bootstrap_admin(stores, hasher, settings.bootstrap_admin_key, now)
 
-    lifecycle.startup.append(seed)
-    if isinstance(limiter, RedisLimiter):
-        lifecycle.startup.append(limiter.warm_up)
-    if limiter is not None:
-        lifecycle.shutdown.append(limiter.close)
+    lifecycle.startup += [*backends.startup, seed]
+    lifecycle.shutdown += backends.shutdown
     return app
 
 
@@ -489,15 +473,3 @@ def _run_sync(step: Callable[[], None]) -> Callable[[], Awaitable[None]]:
         step()
 
     return run
-
-
-def build_limiter(settings: Settings) -> RateLimiter:
-    if settings.redis_url is None:
-        return MemoryLimiter()
-    client = aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=0.25,
-        socket_timeout=1.0,
-        health_check_interval=0,
-    )
-    return RedisLimiter(client, expected_replicas=settings.expected_replicas)

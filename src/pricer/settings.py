@@ -48,6 +48,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     workers: int = 1
     role: Role = Role.ALL
     database_url: str | None = None
+    database_schema: str | None = None
+    database_pool_size: int = 10
+    migrate_on_start: bool = True
     redis_url: str | None = None
     calculation_service_url: str | None = None
     data_service_url: str | None = None
@@ -183,6 +186,9 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "WORKERS": ("workers", _int_in(1, 64)),
     "ROLE": ("role", _enum(Role)),
     "DATABASE_URL": ("database_url", _text),
+    "DATABASE_SCHEMA": ("database_schema", _text),
+    "DATABASE_POOL_SIZE": ("database_pool_size", _int_in(2, 200)),
+    "MIGRATE_ON_START": ("migrate_on_start", _bool),
     "REDIS_URL": ("redis_url", _text),
     "CALCULATION_SERVICE_URL": ("calculation_service_url", _text),
     "DATA_SERVICE_URL": ("data_service_url", _text),

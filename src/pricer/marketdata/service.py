@@ -14,6 +14,7 @@ from typing import Final, cast
 
 import numpy as np
 
+from pricer.invalidation import InvalidationBus
 from pricer.models import (
     AvailabilitySnapshot,
     BorrowStatus,
@@ -60,6 +61,7 @@ def rate_units_of(value: float) -> int:
 
 
 _MISS: Final = object()
+MARKET_TOPIC = "market"
 
 
 class RateCache:
@@ -243,18 +245,19 @@ class MarketDataWriter:
     """Every market-data write goes through here (admin endpoints, CLI), so that later layers
     (rate caches, invalidation messages) have one place to hook into."""
 
-    def __init__(self, stores: Stores, market: MarketData | None = None) -> None:
+    def __init__(self, stores: Stores, bus: InvalidationBus | None = None) -> None:
         self._stores = stores
-        self._market = market
+        self._bus = bus
 
-    def _changed(self) -> None:
-        if self._market is not None:
-            self._market.invalidate()
+    async def _changed(self) -> None:
+        """Market data changed: every replica's rate cache forgets (this one before the call returns)."""
+        if self._bus is not None:
+            await self._bus.publish(MARKET_TOPIC, "*")
 
     async def add_availability(self, snapshot: AvailabilitySnapshot) -> bool:
         """Keep the snapshot; True when it is now the one in force."""
         await self._stores.availability.add(snapshot)
-        self._changed()
+        await self._changed()
         current = await self._stores.availability.current()
         return (
             current is not None
@@ -264,17 +267,17 @@ class MarketDataWriter:
 
     async def add_volatility(self, reading: VolatilityReading) -> None:
         await self._stores.volatility.add(reading)
-        self._changed()
+        await self._changed()
 
     async def replace_events(self, ticker: str, events: Sequence[MarketEvent]) -> None:
         await self._stores.events.replace(ticker, events)
-        self._changed()
+        await self._changed()
 
     async def replace_events_many(self, events: dict[str, list[MarketEvent]]) -> None:
         await self._stores.events.replace_many(events)
-        self._changed()
+        await self._changed()
 
     async def put_stock(self, stock: Stock) -> bool:
         created = await self._stores.stocks.put(stock)
-        self._changed()
+        await self._changed()
         return created

@@ -635,53 +635,18 @@ class PgKeyStore(_PgStore):
 
 # ---- quotes (the audit trail) --------------------------------------------------------------------
 
-# Staging tables, one set per connection (temporary, emptied at each commit). Numbers that are floats in
-# Python travel as text and are cast in SQL; money and rates travel as integer cents / 1e-8 units.
-# The rows' table holds int8 columns only, so that its COPY stream is built by NumPy in one pass.
+# The rows of the batches travel by binary COPY into a staging table (temporary, one per connection,
+# emptied at each commit; int8 columns only, so that NumPy builds its COPY stream in one pass and the table
+# has no TOAST relation to truncate at commit). The few per-batch and per-rate values travel as array
+# parameters of the INSERT; floats as their shortest decimal text, cast to NUMERIC once per rate
+# (MATERIALIZED), not once per row; money and rates as integer cents / 1e-8 units, scaled in SQL.
 _STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_batches (
-    b int4, batch_id text, calculated_at timestamptz, request_id text, client_id text, key_id text,
-    markup_percentage text, transaction_fee_type text, transaction_amount text, day_count int4
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rates (
-    b int4, r int4, ticker text, rate_units int8, base_rate text, volatility_index text,
-    volatility_adjustment text, event_risk_factor int2, event_adjustment text, min_rate_units int8,
-    borrow_status text, rate_source text, available_shares int8, rate_as_of timestamptz
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rows_v2 (
+CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rows (
     b int8, row_index int8, input_index int8, rate_index int8, position_cents int8, loan_days int8,
     borrow_cost int8, markup int8, transaction_fees int8, total_fee int8
-) ON COMMIT DELETE ROWS;
+) ON COMMIT DELETE ROWS
 """
 
-_BATCH_COLUMNS = (
-    "b",
-    "batch_id",
-    "calculated_at",
-    "request_id",
-    "client_id",
-    "key_id",
-    "markup_percentage",
-    "transaction_fee_type",
-    "transaction_amount",
-    "day_count",
-)
-_RATE_COLUMNS = (
-    "b",
-    "r",
-    "ticker",
-    "rate_units",
-    "base_rate",
-    "volatility_index",
-    "volatility_adjustment",
-    "event_risk_factor",
-    "event_adjustment",
-    "min_rate_units",
-    "borrow_status",
-    "rate_source",
-    "available_shares",
-    "rate_as_of",
-)
 _ROW_COLUMNS = (
     "b",
     "row_index",
@@ -725,7 +690,7 @@ def _check_batch(batch: PricedBatch) -> None:
 
 
 def _binary_rows(b: int, batch: PricedBatch) -> bytes:
-    """The batch's rows as binary COPY tuples of `pricer_stage_quote_rows_v2` (without the framing)."""
+    """The batch's rows as binary COPY tuples of `pricer_stage_quote_rows` (without the framing)."""
     tuples = np.empty(batch.size, dtype=_ROW_DTYPE)
     tuples["fields"] = len(_ROW_COLUMNS)
     for name in _ROW_COLUMNS:
@@ -748,20 +713,22 @@ async def _chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
         yield part
 
 
-# Per-batch and per-rate values are converted once (MATERIALIZED), not once per row.
 _INSERT_STAGED = """
 WITH b AS MATERIALIZED (
-    SELECT b, batch_id, calculated_at, request_id, client_id, key_id,
-           markup_percentage::numeric AS markup_percentage, transaction_fee_type,
-           transaction_amount::numeric AS transaction_amount, day_count
-    FROM pricer_stage_quote_batches
+    SELECT * FROM unnest($1::int8[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
+                         $7::numeric[], $8::text[], $9::numeric[], $10::int4[])
+        AS b (b, batch_id, calculated_at, request_id, client_id, key_id,
+              markup_percentage, transaction_fee_type, transaction_amount, day_count)
 ), x AS MATERIALIZED (
-    SELECT b, r, ticker, rate_units * 0.00000001 AS borrow_rate, base_rate::numeric AS base_rate,
-           volatility_index::numeric AS volatility_index,
-           volatility_adjustment::numeric AS volatility_adjustment, event_risk_factor,
-           event_adjustment::numeric AS event_adjustment, min_rate_units * 0.00000001 AS min_rate,
-           borrow_status, rate_source, available_shares, rate_as_of
-    FROM pricer_stage_quote_rates
+    SELECT b, r, ticker, rate_units * 0.00000001 AS borrow_rate, base_rate, volatility_index,
+           volatility_adjustment, event_risk_factor, event_adjustment,
+           min_rate_units * 0.00000001 AS min_rate, borrow_status, rate_source, available_shares, rate_as_of
+    FROM unnest($11::int8[], $12::int8[], $13::text[], $14::int8[], $15::numeric[], $16::numeric[],
+                $17::numeric[], $18::int2[], $19::numeric[], $20::int8[], $21::text[], $22::text[],
+                $23::int8[], $24::timestamptz[])
+        AS x (b, r, ticker, rate_units, base_rate, volatility_index, volatility_adjustment,
+              event_risk_factor, event_adjustment, min_rate_units, borrow_status, rate_source,
+              available_shares, rate_as_of)
 )
 INSERT INTO quotes (
     quote_id, batch_id, row_index, input_index, calculated_at, request_id, client_id, key_id, ticker,
@@ -777,7 +744,7 @@ SELECT
     x.borrow_rate, x.base_rate, x.volatility_index, x.volatility_adjustment, x.event_risk_factor,
     x.event_adjustment, x.min_rate, x.borrow_status, x.rate_source, x.available_shares, x.rate_as_of,
     r.borrow_cost * 0.01, r.markup * 0.01, r.transaction_fees * 0.01, r.total_fee * 0.01
-FROM pricer_stage_quote_rows_v2 r
+FROM pricer_stage_quote_rows r
 JOIN b ON b.b = r.b
 JOIN x ON x.b = r.b AND x.r = r.rate_index
 """
@@ -816,8 +783,8 @@ class PgQuoteStore(_PgStore):
 
         A batch whose columns are inconsistent (lengths, a rate index out of range) raises ValueError
         before anything is written."""
-        batch_records: list[tuple[Any, ...]] = []
-        rate_records: list[tuple[Any, ...]] = []
+        batch_columns: list[list[Any]] = [[] for _ in range(10)]
+        rate_columns: list[list[Any]] = [[] for _ in range(14)]
         row_parts: list[bytes] = [_COPY_SIGNATURE]
         seen: set[str] = set()
         for b, batch in enumerate(batches):
@@ -826,7 +793,8 @@ class PgQuoteStore(_PgStore):
             seen.add(batch.batch_id)
             _check_batch(batch)
             schedule = batch.fee_schedule
-            batch_records.append(
+            for column, value in zip(
+                batch_columns,
                 (
                     b,
                     batch.batch_id,
@@ -838,51 +806,50 @@ class PgQuoteStore(_PgStore):
                     str(schedule.transaction_fee_type),
                     _num(schedule.transaction_amount),
                     schedule.day_count,
-                )
-            )
-            rate_records.extend(
-                (
-                    b,
-                    r,
-                    rate.ticker,
-                    rate.rate_units,
-                    _num(rate.base_rate),
-                    _num(rate.volatility_index),
-                    _num(rate.volatility_adjustment),
-                    rate.event_risk_factor,
-                    _num(rate.event_adjustment),
-                    rate.min_rate_units,
-                    str(rate.borrow_status),
-                    str(rate.source),
-                    rate.available_shares,
-                    rate.as_of,
-                )
-                for r, rate in enumerate(batch.rates)
-            )
+                ),
+                strict=True,
+            ):
+                column.append(value)
+            for r, rate in enumerate(batch.rates):
+                for column, value in zip(
+                    rate_columns,
+                    (
+                        b,
+                        r,
+                        rate.ticker,
+                        rate.rate_units,
+                        _num(rate.base_rate),
+                        _num(rate.volatility_index),
+                        _num(rate.volatility_adjustment),
+                        rate.event_risk_factor,
+                        _num(rate.event_adjustment),
+                        rate.min_rate_units,
+                        str(rate.borrow_status),
+                        str(rate.source),
+                        rate.available_shares,
+                        rate.as_of,
+                    ),
+                    strict=True,
+                ):
+                    column.append(value)
             row_parts.append(_binary_rows(b, batch))
-        if not batch_records:
+        if not seen:
             return 0
         row_parts.append(_COPY_TRAILER)
         with translate_errors("quotes.add"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute(_STAGING)
-                await connection.copy_records_to_table(
-                    "pricer_stage_quote_batches", records=batch_records, columns=_BATCH_COLUMNS
-                )
-                await connection.copy_records_to_table(
-                    "pricer_stage_quote_rates", records=rate_records, columns=_RATE_COLUMNS
-                )
                 await connection.copy_to_table(
-                    "pricer_stage_quote_rows_v2",
+                    "pricer_stage_quote_rows",
                     source=_chunks(row_parts),
                     columns=_ROW_COLUMNS,
                     format="binary",
                 )
                 try:
                     async with connection.transaction():  # a savepoint
-                        status = await connection.execute(_INSERT_STAGED)
+                        status = await connection.execute(_INSERT_STAGED, *batch_columns, *rate_columns)
                 except asyncpg.UniqueViolationError:
-                    status = await connection.execute(_MERGE_STAGED)
+                    status = await connection.execute(_MERGE_STAGED, *batch_columns, *rate_columns)
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def get(self, quote_id: str) -> QuoteResponse | None:

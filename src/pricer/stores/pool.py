@@ -1,0 +1,48 @@
+"""A database pool opened in the app's lifespan: asyncpg pools need a running event loop, while the
+stores are built with the app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+
+from pricer.errors import ServiceUnavailable
+from pricer.stores.postgres import quote_identifier, translate_errors, valid_schema_name
+
+
+class DeferredPool:
+    def __init__(self, dsn: str, *, schema: str | None, max_size: int) -> None:
+        if schema is not None and not valid_schema_name(schema):
+            raise ValueError(f"schema name {schema!r} is not a plain identifier")
+        self._dsn = dsn
+        self._schema = schema
+        self._max_size = max_size
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        server_settings = {"application_name": "pricer", "jit": "off"}
+        if self._schema is not None:
+            server_settings["search_path"] = quote_identifier(self._schema)
+        with translate_errors("connect"):
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=2,
+                max_size=self._max_size,
+                server_settings=server_settings,
+                command_timeout=30,
+            )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    @property
+    def opened(self) -> bool:
+        return self._pool is not None
+
+    def __getattr__(self, name: str) -> Any:
+        pool = self.__dict__.get("_pool")
+        if pool is None:
+            raise ServiceUnavailable("The database pool is not open")
+        return getattr(pool, name)
