@@ -1,4 +1,13 @@
-"""The one console script: `pricer serve`, `pricer load ibkr|vix|earnings FILE`."""
+"""The one console script, `pricer`:
+
+serve                              run the engine (uvicorn; HOST, PORT, WORKERS)
+load ibkr|vix|earnings FILE        load market data (into the database with DATABASE_URL, else
+                                   through the running engine's admin endpoint)
+migrate                            apply the SQL migrations (DATABASE_URL)
+keys create|list|show|revoke       API keys in the database (secrets shown once, stored as HMACs)
+check-db                           database connectivity, as the runbook's check
+seed-demo                          the demo clients, market data and keys, into the database
+"""
 
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from pricer import __version__
+from pricer.errors import PricerError
 from pricer.logs import fields
 from pricer.settings import Settings, SettingsError, load_settings
 
@@ -46,6 +56,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--url", help="engine base URL (default: PRICER_URL, the demo keys file, or http://HOST:PORT)"
     )
     load.add_argument("--key", help="admin API key (default: PRICER_ADMIN_KEY or the demo keys file)")
+    commands.add_parser("migrate", help="apply the database migrations (DATABASE_URL)")
+    commands.add_parser("check-db", help="check that the database answers (DATABASE_URL)")
+    commands.add_parser("seed-demo", help="load the demo data and print two demo keys (DATABASE_URL)")
+    keys = commands.add_parser("keys", help="API keys in the database (DATABASE_URL)").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="issue a key; its secret is printed once")
+    create.add_argument("client_id")
+    create.add_argument("--scopes", default="quote,rates", help="comma-separated: quote, rates, admin, audit")
+    create.add_argument("--expires-in-days", type=int, default=90)
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--client", dest="client_id")
+    show = keys.add_parser("show", help="a key's record; with the whole key, also verify its secret")
+    show.add_argument("key")
+    revoke = keys.add_parser("revoke", help="revoke a key (in force on every replica within a second)")
+    revoke.add_argument("key_id")
     args = parser.parse_args(argv)
 
     try:
@@ -55,7 +81,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve(settings)
-    return load_file(settings, args.kind, args.file, url=args.url, key=args.key)
+    if args.command == "load" and settings.database_url is None:
+        return load_file(settings, args.kind, args.file, url=args.url, key=args.key)
+    if settings.database_url is None:
+        print(
+            f"pricer: {args.command} needs DATABASE_URL (the embedded default keeps its data in the "
+            "running process: use the admin endpoints)",
+            file=sys.stderr,
+        )
+        return 2
+    return asyncio.run(_database_command(settings, args))
+
+
+async def _database_command(settings: Settings, args: argparse.Namespace) -> int:
+    from pricer import commands
+    from pricer.models import Scope
+
+    try:
+        if args.command == "migrate":
+            return await commands.migrate_command(settings)
+        if args.command == "check-db":
+            return await commands.check_database(settings)
+        if args.command == "seed-demo":
+            return await commands.seed_demo_command(settings)
+        if args.command == "load":
+            try:
+                content = args.file.read_bytes()
+            except OSError as error:
+                print(f"pricer: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+                return 2
+            return await commands.load_into_database(settings, args.kind, content)
+        if args.keys_command == "create":
+            try:
+                scopes = [Scope(part.strip()) for part in args.scopes.split(",") if part.strip()]
+            except ValueError:
+                print("pricer: --scopes takes quote, rates, admin, audit", file=sys.stderr)
+                return 2
+            return await commands.create_key(settings, args.client_id, scopes, args.expires_in_days)
+        if args.keys_command == "list":
+            return await commands.list_keys(settings, args.client_id)
+        if args.keys_command == "show":
+            return await commands.show_key(settings, args.key)
+        return await commands.revoke_key(settings, args.key_id)
+    except PricerError as error:
+        print(f"pricer: {error.message}", file=sys.stderr)
+        return 1
 
 
 def serve(settings: Settings) -> int:

@@ -1,0 +1,197 @@
+"""The CLI's database commands: migrations, keys, market-data loads and the demo seed.
+
+They talk to PostgreSQL directly (DATABASE_URL); a market-data load also tells every running replica to
+drop its cached rates (Redis pub/sub, with REDIS_URL).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pricer.auth.keys import KeyHasher, KeyVerifier, make_record, new_key, parse_key
+from pricer.errors import PricerError, Unauthorized
+from pricer.invalidation import InvalidationBus, LocalBus, RedisBus
+from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix
+from pricer.marketdata.service import MarketDataWriter
+from pricer.models import Scope
+from pricer.settings import Settings
+from pricer.stores.cached import KEY_TOPIC
+from pricer.stores.protocols import Stores
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+async def with_database(settings: Settings, work: Callable[[Stores, InvalidationBus], Awaitable[int]]) -> int:
+    from pricer.backends import redis_client
+    from pricer.stores.postgres import connect_stores
+
+    assert settings.database_url is not None
+    stores, pool = await connect_stores(
+        settings.database_url, schema=settings.database_schema, min_size=1, max_size=2
+    )
+    bus: InvalidationBus = RedisBus(redis_client(settings.redis_url)) if settings.redis_url else LocalBus()
+    try:
+        return await work(stores, bus)
+    finally:
+        await pool.close()
+
+
+async def migrate_command(settings: Settings) -> int:
+    from pricer.stores.migrate import migrate
+
+    assert settings.database_url is not None
+    applied = await migrate(settings.database_url, schema=settings.database_schema)
+    print("applied: " + ", ".join(applied) if applied else "the schema is up to date")
+    return 0
+
+
+async def check_database(settings: Settings) -> int:
+    """The runbook's connectivity check: prints 'Connection successful' or the reason (never the DSN)."""
+
+    async def work(stores: Stores, _bus: InvalidationBus) -> int:
+        await stores.clients.get("connectivity-check")
+        print("Connection successful")
+        return 0
+
+    try:
+        return await with_database(settings, work)
+    except PricerError as error:
+        print(f"Connection failed: {error.message}", file=sys.stderr)
+        return 1
+
+
+async def create_key(settings: Settings, client_id: str, scopes: list[Scope], expires_in_days: int) -> int:
+    async def work(stores: Stores, _bus: InvalidationBus) -> int:
+        if await stores.clients.get(client_id) is None:
+            print(
+                f"pricer: unknown client {client_id!r}: create it first (PUT /api/v1/admin/clients/...)",
+                file=sys.stderr,
+            )
+            return 1
+        now = _utc_now()
+        key_id, key = new_key()
+        record = make_record(
+            KeyHasher(settings.api_key_pepper),
+            key,
+            client_id=client_id,
+            scopes=scopes,
+            now=now,
+            expires_at=now + dt.timedelta(days=expires_in_days),
+        )
+        await stores.keys.put(record)
+        print(
+            f"key_id:     {key_id}\nclient_id:  {client_id}\nscopes:     {','.join(sorted(scopes))}\n"
+            f"expires_at: {record.expires_at.isoformat()}\napi_key:    {key}\n"
+            "(the api_key is shown only now; only its HMAC is stored)"
+        )
+        return 0
+
+    return await with_database(settings, work)
+
+
+async def list_keys(settings: Settings, client_id: str | None) -> int:
+    async def work(stores: Stores, _bus: InvalidationBus) -> int:
+        records = sorted(await stores.keys.list(client_id), key=lambda record: record.created_at)
+        now = _utc_now()
+        print(f"{'key_id':<18}{'client_id':<22}{'scopes':<24}{'expires_at':<27}state")
+        for record in records:
+            state = "revoked" if record.revoked_at else ("expired" if record.expires_at <= now else "active")
+            print(
+                f"{record.key_id:<18}{record.client_id:<22}{','.join(sorted(record.scopes)):<24}"
+                f"{record.expires_at.isoformat(timespec='seconds'):<27}{state}"
+            )
+        return 0
+
+    return await with_database(settings, work)
+
+
+async def show_key(settings: Settings, key_or_id: str) -> int:
+    """The runbook's "check API key in database": a full key is also verified against its stored hash."""
+
+    async def work(stores: Stores, _bus: InvalidationBus) -> int:
+        parsed = parse_key(key_or_id)
+        key_id = parsed[0] if parsed else key_or_id
+        record = await stores.keys.get(key_id)
+        if record is None:
+            print(f"no key with id {key_id!r}")
+            return 1
+        now = _utc_now()
+        verdict = "not checked (give the whole key to verify it)"
+        if parsed is not None:
+            try:
+                await KeyVerifier(stores.keys, KeyHasher(settings.api_key_pepper)).verify(key_or_id, now)
+                verdict = "valid"
+            except Unauthorized as error:
+                verdict = f"refused ({error.reason})"
+        print(
+            f"key_id:     {record.key_id}\nclient_id:  {record.client_id}\n"
+            f"scopes:     {','.join(sorted(record.scopes))}\ncreated_at: {record.created_at.isoformat()}\n"
+            f"expires_at: {record.expires_at.isoformat()}\n"
+            f"revoked_at: {record.revoked_at.isoformat() if record.revoked_at else '-'}\n"
+            f"secret:     {verdict}"
+        )
+        return 0
+
+    return await with_database(settings, work)
+
+
+async def revoke_key(settings: Settings, key_id: str) -> int:
+    async def work(stores: Stores, bus: InvalidationBus) -> int:
+        if not await stores.keys.revoke(key_id, _utc_now()):
+            print(f"no key with id {key_id!r}", file=sys.stderr)
+            return 1
+        await bus.publish(KEY_TOPIC, key_id)
+        print(f"revoked {key_id}")
+        return 0
+
+    return await with_database(settings, work)
+
+
+async def load_into_database(settings: Settings, kind: str, content: bytes) -> int:
+    async def work(stores: Stores, bus: InvalidationBus) -> int:
+        writer = MarketDataWriter(stores, bus)
+        result: dict[str, Any]
+        if kind == "ibkr":
+            snapshot = parse_availability(content, loaded_at=_utc_now())
+            in_force = await writer.add_availability(snapshot)
+            result = {
+                "rows": len(snapshot.entries),
+                "as_of": snapshot.as_of.isoformat(),
+                "in_force": in_force,
+            }
+        elif kind == "vix":
+            reading = parse_vix(content)
+            await writer.add_volatility(reading)
+            result = {"value": reading.value, "as_of": reading.as_of.isoformat()}
+        else:
+            calendar = parse_earnings(content)
+            await writer.replace_events_many(calendar.events)
+            result = {
+                "rows": calendar.rows,
+                "tickers": len(calendar.events),
+                "skipped_symbols": len(calendar.skipped),
+            }
+        print(result)
+        return 0
+
+    try:
+        return await with_database(settings, work)
+    except PricerError as error:
+        print(f"pricer: {kind} file rejected: {error.message}", file=sys.stderr)
+        return 1
+
+
+async def seed_demo_command(settings: Settings) -> int:
+    from pricer.demo import announce_demo_keys, seed_demo
+
+    async def work(stores: Stores, _bus: InvalidationBus) -> int:
+        keys = await seed_demo(stores, KeyHasher(settings.api_key_pepper), _utc_now())
+        announce_demo_keys(keys, settings.demo_keys_file, f"http://{settings.host}:{settings.port}")
+        return 0
+
+    return await with_database(settings, work)
