@@ -29,6 +29,7 @@ from pricer.endpoints.health import DependencyCheck, HealthEndpoints, market_dat
 from pricer.endpoints.quotes import QuoteEndpoints
 from pricer.endpoints.rates import RateEndpoints
 from pricer.marketdata.service import MARKET_TOPIC, MarketData, MarketDataWriter
+from pricer.marketdata.shared_cache import SharedRateCache
 from pricer.middleware.authentication import Authentication
 from pricer.middleware.authorization import Authorization
 from pricer.middleware.body_limit import BodyLimit
@@ -149,6 +150,16 @@ def create_app(
         min_borrow_rate=settings.min_borrow_rate,
         max_borrow_rate=settings.max_borrow_rate,
     )
+    shared_rates = (
+        SharedRateCache(
+            backends.redis,
+            backends.bus,
+            ttl_seconds=settings.rate_cache_ttl_seconds,
+            market_topic=MARKET_TOPIC,
+        )
+        if backends.redis is not None and settings.rate_cache_ttl_seconds > 0
+        else None
+    )
     market = MarketData(
         stores,
         policy=policy,
@@ -156,9 +167,11 @@ def create_app(
         event_window_days=settings.event_window_days,
         cache_ttl_seconds=settings.rate_cache_ttl_seconds,
         metrics=metrics,
+        shared_cache=shared_rates,
+        hears_changes=lambda: backends.bus.connected,
     )
     backends.bus.subscribe(lambda topic, _key: market.invalidate() if topic in (MARKET_TOPIC, "*") else None)
-    writer = MarketDataWriter(stores, backends.bus)
+    writer = MarketDataWriter(stores, backends.bus, market)
     hasher = KeyHasher(settings.api_key_pepper)
     lifecycle = Lifecycle()
 
@@ -439,6 +452,8 @@ def create_app(
             await ensure_bootstrap_admin(stores, hasher, settings.bootstrap_admin_key, now)
 
     lifecycle.startup += [*backends.startup, seed]
+    if shared_rates is not None:
+        lifecycle.startup.append(shared_rates.load_version)
     lifecycle.shutdown += backends.shutdown
     return app
 

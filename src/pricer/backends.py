@@ -36,6 +36,7 @@ class Backends:
     stores: Stores
     bus: InvalidationBus
     limiter: RateLimiter | None
+    redis: aioredis.Redis | None
     audit: AuditTrail | None = None
     pool: DeferredPool | None = None
     startup: list[Step] = field(default_factory=list)
@@ -63,6 +64,7 @@ def build_backends(settings: Settings, stores: Stores | None = None) -> Backends
     bus: InvalidationBus = RedisBus(client) if client is not None else LocalBus()
     limiter = build_limiter(settings, client) if settings.enable_rate_limiting else None
     backends = Backends(
+        redis=client,
         stores=stores or memory_stores(max_quote_rows=settings.memory_quotes_max_rows),
         bus=bus,
         limiter=limiter,

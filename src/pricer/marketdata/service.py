@@ -15,6 +15,7 @@ from typing import Final, cast
 import numpy as np
 
 from pricer.invalidation import InvalidationBus
+from pricer.marketdata.shared_cache import SharedRateCache
 from pricer.models import (
     AvailabilitySnapshot,
     BorrowStatus,
@@ -70,9 +71,16 @@ class RateCache:
     Entries expire after `ttl` seconds and all of them at once on `invalidate()` (any market-data write).
     A rate computed while a write happened is not stored (its generation is stale)."""
 
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        hears_changes: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._ttl = ttl
         self._clock = clock
+        # While other replicas' writes cannot be heard, entries must not outlive a second.
+        self._hears_changes = hears_changes
         self._entries: dict[str, tuple[TickerRate | None, dt.date, float]] = {}
         self.generation = 0
 
@@ -99,7 +107,7 @@ class RateCache:
     ) -> None:
         if generation != self.generation:
             return
-        expires = self._clock() + self._ttl
+        expires = self._clock() + (self._ttl if self._hears_changes() else min(self._ttl, 0.5))
         if len(self._entries) > 200_000:
             self._entries = {}
         for ticker, rate in zip(tickers, rates, strict=True):
@@ -116,11 +124,16 @@ class MarketData:
         event_window_days: int,
         cache_ttl_seconds: float = 0.0,
         metrics: Metrics | None = None,
+        shared_cache: SharedRateCache | None = None,
+        hears_changes: Callable[[], bool] = lambda: True,
     ) -> None:
         self._stores = stores
         self._policy = policy
-        self._cache = RateCache(cache_ttl_seconds) if cache_ttl_seconds > 0 else None
+        self._cache = (
+            RateCache(cache_ttl_seconds, hears_changes=hears_changes) if cache_ttl_seconds > 0 else None
+        )
         self._metrics = metrics
+        self._shared = shared_cache
         self._default_volatility = VolatilityReading(
             value=float(default_volatility_index),
             as_of=dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
@@ -156,14 +169,33 @@ class MarketData:
             self._metrics.cache_hits += len(tickers) - len(missing)
             self._metrics.cache_misses += len(missing)
         if missing:
-            computed = await self._compute(missing, now)
-            cache.store(missing, computed, today, generation)
-            by_ticker = dict(zip(missing, computed, strict=True))
+            by_ticker = await self._shared_or_computed(missing, now)
+            cache.store(missing, [by_ticker[ticker] for ticker in missing], today, generation)
             return [
                 by_ticker[ticker] if hit is _MISS else cast("TickerRate | None", hit)
                 for ticker, hit in zip(tickers, found, strict=True)
             ]
         return cast("list[TickerRate | None]", found)
+
+    async def _shared_or_computed(
+        self, tickers: Sequence[str], now: dt.datetime
+    ) -> dict[str, TickerRate | None]:
+        today = now.date()
+        shared = self._shared
+        found: dict[str, TickerRate | None] = {}
+        version = shared.version if shared is not None else None
+        if shared is not None:
+            found = await shared.get_many(tickers, today)
+        rest = [ticker for ticker in tickers if ticker not in found]
+        if rest:
+            computed = dict(zip(rest, await self._compute(rest, now), strict=True))
+            if shared is not None:
+                await shared.put_many(computed, today, version)
+            found.update(computed)
+        return found
+
+    async def bump_shared_version(self) -> int | None:
+        return await self._shared.bump() if self._shared is not None else None
 
     async def _compute(self, tickers: Sequence[str], now: dt.datetime) -> list[TickerRate | None]:
         stores = self._stores
@@ -245,14 +277,18 @@ class MarketDataWriter:
     """Every market-data write goes through here (admin endpoints, CLI), so that later layers
     (rate caches, invalidation messages) have one place to hook into."""
 
-    def __init__(self, stores: Stores, bus: InvalidationBus | None = None) -> None:
+    def __init__(
+        self, stores: Stores, bus: InvalidationBus | None = None, market: MarketData | None = None
+    ) -> None:
         self._stores = stores
         self._bus = bus
+        self._market = market
 
     async def _changed(self) -> None:
-        """Market data changed: every replica's rate cache forgets (this one before the call returns)."""
+        """Market data changed: every replica's rate caches forget (this one before the call returns)."""
+        version = await self._market.bump_shared_version() if self._market is not None else None
         if self._bus is not None:
-            await self._bus.publish(MARKET_TOPIC, "*")
+            await self._bus.publish(MARKET_TOPIC, str(version) if version is not None else "*")
 
     async def add_availability(self, snapshot: AvailabilitySnapshot) -> bool:
         """Keep the snapshot; True when it is now the one in force."""
