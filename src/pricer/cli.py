@@ -137,6 +137,23 @@ def serve(settings: Settings) -> int:
 
     configure_logging(settings.log_level)
     base_url = f"http://{settings.host}:{settings.port}"
+    options = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
+        "log_config": None,
+        "server_header": False,
+        "timeout_graceful_shutdown": max(1, int(settings.shutdown_drain_seconds) + 25),
+    }
+    if settings.workers > 1:
+        # Several processes share the port; each builds its own app (stores and limits are shared through
+        # PostgreSQL and Redis, which WORKERS > 1 requires). Kubernetes runs one worker per pod instead,
+        # which also keeps the SIGTERM drain of a single server.
+        uvicorn.run("pricer.cli:worker_app", factory=True, workers=settings.workers, **options)  # type: ignore[arg-type]
+        return 0
     try:
         app = create_app(
             settings,
@@ -145,21 +162,20 @@ def serve(settings: Settings) -> int:
     except SettingsError as error:
         print(f"pricer: configuration error: {error}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_seconds) + 25),
-    )
+    config = uvicorn.Config(app, **options)  # type: ignore[arg-type]
     server = _draining_server_class()(config, app=app, drain_seconds=settings.shutdown_drain_seconds)
     server.run()
     return 0 if server.started else 1
+
+
+def worker_app() -> PricerApp:
+    """The app of one worker process when WORKERS > 1."""
+    from pricer.app import create_app
+    from pricer.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 def _draining_server_class() -> type:
