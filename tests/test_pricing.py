@@ -25,6 +25,7 @@ from pricer.pricing.core import (
     RatePolicy,
     price_locates,
     price_rates,
+    scaled_int,
     to_scaled_int,
 )
 from tests.decimal_reference import reference_fee, reference_rate
@@ -862,3 +863,17 @@ def test_price_rates_ignores_the_ambient_decimal_context(ambient: Context) -> No
         with localcontext(ambient):
             got = core_rate_units(*args)
         assert got == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    value=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.decimals(min_value=-10**9, max_value=10**9, places=4, allow_nan=False).map(float),
+    ),
+    places=st.integers(min_value=0, max_value=8),
+)
+def test_scaled_int_is_to_scaled_int_for_one_value(value: float, places: int) -> None:
+    units, exact = to_scaled_int([value], places)
+    expected = int(units[0]) if bool(exact[0]) else None
+    assert scaled_int(value, places) == expected

@@ -64,6 +64,7 @@ class Quoter:
         self._market = market
         self._metrics = metrics
         self._tracing = tracing
+        self._terms: dict[str, ClientTerms] = {}
 
     async def client_terms(self, client_id: str) -> ClientTerms:
         client = await self._stores.clients.get(client_id)
@@ -71,7 +72,15 @@ class Quoter:
             raise ClientNotFound(client_id)
         if not client.active:
             raise Forbidden("Client is inactive", details={"client_id": client_id})
-        return ClientTerms(client=client, terms=fee_terms(client), view=fee_schedule_view(client))
+        cached = self._terms.get(client_id)
+        if cached is None or cached.client is not client:
+            # Records are immutable and replaced whole on change: the same object has the same terms.
+            if len(self._terms) > 100_000:
+                self._terms.clear()
+            cached = self._terms[client_id] = ClientTerms(
+                client=client, terms=fee_terms(client), view=fee_schedule_view(client)
+            )
+        return cached
 
     async def unknown_tickers(self, tickers: Sequence[str]) -> set[str]:
         rates = await self._market.ticker_rates(tickers, dt.datetime.now(dt.UTC))

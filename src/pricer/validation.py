@@ -14,7 +14,7 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
 from pricer.errors import FieldProblem, InvalidParameter, UnsupportedMediaType
-from pricer.pricing.core import to_scaled_int
+from pricer.pricing.core import scaled_int
 from pricer.tickers import TICKER_RULE, normalize_ticker
 
 T = TypeVar("T")
@@ -109,12 +109,12 @@ def require_places(
     value: float, places: int, field: str, *, location: str = "body", valid_params: Sequence[str] = ()
 ) -> int:
     """The exact integer value × 10^places, or a 400 when the value has more decimals."""
-    units, exact = to_scaled_int([value], places)
-    if not bool(exact[0]):
+    units = scaled_int(value, places)
+    if units is None:
         raise InvalidParameter.for_field(
             field, f"at most {places} decimals allowed", location=location, valid_params=valid_params
         )
-    return int(units[0])
+    return units
 
 
 def reject_duplicate_query_params(items: Sequence[tuple[str, str]], location: str = "query") -> None:

@@ -11,6 +11,7 @@ from pricer.pricing.core import (
     borrow_status_codes,
     price_locates,
     price_rates,
+    scaled_int,
     to_scaled_int,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "borrow_status_codes",
     "price_locates",
     "price_rates",
+    "scaled_int",
     "to_scaled_int",
 ]

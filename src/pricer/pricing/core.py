@@ -72,6 +72,16 @@ def to_scaled_int(values: npt.ArrayLike, places: int) -> tuple[Int64Array, BoolA
     return np.where(exact, units, 0).astype(np.int64), exact
 
 
+def scaled_int(value: float, places: int) -> int | None:
+    """`to_scaled_int` for one value (the same rule in plain Python, without NumPy's per-call cost):
+    the exact integer value × 10^places, or None when the value has more decimals or cannot be scaled."""
+    scale = float(10**places)
+    if not abs(value) < 2.0**53 / scale:  # also refuses NaN and infinities
+        return None
+    units = round(value * scale)
+    return units if units / scale == value else None
+
+
 class RatePolicy(msgspec.Struct, frozen=True, kw_only=True):
     """The configurable factors of DESIGN §3, as decimal texts so that they stay exact."""
 
