@@ -199,7 +199,14 @@ def _draining_server_class() -> type:
             lifecycle.draining = True
             log.info("Draining before shutdown", extra=fields(seconds=self._drain_seconds))
             loop = asyncio.get_event_loop()
-            loop.call_soon_threadsafe(loop.call_later, self._drain_seconds, super().handle_exit, sig, frame)
+            loop.call_soon_threadsafe(
+                loop.call_later, self._drain_seconds, self._stop_after_drain, sig, frame
+            )
+
+        def _stop_after_drain(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            # A drained shutdown is a clean exit (status 0): uvicorn would re-raise the signal it recorded.
+            self._captured_signals.remove(sig)
 
     return DrainingServer
 

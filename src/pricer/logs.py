@@ -6,6 +6,7 @@ Messages the runbook greps for are constants here; secrets are never passed to a
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -32,6 +33,17 @@ def _quote(value: object) -> str:
     return f'"{escaped}"'
 
 
+# Credentials that a client may put where they do not belong (say, a key as a field name) and that an
+# error message would then repeat: masked in every line, whatever logged it.
+_SECRETS = re.compile(
+    r"(bre_[a-z0-9]{8,16}_)[A-Za-z0-9]{32,64}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"
+)
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(lambda match: (match.group(1) or "") + "[REDACTED]", text)
+
+
 class LogfmtFormatter(logging.Formatter):
     # Names whose values are always quoted, as the runbook's LogQL patterns expect (client_id="x").
     _ALWAYS_QUOTED = frozenset({"client_id", "endpoint", "msg"})
@@ -53,7 +65,7 @@ class LogfmtFormatter(logging.Formatter):
         parts.append(f"ts={stamp}.{int(record.msecs):03d}Z")
         if record.exc_info:
             parts.append("exc=" + _always_quoted(self.formatException(record.exc_info)))
-        return " ".join(parts)
+        return redact(" ".join(parts))
 
 
 def _always_quoted(value: object) -> str:

@@ -33,9 +33,8 @@ class RouteMatch:
             if match is Match.PARTIAL and partial is None:
                 partial = route
         if partial is not None:
-            if scope["method"] == "OPTIONS":
-                # A preflight that CORS did not answer: allowed methods, no body.
-                self._select(scope, partial)
+            # The path is known: logs and metrics name its template, though no endpoint runs.
+            request_state(scope).route_template = partial.path
             raise MethodNotAllowed(sorted(partial.methods or ()))
         raise NotFound(f"No route for {scope['path']}")
 

@@ -1,0 +1,168 @@
+"""Graceful shutdown under traffic (DESIGN §4 "Shutdown", RUNBOOK rolling updates with zero failed requests).
+
+On SIGTERM `/health` answers 503 for SHUTDOWN_DRAIN_SECONDS while quotes are still served, then the
+listener closes, in-flight requests finish, the lifespan shutdown runs and the process exits by itself.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, start_server, stop_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+DRAIN_SECONDS = 2.0
+WORKERS = 4
+EXIT_DEADLINE = 20.0
+QUOTE = {"ticker": "AAPL", "position_value": 100000, "loan_days": 30, "client_id": "demo_client"}
+
+
+@dataclass
+class Outcome:
+    started: float
+    finished: float
+    status: int | None = None  # None: no answer
+    error: str | None = None
+
+
+@dataclass
+class Recorder:
+    outcomes: list[Outcome] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.outcomes.append(outcome)
+
+
+def quote_worker(server: RunningServer, recorder: Recorder, stop: threading.Event) -> None:
+    """Quotes back to back on one keep-alive connection (reconnecting after an error), until told."""
+    headers = {"X-API-Key": server.keys["DEMO_CLIENT_KEY"]}
+    while not stop.is_set():
+        with httpx.Client(base_url=server.base_url, timeout=10) as http:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    response = http.post("/api/v1/calculate-locate", json=QUOTE, headers=headers)
+                except httpx.HTTPError as error:
+                    recorder.add(Outcome(started, time.monotonic(), error=type(error).__name__))
+                    time.sleep(0.02)
+                    break  # a fresh connection
+                recorder.add(Outcome(started, time.monotonic(), status=response.status_code))
+                if response.status_code == 200:
+                    assert response.json()["status"] == "success"
+
+
+def poll_health(server: RunningServer, until: float) -> list[Outcome]:
+    """GET /health on a fresh connection every 50 ms (as a readiness probe does)."""
+    polls: list[Outcome] = []
+    while time.monotonic() < until and server.process.poll() is None:
+        started = time.monotonic()
+        try:
+            response = httpx.get(f"{server.base_url}/health", timeout=2)
+            polls.append(Outcome(started, time.monotonic(), status=response.status_code))
+            if response.status_code == 503:
+                assert response.json()["status"] in ("draining", "unhealthy")
+        except httpx.HTTPError as error:
+            polls.append(Outcome(started, time.monotonic(), error=type(error).__name__))
+        time.sleep(0.05)
+    return polls
+
+
+def test_sigterm_drains_then_exits_without_failing_requests(tmp_path: Path) -> None:
+    server = start_server(
+        tmp_path,
+        SHUTDOWN_DRAIN_SECONDS=str(DRAIN_SECONDS),
+        RATE_LIMIT_PER_MINUTE="10000000",
+        LOG_LEVEL="INFO",
+    )
+    recorder = Recorder()
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=quote_worker, args=(server, recorder, stop), daemon=True)
+        for _ in range(WORKERS)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.7)  # steady traffic first
+        assert httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200
+        sigterm_at = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        polls = poll_health(server, until=sigterm_at + EXIT_DEADLINE)
+        try:
+            returncode = server.process.wait(timeout=max(0.1, sigterm_at + EXIT_DEADLINE - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not exit within {EXIT_DEADLINE} s of SIGTERM:\n{server.log()}")
+        exited_at = time.monotonic()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+        stop_server(server)
+
+    drain_end = sigterm_at + DRAIN_SECONDS
+    outcomes = sorted(recorder.outcomes, key=lambda outcome: outcome.started)
+    answered = [o for o in outcomes if o.status is not None]
+    failed = [o for o in outcomes if o.status is None]
+
+    # /health: 503 through the drain window (a probe racing the signal's delivery may still see 200),
+    # then no listener.
+    timeline = [(round(p.started - sigterm_at, 3), p.status, p.error) for p in polls]
+    draining = [p for p in polls if p.status == 503]
+    assert draining, timeline
+    assert all(p.status in (503, None) for p in polls if p.started >= sigterm_at + 0.2), timeline
+    assert all(p.status in (200, 503, None) for p in polls), timeline
+    assert draining[-1].finished >= drain_end - 0.3, "503 stopped well before the drain window closed"
+    unreachable = [p for p in polls if p.status is None]
+    assert all(p.started >= drain_end - 0.05 for p in unreachable), "the listener closed during the drain"
+    if unreachable:  # once closed, it stays closed
+        assert all(p.status is None for p in polls if p.started >= unreachable[0].started)
+
+    # Quotes: every answer complete and never a server error; still served during the drain.
+    assert answered
+    assert {o.status for o in answered} == {200}, sorted({o.status or 0 for o in answered})
+    served_while_draining = [o for o in answered if sigterm_at <= o.started < drain_end]
+    assert len(served_while_draining) >= 10, len(served_while_draining)
+    assert any(o.finished >= drain_end - 0.2 for o in served_while_draining)
+    # Connection errors only for requests sent once the drain window had closed.
+    early = [(round(o.started - sigterm_at, 3), o.error) for o in failed if o.started < drain_end]
+    assert not early, early
+    # The process stopped by itself, after the drain and with a graceful lifespan shutdown.
+    assert exited_at - sigterm_at >= DRAIN_SECONDS
+    assert returncode == 0, returncode
+    log = server.log()
+    assert "Application shutdown complete." in log, log
+    assert "Traceback" not in log, log
+    ok_before_exit = sum(1 for o in answered if o.finished <= exited_at)
+    print(
+        f"\n200s before exit: {ok_before_exit} ({len(served_while_draining)} sent while draining), "
+        f"connection errors after the drain: {len(failed)}, exit {exited_at - sigterm_at:.2f} s after SIGTERM"
+    )
+
+
+def test_a_graceful_sigterm_shutdown_exits_with_status_zero(tmp_path: Path) -> None:
+    server = start_server(tmp_path, SHUTDOWN_DRAIN_SECONDS="0.5", LOG_LEVEL="WARNING")
+    try:
+        headers = {"X-API-Key": server.keys["DEMO_CLIENT_KEY"]}
+        response = httpx.post(
+            f"{server.base_url}/api/v1/calculate-locate",
+            json=QUOTE,
+            headers=headers,
+            timeout=5,
+        )
+        assert response.status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        returncode = server.process.wait(timeout=EXIT_DEADLINE)
+    finally:
+        stop_server(server)
+    assert returncode == 0, returncode
