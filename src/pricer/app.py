@@ -171,7 +171,7 @@ def create_app(
         hears_changes=lambda: backends.bus.connected,
     )
     backends.bus.subscribe(lambda topic, _key: market.invalidate() if topic in (MARKET_TOPIC, "*") else None)
-    writer = MarketDataWriter(stores, backends.bus, market)
+    writer = MarketDataWriter(stores, backends.bus, shared_rates)
     hasher = KeyHasher(settings.api_key_pepper)
     lifecycle = Lifecycle()
 

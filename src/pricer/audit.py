@@ -106,50 +106,70 @@ class SpooledBatch(msgspec.Struct, array_like=True):
 
 
 class Spool:
-    """An append-only file of length-prefixed msgpack batches, fsynced on every append."""
+    """An append-only file of length-prefixed msgpack batches, fsynced on every append.
+
+    A crash (or a failed write) in the middle of an append leaves a torn record at the end; it is cut off
+    before anything else is appended, so that every whole record stays readable. The torn batch was never
+    acknowledged as spooled: it is still queued (or, after a crash, was never answered as written)."""
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "audit-spool.bin"
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(SpooledBatch)
+        self._end = 0  # where the last whole record ends
+        if self.path.exists():
+            data = self.path.read_bytes()
+            _, self._end = self._records(data)
+            if self._end < len(data):
+                log.error(
+                    "Audit spool ends in a torn record; cutting it off",
+                    extra=fields(path=str(self.path), offset=self._end, torn_bytes=len(data) - self._end),
+                )
 
-    def append(self, batches: Sequence[PricedBatch]) -> None:
-        payload = bytearray()
-        for batch in batches:
-            record = self._encoder.encode(SpooledBatch.of(batch))
-            payload += _LENGTH.pack(len(record)) + record
-        with self.path.open("ab") as spool:
-            spool.write(payload)
-            spool.flush()
-            os.fsync(spool.fileno())
-
-    def read(self) -> list[PricedBatch]:
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
+    def _records(self, data: bytes) -> tuple[list[PricedBatch], int]:
+        """The whole records at the start of `data`, and the offset where they end."""
         batches = []
         offset = 0
         while offset + _LENGTH.size <= len(data):
             (length,) = _LENGTH.unpack_from(data, offset)
             start = offset + _LENGTH.size
             if start + length > len(data):
-                log.error(
-                    "Audit spool ends in a torn record; keeping what precedes it",
-                    extra=fields(path=str(self.path), offset=offset),
-                )
                 break
-            batches.append(self._decoder.decode(data[start : start + length]).batch())
+            try:
+                batches.append(self._decoder.decode(data[start : start + length]).batch())
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                break
             offset = start + length
+        return batches, offset
+
+    def append(self, batches: Sequence[PricedBatch]) -> None:
+        payload = bytearray()
+        for batch in batches:
+            record = self._encoder.encode(SpooledBatch.of(batch))
+            payload += _LENGTH.pack(len(record)) + record
+        with self.path.open("r+b" if self.path.exists() else "wb") as spool:
+            spool.seek(self._end)
+            spool.truncate()
+            spool.write(payload)
+            spool.flush()
+            os.fsync(spool.fileno())
+        self._end += len(payload)
+
+    def read(self) -> list[PricedBatch]:
+        if not self.path.exists():
+            return []
+        batches, _ = self._records(self.path.read_bytes())
         return batches
 
     def clear(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        self._end = 0
 
     @property
     def pending(self) -> bool:
-        return self.path.exists() and self.path.stat().st_size > 0
+        return self._end > 0
 
 
 class AuditTrail:

@@ -34,11 +34,14 @@ async def with_database(settings: Settings, work: Callable[[Stores, Invalidation
     stores, pool = await connect_stores(
         settings.database_url, schema=settings.database_schema, min_size=1, max_size=2
     )
-    bus: InvalidationBus = RedisBus(redis_client(settings.redis_url)) if settings.redis_url else LocalBus()
+    client = redis_client(settings.redis_url) if settings.redis_url else None
+    bus: InvalidationBus = RedisBus(client) if client is not None else LocalBus()
     try:
         return await work(stores, bus)
     finally:
         await pool.close()
+        if client is not None:
+            await client.aclose()
 
 
 async def migrate_command(settings: Settings) -> int:
@@ -154,7 +157,20 @@ async def revoke_key(settings: Settings, key_id: str) -> int:
 
 async def load_into_database(settings: Settings, kind: str, content: bytes) -> int:
     async def work(stores: Stores, bus: InvalidationBus) -> int:
-        writer = MarketDataWriter(stores, bus)
+        shared = None
+        if settings.redis_url is not None:
+            from pricer.backends import redis_client
+            from pricer.marketdata.service import MARKET_TOPIC
+            from pricer.marketdata.shared_cache import SharedRateCache
+
+            # The replicas' shared rate cache moves to a new version with this write.
+            shared = SharedRateCache(
+                redis_client(settings.redis_url),
+                bus,
+                ttl_seconds=settings.rate_cache_ttl_seconds,
+                market_topic=MARKET_TOPIC,
+            )
+        writer = MarketDataWriter(stores, bus, shared)
         result: dict[str, Any]
         if kind == "ibkr":
             snapshot = parse_availability(content, loaded_at=_utc_now())

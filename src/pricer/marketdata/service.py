@@ -194,9 +194,6 @@ class MarketData:
             found.update(computed)
         return found
 
-    async def bump_shared_version(self) -> int | None:
-        return await self._shared.bump() if self._shared is not None else None
-
     async def _compute(self, tickers: Sequence[str], now: dt.datetime) -> list[TickerRate | None]:
         stores = self._stores
         snapshot = await stores.availability.current()
@@ -278,15 +275,18 @@ class MarketDataWriter:
     (rate caches, invalidation messages) have one place to hook into."""
 
     def __init__(
-        self, stores: Stores, bus: InvalidationBus | None = None, market: MarketData | None = None
+        self,
+        stores: Stores,
+        bus: InvalidationBus | None = None,
+        shared_cache: SharedRateCache | None = None,
     ) -> None:
         self._stores = stores
         self._bus = bus
-        self._market = market
+        self._shared_cache = shared_cache
 
     async def _changed(self) -> None:
         """Market data changed: every replica's rate caches forget (this one before the call returns)."""
-        version = await self._market.bump_shared_version() if self._market is not None else None
+        version = await self._shared_cache.bump() if self._shared_cache is not None else None
         if self._bus is not None:
             await self._bus.publish(MARKET_TOPIC, str(version) if version is not None else "*")
 

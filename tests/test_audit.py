@@ -1,0 +1,444 @@
+"""The audit trail (DESIGN §4): every priced position recorded, off the request path, nothing accepted lost.
+
+`AuditTrail` runs here against a real `PgQuoteStore` on a throwaway schema of the shared PostgreSQL
+(tests/pg.py). A database that is away is a `DeferredPool` not yet opened (every write fails as it does
+while the server is down: `ServiceUnavailable`), opened later as the database "returns"; the end-to-end
+outage with a real server stopped and started again is in test_postgres_engine.py. Where a write must fail
+at one precise point (after the rows were committed, or half-way through a replay) a thin sink in front of
+the real store raises there; the store, the pool and the server stay real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import struct
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import msgspec
+import numpy as np
+import pytest
+
+from pricer.audit import AuditTrail, QuoteSink, Spool, SpooledBatch
+from pricer.errors import ServiceUnavailable
+from pricer.models import BorrowStatus, FeeType, RateSource
+from pricer.quotes import PricedBatch, TickerRate, new_batch_id
+from pricer.schemas import FeeScheduleView, QuoteResponse
+from pricer.stores.migrate import migrate
+from pricer.stores.pool import DeferredPool
+from pricer.stores.postgres import PgQuoteStore, quote_identifier
+from tests.pg import pg_schema
+
+pytestmark = pytest.mark.anyio
+
+T0 = dt.datetime(2026, 3, 2, 14, 30, 15, 123456, tzinfo=dt.UTC)
+RATES = [
+    TickerRate(
+        ticker="AAPL",
+        rate_units=300_000,
+        base_rate=0.0025,
+        volatility_index=20.0,
+        volatility_adjustment=0.2,
+        event_risk_factor=0,
+        event_adjustment=0.0,
+        min_rate_units=10_000,
+        borrow_status=BorrowStatus.EASY,
+        source=RateSource.AVAILABILITY_FILE,
+        available_shares=10_000_000,
+        as_of=T0,
+    ),
+    TickerRate(
+        ticker="GME",
+        rate_units=36_461_880,
+        base_rate=0.303849,
+        volatility_index=20.0,
+        volatility_adjustment=0.2,
+        event_risk_factor=6,
+        event_adjustment=0.03,
+        min_rate_units=10_000,
+        borrow_status=BorrowStatus.HARD,
+        source=RateSource.AVAILABILITY_FILE,
+        available_shares=None,
+        as_of=T0 - dt.timedelta(days=1),
+    ),
+]
+
+
+def make_batch(size: int, seed: int = 0) -> PricedBatch:
+    """A priced batch with synthetic figures (the trail stores what it is given, it does not re-price)."""
+    rng = np.random.default_rng(seed)
+    cost = rng.integers(0, 10_000_000, size, dtype=np.int64)
+    markup = cost // 20
+    fees = np.full(size, 2_500, dtype=np.int64)
+    return PricedBatch(
+        batch_id=new_batch_id(),
+        calculated_at=T0 + dt.timedelta(seconds=seed),
+        request_id=f"req-{seed:08d}",
+        client_id="client_1",
+        key_id="k1a2b3c4",
+        fee_schedule=FeeScheduleView(5.0, FeeType.FLAT, 25.0, 365),
+        rates=list(RATES),
+        rate_index=rng.integers(0, len(RATES), size, dtype=np.int64),
+        input_index=np.arange(size, dtype=np.int64),
+        position_cents=rng.integers(1, 100_000_000_000, size, dtype=np.int64),
+        loan_days=rng.integers(1, 366, size, dtype=np.int64),
+        borrow_cost=cost,
+        markup=markup,
+        transaction_fees=fees,
+        total_fee=cost + markup + fees,
+    )
+
+
+def quote_ids(batches: Sequence[PricedBatch]) -> list[str]:
+    return [quote_id for batch in batches for quote_id in batch.quote_ids()]
+
+
+def encoded(value: QuoteResponse | None) -> bytes:
+    return msgspec.json.encode(value)
+
+
+@contextlib.asynccontextmanager
+async def quote_database() -> AsyncIterator[tuple[str, str, Any]]:
+    """A migrated throwaway schema and a pool on it: (dsn, schema, pool)."""
+    async with pg_schema() as (dsn, schema):
+        await migrate(dsn, schema=schema)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=4, server_settings={"search_path": quote_identifier(schema)}
+        )
+        try:
+            yield dsn, schema, pool
+        finally:
+            await pool.close()
+
+
+async def stored_ids(pool: Any) -> tuple[int, list[str]]:
+    """(row count, quote ids) of the quotes table."""
+    rows = await pool.fetch("SELECT quote_id FROM quotes")
+    return len(rows), [str(row["quote_id"]) for row in rows]
+
+
+async def assert_exactly_once(pool: Any, batches: Sequence[PricedBatch]) -> None:
+    count, ids = await stored_ids(pool)
+    expected = quote_ids(batches)
+    assert count == len(expected), f"{count} rows for {len(expected)} positions"
+    assert len(set(ids)) == count
+    assert set(ids) == set(expected)
+
+
+async def eventually(
+    condition: Callable[[], Any], *, within: float = 10.0, interval: float = 0.02, what: str = ""
+) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(interval)
+
+
+async def row_count(pool: Any) -> int:
+    count: int = await pool.fetchval("SELECT count(*) FROM quotes")
+    return count
+
+
+class FaultySink:
+    """The real PgQuoteStore, with a failure injected at chosen write calls (1-based):
+    `lose_ack_on`: the rows are committed, then the call fails (the acknowledgement was lost);
+    `fail_on`: the call fails before writing anything."""
+
+    def __init__(
+        self,
+        inner: PgQuoteStore,
+        *,
+        lose_ack_on: frozenset[int] = frozenset(),
+        fail_on: frozenset[int] = frozenset(),
+    ) -> None:
+        self.inner = inner
+        self.lose_ack_on = set(lose_ack_on)
+        self.fail_on = set(fail_on)
+        self.calls = 0
+        self.batches_per_call: list[int] = []
+
+    async def write(self, batches: Sequence[PricedBatch]) -> None:
+        self.calls += 1
+        self.batches_per_call.append(len(batches))
+        if self.calls in self.fail_on:
+            raise ServiceUnavailable("The database is unavailable")
+        await self.inner.write(batches)
+        if self.calls in self.lose_ack_on:
+            raise ServiceUnavailable("The database is unavailable")
+
+    async def get(self, quote_id: str) -> QuoteResponse | None:
+        return await self.inner.get(quote_id)
+
+
+def trail_on(sink: QuoteSink, spool_dir: Path, **options: Any) -> AuditTrail:
+    return AuditTrail(sink, spool=Spool(spool_dir), retry_seconds=0.05, **options)
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+
+async def test_added_batches_are_written_and_readable_before_and_after(tmp_path: Path) -> None:
+    async with quote_database() as (_dsn, _schema, pool):
+        sink = PgQuoteStore(pool)
+        trail = trail_on(sink, tmp_path / "spool")
+        batches = [make_batch(1, seed=1), make_batch(7, seed=2), make_batch(2_000, seed=3)]
+        for batch in batches:
+            await trail.add(batch)
+        assert trail.queue_depth == 2_008
+        # Before the writer ran: nothing in the database, yet every quote is readable here.
+        assert await row_count(pool) == 0
+        first = batches[0].quote_id(0)
+        assert await sink.get(first) is None
+        for batch, row in ((batches[0], 0), (batches[1], 6), (batches[2], 1_999)):
+            assert encoded(await trail.get(batch.quote_id(row))) == encoded(batch.quote_response(row))
+
+        trail.start()
+        try:
+            await eventually(lambda: trail.queue_depth == 0, what="queue drained")
+            await assert_exactly_once(pool, batches)
+            assert trail.written_rows == 2_008
+            assert trail.spooled_rows == 0
+            assert trail.database_up
+            assert not trail.spool_pending
+
+            # After the write: a trail with nothing in memory (another replica, a restart) finds them
+            # in the database, as priced.
+            elsewhere = trail_on(sink, tmp_path / "other-spool", recent_rows=1)
+            for batch, row in ((batches[0], 0), (batches[1], 3), (batches[2], 1_234)):
+                stored = await elsewhere.get(batch.quote_id(row))
+                assert encoded(stored) == encoded(batch.quote_response(row))
+            assert await elsewhere.get(batches[2].quote_id(2_000)) is None
+
+            later = make_batch(3, seed=4)
+            await trail.add(later)
+            await eventually(lambda: trail.queue_depth == 0, what="second write")
+            await assert_exactly_once(pool, [*batches, later])
+        finally:
+            await trail.close()
+
+
+async def test_close_drains_the_queue(tmp_path: Path) -> None:
+    async with quote_database() as (_dsn, _schema, pool):
+        trail = trail_on(PgQuoteStore(pool), tmp_path / "spool")
+        trail.start()
+        await asyncio.sleep(0)
+        batches = [make_batch(1 + i % 5, seed=i) for i in range(300)]
+        for batch in batches:
+            await trail.add(batch)  # no await yields to the writer: all of it is still queued
+        assert trail.queue_depth == sum(batch.size for batch in batches)
+        await trail.close()
+        assert trail.queue_depth == 0
+        await assert_exactly_once(pool, batches)
+        assert not trail.spool_pending
+
+
+async def test_close_without_a_running_writer_still_drains(tmp_path: Path) -> None:
+    async with quote_database() as (_dsn, _schema, pool):
+        trail = trail_on(PgQuoteStore(pool), tmp_path / "spool")
+        batches = [make_batch(3, seed=i) for i in range(5)]
+        for batch in batches:
+            await trail.add(batch)
+        await trail.close()
+        await assert_exactly_once(pool, batches)
+
+
+# ---- the spool ---------------------------------------------------------------------------------------
+
+
+async def test_outage_spools_and_replays_each_batch_exactly_once(tmp_path: Path) -> None:
+    async with quote_database() as (dsn, schema, pool):
+        away = DeferredPool(dsn, schema=schema, max_size=4)  # not open: the database is unreachable
+        trail = trail_on(PgQuoteStore(away), tmp_path / "spool")
+        trail.start()
+        try:
+            during = [make_batch(1 + i % 3, seed=i) for i in range(40)]
+            for index, batch in enumerate(during):
+                await trail.add(batch)
+                if index % 10 == 0:
+                    await asyncio.sleep(0.01)  # several writer rounds, several appends
+            total = sum(batch.size for batch in during)
+            await eventually(lambda: trail.spooled_rows == total, what="everything spooled")
+            assert not trail.database_up
+            assert trail.spool_pending
+            assert trail.queue_depth == 0
+            assert [batch.batch_id for batch in Spool(tmp_path / "spool").read()] == [
+                batch.batch_id for batch in during
+            ]
+            assert await row_count(pool) == 0
+            # Readable on this replica all along.
+            assert encoded(await trail.get(during[7].quote_id(1))) == encoded(during[7].quote_response(1))
+
+            await away.open()  # the database is back
+            await eventually(lambda: not trail.spool_pending, what="spool replayed")
+            await assert_exactly_once(pool, during)
+            assert trail.database_up
+
+            after = [make_batch(2, seed=100 + i) for i in range(3)]
+            for batch in after:
+                await trail.add(batch)
+            await eventually(lambda: trail.queue_depth == 0, what="written after recovery")
+            await asyncio.sleep(0.1)  # a further replay round, if any, would add duplicates now
+            await assert_exactly_once(pool, [*during, *after])
+            assert not trail.spool_pending
+        finally:
+            try:
+                await trail.close()
+            finally:
+                await away.close()
+
+
+async def test_close_during_an_outage_spools_and_the_next_start_replays(tmp_path: Path) -> None:
+    async with quote_database() as (dsn, schema, pool):
+        away = DeferredPool(dsn, schema=schema, max_size=2)
+        trail = trail_on(PgQuoteStore(away), tmp_path / "spool")
+        trail.start()
+        batches = [make_batch(4, seed=i) for i in range(20)]
+        for batch in batches:
+            await trail.add(batch)
+        await trail.close()  # shutdown while the database is away: everything to the spool
+        assert trail.queue_depth == 0
+        assert trail.spool_pending
+        assert await row_count(pool) == 0
+
+        # The next process, with the database back.
+        restarted = trail_on(PgQuoteStore(pool), tmp_path / "spool")
+        restarted.start()
+        try:
+            await eventually(lambda: not restarted.spool_pending, what="replayed at start")
+            await assert_exactly_once(pool, batches)
+        finally:
+            await restarted.close()
+
+
+async def test_batches_written_but_not_acknowledged_are_not_duplicated(tmp_path: Path) -> None:
+    async with quote_database() as (_dsn, _schema, pool):
+        # The first write commits, then its acknowledgement is lost: the batches go to the spool too.
+        sink = FaultySink(PgQuoteStore(pool), lose_ack_on=frozenset({1}))
+        trail = trail_on(sink, tmp_path / "spool")
+        batches = [make_batch(5, seed=i) for i in range(6)]
+        for batch in batches:
+            await trail.add(batch)
+        trail.start()
+        try:
+            await eventually(lambda: sink.calls >= 2 and not trail.spool_pending, what="replayed")
+            assert trail.spooled_rows == 30
+            await assert_exactly_once(pool, batches)
+        finally:
+            await trail.close()
+
+
+async def test_replay_repeated_after_a_partial_write_adds_nothing_twice(tmp_path: Path) -> None:
+    async with quote_database() as (_dsn, _schema, pool):
+        store = PgQuoteStore(pool)
+        batches = [make_batch(1 + i % 3, seed=i) for i in range(150)]  # replayed in chunks of 64
+        spool = Spool(tmp_path / "spool")
+        for start in range(0, len(batches), 50):
+            spool.append(batches[start : start + 50])
+        # Some of them reached the database before the outage (written, never acknowledged).
+        await store.write(batches[:10])
+        assert await row_count(pool) == sum(batch.size for batch in batches[:10])
+
+        # The first replay writes its first chunk, then loses the connection on the second.
+        sink = FaultySink(store, fail_on=frozenset({2}))
+        trail = trail_on(sink, tmp_path / "spool")
+        trail.start()
+        try:
+            await eventually(lambda: not trail.spool_pending, what="replayed")
+        finally:
+            await trail.close()
+        assert sink.calls >= 5  # 2 calls in the failed replay, 3 in the one that succeeded
+        assert sink.batches_per_call[:5] == [64, 64, 64, 64, 22]
+        await assert_exactly_once(pool, batches)
+
+        # A crash between the write and the spool's removal: the same spool is replayed once more.
+        Spool(tmp_path / "spool").append(batches)
+        again = trail_on(PgQuoteStore(pool), tmp_path / "spool")
+        again.start()
+        try:
+            await eventually(lambda: not again.spool_pending, what="replayed again")
+        finally:
+            await again.close()
+        await assert_exactly_once(pool, batches)
+
+
+def torn(batch: PricedBatch, keep: Callable[[int], int]) -> bytes:
+    """The start of `batch`'s spool record: `keep(len(record))` bytes of it (a crash mid-append)."""
+    record = msgspec.msgpack.encode(SpooledBatch.of(batch))
+    whole = struct.pack(">I", len(record)) + record
+    return whole[: keep(len(whole))]
+
+
+TORN_TAILS = {
+    "inside-the-length": lambda n: 2,
+    "length-only": lambda n: 4,
+    "half-a-record": lambda n: n // 2,
+    "all-but-one-byte": lambda n: n - 1,
+}
+
+
+@pytest.mark.parametrize("tail", list(TORN_TAILS))
+async def test_a_torn_last_record_is_ignored_and_the_rest_replayed(tmp_path: Path, tail: str) -> None:
+    async with quote_database() as (_dsn, _schema, pool):
+        spool = Spool(tmp_path / "spool")
+        good = [make_batch(3, seed=i) for i in range(5)]
+        spool.append(good[:2])
+        spool.append(good[2:])
+        lost = make_batch(4, seed=99)
+        with spool.path.open("ab") as file:
+            file.write(torn(lost, TORN_TAILS[tail]))
+        assert [batch.batch_id for batch in spool.read()] == [batch.batch_id for batch in good]
+
+        trail = trail_on(PgQuoteStore(pool), tmp_path / "spool")
+        trail.start()
+        try:
+            await eventually(lambda: not trail.spool_pending, what="replayed")
+        finally:
+            await trail.close()
+        await assert_exactly_once(pool, good)
+        assert await PgQuoteStore(pool).get(lost.quote_id(0)) is None
+
+
+# A crash while appending leaves a torn record; the restarted process, with the database still away, appends
+# after it. The record's length prefix then spans the new records: when it claims more than follows
+# ("swallowed"), Spool.read stops there and the replay clears the spool, silently losing the new batches;
+# when it claims less ("garbled"), a slice of two records is decoded, the decoder raises, and every replay
+# (and close) fails from then on, so nothing reaches the database again.
+TORN_THEN_APPENDED = {"swallowed": 500, "garbled": 50}
+
+
+@pytest.mark.parametrize("case", list(TORN_THEN_APPENDED))
+async def test_batches_spooled_after_a_torn_tail_are_not_lost(tmp_path: Path, case: str) -> None:
+    async with quote_database() as (dsn, schema, pool):
+        spool = Spool(tmp_path / "spool")
+        before = [make_batch(2, seed=i) for i in range(3)]
+        spool.append(before)
+        with spool.path.open("ab") as file:  # the crash, half-way through a record
+            file.write(torn(make_batch(TORN_THEN_APPENDED[case], seed=50), lambda n: n // 2))
+
+        # The restarted process, the database still away: new batches are spooled after the torn bytes.
+        away = DeferredPool(dsn, schema=schema, max_size=2)
+        trail = trail_on(PgQuoteStore(away), tmp_path / "spool")
+        trail.start()
+        try:
+            after = [make_batch(1, seed=10 + i) for i in range(4)]
+            for batch in after:
+                await trail.add(batch)
+            await eventually(lambda: trail.spooled_rows == 4, what="spooled")
+            await away.open()
+            await eventually(lambda: not trail.spool_pending, within=2, what="replayed")
+        finally:
+            try:
+                await trail.close()
+            finally:
+                await away.close()
+        await assert_exactly_once(pool, [*before, *after])
