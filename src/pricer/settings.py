@@ -82,7 +82,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     audit_spool_dir: str | None = None
     shutdown_drain_seconds: float = 5.0
     market_data_stale_after_hours: float = 36.0
-    memory_quotes_max_rows: int = 1_000_000
+    memory_quotes_max_rows: int = 200_000
     demo_keys_file: str | None = ".demo-keys.env"
     seed_demo_data: bool = True
 
