@@ -294,3 +294,45 @@ def test_display_command_hides_paths_and_ports() -> None:
     assert bench_http.display_command(command) == (
         "taskset -c 1 wrk -t1 -s benchmarks/wrk_quote.lua http://127.0.0.1:<port>/api/v1/calculate-locate"
     )
+
+
+def test_markdown_table_skips_nested_values() -> None:
+    lines = run.markdown_table([{"size": 1000, "ms": 0.5, "by": {"x": 1}}, {"size": 2000, "ms": 12.25}])
+    assert lines[0] == "| size | ms |"
+    assert lines[2] == "| 1,000 | 0.5 |"
+    assert lines[3] == "| 2,000 | 12.2 |"
+
+
+def test_http_section_renders_ratios() -> None:
+    engine = bench_http.summarize_runs([_run(500.0, 1.0, 4.0)])
+    baseline = bench_http.summarize_runs([_run(250.0, 2.0, 8.0)])
+    document = {
+        "valid": True,
+        "settings": {
+            "request_bodies": [{}],
+            "server_cpu": "0",
+            "wrk_cpu": "1",
+            "duration": "10s",
+            "warmup": "3s",
+            "rounds": 1,
+        },
+        "summary": {
+            "loads": {
+                "throughput": {
+                    "label": "throughput (c=32)",
+                    "engine": engine,
+                    "baseline": baseline,
+                    "engine_vs_baseline": bench_http.compare(engine, baseline),
+                    "per_round_ratio": [2.0],
+                }
+            }
+        },
+        "runs": [{"load": "throughput", "command": "taskset -c 1 wrk -c32"}],
+        "notes": ["a note"],
+    }
+    text = "\n".join(run.http_section(document, [], None))
+    assert "throughput engine/baseline **2.00×**" in text
+    assert "p50 0.50×" in text
+    assert "- a note" in text
+    assert "taskset -c 1 wrk -c32" in text
+    assert "INVALID" not in text

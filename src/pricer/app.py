@@ -141,7 +141,7 @@ def create_app(
     for name in development_defaults_in_use(settings):
         log.warning("Development default in use", extra={"logfmt_fields": {"variable": name}})
 
-    metrics = Metrics()
+    metrics = Metrics(enabled=settings.enable_metrics)
     tracing = build_tracing(span_processor)
     policy = RatePolicy(
         volatility_factor=settings.volatility_factor,

@@ -136,7 +136,7 @@ class Quoter:
         finished = time.perf_counter()
         metrics = self._metrics
         metrics.calculations["single" if single else "batch"] += int(position_cents.shape[0])
-        metrics.calculation_duration.record(market_seconds + finished - pricing_started)
+        metrics.observe_calculation(market_seconds + finished - pricing_started)
         fallback_slots = [slot for slot, rate in enumerate(known_rates) if rate.source is RateSource.FALLBACK]
         if fallback_slots:
             metrics.fallback_usage += int(np.isin(rate_index, fallback_slots).sum())

@@ -71,6 +71,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_batch_body_bytes: int = 128 << 20
     max_batch_size: int = 1_000_000
     slow_request_ms: float = 100.0
+    enable_metrics: bool = True
     volatility_factor: str = "0.01"
     volatility_threshold: str = "0"
     default_volatility_index: str = "20"
@@ -209,6 +210,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_BATCH_BODY_BYTES": ("max_batch_body_bytes", _int_in(1024, 1 << 32)),
     "MAX_BATCH_SIZE": ("max_batch_size", _int_in(1, 10_000_000)),
     "SLOW_REQUEST_MS": ("slow_request_ms", _float_in(0, 3_600_000)),
+    "ENABLE_METRICS": ("enable_metrics", _bool),
     "VOLATILITY_FACTOR": ("volatility_factor", _decimal_in("0", "1", 6)),
     "VOLATILITY_THRESHOLD": ("volatility_threshold", _decimal_in("0", "200", 4)),
     "DEFAULT_VOLATILITY_INDEX": ("default_volatility_index", _decimal_in("0", "200", 4)),

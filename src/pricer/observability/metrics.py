@@ -29,7 +29,11 @@ AUTH_STATUSES = ("success", "invalid_key", "expired", "revoked", "missing", "inv
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """`enabled=False` (ENABLE_METRICS=false, for measuring what metrics cost) skips the histograms;
+    the plain counters cost next to nothing and stay."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -129,7 +133,7 @@ class Metrics:
             unit="s",
             description="Request latency by method and route template",
         )
-        self.calculation_duration = meter.create_histogram(
+        self._calculation_duration = meter.create_histogram(
             "calculation_duration_seconds", unit="s", description="Time in market data and the pricing core"
         )
         self.backend_duration = meter.create_histogram(
@@ -141,6 +145,8 @@ class Metrics:
         return lambda _options: [Observation(getattr(self, attribute))]
 
     def observe_request(self, method: str, endpoint: str, status: int, seconds: float) -> None:
+        if not self.enabled:
+            return
         if method not in KNOWN_METHODS:
             method = "OTHER"
         self.requests[(method, endpoint, str(status))] += 1
@@ -149,6 +155,10 @@ class Metrics:
         if attributes is None:
             attributes = self._duration_attributes[key] = {"method": method, "endpoint": endpoint}
         self._request_duration.record(seconds, attributes)
+
+    def observe_calculation(self, seconds: float) -> None:
+        if self.enabled:
+            self._calculation_duration.record(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
