@@ -50,6 +50,7 @@ _RATE_QUANTUM: Final = Decimal(1).scaleb(-RATE_PLACES)
 # 4e-15 leaves an eightfold margin.
 _TIE_RELATIVE_TOLERANCE: Final = 4e-15
 _LIMB: Final = 10_000
+_INT64_LIMIT: Final = 2**63
 # The Decimal steps run in this context, never the calling thread's (whose precision, rounding or traps may be
 # anything): a base (≤ 17 significant digits as a repr) times a policy factor (~20 digits) must stay exact.
 _DECIMAL_CONTEXT: Final = Context(
@@ -222,14 +223,19 @@ def price_locates(
     rate = np.asarray(rate_units, dtype=np.int64)
     divisor = terms.day_count * RATE_SCALE
 
-    # borrow cost = round(position × rate × days / (day_count × 1e8)) with rate = hi × 1e4 + lo:
-    # position × days ≤ 3.66e13, × hi (≤ 1e5) ≤ 3.7e18 and × lo (< 1e4) < 3.7e17, both below 2^63.
-    position_days = position * days
-    high, low = np.divmod(rate, _LIMB)
-    high_quotient, high_remainder = np.divmod(position_days * high, divisor)
-    # high_remainder × 1e4 < 3.7e14, + position_days × low < 3.7e17: still int64.
-    low_quotient, low_remainder = np.divmod(high_remainder * _LIMB + position_days * low, divisor)
-    borrow_cost = high_quotient * _LIMB + low_quotient + (2 * low_remainder >= divisor)
+    position_days = position * days  # ≤ 1e11 × 366 = 3.66e13
+    if position_days.size == 0 or int(position_days.max()) * int(rate.max()) < _INT64_LIMIT:
+        # Every exact product fits in int64 (the usual case): one division.
+        quotient, remainder = np.divmod(position_days * rate, divisor)
+        borrow_cost = quotient + (2 * remainder >= divisor)
+    else:
+        # Up to 3.65e22: split the rate in two limbs, rate = hi × 1e4 + lo, and divide in two steps.
+        # position × days × hi (≤ 1e5) ≤ 3.7e18 and × lo (< 1e4) < 3.7e17, both below 2^63.
+        high, low = np.divmod(rate, _LIMB)
+        high_quotient, high_remainder = np.divmod(position_days * high, divisor)
+        # high_remainder × 1e4 < 3.7e14, + position_days × low < 3.7e17: still int64.
+        low_quotient, low_remainder = np.divmod(high_remainder * _LIMB + position_days * low, divisor)
+        borrow_cost = high_quotient * _LIMB + low_quotient + (2 * low_remainder >= divisor)
 
     # borrow cost ≤ 1.02e12 cents, × markup (≤ 1e6) ≤ 1.02e18 < 2^63.
     markup = _div_round_half_up(borrow_cost * terms.markup_units, 100 * PERCENT_SCALE)
