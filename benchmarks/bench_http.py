@@ -141,8 +141,13 @@ class WrkResult:
         return self.lua.get("non2xx", self.non_2xx_3xx)
 
     @property
+    def unexpected(self) -> int:
+        """Responses with another status than the run expected (BENCH_EXPECT_STATUS, else any 2xx)."""
+        return self.lua.get("unexpected", self.non_2xx)
+
+    @property
     def errors(self) -> int:
-        return self.non_2xx + sum(self.socket_errors.values())
+        return self.unexpected + sum(self.socket_errors.values())
 
     @property
     def valid(self) -> bool:
@@ -213,6 +218,13 @@ def median_or_none(values: Iterable[float | None]) -> float | None:
 def cpu_percent(cpu_seconds: float, wall_seconds: float) -> float | None:
     """CPU time over wall time, in percent of one core."""
     return 100.0 * cpu_seconds / wall_seconds if wall_seconds > 0 else None
+
+
+def cpu_us_per_request(cpu_seconds: float | None, requests: int | None) -> float | None:
+    """CPU seconds spent over a run divided by the requests answered in it, in microseconds."""
+    if cpu_seconds is None or not requests or requests <= 0:
+        return None
+    return cpu_seconds / requests * 1e6
 
 
 def parse_proc_stat_cpu(stat_text: str, clock_ticks: int) -> float:
@@ -454,18 +466,87 @@ def wait_ready(server: Server, ready: Path | None = None, timeout: float = 60.0)
     raise RuntimeError(f"{server.name} did not become ready in {timeout:.0f}s:\n{server.log_tail()}")
 
 
+# Inherited variables that would change what a server does: every server starts from the environment
+# without them (plus what the benchmark sets). The engine's settings (src/pricer/settings.py), OpenTelemetry's
+# and the benchmarks' own.
+ENGINE_SETTINGS = frozenset(
+    {
+        "API_KEY_PEPPER",
+        "AUDIT_SPOOL_DIR",
+        "BOOTSTRAP_ADMIN_KEY",
+        "CALCULATION_SERVICE_URL",
+        "CORS_ORIGINS",
+        "DATABASE_POOL_SIZE",
+        "DATABASE_SCHEMA",
+        "DATABASE_URL",
+        "DATA_SERVICE_URL",
+        "DEFAULT_VOLATILITY_INDEX",
+        "DEMO_KEYS_FILE",
+        "ENABLE_AUTHENTICATION",
+        "ENABLE_METRICS",
+        "ENABLE_RATE_LIMITING",
+        "ENVIRONMENT",
+        "EVENT_RISK_FACTOR",
+        "EVENT_WINDOW_DAYS",
+        "EXPECTED_REPLICAS",
+        "HOST",
+        "JWT_AUDIENCE",
+        "JWT_ISSUER",
+        "JWT_SECRET_KEY",
+        "JWT_TTL_SECONDS",
+        "LOG_LEVEL",
+        "MARKET_DATA_STALE_AFTER_HOURS",
+        "MAX_BATCH_BODY_BYTES",
+        "MAX_BATCH_SIZE",
+        "MAX_BODY_BYTES",
+        "MAX_BORROW_RATE",
+        "MEMORY_QUOTES_MAX_ROWS",
+        "MIGRATE_ON_START",
+        "MIN_BORROW_RATE",
+        "PORT",
+        "POSITIONS_LIMIT_PER_MINUTE",
+        "RATE_CACHE_TTL_SECONDS",
+        "RATE_LIMIT_BURST",
+        "RATE_LIMIT_PER_MINUTE",
+        "REDIS_URL",
+        "ROLE",
+        "SEED_DEMO_DATA",
+        "SHUTDOWN_DRAIN_SECONDS",
+        "SLOW_REQUEST_MS",
+        "VOLATILITY_FACTOR",
+        "VOLATILITY_THRESHOLD",
+        "WORKERS",
+    }
+)
+ENGINE_ENV_PREFIXES = ("PRICER_", "BENCH_", "BASELINE_", "OTEL_")
+
+
 def _clean_environment() -> dict[str, str]:
     return {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith(("PRICER_", "DATABASE_URL", "REDIS_URL", "BENCH_", "BASELINE_"))
+        if name not in ENGINE_SETTINGS and not name.startswith(ENGINE_ENV_PREFIXES)
     }
 
 
-def start_engine(workdir: Path, cpu: str | None, extra_env: Mapping[str, str]) -> Server:
+def start_engine(
+    workdir: Path,
+    cpu: str | None,
+    extra_env: Mapping[str, str],
+    *,
+    name: str = "engine",
+    key: str | None = None,
+    quiet_stdout: bool = False,
+) -> Server:
+    """Start `python -m pricer serve` and wait until it answers.
+
+    Without `key` the engine seeds its demo data and its demo client key is read from the keys file it
+    writes; with `key` (an engine on a database seeded beforehand, which writes no keys file) that key is
+    used. `quiet_stdout` sends the server's stdout to /dev/null (a console span exporter), stderr still
+    going to the log."""
     port = free_port()
-    keys_file = workdir / "engine-demo-keys.env"
-    log_path = workdir / "engine.log"
+    keys_file = workdir / f"{name}-demo-keys.env"
+    log_path = workdir / f"{name}.log"
     env = {
         **_clean_environment(),
         "HOST": "127.0.0.1",
@@ -482,15 +563,25 @@ def start_engine(workdir: Path, cpu: str | None, extra_env: Mapping[str, str]) -
         process = subprocess.Popen(
             pinned(cpu, [sys.executable, "-m", "pricer", "serve"]),
             env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.DEVNULL if quiet_stdout else log,
+            stderr=log if quiet_stdout else subprocess.STDOUT,
             cwd=workdir,
         )
-    server = Server("engine", process, f"http://127.0.0.1:{port}", "", log_path)
-    wait_ready(server, keys_file)
-    values = dict(line.split("=", 1) for line in keys_file.read_text().splitlines() if "=" in line)
-    server.key = values["DEMO_CLIENT_KEY"].strip()
+    server = Server(name, process, f"http://127.0.0.1:{port}", key or "", log_path)
+    wait_ready(server, None if key else keys_file)
+    if not key:
+        server.key = read_env_file(keys_file)["DEMO_CLIENT_KEY"]
     return server
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """NAME=VALUE lines (the demo keys file) as a dict."""
+    values = {}
+    for line in path.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            values[name.strip()] = value.strip()
+    return values
 
 
 def start_baseline(workdir: Path, cpu: str | None) -> Server:
@@ -568,6 +659,8 @@ class Run:
     rate: float | None = None
     server_cpus_busy: float | None = None
     wrk_cpus_busy: float | None = None
+    delay_ms: float | None = None  # paced mode: each connection's wait between requests
+    extra: dict[str, Any] = field(default_factory=dict)  # what a caller measured around the run
 
     def as_dict(self) -> dict[str, Any]:
         result = asdict(self.result)
@@ -590,6 +683,10 @@ class Run:
             "wrk_cpu_percent": cpu_percent(self.wrk_cpu_s, self.wall_s),
             "server_cpu_percent": cpu_percent(self.server_cpu_s, self.wall_s),
             "server_rss_mb": self.server_rss_mb,
+            "server_cpu_s": self.server_cpu_s,
+            "cpu_us_per_request": cpu_us_per_request(self.server_cpu_s, self.result.total_requests),
+            "delay_ms": self.delay_ms,
+            **self.extra,
             # Whole-CPU busy share: above the server's own CPU it shows other load on the server's CPU
             # (loopback network work is partly accounted here too).
             "server_cpus_busy_percent": self.server_cpus_busy,
@@ -607,7 +704,9 @@ class Driver:
         *,
         paced_wrk: str | None,
         server_cpu: str | None,
+        path: str = QUOTE_PATH,
     ) -> None:
+        self.path = path
         self.wrk = wrk
         self.wrk_cpu = wrk_cpu
         self.server_cpus = parse_cpu_list(server_cpu) if server_cpu is not None else []
@@ -622,7 +721,7 @@ class Driver:
         args = [binary, "-t1", f"-c{connections}", f"-d{duration}", "--latency", "-s", str(LUA_SCRIPT)]
         if rate is not None:
             args += ["-R", str(max(1, round(rate)))]
-        return pinned(self.wrk_cpu, [*args, server.url + QUOTE_PATH])
+        return pinned(self.wrk_cpu, [*args, server.url + self.path])
 
     def run(
         self,
@@ -634,9 +733,19 @@ class Driver:
         connections: int,
         duration: str,
         rate: float | None = None,
+        delay_ms: float | None = None,
+        extra_env: Mapping[str, str] | None = None,
     ) -> Run:
+        """One wrk run against `server`; `delay_ms` paces each connection (wrk_quote.lua's delay())."""
         command = self.command(server, connections, duration, rate=rate)
-        env = {**os.environ, "BENCH_API_KEY": server.key, "BENCH_BODIES_FILE": str(self.bodies_file)}
+        env = {
+            **os.environ,
+            "BENCH_API_KEY": server.key,
+            "BENCH_BODIES_FILE": str(self.bodies_file),
+            "BENCH_PATH": self.path,
+            **({"BENCH_DELAY_MS": f"{delay_ms:.4f}"} if delay_ms is not None else {}),
+            **(extra_env or {}),
+        }
         server_before = server.cpu_seconds()
         cpus_before = read_cpu_times()
         started = time.monotonic()
@@ -670,6 +779,7 @@ class Driver:
             rate=rate,
             server_cpus_busy=busy_percent(cpus_before, cpus_after, self.server_cpus),
             wrk_cpus_busy=busy_percent(cpus_before, cpus_after, self.wrk_cpus),
+            delay_ms=delay_ms,
         )
 
 

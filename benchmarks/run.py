@@ -1,12 +1,22 @@
-"""`nox -s bench`: run the pricing-core and HTTP benchmarks, then write benchmarks/REPORT.md.
+"""`nox -s bench`: run the benchmarks, then write benchmarks/REPORT.md.
 
-    python benchmarks/run.py            # full run (about 3 minutes of HTTP load plus the pricing core)
-    python benchmarks/run.py --quick    # smoke run: short durations, small batches
+    python benchmarks/run.py                      # everything (about 10 minutes)
+    python benchmarks/run.py --quick              # smoke run: short durations, fewer rounds
+    python benchmarks/run.py --only limiter,audit # some sections only (or --skip-<section>)
 
-Each benchmark runs as its own process and writes JSON (kept in benchmarks/results/); the report quotes
-machine facts, every figure as a ratio to the baseline measured in the same run, and the exact commands.
-A missing or failing benchmark is reported as such; the exit status is non-zero then, or when an HTTP run
-had errors.
+Sections (each runs as its own process and writes JSON, kept in benchmarks/results/<section>.json):
+
+    pricing        bench_pricing.py         exact NumPy core vs Decimal vs naive float64
+    http           bench_http.py            single quote: engine vs FastAPI + pydantic baseline
+    limiter        bench_variants.py        Redis rate limiter on vs off (+ latency at half capacity)
+    persistence    bench_variants.py        PostgreSQL store + audit vs in-memory
+    observability  bench_variants.py        metrics on/off, tracing on/off
+    audit          bench_audit.py           10^5-row audit write: PgQuoteStore, AuditTrail, executemany
+    batch          bench_batch.py           10^4-position batch round trip; RSS under 10^5 client ids
+
+The report quotes machine facts, every figure beside a baseline or variant measured in the same run, the
+issues' targets with PASS/MISS, and the exact commands. A missing or failing benchmark is reported as such;
+the exit status is non-zero then, or when a run had errors.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +36,27 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PRICING_SCRIPT = HERE / "bench_pricing.py"
 HTTP_SCRIPT = HERE / "bench_http.py"
+VARIANTS_SCRIPT = HERE / "bench_variants.py"
+AUDIT_SCRIPT = HERE / "bench_audit.py"
+BATCH_SCRIPT = HERE / "bench_batch.py"
+VARIANT_SECTIONS = ("limiter", "persistence", "observability")
+SECTIONS = ("pricing", "http", *VARIANT_SECTIONS, "audit", "batch")
+SCRIPTS = {
+    "pricing": PRICING_SCRIPT,
+    "http": HTTP_SCRIPT,
+    **{name: VARIANTS_SCRIPT for name in VARIANT_SECTIONS},
+    "audit": AUDIT_SCRIPT,
+    "batch": BATCH_SCRIPT,
+}
+# What --quick adds to each section's command (the HTTP and pricing ones: see run_http / run_pricing).
+QUICK_ARGS = {
+    **{
+        name: ["--duration", "2s", "--warmup", "1s", "--paced-warmup", "1s", "--rounds", "2"]
+        for name in VARIANT_SECTIONS
+    },
+    "audit": ["--repeat", "3"],
+    "batch": ["--duration", "2s", "--rounds", "2", "--clients", "20000"],
+}
 
 # ---- pure helpers (tested in tests/test_bench_tools.py) ------------------------------------------------
 
@@ -80,6 +112,65 @@ def ratio_text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}×"
 
 
+def signed(value: float | None, unit: str = "") -> str:
+    """A difference with its sign (`+12.3 µs`), n/a when missing."""
+    if value is None:
+        return "n/a"
+    return f"{value:+.1f}" + (f" {unit}" if unit else "")
+
+
+def selected_sections(only: str | None, skipped: Sequence[str]) -> list[str]:
+    """The sections to run, in the standard order: `--only a,b` (else all) minus the skipped ones."""
+    chosen = list(SECTIONS)
+    if only:
+        wanted = [part.strip() for part in only.split(",") if part.strip()]
+        unknown = [name for name in wanted if name not in SECTIONS]
+        if unknown:
+            raise ValueError(f"unknown section(s): {', '.join(unknown)} (sections: {', '.join(SECTIONS)})")
+        chosen = [name for name in SECTIONS if name in wanted]
+    return [name for name in chosen if name not in skipped]
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes else f"{rest}s"
+
+
+def target_row(section: str, target: Mapping[str, Any]) -> str:
+    """A Markdown table row for one target: section, target, figure, limit, verdict, note."""
+    value = target.get("value")
+    unit = target.get("unit", "")
+    limit = target.get("limit")
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)
+    verdict_text = str(target.get("verdict", "n/a"))
+    shown = "**" + verdict_text + "**" if verdict_text in ("PASS", "MISS", "INVALID") else verdict_text
+    return (
+        f"| {section} | {target.get('name', '')} | {format_value(value)} {unit} | "
+        f"{target.get('op', '')} {format_value(limit)} {unit} | {shown} | {target.get('note') or ''} |"
+    )
+
+
+def targets_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    if not rows:
+        return []
+    return [
+        "| section | target | measured | target | verdict | note |",
+        "|---|---|---|---|---|---|",
+        *(target_row(section, target) for section, target in rows),
+    ]
+
+
+def verdict_counts(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, target in rows:
+        key = str(target.get("verdict", "n/a")).split(" ", 1)[0]
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 # ---- running -------------------------------------------------------------------------------------------
 
 
@@ -122,6 +213,30 @@ def run_http(json_path: Path, quick: bool, extra: Sequence[str]) -> tuple[list[s
     return command, None
 
 
+def section_command(name: str, json_path: Path, quick: bool) -> list[str]:
+    """The command of a section run by `run_script` (every section but pricing and http)."""
+    command = [sys.executable, str(SCRIPTS[name])]
+    if name in VARIANT_SECTIONS:
+        command.append(name)
+    command += ["--json", str(json_path)]
+    if quick:
+        command += QUICK_ARGS.get(name, [])
+    return command
+
+
+def run_script(name: str, command: list[str], json_path: Path) -> tuple[list[str], str | None]:
+    script = SCRIPTS[name]
+    if not script.exists():
+        return [], f"{script.relative_to(ROOT)} is missing: the {name} benchmark was not run"
+    print("$ " + display_command(command), flush=True)
+    completed = subprocess.run(command, cwd=ROOT, check=False)
+    if not json_path.exists():
+        return command, f"{script.name} exited with status {completed.returncode} and wrote no JSON"
+    if completed.returncode != 0:
+        return command, f"{script.name} exited with status {completed.returncode} (see the notes below)"
+    return command, None
+
+
 def display_command(command: Sequence[str]) -> str:
     """The command as someone would type it from the repository root."""
     shown = []
@@ -140,15 +255,22 @@ def display_command(command: Sequence[str]) -> str:
 # ---- report --------------------------------------------------------------------------------------------
 
 
-def machine_section(http: Mapping[str, Any] | None, pricing: Mapping[str, Any] | None) -> list[str]:
+def machine_section(
+    http: Mapping[str, Any] | None,
+    pricing: Mapping[str, Any] | None,
+    fallback: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Machine facts from the HTTP benchmark's JSON (else from another load benchmark's, `fallback`)."""
     lines = ["## Machine", ""]
-    if http is not None:
-        facts = http["machine"]
+    source = http if http is not None else fallback
+    if source is not None and isinstance(source.get("machine"), Mapping) and "versions" in source["machine"]:
+        facts = source["machine"]
         versions = ", ".join(f"{name} {version}" for name, version in facts["versions"].items() if version)
         load = ", ".join(f"{value:.2f}" for value in facts["loadavg_at_start"])
         lines += [
             f"- CPU: {facts['cpu_model']}; nproc {facts['nproc']} ({facts['cpus_available']} available)",
-            f"- Kernel {facts['kernel']}; load average when the HTTP benchmark started: {load}; the "
+            f"- Kernel {facts['kernel']}; load average when the {source.get('benchmark', 'HTTP')} benchmark "
+            f"started: {load}; the "
             f"benchmark's CPUs were {format_value(facts.get('busy_before_start_percent'))} % busy with other "
             "work just before it started",
             f"- Python {facts['python']} ({facts['python_implementation']})",
@@ -274,49 +396,322 @@ def http_section(http: Mapping[str, Any] | None, command: Sequence[str], error: 
     return lines
 
 
-def write_report(
-    path: Path,
-    *,
-    quick: bool,
-    pricing: Mapping[str, Any] | None,
-    pricing_command: Sequence[str],
-    pricing_error: str | None,
-    http: Mapping[str, Any] | None,
-    http_command: Sequence[str],
-    http_error: str | None,
-) -> None:
+VARIANT_COLUMNS = (
+    ("requests_per_sec", "req/s"),
+    ("p50", "p50 ms"),
+    ("p99", "p99 ms"),
+    ("cpu_us_per_request", "server CPU µs/req"),
+    ("server_cpu_percent", "server CPU"),
+    ("wrk_cpu_percent", "wrk CPU"),
+    ("rate", "paced target req/s"),
+    ("delay_ms", "wait per connection ms"),
+    ("redis_cpu_us_per_request", "Redis CPU µs/req"),
+    ("pg_cpu_us_per_request", "PostgreSQL backends CPU µs/req"),
+    ("local_decision_percent", "limiter decided locally %"),
+    ("audit_queue_depth_after", "audit queue after run"),
+    ("errors", "errors"),
+)
+
+
+def _cell(summary: Mapping[str, Any], key: str) -> str:
+    if key in ("p50", "p99"):
+        return format_value(summary["latency_ms"].get(key))
+    value = summary.get(key)
+    text = format_value(value)
+    return (
+        text + " %"
+        if key.endswith("_percent") and key != "local_decision_percent" and value is not None
+        else text
+    )
+
+
+def _commands_block(commands: Sequence[str]) -> list[str]:
+    return ["Commands:", "", "```", *commands, "```", ""] if commands else []
+
+
+def _problem_lines(error: str | None, title: str) -> list[str]:
+    lines = [f"## {title}", ""]
+    if error is not None:
+        lines += [f"**Problem:** {error}.", ""]
+    return lines
+
+
+def variants_section(
+    doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None, name: str
+) -> list[str]:
+    """An engine-vs-engine section (bench_variants.py): description, figures, pairs, targets, commands."""
+    title = doc["title"] if doc is not None else name
+    lines = _problem_lines(error, f"{title} (bench_variants.py {name})")
+    if doc is None:
+        return lines
+    settings = doc["settings"]
+    lines += [
+        doc["description"],
+        "",
+        f"Each variant is one engine process (uvicorn, uvloop, httptools, one worker) pinned to CPU "
+        f"{settings['server_cpu']}; wrk (1 thread, {settings['connections']} connections for every run) is "
+        f"pinned to CPU {settings['wrk_cpu']}. {settings['rounds']} interleaved rounds (the variants' order "
+        f"alternates), each measured run of {settings['duration']} preceded by a {settings['warmup']} "
+        "warm-up; medians. "
+        "Server CPU per request = the server's CPU seconds over the measured run (/proc/<pid>/stat) / the "
+        "requests answered in it.",
+        "",
+        "**Valid run**: every measured response was 2xx, no socket errors."
+        if doc["valid"]
+        else "**INVALID RUN**: some responses were not 2xx or there were socket errors; do not quote it.",
+        "",
+    ]
+    summaries = doc["summary"]
+    present = [
+        (key, label)
+        for key, label in VARIANT_COLUMNS
+        if any(
+            key in ("p50", "p99") or s.get(key) is not None for by in summaries.values() for s in by.values()
+        )
+    ]
+    lines += [
+        "| load | variant | " + " | ".join(label for _, label in present) + " |",
+        "|---|---|" + "---|" * len(present),
+    ]
+    labels = {v["name"]: v["label"] for v in doc["variants"]}
+    for load, by_variant in summaries.items():
+        for variant, summary in by_variant.items():
+            lines.append(
+                f"| {load} | {variant} ({labels.get(variant, '')}) | "
+                + " | ".join(_cell(summary, key) for key, _ in present)
+                + " |"
+            )
+    lines += ["", "Same-run comparisons (variant with the feature against the one without):", ""]
+    for pair in doc["pairs"]:
+        for load, cmp in pair["loads"].items():
+            per_round = ", ".join(ratio_text(value) for value in cmp["per_round_ratio"])
+            per_round_cpu = ", ".join(signed(value) for value in cmp["per_round_cpu_us_diff"])
+            lat = cmp["latency_ratio"]
+            lines.append(
+                f"- {pair['label']}, {load}: throughput {pair['variant']}/{pair['reference']} "
+                f"**{ratio_text(cmp['throughput_ratio'])}** (per round: {per_round}); server CPU per request "
+                f"**{signed(cmp['cpu_us_per_request_diff'], 'µs')}** (per round: {per_round_cpu}); latency "
+                f"p50 {ratio_text(lat['p50'])}, p99 {ratio_text(lat['p99'])}"
+            )
+    lines.append("")
+    rows = [(name, target) for target in doc.get("targets", [])]
+    if rows:
+        lines += ["Targets:", "", *targets_table(rows), ""]
+    extra = doc.get("extra") or {}
+    if "postgres_quote_rows" in extra:
+        lines += [
+            f"Audit check: after the `postgres` engine stopped, its schema held "
+            f"{extra['postgres_quote_rows']:,} quote rows for {extra['postgres_quotes_answered']:,} quotes "
+            "answered to clients (warm-ups included; a few more rows than answers are requests in flight "
+            "when wrk stopped).",
+            "",
+        ]
+    if doc.get("notes"):
+        lines += ["Notes:", "", *[f"- {note}" for note in doc["notes"]], ""]
+    lines += _commands_block([*([display_command(command)] if command else []), *doc.get("commands", [])])
+    return lines
+
+
+def audit_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
+    lines = _problem_lines(error, "Audit write throughput (bench_audit.py)")
+    if doc is None:
+        return lines
+    settings = doc["settings"]
+    db = doc.get("database") or {}
+    lines += [
+        f"One priced batch of {settings['size']:,} positions ({settings['tickers']:,} distinct rates) "
+        f"written to PostgreSQL {db.get('server_version', '?')} (synchronous_commit "
+        f"{db.get('synchronous_commit', '?')}, fsync {db.get('fsync', '?')}, shared_buffers "
+        f"{db.get('shared_buffers', '?')}) on a throwaway schema, into an emptied `quotes` table, fresh "
+        f"quote ids each time; {settings['repeat']} repetitions, the three methods rotating; medians. "
+        "`store` = `PgQuoteStore.write([batch])`; `audit` = `AuditTrail.add` + `close` (end to end through "
+        "the background writer); `executemany` = the baseline, a plain 30-parameter INSERT through "
+        "asyncpg's executemany in one transaction, of rows built in "
+        "Python. The three methods' table contents were compared after the first repetition: "
+        + ("**equal**." if doc.get("digests_equal") else "**DIFFERENT** (the comparison is void)."),
+        "",
+        "| method | median ms | rows/s | per repetition rows/s | client CPU ms | database backend CPU ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, s in doc["summary"].items():
+        per_run = ", ".join(format_value(value) for value in s["per_run_rows_per_s"])
+        db_cpu = None if s.get("db_cpu_s") is None else s["db_cpu_s"] * 1000
+        lines.append(
+            f"| {method} | {format_value(s['seconds'] * 1000)} | {format_value(s['rows_per_s'])} | "
+            f"{per_run} | {format_value(s['client_cpu_s'] * 1000)} | {format_value(db_cpu)} |"
+        )
+    plain = doc["summary"].get("executemany", {})
+    ratios = doc["ratios"]
+    lines += [
+        "",
+        f"- `store` / `executemany`: **{ratio_text(ratios['store_over_executemany'])}** (against the "
+        f"INSERT alone, rows built beforehand in {format_value((plain.get('build_s') or 0) * 1000)} ms: "
+        f"{ratio_text(ratios['store_over_executemany_insert_only'])})",
+        f"- `audit` / `executemany`: {ratio_text(ratios['audit_over_executemany'])}; `audit` / `store`: "
+        f"{ratio_text(ratios['audit_over_store'])}; `AuditTrail.add` itself (what a request waits for) "
+        f"returned in {format_value((doc['summary'].get('audit', {}).get('add_s') or 0) * 1000)} ms, the "
+        "rest is `close` draining the queue to PostgreSQL",
+        "",
+    ]
+    rows = [("audit", target) for target in doc.get("targets", [])]
+    if rows:
+        lines += ["Targets:", "", *targets_table(rows), ""]
+    notes = [*doc.get("notes", []), *(f"INVALID: {problem}" for problem in doc.get("problems", []))]
+    if notes:
+        lines += ["Notes:", "", *[f"- {note}" for note in notes], ""]
+    lines += _commands_block(
+        [
+            *([display_command(command)] if command else []),
+            "# on a schema bench_<random>, created by the migrations and dropped at the end",
+            *doc.get("commands", [])[1:],
+        ]
+    )
+    return lines
+
+
+def batch_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
+    lines = _problem_lines(error, "Batch round trip and memory under many clients (bench_batch.py)")
+    if doc is None:
+        return lines
+    settings = doc["settings"]
+    if doc.get("batch"):
+        lines += [
+            f"`POST /api/v1/calculate-locate/batch` with one {settings['positions']:,}-position batch over "
+            "the demo tickers, one batch at a time (wrk -c1; the latency is one batch's whole round trip), "
+            f"JSON and msgpack bodies interleaved over {settings['rounds']} rounds of "
+            f"{settings['duration']}; engine pinned to CPU {settings['server_cpu']}, wrk to CPU "
+            f"{settings['wrk_cpu']}. Both formats were first checked to price every position with the "
+            "same figures (and no row error).",
+            "",
+            "| body | request bytes | batches | p50 ms | p90 ms | p99 ms | max ms | server CPU ms/batch "
+            "| errors |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, s in doc["batch"].items():
+            lat = s["latency_ms"]
+            lines.append(
+                f"| {name} | {format_value(s['request_bytes'])} | {format_value(s['batches'])} | "
+                f"{format_value(lat['p50'])} | {format_value(lat['p90'])} | {format_value(lat['p99'])} | "
+                f"{format_value(s.get('latency_max_ms'))} | "
+                f"{format_value(s.get('server_cpu_ms_per_batch'))} | {s['errors']} |"
+            )
+        lines.append("")
+    rss = doc.get("rss")
+    if rss:
+        lines += [
+            f"Memory: a fresh engine with ENABLE_AUTHENTICATION=false and RATE_LIMIT_PER_MINUTE=1 "
+            f"RATE_LIMIT_BURST=1 got one quote request for each of {rss['clients']:,} distinct, unknown "
+            "client ids (each request charges a rate-limit bucket of the client it names, kept 60 s, "
+            f"before the client lookup answers 404 CLIENT_NOT_FOUND): answers {rss['statuses']} at "
+            f"{format_value(rss.get('requests_per_sec'))} req/s, server CPU "
+            f"{format_value(rss.get('server_cpu_us_per_request'))} µs/request.",
+            "",
+            "| RSS idle MB | RSS after MB | RSS 1 s later MB | peak (VmHWM) MB | growth MB |",
+            "|---|---|---|---|---|",
+            f"| {format_value(rss['rss_idle_mb'])} | {format_value(rss['rss_after_mb'])} | "
+            f"{format_value(rss['rss_after_settle_mb'])} | {format_value(rss['rss_peak_mb'])} | "
+            f"{format_value(rss['rss_growth_mb'])} |",
+            "",
+        ]
+    rows = [("batch", target) for target in doc.get("targets", [])]
+    if rows:
+        lines += ["Targets:", "", *targets_table(rows), ""]
+    notes = [*doc.get("notes", []), *(f"INVALID: {problem}" for problem in doc.get("problems", []))]
+    if notes:
+        lines += ["Notes:", "", *[f"- {note}" for note in notes], ""]
+    lines += _commands_block([*([display_command(command)] if command else []), *doc.get("commands", [])])
+    return lines
+
+
+def collect_targets(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(section, target) of every section's JSON, in the standard order."""
+    rows = []
+    for name in SECTIONS:
+        data = (results.get(name) or {}).get("data")
+        if isinstance(data, Mapping):
+            rows += [(name, target) for target in data.get("targets", [])]
+    return rows
+
+
+def write_report(path: Path, *, quick: bool, results: Mapping[str, Mapping[str, Any]]) -> None:
+    """`results`: section -> {"data": its JSON or None, "command": [...], "error": str | None, "seconds"}."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    def part(name: str) -> tuple[Any, list[str], str | None]:
+        result = results.get(name) or {}
+        return result.get("data"), result.get("command") or [], result.get("error")
+
+    timings = ", ".join(
+        f"{name} {format_duration(result.get('seconds'))}"
+        for name, result in results.items()
+        if result.get("seconds")
+    )
     lines = [
         "# Benchmark report",
         "",
         f"Generated {now} by `python benchmarks/run.py{' --quick' if quick else ''}` (`nox -s bench`)."
         + (" **Quick smoke run: short durations, figures are indicative only.**" if quick else ""),
-        "Every figure is compared with a baseline measured in the same run on the same machine; absolute "
-        "numbers depend on the machine, the ratios much less.",
+        "Every figure is compared with a baseline or a variant measured in the same run on the same machine; "
+        "absolute numbers depend on the machine, the ratios and differences much less.",
         "",
     ]
-    lines += machine_section(http, pricing)
-    lines += pricing_section(pricing, pricing_command, pricing_error)
-    lines += http_section(http, http_command, http_error)
+    if timings:
+        lines += [f"Wall time per section: {timings}.", ""]
+    rows = collect_targets(results)
+    if rows:
+        counts = verdict_counts(rows)
+        lines += [
+            "## Targets",
+            "",
+            ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
+            + ". Details in each section.",
+            "",
+            *targets_table(rows),
+            "",
+        ]
+    fallback = next(
+        (
+            results[name]["data"]
+            for name in (*VARIANT_SECTIONS, "batch")
+            if name in results and isinstance(results[name].get("data"), Mapping)
+        ),
+        None,
+    )
+    lines += machine_section(part("http")[0], part("pricing")[0], fallback)
+    for name in SECTIONS:
+        if name not in results:
+            continue
+        data, command, error = part(name)
+        if name == "pricing":
+            lines += pricing_section(data, command, error)
+        elif name == "http":
+            lines += http_section(data, command, error)
+        elif name in VARIANT_SECTIONS:
+            lines += variants_section(data, command, error, name)
+        elif name == "audit":
+            lines += audit_section(data, command, error)
+        else:
+            lines += batch_section(data, command, error)
     path.write_text("\n".join(lines).rstrip() + "\n")
 
 
 def report_from_last_run(report: Path, results_dir: Path, *, quick: bool) -> int:
     """Rewrite the report from the JSON of the last run (its commands are the standard ones)."""
-    pricing = _read_json(results_dir / "pricing.json")
-    http = _read_json(results_dir / "http.json")
-    write_report(
-        report,
-        quick=quick,
-        pricing=pricing,
-        pricing_command=[sys.executable, str(PRICING_SCRIPT), "--json", str(results_dir / "pricing.json")],
-        pricing_error=None if pricing is not None else "no pricing.json from a previous run",
-        http=http,
-        http_command=[sys.executable, str(HTTP_SCRIPT), "--json", str(results_dir / "http.json")],
-        http_error=None if http is not None else "no http.json from a previous run",
-    )
-    print(f"Report rewritten from {results_dir} to {report}")
-    return 0 if pricing is not None and http is not None else 1
+    results: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        json_path = results_dir / f"{name}.json"
+        data = _read_json(json_path)
+        if data is None:
+            continue
+        command = (
+            [sys.executable, str(SCRIPTS[name]), "--json", str(json_path)]
+            if name in ("pricing", "http")
+            else section_command(name, json_path, quick=False)
+        )
+        results[name] = {"data": data, "command": command, "error": None}
+    write_report(report, quick=quick, results=results)
+    print(f"Report rewritten from {results_dir} to {report} ({', '.join(results) or 'no results'})")
+    return 0 if results else 1
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -329,9 +724,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the benchmarks and write benchmarks/REPORT.md")
-    parser.add_argument("--quick", action="store_true", help="smoke run: short durations, small batches")
-    parser.add_argument("--skip-pricing", action="store_true")
-    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke run: short durations, fewer rounds")
+    parser.add_argument("--only", help=f"comma-separated sections to run ({', '.join(SECTIONS)})")
+    for name in SECTIONS:
+        parser.add_argument(f"--skip-{name}", action="store_true", help=f"do not run the {name} section")
     parser.add_argument("--results-dir", type=Path, default=HERE / "results", help="where the JSON goes")
     parser.add_argument("--report", type=Path, default=HERE / "REPORT.md")
     parser.add_argument(
@@ -339,39 +735,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args, http_extra = parser.parse_known_args(argv)
     args.results_dir.mkdir(parents=True, exist_ok=True)
-
-    pricing_json = args.results_dir / "pricing.json"
-    http_json = args.results_dir / "http.json"
     if args.report_only:
         return report_from_last_run(args.report, args.results_dir, quick=args.quick)
-    for stale in (pricing_json, http_json):
-        stale.unlink(missing_ok=True)
+    try:
+        chosen = selected_sections(args.only, [name for name in SECTIONS if getattr(args, f"skip_{name}")])
+    except ValueError as error:
+        parser.error(str(error))
+    if http_extra and "http" not in chosen:
+        parser.error(f"unrecognized arguments: {' '.join(http_extra)}")
 
-    pricing_command: list[str] = []
-    pricing_error: str | None = "skipped (--skip-pricing)" if args.skip_pricing else None
-    if not args.skip_pricing:
-        pricing_command, pricing_error = run_pricing(pricing_json, args.quick)
-        if pricing_error:
-            print(f"run.py: {pricing_error}", file=sys.stderr)
-    http_command: list[str] = []
-    http_error: str | None = "skipped (--skip-http)" if args.skip_http else None
-    if not args.skip_http:
-        http_command, http_error = run_http(http_json, args.quick, http_extra)
-        if http_error:
-            print(f"run.py: {http_error}", file=sys.stderr)
+    results: dict[str, dict[str, Any]] = {}
+    failed = False
+    for name in chosen:
+        json_path = args.results_dir / f"{name}.json"
+        json_path.unlink(missing_ok=True)
+        started = time.monotonic()
+        if name == "pricing":
+            command, error = run_pricing(json_path, args.quick)
+        elif name == "http":
+            command, error = run_http(json_path, args.quick, http_extra)
+        else:
+            command, error = run_script(name, section_command(name, json_path, args.quick), json_path)
+        seconds = time.monotonic() - started
+        if error:
+            failed = True
+            print(f"run.py: {error}", file=sys.stderr)
+        print(f"run.py: {name} took {format_duration(seconds)}", flush=True)
+        results[name] = {
+            "data": _read_json(json_path),
+            "command": command,
+            "error": error,
+            "seconds": seconds,
+        }
 
-    write_report(
-        args.report,
-        quick=args.quick,
-        pricing=_read_json(pricing_json),
-        pricing_command=pricing_command,
-        pricing_error=pricing_error,
-        http=_read_json(http_json),
-        http_command=http_command,
-        http_error=http_error,
-    )
+    write_report(args.report, quick=args.quick, results=results)
     print(f"Report written to {args.report}")
-    failed = (pricing_error and not args.skip_pricing) or (http_error and not args.skip_http)
     return 1 if failed else 0
 
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import importlib.util
+import re
 import sys
+from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+# The scripts import each other by module name (they run as `python benchmarks/<script>.py`).
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
 
 
 def _load(name: str) -> ModuleType:
@@ -24,6 +32,9 @@ def _load(name: str) -> ModuleType:
 
 bench_http = _load("bench_http")
 run = _load("run")
+bench_variants = _load("bench_variants")
+bench_audit = _load("bench_audit")
+bench_batch = _load("bench_batch")
 
 WRK_OUTPUT = """\
 Running 10s test @ http://127.0.0.1:40000/api/v1/calculate-locate
@@ -336,3 +347,509 @@ def test_http_section_renders_ratios() -> None:
     assert "- a note" in text
     assert "taskset -c 1 wrk -c32" in text
     assert "INVALID" not in text
+
+
+# ---- bench_http additions ------------------------------------------------------------------------------
+
+
+def test_expected_status_counts_instead_of_non_2xx() -> None:
+    text = WRK_OUTPUT.replace("non2xx=0", "non2xx=7 unexpected=0")
+    result = bench_http.parse_wrk_output(text)
+    assert result.non_2xx == 7
+    assert result.unexpected == 0
+    assert result.valid  # every response had the status the run expected (e.g. 404)
+    broken = bench_http.parse_wrk_output(text.replace("unexpected=0", "unexpected=2"))
+    assert broken.errors == 2
+    assert not broken.valid
+
+
+def test_cpu_us_per_request() -> None:
+    assert bench_http.cpu_us_per_request(2.5, 10_000) == pytest.approx(250.0)
+    assert bench_http.cpu_us_per_request(1.0, 0) is None
+    assert bench_http.cpu_us_per_request(None, 10) is None
+
+
+def test_read_env_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.env"
+    path.write_text("DEMO_CLIENT_KEY=bre_abc_def\nPRICER_URL = http://x:1\n\nnot a line\n")
+    assert bench_http.read_env_file(path) == {"DEMO_CLIENT_KEY": "bre_abc_def", "PRICER_URL": "http://x:1"}
+
+
+def test_run_as_dict_has_cpu_per_request_and_extras() -> None:
+    result = bench_http.parse_wrk_output(WRK_OUTPUT)
+    run_ = bench_http.Run(
+        target="a",
+        load="paced",
+        round=1,
+        connections=32,
+        result=result,
+        wall_s=10.0,
+        wrk_cpu_s=1.0,
+        server_cpu_s=25.0306,
+        server_rss_mb=100.0,
+        command="wrk",
+        delay_ms=17.5,
+        extra={"redis_cpu_us_per_request": 3.0},
+    )
+    record = run_.as_dict()
+    assert record["cpu_us_per_request"] == pytest.approx(25.0306 / 100123 * 1e6)
+    assert record["delay_ms"] == 17.5
+    assert record["redis_cpu_us_per_request"] == 3.0
+
+
+# ---- bench_variants ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "limit", "op", "valid", "expected"),
+    [
+        (50.0, 60, "<=", True, "PASS"),
+        (60.0, 60, "<=", True, "PASS"),
+        (60.1, 60, "<=", True, "MISS"),
+        (250_000.0, 200_000, ">=", True, "PASS"),
+        (150_000.0, 200_000, ">=", True, "MISS"),
+        (None, 60, "<=", True, "n/a"),
+        (10.0, 60, "<=", False, "INVALID"),
+    ],
+)
+def test_verdict(value: float | None, limit: float, op: str, valid: bool, expected: str) -> None:
+    assert bench_variants.verdict(value, limit, op, valid=valid) == expected
+
+
+def test_verdict_rejects_an_unknown_comparison() -> None:
+    with pytest.raises(ValueError):
+        bench_variants.verdict(1.0, 2.0, "<")
+
+
+def test_paced_delay_ms() -> None:
+    # 32 connections each waiting 20 ms offer 1,600 requests per second.
+    assert bench_variants.paced_delay_ms(32, 1600.0) == pytest.approx(20.0)
+    with pytest.raises(ValueError):
+        bench_variants.paced_delay_ms(32, 0.0)
+
+
+def test_round_order_alternates() -> None:
+    assert bench_variants.round_order(["a", "b", "c"], 1) == ["a", "b", "c"]
+    assert bench_variants.round_order(["a", "b", "c"], 2) == ["c", "b", "a"]
+    assert bench_variants.round_order(["a", "b", "c"], 3) == ["a", "b", "c"]
+
+
+def _variant_run(round_: int, rps: float, cpu_us: float, **extra: Any) -> dict[str, Any]:
+    return {
+        **_run(rps, 1.0, 4.0),
+        "round": round_,
+        "cpu_us_per_request": cpu_us,
+        "total_requests": int(rps * 10),
+        **extra,
+    }
+
+
+def test_summarize_variant_medians_and_extras() -> None:
+    runs = [
+        _variant_run(1, 100.0, 300.0, local_decisions=5, delay_ms=None),
+        _variant_run(2, 300.0, 250.0, local_decisions=0, delay_ms=None),
+        _variant_run(3, 200.0, 280.0, local_decisions=1, delay_ms=None),
+    ]
+    summary = bench_variants.summarize_variant(runs)
+    assert summary["requests_per_sec"] == 200.0
+    assert summary["cpu_us_per_request"] == 280.0
+    assert summary["per_round_cpu_us_per_request"] == [300.0, 250.0, 280.0]
+    assert summary["local_decisions"] == 1
+    assert summary["total_requests"] == 6000
+    assert "delay_ms" not in summary  # never measured
+    assert "redis_cpu_us_per_request" not in summary
+
+
+def test_compare_variants_pairs_rounds() -> None:
+    reference_runs = [_variant_run(1, 400.0, 250.0), _variant_run(2, 500.0, 240.0)]
+    variant_runs = [_variant_run(2, 450.0, 280.0), _variant_run(1, 300.0, 300.0)]  # any order
+    reference = bench_variants.summarize_variant(reference_runs)
+    variant = bench_variants.summarize_variant(variant_runs)
+    cmp = bench_variants.compare_variants(reference, variant, reference_runs, variant_runs)
+    assert cmp["throughput_ratio"] == pytest.approx(375.0 / 450.0)
+    assert cmp["throughput_change_percent"] == pytest.approx((375.0 / 450.0 - 1) * 100)
+    assert cmp["per_round_ratio"] == pytest.approx([300.0 / 400.0, 450.0 / 500.0])
+    assert cmp["cpu_us_per_request_diff"] == pytest.approx(290.0 - 245.0)
+    assert cmp["per_round_cpu_us_diff"] == pytest.approx([50.0, 40.0])
+    assert cmp["latency_ratio"]["p50"] == pytest.approx(1.0)
+
+
+def test_section_targets_limiter_flags_local_decisions() -> None:
+    section = bench_variants.limiter_section("redis://127.0.0.1:6379/11")
+    on = {"latency_ms": {"p99": 1.5}, "requests_per_sec": 1700.0, "rate": 1800.0}
+    summary = {
+        "throughput": {"limiter_on": {**on, "local_decision_percent": 97.0}, "limiter_off": on},
+        "paced": {"limiter_on": {**on, "local_decision_percent": 0.0}, "limiter_off": on},
+    }
+    pairs = {
+        "limiter": {
+            "throughput": {"cpu_us_per_request_diff": 30.0},
+            "paced": {"cpu_us_per_request_diff": 70.0},
+        }
+    }
+    targets = bench_variants.section_targets(section, summary, pairs, True)
+    assert [t["verdict"] for t in targets] == ["PASS", "MISS", "PASS"]
+    assert "97 %" in targets[0]["note"]
+    assert targets[1]["note"] == "every limiter_on decision went through Redis"
+    assert targets[2]["unit"] == "ms"
+
+
+def test_section_targets_persistence_is_the_loss_in_percent() -> None:
+    section = bench_variants.persistence_section("postgresql://x/y", "bench_x", Path("/tmp/w"))
+    pairs = {"postgres": {"throughput": {"throughput_change_percent": -12.5}}}
+    (target,) = bench_variants.section_targets(section, {}, pairs, True)
+    assert target["value"] == pytest.approx(12.5)
+    assert target["verdict"] == "PASS"
+    (invalid,) = bench_variants.section_targets(section, {}, pairs, False)
+    assert invalid["verdict"] == "INVALID"
+
+
+def test_observability_section_pairs() -> None:
+    section = bench_variants.observability_section()
+    names = [variant.name for variant in section.variants]
+    assert names[0] == "default"  # the reference of the figure check
+    tracing = section.variant("tracing")
+    assert tracing.quiet_stdout
+    assert tracing.env["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
+    assert {(p.reference, p.variant) for p in section.pairs} == {
+        ("metrics_off", "default"),
+        ("default", "tracing"),
+    }
+
+
+def test_parse_redis_info() -> None:
+    info = bench_variants.parse_redis_info(
+        "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:2.250000\r\nused_cpu_sys_children:9\r\n"
+    )
+    assert info["used_cpu_sys"] == "1.500000"
+    assert bench_variants.redis_cpu_seconds(info) == pytest.approx(3.75)
+    assert bench_variants.redis_cpu_seconds({}) is None
+
+
+def test_parse_proc_net_tcp() -> None:
+    text = (
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        "   0: 0100007F:D431 0100007F:1538 01 00000000:00000000 00:00000000 00000000     0        0 12345 1\n"
+        "   1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 678 1\n"
+    )
+    assert bench_variants.parse_proc_net_tcp(text) == {12345: (0xD431, 5432), 678: (8080, 0)}
+
+
+def test_display_env_and_engine_command() -> None:
+    workdir = Path("/tmp/bench-x")
+    shown = bench_variants.display_env(
+        {"A": "1", "B": f"{workdir}/spool", "C": "two words", "D": "<free>"}, workdir
+    )
+    assert shown == "A=1 B=<tmp>/spool C='two words' D=<free>"
+    variant = bench_variants.Variant("tracing", "t", {"OTEL_TRACES_EXPORTER": "console"}, quiet_stdout=True)
+    command = bench_variants.engine_command(variant, "0", {"DEMO_KEYS_FILE": "<tmp>/k.env"})
+    assert command.startswith("HOST=127.0.0.1 PORT=<free> DEMO_KEYS_FILE=<tmp>/k.env ")
+    assert "SHUTDOWN_DRAIN_SECONDS=0" in command
+    assert command.endswith("OTEL_TRACES_EXPORTER=console taskset -c 0 python -m pricer serve >/dev/null")
+
+
+# ---- bench_audit ---------------------------------------------------------------------------------------
+
+
+def test_audit_decimals_are_exact() -> None:
+    assert bench_audit.cents(123456) == Decimal("1234.56")
+    assert bench_audit.cents(5) == Decimal("0.05")
+    assert bench_audit.rate_decimal(36_461_880) == Decimal("0.36461880")
+    assert bench_audit.rows_per_second(100_000, 0.5) == pytest.approx(200_000.0)
+    assert bench_audit.rows_per_second(100_000, 0.0) is None
+
+
+def test_plain_rows_match_the_batch() -> None:
+    batch = bench_audit.make_batch(50, 7, seed=3)
+    rows = bench_audit.plain_rows(batch)
+    assert len(rows) == 50
+    assert all(len(row) == len(bench_audit.PLAIN_COLUMNS) for row in rows)
+    record = dict(zip(bench_audit.PLAIN_COLUMNS, rows[17], strict=True))
+    rate = batch.rates[int(batch.rate_index[17])]
+    assert record["quote_id"] == batch.quote_id(17)
+    assert record["batch_id"] == batch.batch_id
+    assert record["ticker"] == rate.ticker
+    assert record["position_value"] == Decimal(int(batch.position_cents[17])) / 100
+    assert record["total_fee"] == Decimal(int(batch.total_fee[17])) / 100
+    assert record["borrow_rate"] == Decimal(rate.rate_units) / 10**8
+    assert record["base_rate"] == Decimal(repr(rate.base_rate))
+    assert record["calculated_at"] == batch.calculated_at
+    assert record["transaction_fee_type"] == str(batch.fee_schedule.transaction_fee_type)
+    assert bench_audit.PLAIN_INSERT.count("$") == len(bench_audit.PLAIN_COLUMNS)
+
+
+def test_make_batch_and_fresh_ids() -> None:
+    batch = bench_audit.make_batch(1000, 100)
+    assert batch.size == 1000
+    assert len(batch.rates) == 100
+    assert int(batch.rate_index.max()) < 100
+    assert (batch.total_fee == batch.borrow_cost + batch.markup + batch.transaction_fees).all()
+    again = dataclasses.replace(batch, batch_id="0" * 24)
+    assert again.quote_id(0) != batch.quote_id(0)
+    assert again.position_cents is batch.position_cents  # the same rows, new quote ids
+
+
+def test_audit_method_order_rotates() -> None:
+    orders = [bench_audit.method_order(n) for n in (1, 2, 3, 4)]
+    assert orders[0] == ["store", "audit", "executemany"]
+    assert [order[0] for order in orders[:3]] == ["store", "audit", "executemany"]
+    assert orders[3] == orders[0]
+
+
+def test_summarize_method() -> None:
+    runs = [
+        {"seconds": 0.5, "client_cpu_s": 0.1, "db_cpu_s": 0.4},
+        {"seconds": 0.25, "client_cpu_s": 0.1, "db_cpu_s": None},
+        {"seconds": 1.0, "client_cpu_s": 0.2, "db_cpu_s": 0.6},
+    ]
+    summary = bench_audit.summarize_method(runs, 100_000)
+    assert summary["seconds"] == 0.5
+    assert summary["rows_per_s"] == pytest.approx(200_000.0)
+    assert summary["per_run_rows_per_s"] == pytest.approx([200_000.0, 400_000.0, 100_000.0])
+    assert summary["db_cpu_s"] == pytest.approx(0.5)
+    assert "build_s" not in summary
+
+
+# ---- bench_batch ---------------------------------------------------------------------------------------
+
+
+def test_batch_body() -> None:
+    body = bench_batch.batch_body(1000, seed=1)
+    assert body["client_id"] == "demo_client"
+    positions = body["positions"]
+    assert len(positions) == 1000
+    assert {p["ticker"] for p in positions} == set(bench_batch.DEMO_TICKERS)
+    assert all(1 <= p["loan_days"] <= 365 for p in positions)
+    assert all(
+        0.01 <= p["position_value"] <= 1e9 and round(p["position_value"], 2) == p["position_value"]
+        for p in positions
+    )
+    assert bench_batch.batch_body(1000, seed=1) == body
+
+
+def test_client_ids_are_distinct_and_valid() -> None:
+    ids = list(bench_batch.client_ids(1000, "rss1a2b3c_"))
+    assert len(set(ids)) == 1000
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{3,50}", client_id) for client_id in ids)
+
+
+def test_quote_request_bytes() -> None:
+    raw = bench_batch.quote_request("client_0000001")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /api/v1/calculate-locate HTTP/1.1\r\n")
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert b'"client_id":"client_0000001"' in body
+
+
+def test_parse_response_head() -> None:
+    assert bench_batch.parse_response_head(
+        b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    ) == (404, None, True)
+    assert bench_batch.parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n") == (
+        200,
+        12,
+        False,
+    )
+
+
+def test_read_body_chunked_and_plain() -> None:
+    async def read(data: bytes, length: int | None, chunked: bool) -> tuple[bytes, bytes]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        body = await bench_batch.read_body(reader, length, chunked)
+        return body, await reader.read()
+
+    chunked = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\nNEXT"
+    assert asyncio.run(read(chunked, None, True)) == (b"hello, world", b"NEXT")
+    assert asyncio.run(read(b"abcdefNEXT", 6, False)) == (b"abcdef", b"NEXT")
+
+
+def test_same_batch_figures() -> None:
+    quote = {
+        "index": 0,
+        "ticker": "AAPL",
+        "position_value": 1.0,
+        "loan_days": 3,
+        "total_fee": 0.5,
+        "breakdown": {},
+        "borrow_rate_used": 0.05,
+        "quote_id": "x",
+    }
+    answer = {"client_id": "c", "count": 1, "priced": 1, "fee_schedule": {}, "errors": [], "quotes": [quote]}
+    other = {**answer, "quotes": [{**quote, "quote_id": "y"}], "calculated_at": "later"}
+    assert bench_batch.same_batch_figures(answer, other) == []
+    wrong = {**answer, "quotes": [{**quote, "total_fee": 0.51}]}
+    assert bench_batch.same_batch_figures(answer, wrong) == ["quote 0: total_fee differ"]
+
+
+def test_rss_mb() -> None:
+    status = "Name:\tpython\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\n"
+    assert bench_batch.rss_mb(status) == pytest.approx(100.0)
+    assert bench_batch.rss_mb(status, "VmHWM") == pytest.approx(200.0)
+    assert bench_batch.rss_mb("") is None
+
+
+# ---- run.py --------------------------------------------------------------------------------------------
+
+
+def test_selected_sections() -> None:
+    assert run.selected_sections(None, []) == list(run.SECTIONS)
+    assert run.selected_sections("audit, limiter", []) == ["limiter", "audit"]  # standard order
+    assert run.selected_sections(None, ["pricing", "http"]) == [
+        "limiter",
+        "persistence",
+        "observability",
+        "audit",
+        "batch",
+    ]
+    with pytest.raises(ValueError, match="unknown section"):
+        run.selected_sections("limiter,nope", [])
+
+
+def test_section_command_quick_args() -> None:
+    path = Path("/tmp/x.json")
+    assert run.section_command("limiter", path, False)[1:] == [
+        str(run.VARIANTS_SCRIPT),
+        "limiter",
+        "--json",
+        str(path),
+    ]
+    assert run.section_command("audit", path, True)[-2:] == ["--repeat", "3"]
+    assert "--clients" in run.section_command("batch", path, True)
+
+
+def test_format_duration_and_signed() -> None:
+    assert run.format_duration(5.4) == "5s"
+    assert run.format_duration(185) == "3m05s"
+    assert run.format_duration(None) == "n/a"
+    assert run.signed(12.345, "µs") == "+12.3 µs"
+    assert run.signed(-3.0) == "-3.0"
+    assert run.signed(None) == "n/a"
+
+
+def test_targets_table_and_counts() -> None:
+    pass_target = bench_variants.make_target("cpu", 12.0, 15, "<=", "µs")
+    miss_target = bench_variants.make_target("rows", 99_000.0, 200_000, ">=", "rows/s", note="slow")
+    quick = {**pass_target, "verdict": "n/a (PASS at 20,000)"}
+    rows = [("observability", pass_target), ("audit", miss_target), ("batch", quick)]
+    lines = run.targets_table(rows)
+    assert lines[0].startswith("| section | target |")
+    assert lines[2] == "| observability | cpu | 12.0 µs | <= 15 µs | **PASS** |  |"
+    assert lines[3] == "| audit | rows | 99,000 rows/s | >= 200,000 rows/s | **MISS** | slow |"
+    assert "| n/a (PASS at 20,000) |" in lines[4]
+    assert run.verdict_counts(rows) == {"PASS": 1, "MISS": 1, "n/a": 1}
+
+
+def _variants_document() -> dict[str, Any]:
+    on = bench_variants.summarize_variant([_variant_run(1, 3000.0, 300.0, local_decision_percent=0.0)])
+    off = bench_variants.summarize_variant([_variant_run(1, 3300.0, 270.0)])
+    cmp = bench_variants.compare_variants(
+        off, on, [_variant_run(1, 3300.0, 270.0)], [_variant_run(1, 3000.0, 300.0)]
+    )
+    return {
+        "title": "Rate limiter",
+        "description": "Both variants use Redis.",
+        "valid": True,
+        "settings": {
+            "server_cpu": "0",
+            "wrk_cpu": "1",
+            "connections": 32,
+            "rounds": 1,
+            "duration": "8s",
+            "warmup": "2s",
+        },
+        "variants": [{"name": "limiter_off", "label": "off"}, {"name": "limiter_on", "label": "on"}],
+        "summary": {"throughput": {"limiter_off": off, "limiter_on": on}},
+        "pairs": [
+            {
+                "name": "limiter",
+                "label": "rate limiter",
+                "reference": "limiter_off",
+                "variant": "limiter_on",
+                "loads": {"throughput": cmp},
+            }
+        ],
+        "targets": [
+            bench_variants.make_target("limiter CPU", cmp["cpu_us_per_request_diff"], 60, "<=", "µs")
+        ],
+        "extra": {},
+        "notes": ["a note"],
+        "commands": ["# limiter_on: REDIS_URL=redis://127.0.0.1:6379/11 python -m pricer serve"],
+    }
+
+
+def test_variants_section_renders_pairs_and_targets() -> None:
+    text = "\n".join(run.variants_section(_variants_document(), [], None, "limiter"))
+    assert "## Rate limiter (bench_variants.py limiter)" in text
+    assert "limiter_on/limiter_off **0.91×**" in text
+    assert "server CPU per request **+30.0 µs**" in text
+    assert "| limiter | limiter CPU | 30.0 µs | <= 60 µs | **PASS** |" in text
+    assert "limiter decided locally %" in text  # the column appears once a variant has the figure
+    assert "- a note" in text
+    assert "REDIS_URL=redis://127.0.0.1:6379/11" in text
+
+
+def test_write_report_collects_every_target(tmp_path: Path) -> None:
+    audit_doc = {
+        "valid": True,
+        "settings": {"size": 100_000, "tickers": 5000, "repeat": 5},
+        "database": {"server_version": "15"},
+        "summary": {
+            name: {
+                "seconds": 0.5,
+                "rows_per_s": 200_000.0,
+                "per_run_rows_per_s": [200_000.0],
+                "client_cpu_s": 0.1,
+                "db_cpu_s": 0.4,
+                **({"add_s": 0.0001} if name == "audit" else {}),
+                **({"build_s": 0.4} if name == "executemany" else {}),
+            }
+            for name in ("store", "audit", "executemany")
+        },
+        "ratios": {
+            "store_over_executemany": 2.5,
+            "store_over_executemany_insert_only": 2.0,
+            "audit_over_executemany": 2.4,
+            "audit_over_store": 0.98,
+        },
+        "digests_equal": True,
+        "targets": [bench_variants.make_target("write", 210_000.0, 200_000, ">=", "rows/s")],
+        "problems": [],
+        "notes": [],
+        "commands": ["python benchmarks/bench_audit.py", "# baseline: INSERT ..."],
+    }
+    results = {
+        "limiter": {"data": _variants_document(), "command": [], "error": None, "seconds": 130.0},
+        "audit": {"data": audit_doc, "command": [], "error": None, "seconds": 40.0},
+        "batch": {
+            "data": None,
+            "command": [],
+            "error": "bench_batch.py exited with status 2 and wrote no JSON",
+        },
+    }
+    report = tmp_path / "REPORT.md"
+    run.write_report(report, quick=True, results=results)
+    text = report.read_text()
+    assert "Quick smoke run" in text
+    assert "Wall time per section: limiter 2m10s, audit 40s." in text
+    assert "## Targets" in text
+    assert "2 PASS." in text
+    assert "| audit | write | 210,000 rows/s | >= 200,000 rows/s | **PASS** |" in text
+    assert "**equal**" in text
+    assert "**Problem:** bench_batch.py exited with status 2 and wrote no JSON." in text
+
+
+def test_clean_environment_drops_every_engine_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pricer.settings import _PARSERS
+
+    assert set(_PARSERS) <= bench_http.ENGINE_SETTINGS  # a new setting must be scrubbed too
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("ENABLE_METRICS", "false")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://elsewhere/db")
+    monkeypatch.setenv("KEEP_ME", "1")
+    environment = bench_http._clean_environment()
+    assert "OTEL_TRACES_EXPORTER" not in environment
+    assert "ENABLE_METRICS" not in environment
+    assert "DATABASE_URL" not in environment
+    assert environment["KEEP_ME"] == "1"
