@@ -117,6 +117,22 @@ def start_server(tmp_path: Path, **env: str) -> RunningServer:
     return RunningServer(base_url=base_url, process=process, keys=keys, log_path=log_path)
 
 
+def wait_for_health(server: RunningServer, timeout: float = 30) -> RunningServer:
+    """Wait until the server answers /health; stop it and raise with its log if it exits or stalls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    stop_server(server)
+    raise RuntimeError(f"server did not start:\n{server.log()}")
+
+
 def stop_server(server: RunningServer) -> None:
     if server.process.poll() is None:
         server.process.terminate()

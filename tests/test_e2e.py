@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import httpx
 import msgspec
 import pytest
 
-from tests.conftest import RunningServer, free_port, stop_server
+from tests.conftest import RunningServer, free_port, stop_server, wait_for_health
 from tests.shared_data import SHARED_DATA
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -54,18 +53,7 @@ def start_plain_server(tmp_path: Path, **env: str) -> RunningServer:
             text=True,
         )
     server = RunningServer(base_url=f"http://127.0.0.1:{port}", process=process, keys={}, log_path=log_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    stop_server(server)
-    raise RuntimeError(f"server did not start:\n{server.log()}")
+    return wait_for_health(server)
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:

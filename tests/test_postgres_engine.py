@@ -38,7 +38,7 @@ import pytest
 import redis
 
 from pricer.stores.postgres import quote_identifier
-from tests.conftest import RunningServer, free_port, stop_server
+from tests.conftest import RunningServer, free_port, stop_server, wait_for_health
 from tests.pg import PG_DSN, drop_schema, new_schema_name
 from tests.private_postgres import PrivatePostgres
 from tests.shared_data import SHARED_DATA
@@ -115,18 +115,7 @@ def start_engine(directory: Path, env: Mapping[str, str]) -> RunningServer:
             text=True,
         )
     server = RunningServer(base_url=f"http://127.0.0.1:{port}", process=process, keys={}, log_path=log_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    stop_server(server)
-    raise RuntimeError(f"server did not start:\n{server.log()}")
+    return wait_for_health(server)
 
 
 def start_engines(directories: list[Path], envs: list[dict[str, str]]) -> list[RunningServer]:
