@@ -16,7 +16,17 @@ STATE_KEY = "pricer.state"
 
 
 class RequestState:
-    __slots__ = ("client_id", "limits", "principal", "rate_decision", "request_id", "route", "route_template")
+    __slots__ = (
+        "client_id",
+        "limits",
+        "principal",
+        "rate_decision",
+        "request_id",
+        "response_started",
+        "route",
+        "route_template",
+        "status",
+    )
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -26,6 +36,9 @@ class RequestState:
         self.client_id: str | None = None
         self.limits: ClientLimits | None = None  # set on limited routes
         self.rate_decision: Decision | None = None  # the request bucket's decision, for the headers
+        # Set by RequestContext as the response starts; 500 stays if none ever does.
+        self.status = 500
+        self.response_started = False
 
 
 def request_state(scope: Scope) -> RequestState:

@@ -7,12 +7,12 @@ priced rows, so that a batch of 10^6 quotes needs no per-row object or index to 
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 from dataclasses import dataclass
 
 import msgspec
 import numpy as np
 
+from pricer.ids import random_hex
 from pricer.models import BorrowStatus, RateSource
 from pricer.pricing.core import RATE_SCALE, Int64Array
 from pricer.schemas import (
@@ -31,7 +31,7 @@ _HEX = frozenset("0123456789abcdef")
 
 
 def new_batch_id() -> str:
-    return secrets.token_hex(BATCH_ID_HEX // 2)
+    return random_hex(BATCH_ID_HEX // 2)
 
 
 def split_quote_id(quote_id: str) -> tuple[str, int] | None:

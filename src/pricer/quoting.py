@@ -9,6 +9,7 @@ import datetime as dt
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -113,15 +114,22 @@ class Quoter:
         with self._tracing.span("market_data", {"tickers": len(unique)}):
             found = await self._market.ticker_rates(unique, now)
         market_seconds = time.perf_counter() - started
-        known_rates: list[TickerRate] = []
-        remap = np.full(len(unique), -1, dtype=np.int64)
-        for position, rate in enumerate(found):
-            if rate is not None:
-                remap[position] = len(known_rates)
-                known_rates.append(rate)
-        rate_index = remap[row_slot]
-        priced = rate_index >= 0
-        unknown_rows = np.flatnonzero(~priced).tolist()
+        known_rates: list[TickerRate]
+        unknown_rows: list[int] = []
+        if None not in found:
+            # Every ticker is known (the usual case, and every priced single quote): slots are rate rows.
+            known_rates = cast(list[TickerRate], found)
+            rate_index = row_slot
+        else:
+            known_rates = []
+            remap = np.full(len(unique), -1, dtype=np.int64)
+            for position, rate in enumerate(found):
+                if rate is not None:
+                    remap[position] = len(known_rates)
+                    known_rates.append(rate)
+            rate_index = remap[row_slot]
+            priced = rate_index >= 0
+            unknown_rows = np.flatnonzero(~priced).tolist()
         if admit is not None:
             await admit(len(tickers) - len(unknown_rows))
         if unknown_rows:

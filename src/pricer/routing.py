@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -15,11 +15,30 @@ from pricer.models import Scope as AuthScope
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class ApiRequest(Request):
+    """A Starlette request whose `body()` gathers the messages directly (no async generator per call)."""
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            chunks: list[bytes] = []
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.request":
+                    chunks.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+                elif message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+            self._stream_consumed = True
+            self._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return self._body
+
+
 def asgi_endpoint(handler: Handler) -> ASGIApp:
     """An ASGI app from `handler(request) -> response`; errors propagate to the error edge."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        response = await handler(Request(scope, receive))
+        response = await handler(ApiRequest(scope, receive))
         await response(scope, receive, send)
 
     return app

@@ -29,7 +29,10 @@ class BodyLimit:
                     ) from None
                 if declared > limit:
                     raise PayloadTooLarge(limit)
-                break
+                # The server frames the body by Content-Length (never more bytes than declared), so a
+                # declared length within the limit needs no counting.
+                await self.app(scope, receive, send)
+                return
         received = 0
 
         async def limited_receive() -> Message:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import msgspec
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pricer.context import request_state
 from pricer.errors import (
@@ -60,18 +60,10 @@ class ErrorEnvelope:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, send)
         except PricerError as error:
-            if started:
+            if request_state(scope).response_started:
                 raise
             self._log(scope, error)
             await self._send_error(scope, send, error)
@@ -81,7 +73,7 @@ class ErrorEnvelope:
                 "Unhandled error",
                 extra=fields(request_id=state.request_id, endpoint=state.route_template),
             )
-            if started:
+            if state.response_started:
                 raise
             await self._send_error(scope, send, PricerError("Internal error"))
 

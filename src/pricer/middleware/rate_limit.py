@@ -9,6 +9,7 @@ into the RateLimit headers of whatever response goes out (429s included).
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -44,9 +45,15 @@ class ClientLimits:
         self._default_per_minute = default_per_minute
         self._default_burst = default_burst
         self._positions_per_minute = positions_per_minute
+        # client_id -> (the client record the spec was made from, the spec); records are replaced whole on
+        # change, so the same object means the same limits.
+        self._specs: dict[str, tuple[object, BucketSpec]] = {}
 
     async def request_bucket(self, client_id: str) -> BucketSpec:
         client = await self._clients.get(client_id)
+        cached = self._specs.get(client_id)
+        if cached is not None and cached[0] is client:
+            return cached[1]
         per_minute = self._default_per_minute
         burst = self._default_burst
         if client is not None and client.rate_limit_per_minute is not None:
@@ -54,7 +61,11 @@ class ClientLimits:
             burst = client.burst if client.burst is not None else per_minute
         elif client is not None and client.burst is not None:
             burst = client.burst
-        return BucketSpec(f"ratelimit:{client_id}", per_minute, burst)
+        spec = BucketSpec(f"ratelimit:{client_id}", per_minute, burst)
+        if len(self._specs) >= 100_000:
+            self._specs.clear()
+        self._specs[client_id] = (client, spec)
+        return spec
 
     def positions_bucket(self, client_id: str) -> BucketSpec:
         return BucketSpec(
@@ -116,13 +127,21 @@ class RateLimit:
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
-    spec = decision.spec
+    policy, limit = _spec_headers(decision.spec, decision.refill_window)
     remaining = str(decision.remaining).encode()
     reset = str(decision.reset_after).encode()
     return [
-        (b"ratelimit-policy", f'"default";q={spec.capacity};w={decision.refill_window}'.encode()),
+        policy,
         (b"ratelimit", b'"default";r=' + remaining + b";t=" + reset),
-        (b"x-ratelimit-limit", str(spec.per_minute).encode()),
+        limit,
         (b"x-ratelimit-remaining", remaining),
         (b"x-ratelimit-reset", reset),
     ]
+
+
+@lru_cache(maxsize=4096)
+def _spec_headers(spec: BucketSpec, refill_window: int) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+    return (
+        (b"ratelimit-policy", f'"default";q={spec.capacity};w={refill_window}'.encode()),
+        (b"x-ratelimit-limit", str(spec.per_minute).encode()),
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from starlette._utils import get_route_path
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -17,9 +18,27 @@ class RouteMatch:
     def __init__(self, app: ASGIApp, routes: Sequence[ApiRoute]) -> None:
         self.app = app
         self._routes = tuple(routes)
+        # Paths without parameters are looked up in one step, where the ordered scan would find the same
+        # route first (no earlier route's pattern matches that path).
+        self._static: dict[str, ApiRoute] = {}
+        for index, route in enumerate(self._routes):
+            if route.param_convertors or route.path in self._static:
+                continue
+            if not any(earlier.path_regex.match(route.path) for earlier in self._routes[:index]):
+                self._static[route.path] = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = self._static.get(get_route_path(scope))
+        if static is not None:
+            scope["endpoint"] = static.endpoint
+            scope["path_params"] = {}
+            if static.methods and scope["method"] not in static.methods:
+                request_state(scope).route_template = static.path
+                raise MethodNotAllowed(sorted(static.methods))
+            self._select(scope, static)
             await self.app(scope, receive, send)
             return
         partial: ApiRoute | None = None

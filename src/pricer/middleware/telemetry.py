@@ -1,11 +1,12 @@
-"""Per-request metrics, the slow-request log and the request span."""
+"""Per-request metrics, the slow-request log and the request span (status read from the request state,
+which RequestContext, outside this, fills as the response starts)."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pricer.context import request_state
 from pricer.logs import SLOW_REQUEST, fields
@@ -27,27 +28,19 @@ class RequestTelemetry:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
-
-        async def capture_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        state = request_state(scope)
         try:
             if self._tracing.enabled:
                 with self._tracing.span(scope["method"], {"http.request.method": scope["method"]}) as span:
-                    await self.app(scope, receive, capture_status)
-                    state = request_state(scope)
+                    await self.app(scope, receive, send)
                     span.update_name(f"{scope['method']} {state.route_template}")
                     span.set_attribute("http.route", state.route_template)
-                    span.set_attribute("http.response.status_code", status)
+                    span.set_attribute("http.response.status_code", state.status)
             else:
-                await self.app(scope, receive, capture_status)
+                await self.app(scope, receive, send)
         finally:
             elapsed = time.perf_counter() - started
-            state = request_state(scope)
+            status = state.status
             self._metrics.observe_request(scope["method"], state.route_template, status, elapsed)
             if elapsed >= self._slow_seconds:
                 log.warning(
