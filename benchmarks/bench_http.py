@@ -36,9 +36,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LUA_SCRIPT = HERE / "wrk_quote.lua"
 BASELINE_SCRIPT = HERE / "baseline_fastapi.py"
+RAW_SCRIPT = HERE / "baseline_raw_asgi.py"
 QUOTE_PATH = "/api/v1/calculate-locate"
 PERCENTILES = (50, 75, 90, 99)
-TARGETS = ("engine", "baseline")
+TARGETS = ("engine", "baseline", "raw")
 CLIENT_ID = "demo_client"
 # A generator using more than this share of its CPU may be what limits the measured rate.
 GENERATOR_BUSY_PERCENT = 90.0
@@ -584,12 +585,13 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def start_baseline(workdir: Path, cpu: str | None) -> Server:
+def start_baseline(workdir: Path, cpu: str | None, *, name: str = "baseline") -> Server:
+    """The FastAPI baseline, or (name="raw") the bare ASGI ceiling, with a random key of its own."""
     import secrets
     import string
 
     port = free_port()
-    log_path = workdir / "baseline.log"
+    log_path = workdir / f"{name}.log"
     key_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
     secret = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(40))
     key = f"bre_{key_id}_{secret}"
@@ -602,13 +604,13 @@ def start_baseline(workdir: Path, cpu: str | None) -> Server:
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            pinned(cpu, [sys.executable, str(BASELINE_SCRIPT)]),
+            pinned(cpu, [sys.executable, str(RAW_SCRIPT if name == "raw" else BASELINE_SCRIPT)]),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=workdir,
         )
-    server = Server("baseline", process, f"http://127.0.0.1:{port}", key, log_path)
+    server = Server(name, process, f"http://127.0.0.1:{port}", key, log_path)
     wait_ready(server)
     return server
 
@@ -876,7 +878,9 @@ def render_table(summary: Mapping[str, Any]) -> str:
     lines = [header, "-" * len(header)]
     for block in summary["loads"].values():
         for target in TARGETS:
-            s = block[target]
+            s = block.get(target)
+            if s is None:
+                continue
             lat = s["latency_ms"]
             lines.append(
                 f"{block['label']:<22} {target:<9} {format_number(s['requests_per_sec']):>8} "
@@ -892,6 +896,15 @@ def render_table(summary: Mapping[str, Any]) -> str:
             + ", ".join(format_ratio(r) for r in block["per_round_ratio"])
             + ")"
         )
+        raw_cmp = block.get("engine_vs_raw")
+        if raw_cmp:
+            lines.append(
+                f"{'':<22} {'ratio':<9} {format_ratio(raw_cmp['throughput_ratio']):>8} "
+                + " ".join(f"{format_ratio(raw_cmp['latency_ratio'][f'p{p}']):>8}" for p in PERCENTILES)
+                + "   (engine/raw ASGI ceiling; per round: "
+                + ", ".join(format_ratio(r) for r in block.get("per_round_ratio_vs_raw", []))
+                + ")"
+            )
     return "\n".join(lines)
 
 
@@ -949,6 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             servers["engine"] = start_engine(workdir, server_cpu, engine_env)
             servers["baseline"] = start_baseline(workdir, server_cpu)
+            servers["raw"] = start_baseline(workdir, server_cpu, name="raw")
             problems = check_same_figures(servers["engine"], servers["baseline"], DEFAULT_BODIES)
             if problems:
                 print("bench_http: the engine and the baseline disagree:\n  " + "\n  ".join(problems))
@@ -1015,12 +1029,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         engine_summary = summarize_runs(by_target["engine"])
         baseline_summary = summarize_runs(by_target["baseline"])
+        raw_summary = summarize_runs(by_target["raw"]) if by_target["raw"] else None
         summary["loads"][load] = {
             "label": labels[load],
             "engine": engine_summary,
             "baseline": baseline_summary,
+            "raw": raw_summary,
             "engine_vs_baseline": compare(engine_summary, baseline_summary),
             "per_round_ratio": per_round_ratios(by_target["engine"], by_target["baseline"]),
+            "engine_vs_raw": compare(engine_summary, raw_summary) if raw_summary else None,
+            "per_round_ratio_vs_raw": per_round_ratios(by_target["engine"], by_target["raw"]),
         }
 
     invalid = [r for r in runs if not r.result.valid]
@@ -1085,6 +1103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "request_bodies": list(DEFAULT_BODIES),
             "lua_script": str(LUA_SCRIPT.relative_to(ROOT)),
             "baseline": str(BASELINE_SCRIPT.relative_to(ROOT)),
+            "raw_command": (
+                "HOST=127.0.0.1 PORT=<free> BASELINE_API_KEY=<random bre_ key> "
+                f"{server_pin}python benchmarks/baseline_raw_asgi.py"
+            ),
         },
         "summary": summary,
         "runs": [r.as_dict() for r in runs],

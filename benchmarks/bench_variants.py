@@ -311,7 +311,7 @@ def limiter_section(redis_url: str) -> Section:
     )
 
 
-def persistence_section(database_url: str, schema: str, workdir: Path) -> Section:
+def persistence_section(database_url: str, schema: str, workdir: Path, redis_url: str) -> Section:
     return Section(
         name="persistence",
         title='PostgreSQL store + audit trail (issue "persistence") vs the in-memory default',
@@ -322,7 +322,8 @@ def persistence_section(database_url: str, schema: str, workdir: Path) -> Sectio
             "writer (COPY into PostgreSQL). `memory`: the in-memory default (quotes kept in process). The "
             "engine's CPU per request excludes PostgreSQL's; the CPU of the PostgreSQL backends serving the "
             "engine's connections is shown apart (they are not pinned: on a 2-CPU machine they share the "
-            "engine's or wrk's CPU)."
+            "engine's or wrk's CPU). `postgres_redis` is the production shape: the same PostgreSQL stores "
+            f"and audit plus Redis at `{redis_url}` (rate limiter, shared rate cache, invalidation bus)."
         ),
         variants=[
             Variant("memory", "in-memory stores", {}),
@@ -335,8 +336,21 @@ def persistence_section(database_url: str, schema: str, workdir: Path) -> Sectio
                     "AUDIT_SPOOL_DIR": str(workdir / "audit-spool"),
                 },
             ),
+            Variant(
+                "postgres_redis",
+                "PostgreSQL stores + audit + Redis",
+                {
+                    "DATABASE_URL": database_url,
+                    "DATABASE_SCHEMA": schema,
+                    "AUDIT_SPOOL_DIR": str(workdir / "audit-spool-redis"),
+                    "REDIS_URL": redis_url,
+                },
+            ),
         ],
-        pairs=[Pair("postgres", "PostgreSQL store + audit vs in-memory", "memory", "postgres")],
+        pairs=[
+            Pair("postgres", "PostgreSQL store + audit vs in-memory", "memory", "postgres"),
+            Pair("postgres_redis", "PostgreSQL + audit + Redis vs in-memory", "memory", "postgres_redis"),
+        ],
     )
 
 
@@ -690,7 +704,8 @@ def prepare_persistence(section: Section, database_url: str, schema: str, workdi
             return (
                 f"`python -m pricer {command[0]}` failed ({completed.returncode}): {completed.stderr.strip()}"
             )
-    section.keys["postgres"] = bench_http.read_env_file(workdir / "pg-demo-keys.env")["DEMO_CLIENT_KEY"]
+    key = bench_http.read_env_file(workdir / "pg-demo-keys.env")["DEMO_CLIENT_KEY"]
+    section.keys["postgres"] = section.keys["postgres_redis"] = key
     return None
 
 
@@ -703,7 +718,7 @@ def finish_persistence(section: Section, database_url: str, schema: str, answere
         section.extra["postgres_quotes_answered"] = answered
         if rows < answered:
             section.notes.append(
-                f"PostgreSQL holds {rows:,} quote rows but the `postgres` variant answered {answered:,} "
+                f"PostgreSQL holds {rows:,} quote rows but the PostgreSQL variants answered {answered:,} "
                 "quotes: answered quotes are missing from the audit trail."
             )
     except Exception as error:
@@ -806,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             probe = RedisProbe(args.redis_url)
         elif args.section == "persistence":
-            section = persistence_section(args.database_url, schema, workdir)
+            section = persistence_section(args.database_url, schema, workdir, args.redis_url)
             probe = PostgresProbe(args.database_url, "postgres")
         else:
             section = observability_section()
@@ -909,7 +924,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for server in servers.values():
                 server.stop()
             if args.section == "persistence" and prepared:
-                finish_persistence(section, args.database_url, schema, answered["postgres"])
+                finish_persistence(
+                    section, args.database_url, schema, answered["postgres"] + answered["postgres_redis"]
+                )
 
     summary: dict[str, dict[str, Any]] = {}
     for load in ("throughput", "paced"):

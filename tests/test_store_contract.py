@@ -705,8 +705,11 @@ async def test_inconsistent_batch_is_rejected_before_writing() -> None:
         good = make_batch(3)
         bad = make_batch(3, seed=1)
         bad.rate_index[1] = len(bad.rates)
-        with pytest.raises(ValueError, match="rate_index"):
+        with pytest.raises(ValueError, match=f"batch {bad.batch_id}: a rate_index"):
             await PgQuoteStore(pool).add_many([good, bad])
+        bad.rate_index[1] = -1
+        with pytest.raises(ValueError, match=f"batch {bad.batch_id}: a rate_index"):
+            await PgQuoteStore(pool).add_many([bad, good])
         assert await _table_count(pool, "SELECT count(*) FROM quotes") == 0
 
 

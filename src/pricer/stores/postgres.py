@@ -685,26 +685,49 @@ def _check_batch(batch: PricedBatch) -> None:
     )
     if any(column.shape != (size,) for column in columns):
         raise ValueError(f"batch {batch.batch_id}: its columns differ in length")
-    if size and (int(batch.rate_index.min()) < 0 or int(batch.rate_index.max()) >= len(batch.rates)):
-        raise ValueError(f"batch {batch.batch_id}: a rate_index points outside its rates")
 
 
-def _binary_rows(b: int, batch: PricedBatch) -> bytes:
-    """The batch's rows as binary COPY tuples of `pricer_stage_quote_rows` (without the framing)."""
-    tuples = np.empty(batch.size, dtype=_ROW_DTYPE)
+def _check_rate_indexes(numbered: Sequence[tuple[int, PricedBatch]]) -> None:
+    """Every row's rate_index points into its own batch's rates (checked for all batches at once)."""
+    sizes = [batch.size for _, batch in numbered]
+    rate_index = np.concatenate([batch.rate_index for _, batch in numbered])
+    limits = np.repeat(np.array([len(batch.rates) for _, batch in numbered], dtype=np.int64), sizes)
+    bad = np.flatnonzero((rate_index < 0) | (rate_index >= limits))
+    if bad.size:
+        row = int(bad[0])
+        which = int(np.searchsorted(np.cumsum(sizes), row, side="right"))
+        raise ValueError(f"batch {numbered[which][1].batch_id}: a rate_index points outside its rates")
+
+
+_ROW_VALUE_COLUMNS = (
+    "input_index",
+    "rate_index",
+    "position_cents",
+    "loan_days",
+    "borrow_cost",
+    "markup",
+    "transaction_fees",
+    "total_fee",
+)
+
+
+def _binary_rows(numbered: Sequence[tuple[int, PricedBatch]]) -> bytes:
+    """The rows of all the batches as binary COPY tuples of `pricer_stage_quote_rows` (without the
+    framing), built column-wise in one array: the audit trail mostly writes many one-row batches."""
+    sizes = [batch.size for _, batch in numbered]
+    total = sum(sizes)
+    tuples = np.empty(total, dtype=_ROW_DTYPE)
     tuples["fields"] = len(_ROW_COLUMNS)
     for name in _ROW_COLUMNS:
         tuples[f"{name}_length"] = 8
-    tuples["b"] = b
-    tuples["row_index"] = np.arange(batch.size, dtype=np.int64)
-    tuples["input_index"] = batch.input_index
-    tuples["rate_index"] = batch.rate_index
-    tuples["position_cents"] = batch.position_cents
-    tuples["loan_days"] = batch.loan_days
-    tuples["borrow_cost"] = batch.borrow_cost
-    tuples["markup"] = batch.markup
-    tuples["transaction_fees"] = batch.transaction_fees
-    tuples["total_fee"] = batch.total_fee
+    if total == len(numbered):
+        tuples["b"] = [b for b, _ in numbered]
+        tuples["row_index"] = 0
+    else:
+        tuples["b"] = np.repeat(np.array([b for b, _ in numbered], dtype=np.int64), sizes)
+        tuples["row_index"] = np.concatenate([np.arange(size, dtype=np.int64) for size in sizes])
+    for name in _ROW_VALUE_COLUMNS:
+        tuples[name] = np.concatenate([getattr(batch, name) for _, batch in numbered])
     return tuples.tobytes()
 
 
@@ -785,7 +808,7 @@ class PgQuoteStore(_PgStore):
         before anything is written."""
         batch_columns: list[list[Any]] = [[] for _ in range(10)]
         rate_columns: list[list[Any]] = [[] for _ in range(14)]
-        row_parts: list[bytes] = [_COPY_SIGNATURE]
+        numbered: list[tuple[int, PricedBatch]] = []
         seen: set[str] = set()
         for b, batch in enumerate(batches):
             if batch.size == 0 or batch.batch_id in seen:
@@ -832,10 +855,11 @@ class PgQuoteStore(_PgStore):
                     strict=True,
                 ):
                     column.append(value)
-            row_parts.append(_binary_rows(b, batch))
-        if not seen:
+            numbered.append((b, batch))
+        if not numbered:
             return 0
-        row_parts.append(_COPY_TRAILER)
+        _check_rate_indexes(numbered)
+        row_parts = [_COPY_SIGNATURE, _binary_rows(numbered), _COPY_TRAILER]
         with translate_errors("quotes.add"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute(_STAGING)
