@@ -810,12 +810,24 @@ class PgQuoteStore(_PgStore):
         rate_columns: list[list[Any]] = [[] for _ in range(14)]
         numbered: list[tuple[int, PricedBatch]] = []
         seen: set[str] = set()
+        # Fee schedules and rates are shared by many batches (one per client, one per ticker and cache
+        # period): their column values are made once per write.
+        schedule_values: dict[int, tuple[str, str, str, int]] = {}
+        rate_values: dict[int, tuple[Any, ...]] = {}
         for b, batch in enumerate(batches):
             if batch.size == 0 or batch.batch_id in seen:
                 continue
             seen.add(batch.batch_id)
             _check_batch(batch)
             schedule = batch.fee_schedule
+            terms = schedule_values.get(id(schedule))
+            if terms is None:
+                terms = schedule_values[id(schedule)] = (
+                    _num(schedule.markup_percentage),
+                    str(schedule.transaction_fee_type),
+                    _num(schedule.transaction_amount),
+                    schedule.day_count,
+                )
             for column, value in zip(
                 batch_columns,
                 (
@@ -825,20 +837,15 @@ class PgQuoteStore(_PgStore):
                     batch.request_id,
                     batch.client_id,
                     batch.key_id,
-                    _num(schedule.markup_percentage),
-                    str(schedule.transaction_fee_type),
-                    _num(schedule.transaction_amount),
-                    schedule.day_count,
+                    *terms,
                 ),
                 strict=True,
             ):
                 column.append(value)
             for r, rate in enumerate(batch.rates):
-                for column, value in zip(
-                    rate_columns,
-                    (
-                        b,
-                        r,
+                values = rate_values.get(id(rate))
+                if values is None:
+                    values = rate_values[id(rate)] = (
                         rate.ticker,
                         rate.rate_units,
                         _num(rate.base_rate),
@@ -851,9 +858,8 @@ class PgQuoteStore(_PgStore):
                         str(rate.source),
                         rate.available_shares,
                         rate.as_of,
-                    ),
-                    strict=True,
-                ):
+                    )
+                for column, value in zip(rate_columns, (b, r, *values), strict=True):
                     column.append(value)
             numbered.append((b, batch))
         if not numbered:
