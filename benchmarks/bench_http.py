@@ -204,6 +204,61 @@ def parse_wrk_output(text: str) -> WrkResult:
     )
 
 
+def verdict(value: float | None, limit: float, op: str, *, valid: bool = True) -> str:
+    """PASS / MISS of `value op limit` (op `<=` or `>=`); n/a without a value, INVALID for a bad run."""
+    if not valid:
+        return "INVALID"
+    if value is None:
+        return "n/a"
+    if op == "<=":
+        return "PASS" if value <= limit else "MISS"
+    if op == ">=":
+        return "PASS" if value >= limit else "MISS"
+    raise ValueError(f"unknown comparison {op!r}")
+
+
+def make_target(
+    name: str, value: float | None, limit: float, op: str, unit: str, *, valid: bool = True, note: str = ""
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "value": value,
+        "limit": limit,
+        "op": op,
+        "unit": unit,
+        "verdict": verdict(value, limit, op, valid=valid),
+        "note": note,
+    }
+
+
+def http_targets(summary: Mapping[str, Any], valid: bool) -> list[dict[str, Any]]:
+    """Issue 6's full-stack targets on the saturated (throughput) load."""
+    block = summary.get("loads", {}).get("throughput")
+    if block is None:
+        return []
+    vs_baseline = block["engine_vs_baseline"]["throughput_ratio"]
+    vs_raw = (block.get("engine_vs_raw") or {}).get("throughput_ratio")
+    return [
+        make_target(
+            "single quote, full stack on embedded defaults: req/s engine / FastAPI baseline",
+            vs_baseline,
+            3,
+            ">=",
+            "x",
+            valid=valid,
+            note="stretch >= 4x",
+        ),
+        make_target(
+            "single quote, full stack: req/s engine / raw-ASGI ceiling (stretch)",
+            None if vs_raw is None else round(100 * vs_raw, 1),
+            55,
+            ">=",
+            "%",
+            valid=valid,
+        ),
+    ]
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, or None when either is missing or the denominator is not positive."""
     if numerator is None or denominator is None or denominator <= 0:
@@ -1109,6 +1164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         },
         "summary": summary,
+        "targets": http_targets(summary, not invalid),
         "runs": [r.as_dict() for r in runs],
         "warmup_runs_excluded": True,
         "notes": notes,

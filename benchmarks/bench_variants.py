@@ -55,6 +55,7 @@ from bench_http import (
     format_number,
     idle_check,
     machine_facts,
+    make_target,
     median_or_none,
     parse_cpu_list,
     parse_proc_stat_cpu,
@@ -99,33 +100,6 @@ class Pair:
     label: str
     reference: str  # variant without the feature
     variant: str  # variant with it
-
-
-def verdict(value: float | None, limit: float, op: str, *, valid: bool = True) -> str:
-    """PASS / MISS of `value op limit` (op `<=` or `>=`); n/a without a value, INVALID for a bad run."""
-    if not valid:
-        return "INVALID"
-    if value is None:
-        return "n/a"
-    if op == "<=":
-        return "PASS" if value <= limit else "MISS"
-    if op == ">=":
-        return "PASS" if value >= limit else "MISS"
-    raise ValueError(f"unknown comparison {op!r}")
-
-
-def make_target(
-    name: str, value: float | None, limit: float, op: str, unit: str, *, valid: bool = True, note: str = ""
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "value": value,
-        "limit": limit,
-        "op": op,
-        "unit": unit,
-        "verdict": verdict(value, limit, op, valid=valid),
-        "note": note,
-    }
 
 
 def paced_delay_ms(connections: int, target_rate: float) -> float:

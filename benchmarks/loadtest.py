@@ -9,11 +9,11 @@ generator's and (with --server-pid) the server's CPU, and says which one was the
     # serve the engine (make serve) and take its demo key from the keys file it writes
     python benchmarks/loadtest.py run --url http://127.0.0.1:8000 --keys-file demo-keys.env \\
         --scenario single-post --mode open --rate 3000 --duration 20 --warmup 5 --json a.json --plot a.png
-    python benchmarks/loadtest.py run ... --mode closed --connections 32            # capacity
-    python benchmarks/loadtest.py run ... --rate half                               # capacity, then 50 % of it
-    python benchmarks/loadtest.py plot a.json b.json --out ab.png                   # A/B percentile plot
-    python benchmarks/loadtest.py provision --url ... --admin-key-env PRICER_ADMIN_KEY --clients 50 --out keys.txt
-    python benchmarks/loadtest.py scenarios                                         # what there is
+    python benchmarks/loadtest.py run ... --mode closed --connections 32   # capacity
+    python benchmarks/loadtest.py run ... --rate half                      # capacity, then 50 % of it
+    python benchmarks/loadtest.py plot a.json b.json --out ab.png          # A/B percentile plot
+    python benchmarks/loadtest.py provision --url ... --clients 50 --out keys.txt   # PRICER_ADMIN_KEY
+    python benchmarks/loadtest.py scenarios                                # what there is
 
 Keys come from --keys-file (lines `client_id key`, or the engine's demo keys file) or PRICER_API_KEY and
 PRICER_CLIENT_ID, never from code. Exit status: 0 valid run, 1 invalid (unexpected statuses, socket
@@ -121,16 +121,16 @@ def run_generator(
             command = ["taskset", "-c", config.cpu, *command]
         server_before = process_cpu_seconds(server_pid) if server_pid else None
         started = time.monotonic()
-        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-        assert process.stderr is not None
         lines = []
-        for line in process.stderr:
-            lines.append(line)
-            if progress and line.startswith("progress"):
-                print("  " + line.rstrip(), file=sys.stderr, flush=True)
-            elif not line.startswith("progress"):
-                print(line.rstrip(), file=sys.stderr)
-        code = process.wait()
+        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:
+            assert process.stderr is not None
+            for line in process.stderr:
+                lines.append(line)
+                if progress and line.startswith("progress"):
+                    print("  " + line.rstrip(), file=sys.stderr, flush=True)
+                elif not line.startswith("progress"):
+                    print(line.rstrip(), file=sys.stderr)
+            code = process.wait()
         wall = time.monotonic() - started
         if code != 0 or not out.exists():
             raise SystemExit(f"loadtest: generator failed (exit {code}): {''.join(lines[-5:])}")
@@ -169,7 +169,7 @@ def summarize(result: Mapping[str, Any], scenario: scenarios.Scenario) -> dict[s
     if unexpected:
         problems.append(f"unexpected statuses {unexpected}")
     if any(errors.values()):
-        problems.append(f"socket errors {({k: v for k, v in errors.items() if v})}")
+        problems.append(f"socket errors { ({k: v for k, v in errors.items() if v}) }")
     if missing:
         problems.append(f"never saw required status {missing}")
     if completed == 0:
@@ -225,7 +225,8 @@ def table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
         lines.append(
             f"{label[:28]:<28} {summary['throughput_rps']:>9.0f} {lat['p50']:>8.3f} {lat['p90']:>8.3f} "
             f"{lat['p99']:>8.3f} {lat['p99.9']:>9.3f} {lat['max']:>8.3f} "
-            f"{_percent(summary.get('generator_cpu_percent')):>8} {_percent(summary.get('server_cpu_percent')):>8}"
+            f"{_percent(summary.get('generator_cpu_percent')):>8} "
+            f"{_percent(summary.get('server_cpu_percent')):>8}"
             f"  {summary['status_counts']}"
         )
     return "\n".join(lines)
@@ -300,7 +301,10 @@ def command_run(args: argparse.Namespace) -> int:
             probe = RunConfig(
                 args.url, scenario.name, "closed", 0, args.connections, args.probe, args.warmup, cpu=args.cpu
             )
-            print(f"probing capacity: closed loop, {args.connections} connections, {args.probe:g} s", file=sys.stderr)
+            print(
+                f"probing capacity: closed loop, {args.connections} connections, {args.probe:g} s",
+                file=sys.stderr,
+            )
             probed = run_generator(probe, requests_file, progress=not args.quiet)
             capacity = int(probed["completed"]) / float(probed["duration_s"])
             rate = round(capacity / 2, 1)
@@ -432,7 +436,9 @@ def machine_facts() -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="one load test")

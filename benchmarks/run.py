@@ -7,7 +7,8 @@
 Sections (each runs as its own process and writes JSON, kept in benchmarks/results/<section>.json):
 
     pricing        bench_pricing.py         exact NumPy core vs Decimal vs naive float64
-    http           bench_http.py            single quote: engine vs FastAPI + pydantic baseline
+    http           bench_http.py            single quote: engine vs FastAPI + pydantic baseline vs raw ASGI
+    latency        bench_latency.py         open-loop latency at half capacity (C generator), profile
     limiter        bench_variants.py        Redis rate limiter on vs off (+ latency at half capacity)
     persistence    bench_variants.py        PostgreSQL store + audit vs in-memory
     observability  bench_variants.py        metrics on/off, tracing on/off
@@ -39,11 +40,14 @@ HTTP_SCRIPT = HERE / "bench_http.py"
 VARIANTS_SCRIPT = HERE / "bench_variants.py"
 AUDIT_SCRIPT = HERE / "bench_audit.py"
 BATCH_SCRIPT = HERE / "bench_batch.py"
+LATENCY_SCRIPT = HERE / "bench_latency.py"
+LATENCY_PLOT = HERE / "REPORT-latency.png"
 VARIANT_SECTIONS = ("limiter", "persistence", "observability")
-SECTIONS = ("pricing", "http", *VARIANT_SECTIONS, "audit", "batch")
+SECTIONS = ("pricing", "http", "latency", *VARIANT_SECTIONS, "audit", "batch")
 SCRIPTS = {
     "pricing": PRICING_SCRIPT,
     "http": HTTP_SCRIPT,
+    "latency": LATENCY_SCRIPT,
     **{name: VARIANTS_SCRIPT for name in VARIANT_SECTIONS},
     "audit": AUDIT_SCRIPT,
     "batch": BATCH_SCRIPT,
@@ -55,6 +59,7 @@ QUICK_ARGS = {
         for name in VARIANT_SECTIONS
     },
     "audit": ["--repeat", "3"],
+    "latency": ["--capacity-seconds", "4", "--duration", "4", "--warmup", "1"],
     "batch": ["--duration", "2s", "--rounds", "2", "--clients", "20000"],
 }
 
@@ -219,6 +224,8 @@ def section_command(name: str, json_path: Path, quick: bool) -> list[str]:
     if name in VARIANT_SECTIONS:
         command.append(name)
     command += ["--json", str(json_path)]
+    if name == "latency":
+        command += ["--quiet", "--plot", str(LATENCY_PLOT)]
     if quick:
         command += QUICK_ARGS.get(name, [])
     return command
@@ -353,8 +360,10 @@ def http_section(http: Mapping[str, Any] | None, command: Sequence[str], error: 
     }
     for load, stored in http["summary"]["loads"].items():
         block = {**stored, "label": labels.get(load, stored["label"])}
-        for target in ("engine", "baseline"):
-            s = block[target]
+        for target in ("engine", "baseline", "raw"):
+            s = block.get(target)
+            if s is None:
+                continue
             lat = s["latency_ms"]
             lines.append(
                 f"| {block['label']} | {target} | {format_value(s['requests_per_sec'])} | "
@@ -370,6 +379,15 @@ def http_section(http: Mapping[str, Any] | None, command: Sequence[str], error: 
             f"(per round: {per_round}); latency engine/baseline p50 {ratio_text(lat_ratio['p50'])}, "
             f"p99 {ratio_text(lat_ratio['p99'])} (below 1 means the engine is faster)"
         )
+        raw_cmp = block.get("engine_vs_raw")
+        if raw_cmp:
+            raw_rounds = ", ".join(ratio_text(v) for v in block.get("per_round_ratio_vs_raw", []))
+            ratio_lines.append(
+                f"- {block['label']}: throughput engine/raw-ASGI ceiling "
+                f"**{ratio_text(raw_cmp['throughput_ratio'])}** "
+                f"(per round: {raw_rounds}); the ceiling reads the body, checks the key, decodes the "
+                "JSON and answers a fixed document (benchmarks/baseline_raw_asgi.py)"
+            )
     lines += ["", "Ratios (engine / baseline, same run):", "", *ratio_lines, ""]
     lines += [
         "CPU columns are percent of one core over the measured run (server from /proc/<pid>/stat, wrk from "
@@ -384,6 +402,7 @@ def http_section(http: Mapping[str, Any] | None, command: Sequence[str], error: 
     commands += [
         f"# engine:   {settings.get('engine_command', '')}",
         f"# baseline: {settings.get('baseline_command', '')}",
+        f"# raw:      {settings.get('raw_command', '')}",
     ]
     seen = set()
     for run in http["runs"]:
@@ -569,6 +588,98 @@ def audit_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: 
     return lines
 
 
+def latency_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
+    lines = _problem_lines(error, "Latency at half capacity, open loop (bench_latency.py), and the profile")
+    if doc is None:
+        return lines
+    lines += [
+        "Each variant is one engine process pinned to CPU 0, driven by the project's C generator "
+        "(benchmarks/loadgen/openloop.c through benchmarks/loadtest.py) pinned to CPU 1: first a closed loop "
+        "at 32 connections measures capacity, then an open loop offers half of it at a constant rate. "
+        "Open-loop latency runs from each request's scheduled send time, so a stall of the server shows in "
+        "every request it delayed (no coordinated omission); service time runs from the actual "
+        "send.",
+        "",
+        "| variant | load | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | service p99 ms "
+        "| generator CPU | server CPU | bottleneck |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, variant in doc["variants"].items():
+        for load, label in (
+            ("capacity", "capacity (closed, c=32)"),
+            ("half", f"open at {variant['offered_rps']:.0f}/s"),
+        ):
+            summary = variant[load]["summary"]
+            lat = summary["latency_ms"]
+            lines.append(
+                f"| {name} | {label} | {format_value(summary['throughput_rps'])} | "
+                + " | ".join(format_value(lat[key]) for key in ("p50", "p90", "p99", "p99.9", "max"))
+                + f" | {format_value(summary['service_ms']['p99'])} "
+                f"| {format_value(summary['generator_cpu_percent'])} % "
+                f"| {format_value(summary['server_cpu_percent'])} % | {summary['bottleneck']} |"
+            )
+    lines.append("")
+    if LATENCY_PLOT.exists():
+        lines += [f"![latency by percentile at half capacity]({LATENCY_PLOT.name})", ""]
+    rows = [("latency", target) for target in doc.get("targets", [])]
+    if rows:
+        lines += ["Targets:", "", *targets_table(rows), ""]
+    for name, variant in doc["variants"].items():
+        profile = variant.get("profile")
+        if not profile or not profile.get("self"):
+            continue
+        lines += [
+            f"Where the time goes ({name}, py-spy at capacity, share of samples; uvicorn's `send` self "
+            "time is mostly the socket write system call):",
+            "",
+            "| self % | function | | inclusive % | function |",
+            "|---|---|---|---|---|",
+        ]
+        inclusive = [
+            entry for entry in profile["inclusive"] if "pricer/" in entry[0] or "starlette" in entry[0]
+        ]
+        for index, (frame, share) in enumerate(profile["self"][:12]):
+            other = inclusive[index] if index < len(inclusive) else ("", "")
+            lines.append(f"| {share} | `{frame}` | | {other[1]} | `{other[0]}` |")
+        lines.append("")
+    lines += _commands_block([display_command(command)] if command else [])
+    return lines
+
+
+def full_stack_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """engine/baseline with PostgreSQL + Redis, derived from two sections of this run (see the note)."""
+    http = (results.get("http") or {}).get("data")
+    persistence = (results.get("persistence") or {}).get("data")
+    if not isinstance(http, Mapping) or not isinstance(persistence, Mapping):
+        return []
+    block = http["summary"]["loads"].get("throughput")
+    pairs = {pair["name"]: pair["loads"] for pair in persistence.get("pairs") or []}
+    if block is None:
+        return []
+    lines = [
+        "## Full stack with PostgreSQL and Redis against the baselines (derived)",
+        "",
+        "The HTTP section measures the engine on embedded defaults against FastAPI and the raw-ASGI ceiling; "
+        "the persistence section measures, in its own run, PostgreSQL (+ Redis) against the embedded "
+        "engine. Their product is the production-shaped engine against the baselines:",
+        "",
+    ]
+    engine_vs_baseline = block["engine_vs_baseline"]["throughput_ratio"]
+    engine_vs_raw = (block.get("engine_vs_raw") or {}).get("throughput_ratio")
+    for name, label in (("postgres", "PostgreSQL + audit"), ("postgres_redis", "PostgreSQL + audit + Redis")):
+        pair = (pairs.get(name) or {}).get("throughput") or {}
+        factor = pair.get("throughput_ratio")
+        if factor is None or engine_vs_baseline is None:
+            continue
+        raw_text = f", {ratio_text(factor * engine_vs_raw)} of the raw-ASGI ceiling" if engine_vs_raw else ""
+        lines.append(
+            f"- {label}: {ratio_text(factor)} of the embedded engine, so "
+            f"**{ratio_text(factor * engine_vs_baseline)} the FastAPI baseline**{raw_text}"
+        )
+    lines.append("")
+    return lines
+
+
 def batch_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
     lines = _problem_lines(error, "Batch round trip and memory under many clients (bench_batch.py)")
     if doc is None:
@@ -686,12 +797,16 @@ def write_report(path: Path, *, quick: bool, results: Mapping[str, Mapping[str, 
             lines += pricing_section(data, command, error)
         elif name == "http":
             lines += http_section(data, command, error)
+        elif name == "latency":
+            lines += latency_section(data, command, error)
         elif name in VARIANT_SECTIONS:
             lines += variants_section(data, command, error, name)
         elif name == "audit":
             lines += audit_section(data, command, error)
         else:
             lines += batch_section(data, command, error)
+        if name == "persistence":
+            lines += full_stack_lines(results)
     path.write_text("\n".join(lines).rstrip() + "\n")
 
 

@@ -284,7 +284,9 @@ def build_request(kind: RequestKind, scenario: Scenario, key: ApiKey, host: str,
         return raw_request(
             "POST", f"{QUOTE_PATH}/batch", headers, msgspec.msgpack.encode(document), "application/msgpack"
         )
-    return raw_request("POST", f"{QUOTE_PATH}/batch", headers, json.dumps(document).encode(), "application/json")
+    return raw_request(
+        "POST", f"{QUOTE_PATH}/batch", headers, json.dumps(document).encode(), "application/json"
+    )
 
 
 def raw_request(

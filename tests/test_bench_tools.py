@@ -413,12 +413,12 @@ def test_run_as_dict_has_cpu_per_request_and_extras() -> None:
     ],
 )
 def test_verdict(value: float | None, limit: float, op: str, valid: bool, expected: str) -> None:
-    assert bench_variants.verdict(value, limit, op, valid=valid) == expected
+    assert bench_http.verdict(value, limit, op, valid=valid) == expected
 
 
 def test_verdict_rejects_an_unknown_comparison() -> None:
     with pytest.raises(ValueError):
-        bench_variants.verdict(1.0, 2.0, "<")
+        bench_http.verdict(1.0, 2.0, "<")
 
 
 def test_paced_delay_ms() -> None:
@@ -495,7 +495,9 @@ def test_section_targets_limiter_flags_local_decisions() -> None:
 
 
 def test_section_targets_persistence_is_the_loss_in_percent() -> None:
-    section = bench_variants.persistence_section("postgresql://x/y", "bench_x", Path("/tmp/w"))
+    section = bench_variants.persistence_section(
+        "postgresql://x/y", "bench_x", Path("/tmp/w"), "redis://127.0.0.1:6379/11"
+    )
     pairs = {"postgres": {"throughput": {"throughput_change_percent": -12.5}}}
     (target,) = bench_variants.section_targets(section, {}, pairs, True)
     assert target["value"] == pytest.approx(12.5)
@@ -697,6 +699,7 @@ def test_selected_sections() -> None:
     assert run.selected_sections(None, []) == list(run.SECTIONS)
     assert run.selected_sections("audit, limiter", []) == ["limiter", "audit"]  # standard order
     assert run.selected_sections(None, ["pricing", "http"]) == [
+        "latency",
         "limiter",
         "persistence",
         "observability",
@@ -853,3 +856,94 @@ def test_clean_environment_drops_every_engine_setting(monkeypatch: pytest.Monkey
     assert "ENABLE_METRICS" not in environment
     assert "DATABASE_URL" not in environment
     assert environment["KEEP_ME"] == "1"
+
+
+bench_latency = _load("bench_latency")
+
+
+def test_http_targets_compare_with_the_baseline_and_the_raw_ceiling() -> None:
+    summary = {
+        "loads": {
+            "throughput": {
+                "engine_vs_baseline": {"throughput_ratio": 3.2},
+                "engine_vs_raw": {"throughput_ratio": 0.41},
+            }
+        }
+    }
+    versus_baseline, versus_raw = bench_http.http_targets(summary, True)
+    assert (versus_baseline["value"], versus_baseline["verdict"]) == (3.2, "PASS")
+    assert (versus_raw["value"], versus_raw["verdict"]) == (41.0, "MISS")
+    assert bench_http.http_targets({"loads": {}}, True) == []
+    assert {t["verdict"] for t in bench_http.http_targets(summary, False)} == {"INVALID"}
+
+
+def test_hot_functions_from_collapsed_stacks() -> None:
+    raw = (
+        "main (a.py:1);handle (b.py:10);price (c.py:5) 6\n"
+        "main (a.py:1);handle (b.py:11);send (d.py:7) 3\n"
+        "main (a.py:2) 1\n"
+        "garbage line\n"
+    )
+    profile = bench_latency.hot_functions(raw)
+    assert profile["self"][0] == ("price (c.py)", 60.0)
+    inclusive = dict(profile["inclusive"])
+    assert inclusive["main (a.py)"] == 100.0
+    assert inclusive["handle (b.py)"] == 90.0  # two lines of one function count once per stack
+    assert bench_latency.hot_functions("") == {"self": [], "inclusive": []}
+
+
+def _half_summary(p99: float) -> dict[str, Any]:
+    lat = {"p50": 0.2, "p90": 0.3, "p99": p99, "p99.9": 3.0, "max": 5.0, "mean": 0.25}
+    return {
+        "throughput_rps": 4000.0,
+        "latency_ms": lat,
+        "service_ms": lat,
+        "generator_cpu_percent": 20.0,
+        "server_cpu_percent": 60.0,
+        "bottleneck": "neither: the offered rate was served",
+    }
+
+
+def test_latency_section_and_full_stack_lines_render() -> None:
+    doc = {
+        "variants": {
+            "embedded": {
+                "offered_rps": 4000.0,
+                "capacity_rps": 8000.0,
+                "capacity": {"summary": _half_summary(6.0)},
+                "half": {"summary": _half_summary(1.5)},
+                "profile": {"self": [("price (c.py)", 12.5)], "inclusive": [("x (pricer/y.py)", 40.0)]},
+            }
+        },
+        "targets": [{"name": "p99", "value": 1.5, "limit": 2, "op": "<=", "unit": "ms", "verdict": "PASS"}],
+    }
+    text = "\n".join(run.latency_section(doc, ["python", "benchmarks/bench_latency.py"], None))
+    assert "| embedded | open at 4000/s | 4,000 |" in text or "| embedded | open at 4000/s |" in text
+    assert "`price (c.py)`" in text
+    assert "**PASS**" in text
+    results = {
+        "http": {
+            "data": {
+                "summary": {
+                    "loads": {
+                        "throughput": {
+                            "engine_vs_baseline": {"throughput_ratio": 2.0},
+                            "engine_vs_raw": {"throughput_ratio": 0.5},
+                        }
+                    }
+                }
+            }
+        },
+        "persistence": {
+            "data": {
+                "pairs": [
+                    {"name": "postgres", "loads": {"throughput": {"throughput_ratio": 0.8}}},
+                    {"name": "postgres_redis", "loads": {"throughput": {"throughput_ratio": 0.75}}},
+                ]
+            }
+        },
+    }
+    lines = "\n".join(run.full_stack_lines(results))
+    assert "**1.60× the FastAPI baseline**" in lines
+    assert "**1.50× the FastAPI baseline**" in lines
+    assert run.full_stack_lines({"http": results["http"]}) == []

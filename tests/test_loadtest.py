@@ -26,7 +26,6 @@ if str(BENCHMARKS) not in sys.path:
 import hdr  # noqa: E402
 import loadtest  # noqa: E402
 import scenarios  # noqa: E402
-
 from tests.conftest import free_port  # noqa: E402
 
 # ---- histogram maths ------------------------------------------------------------------------------------
@@ -199,7 +198,9 @@ def test_unknown_scenario_names_the_known_ones() -> None:
 
 def test_keys_come_from_a_file_or_the_environment(tmp_path: Path) -> None:
     listing = tmp_path / "keys.txt"
-    listing.write_text("# comment\nclient_a bre_aaaa_" + "a" * 32 + "\n\nclient_b bre_bbbb_" + "b" * 32 + "\n")
+    listing.write_text(
+        "# comment\nclient_a bre_aaaa_" + "a" * 32 + "\n\nclient_b bre_bbbb_" + "b" * 32 + "\n"
+    )
     assert [k.client_id for k in scenarios.load_keys(str(listing))] == ["client_a", "client_b"]
     demo = tmp_path / "demo.env"
     demo.write_text("DEMO_CLIENT_KEY=bre_dddd_x\nDEMO_ADMIN_KEY=bre_admin_y\nPRICER_URL=http://h\n")
@@ -356,7 +357,15 @@ def test_closed_loop_and_wrong_key_statuses_are_counted(raw_server: tuple[str, s
     assert result["mode"] == "closed"
     assert result["completed"] > 0
     assert result["status_counts"] == {"200": result["completed"]}
-    refused = _run(url, "bre_wrong_" + "w" * 32, tmp_path, mode="open", rate=200.0, connections=2, duration=0.5,
-                   warmup=0.0)
+    refused = _run(
+        url,
+        "bre_wrong_" + "w" * 32,
+        tmp_path,
+        mode="open",
+        rate=200.0,
+        connections=2,
+        duration=0.5,
+        warmup=0.0,
+    )
     assert set(refused["status_counts"]) == {"401"}
     assert not loadtest.summarize(refused, scenarios.load_scenario("single-post"))["valid"]

@@ -97,7 +97,7 @@ static const char *opt_requests;
 static long opt_connections = 32;
 static double opt_rate = -1.0, opt_duration = -1.0, opt_warmup = 0.0, opt_timeout = 10.0;
 static const char *opt_out;
-static int opt_progress;
+static int opt_progress, opt_rate_set;
 
 /* ---- state ---- */
 static request_t *reqs;
@@ -137,6 +137,12 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * NS_PER_S + ts.tv_nsec;
 }
 
+static const char USAGE[] =
+    "usage: openloop [--host H] --port P --requests FILE [--connections N] --rate R|0 --duration S\n"
+    "                [--warmup S] --out FILE|- [--timeout S] [--progress]\n"
+    "  --rate R > 0: open loop, R requests/s over all connections; --rate 0: closed loop\n"
+    "  defaults: --host 127.0.0.1 --connections 32 --warmup 0 --timeout 10\n";
+
 static void usage_error(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -144,9 +150,7 @@ static void usage_error(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
-    fputs("usage: openloop --host H --port P --requests FILE --connections N --rate R|0 --duration S\n"
-          "                [--warmup S] --out FILE|- [--timeout S] [--progress]\n",
-          stderr);
+    fputs(USAGE, stderr);
     exit(2);
 }
 
@@ -174,7 +178,10 @@ static void parse_args(int argc, char **argv) {
         const char *name = arg + 2;
         const char *eq = strchr(name, '=');
         size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
-        if (nlen == 4 && strncmp(name, "help", 4) == 0) usage_error("help");
+        if (nlen == 4 && strncmp(name, "help", 4) == 0) {
+            fputs(USAGE, stdout);
+            exit(0);
+        }
         if (nlen == 8 && strncmp(name, "progress", 8) == 0) {
             if (eq) usage_error("--progress takes no value");
             opt_progress = 1;
@@ -195,7 +202,7 @@ static void parse_args(int argc, char **argv) {
         else if (!strcmp(key, "port")) opt_port = parse_long(key, val);
         else if (!strcmp(key, "requests")) opt_requests = val;
         else if (!strcmp(key, "connections")) opt_connections = parse_long(key, val);
-        else if (!strcmp(key, "rate")) opt_rate = parse_double(key, val);
+        else if (!strcmp(key, "rate")) opt_rate = parse_double(key, val), opt_rate_set = 1;
         else if (!strcmp(key, "duration")) opt_duration = parse_double(key, val);
         else if (!strcmp(key, "warmup")) opt_warmup = parse_double(key, val);
         else if (!strcmp(key, "timeout")) opt_timeout = parse_double(key, val);
@@ -206,7 +213,8 @@ static void parse_args(int argc, char **argv) {
     if (!opt_out) usage_error("--out is required");
     if (opt_port < 1 || opt_port > 65535) usage_error("--port must be 1..65535");
     if (opt_connections < 1 || opt_connections > 100000) usage_error("--connections must be 1..100000");
-    if (opt_rate < 0) usage_error("--rate is required (requests/s over all connections; 0 = closed loop)");
+    if (!opt_rate_set) usage_error("--rate is required (requests/s over all connections; 0 = closed loop)");
+    if (opt_rate < 0) usage_error("--rate must be >= 0");
     if (opt_rate > 0 && opt_rate < 1e-6) usage_error("--rate too small");
     if (opt_duration <= 0 || opt_duration > 1e6) usage_error("--duration must be > 0 seconds");
     if (opt_warmup < 0 || opt_warmup > 1e6) usage_error("--warmup must be >= 0 seconds");
@@ -891,6 +899,16 @@ int main(int argc, char **argv) {
         fprintf(stderr, "openloop: cannot resolve %s: %s\n", opt_host, gai_strerror(gai));
         errors[E_CONNECT] = 1;
         finish(out, 0.0, 1);
+    }
+    /* A name such as "localhost" may give ::1 and 127.0.0.1: use the first address that accepts. */
+    for (struct addrinfo *ai = g_addr; ai && g_addr->ai_next; ai = ai->ai_next) {
+        int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int ok = fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0;
+        if (fd >= 0) close(fd);
+        if (ok) {
+            g_addr = ai;
+            break;
+        }
     }
 
     nconns = (size_t)opt_connections;
