@@ -877,3 +877,20 @@ def test_scaled_int_is_to_scaled_int_for_one_value(value: float, places: int) ->
     units, exact = to_scaled_int([value], places)
     expected = int(units[0]) if bool(exact[0]) else None
     assert scaled_int(value, places) == expected
+
+
+@pytest.mark.parametrize("rows", [1, 5])  # the short-list and the NumPy-reduction bound checks
+@pytest.mark.parametrize("offset", [-2, -1, 0, 1, 2])
+def test_borrow_cost_is_exact_on_both_sides_of_the_one_division_bound(rows: int, offset: int) -> None:
+    """Products just below 2^62 take one division, just above it two limbs: both exact."""
+    day_count = 365
+    divisor = day_count * 10**8
+    rate = 999_999_937  # below the 1,000 % cap, odd so that products are not round
+    position_days = (2**62 - divisor) // rate + offset
+    days = 2
+    position = position_days // days
+    terms = FeeTerms(day_count=day_count, markup_units=0, percentage_fee=False, transaction_units=0)
+    fees = price_locates([position] * rows, [days] * rows, [rate] * rows, terms)
+    numerator = position * days * rate
+    expected = (2 * numerator + divisor) // (2 * divisor)  # half up, in Python's unbounded integers
+    assert fees.borrow_cost.tolist() == [expected] * rows

@@ -7,7 +7,7 @@ priced rows, so that a batch of 10^6 quotes needs no per-row object or index to 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
@@ -116,6 +116,9 @@ class PricedBatch:
     markup: Int64Array
     transaction_fees: Int64Array
     total_fee: Int64Array
+    # The single-quote body of a one-row batch, made once: the endpoint returns it and the quote store
+    # keeps it.
+    _single_response: list[QuoteResponse] = field(default_factory=list, init=False, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -130,6 +133,14 @@ class PricedBatch:
 
     def quote_response(self, row: int) -> QuoteResponse:
         """The single-quote body of one row: what a single quote returned, or a batch row in that shape."""
+        if self._single_response and row == 0:
+            return self._single_response[0]
+        response = self._build_quote_response(row)
+        if row == 0 and self.size == 1:
+            self._single_response.append(response)
+        return response
+
+    def _build_quote_response(self, row: int) -> QuoteResponse:
         rate = self.rates[int(self.rate_index[row])]
         return QuoteResponse(
             quote_id=self.quote_id(row),

@@ -17,7 +17,7 @@ from pricer.errors import ClientNotFound, Forbidden
 from pricer.marketdata.service import MarketData
 from pricer.models import Client, FeeType, RateSource
 from pricer.observability.metrics import Metrics
-from pricer.observability.tracing import Tracing
+from pricer.observability.tracing import NO_SPAN, Tracing
 from pricer.pricing.core import PERCENT_PLACES, FeeTerms, Int64Array, price_locates, to_scaled_int
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
 from pricer.schemas import FeeScheduleView
@@ -105,13 +105,21 @@ class Quoter:
 
         `admit(count)` runs once the rows to price are known and before they are priced (the batch
         endpoint draws them from the positions bucket there; it raises to refuse)."""
-        slot: dict[str, int] = {}
-        row_slot = np.fromiter(
-            (slot.setdefault(ticker, len(slot)) for ticker in tickers), dtype=np.int64, count=len(tickers)
-        )
-        unique = list(slot)
+        if len(tickers) == 1:
+            row_slot = np.zeros(1, dtype=np.int64)
+            unique = list(tickers)
+        else:
+            slot: dict[str, int] = {}
+            row_slot = np.fromiter(
+                (slot.setdefault(ticker, len(slot)) for ticker in tickers), dtype=np.int64, count=len(tickers)
+            )
+            unique = list(slot)
+        tracing = self._tracing
         started = time.perf_counter()
-        with self._tracing.span("market_data", {"tickers": len(unique)}):
+        if tracing.enabled:
+            with tracing.span("market_data", {"tickers": len(unique)}):
+                found = await self._market.ticker_rates(unique, now)
+        else:
             found = await self._market.ticker_rates(unique, now)
         market_seconds = time.perf_counter() - started
         known_rates: list[TickerRate]
@@ -138,9 +146,12 @@ class Quoter:
             loan_days = loan_days[priced]
             input_index = input_index[priced]
         pricing_started = time.perf_counter()
-        with self._tracing.span("pricing", {"positions": int(position_cents.shape[0])}):
+        rows = int(position_cents.shape[0])
+        with tracing.span("pricing", {"positions": rows}) if tracing.enabled else NO_SPAN:
             rate_units = np.array([rate.rate_units for rate in known_rates], dtype=np.int64)
-            fees = price_locates(position_cents, loan_days, rate_units[rate_index], terms.terms)
+            if len(known_rates) > 1 or rate_index.shape[0] > 1:
+                rate_units = rate_units[rate_index]
+            fees = price_locates(position_cents, loan_days, rate_units, terms.terms)
         finished = time.perf_counter()
         metrics = self._metrics
         metrics.calculations["single" if single else "batch"] += int(position_cents.shape[0])

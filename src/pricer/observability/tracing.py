@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from pricer import __version__
 from pricer.settings import SettingsError
 
-_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 class Tracing:
@@ -32,7 +32,7 @@ class Tracing:
         self, name: str, attributes: Mapping[str, Any] | None = None
     ) -> contextlib.AbstractContextManager[Any]:
         if self.tracer is None:
-            return _NO_SPAN
+            return NO_SPAN
         return self.tracer.start_as_current_span(name, attributes=dict(attributes or {}))
 
     def shutdown(self) -> None:

@@ -50,7 +50,7 @@ _RATE_QUANTUM: Final = Decimal(1).scaleb(-RATE_PLACES)
 # 4e-15 leaves an eightfold margin.
 _TIE_RELATIVE_TOLERANCE: Final = 4e-15
 _LIMB: Final = 10_000
-_INT64_LIMIT: Final = 2**63
+_HALF_INT64_LIMIT: Final = 2**62
 # The Decimal steps run in this context, never the calling thread's (whose precision, rounding or traps may be
 # anything): a base (≤ 17 significant digits as a repr) times a policy factor (~20 digits) must stay exact.
 _DECIMAL_CONTEXT: Final = Context(
@@ -202,8 +202,10 @@ class FeeArrays(msgspec.Struct, frozen=True):
 
 
 def _div_round_half_up(numerator: Int64Array, divisor: int) -> Int64Array:
-    quotient, remainder = np.divmod(numerator, divisor)
-    result: Int64Array = quotient + (2 * remainder >= divisor)
+    """numerator / divisor rounded half up, for 0 <= numerator and 2 * numerator + divisor < 2^63:
+    floor((2n + d) / 2d) is n/d + 1/2 rounded down, one division where divmod and a compare take three
+    operations more (each a NumPy call, which is what a one-row quote pays for)."""
+    result: Int64Array = (2 * numerator + divisor) // (2 * divisor)
     return result
 
 
@@ -224,10 +226,14 @@ def price_locates(
     divisor = terms.day_count * RATE_SCALE
 
     position_days = position * days  # ≤ 1e11 × 366 = 3.66e13
-    if position_days.size == 0 or int(position_days.max()) * int(rate.max()) < _INT64_LIMIT:
-        # Every exact product fits in int64 (the usual case): one division.
-        quotient, remainder = np.divmod(position_days * rate, divisor)
-        borrow_cost = quotient + (2 * remainder >= divisor)
+    if position_days.size <= 4:
+        # A few rows (every single quote): Python's max of a short list beats two NumPy reductions.
+        largest = max(position_days.tolist(), default=0) * max(rate.tolist(), default=0)
+    else:
+        largest = int(position_days.max()) * int(rate.max())
+    if largest < _HALF_INT64_LIMIT - divisor:
+        # Every exact product, doubled for the rounding, fits in int64 (the usual case): one division.
+        borrow_cost = _div_round_half_up(position_days * rate, divisor)
     else:
         # Up to 3.65e22: split the rate in two limbs, rate = hi × 1e4 + lo, and divide in two steps.
         # position × days × hi (≤ 1e5) ≤ 3.7e18 and × lo (< 1e4) < 3.7e17, both below 2^63.
@@ -237,7 +243,7 @@ def price_locates(
         low_quotient, low_remainder = np.divmod(high_remainder * _LIMB + position_days * low, divisor)
         borrow_cost = high_quotient * _LIMB + low_quotient + (2 * low_remainder >= divisor)
 
-    # borrow cost ≤ 1.02e12 cents, × markup (≤ 1e6) ≤ 1.02e18 < 2^63.
+    # borrow cost ≤ 1.02e12 cents, × markup (≤ 1e6) ≤ 1.02e18: doubled plus the divisor < 2^63.
     markup = _div_round_half_up(borrow_cost * terms.markup_units, 100 * PERCENT_SCALE)
     if terms.percentage_fee:
         transaction = _div_round_half_up(position * terms.transaction_units, 100 * PERCENT_SCALE)
