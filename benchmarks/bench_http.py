@@ -985,10 +985,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     paced = find_paced_wrk(wrk)
     if paced is None:
         notes.append(
-            "No constant-rate generator (wrk2 `-R`): Debian's wrk 4.1 is closed-loop, so latency at about "
-            f"half capacity was not measured; p99 at -c{args.light_connections} stands in for it. That is "
-            "low concurrency, not low load: a closed loop still keeps the server busy (see its CPU), and "
-            "closed-loop latencies omit queueing delay (coordinated omission)."
+            "Debian's wrk 4.1 is closed-loop (no wrk2 `-R`), so this script does not measure latency at "
+            f"half capacity; p99 at -c{args.light_connections} is low concurrency, not low load (a closed "
+            "loop still keeps the server busy, and its latencies omit queueing delay). bench_latency.py "
+            "measures it open-loop with the project's C generator (benchmarks/loadgen)."
         )
     engine_env = dict(item.split("=", 1) for item in args.engine_env)
 

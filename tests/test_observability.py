@@ -520,3 +520,25 @@ async def test_detailed_health_with_postgres_and_redis_names_no_host_or_secret(t
     assert dependencies["database"]["status"] == "healthy", dependencies
     assert dependencies["redis"]["status"] == "healthy", dependencies
     assert_no_locations_or_secrets(response.text, password, JWT_SECRET, PEPPER)
+
+
+def test_children_of_a_dropped_trace_are_not_made() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    from pricer.observability.tracing import NO_SPAN, Tracing
+
+    exporter = InMemorySpanExporter()
+    dropping = TracerProvider(sampler=ALWAYS_OFF)
+    dropping.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(dropping)
+    with tracing.span("POST /api/v1/calculate-locate") as root:
+        assert root is not None
+        assert not root.is_recording()
+        assert tracing.span("pricing") is NO_SPAN
+    keeping = TracerProvider(sampler=ALWAYS_ON)
+    keeping.add_span_processor(SimpleSpanProcessor(exporter))
+    sampled = Tracing(keeping)
+    with sampled.span("POST /api/v1/calculate-locate"), sampled.span("pricing") as child:
+        assert child.is_recording()
+    assert [span.name for span in exporter.get_finished_spans()] == ["pricing", "POST /api/v1/calculate-locate"]

@@ -147,6 +147,9 @@ def serve(settings: Settings) -> int:
         "access_log": False,
         "log_config": None,
         "server_header": False,
+        # Nothing here uses the client address (limits and logs go by client id), so uvicorn's
+        # X-Forwarded-For middleware would be one more layer on every request for nothing.
+        "proxy_headers": False,
         "timeout_graceful_shutdown": max(1, int(settings.shutdown_drain_seconds) + 25),
     }
     if settings.workers > 1:

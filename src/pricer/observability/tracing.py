@@ -1,7 +1,8 @@
 """OpenTelemetry traces, configured by the standard OTEL_* variables.
 
 With no traces exporter (OTEL_TRACES_EXPORTER unset or `none`) tracing is off and `span()` returns one
-shared no-op context manager: the hot path pays a flag check, nothing more.
+shared no-op context manager: the hot path pays a flag check, nothing more. With sampling, a request the
+sampler drops makes its root span only.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class Tracing:
         self, name: str, attributes: Mapping[str, Any] | None = None
     ) -> contextlib.AbstractContextManager[Any]:
         if self.tracer is None:
+            return NO_SPAN
+        current = trace.get_current_span()
+        if current.get_span_context().is_valid and not current.is_recording():
+            # Inside a trace the sampler dropped: its children would be dropped too (same trace id, or
+            # a parent-based sampler), so skip making and attaching them.
             return NO_SPAN
         return self.tracer.start_as_current_span(name, attributes=dict(attributes or {}))
 
