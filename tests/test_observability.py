@@ -541,4 +541,5 @@ def test_children_of_a_dropped_trace_are_not_made() -> None:
     sampled = Tracing(keeping)
     with sampled.span("POST /api/v1/calculate-locate"), sampled.span("pricing") as child:
         assert child.is_recording()
-    assert [span.name for span in exporter.get_finished_spans()] == ["pricing", "POST /api/v1/calculate-locate"]
+    finished = [span.name for span in exporter.get_finished_spans()]
+    assert finished == ["pricing", "POST /api/v1/calculate-locate"]
