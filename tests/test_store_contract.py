@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import sys
 import time
@@ -22,6 +23,8 @@ import asyncpg  # type: ignore[import-untyped]
 import msgspec
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pricer.errors import BackendError, InvalidParameter, ServiceUnavailable
 from pricer.marketdata.loaders import parse_availability
@@ -623,11 +626,50 @@ async def test_hundred_thousand_row_batch_round_trips() -> None:
         print(f"quotes.add of {size} rows: {elapsed:.3f} s ({size / elapsed:,.0f} rows/s)")
         assert await _table_count(pool, "SELECT count(*) FROM quotes") == size
         rng = np.random.default_rng(11)
-        for row in [0, 1, 255, 65_535, 65_536, size - 1, *rng.integers(0, size, 20).tolist()]:
+        # 49,999 / 50,000: where the write is cut in two parts written over two connections.
+        for row in [0, 1, 255, 49_999, 50_000, 65_535, 65_536, size - 1, *rng.integers(0, size, 20).tolist()]:
             got = await stores.quotes.get(batch.quote_id(row))
             assert got is not None, row
             assert encoded(got) == encoded(batch.quote_response(row)), row
         assert await stores.quotes.get(batch.quote_id(size)) is None
+
+
+async def test_a_large_write_is_split_over_connections_exactly_once() -> None:
+    batches = [make_batch(size, seed=size) for size in (1, 30_000, 7, 25_000, 1)]
+    total = sum(batch.size for batch in batches)
+    async with pg_stores() as (stores, pool, _dsn, _schema):
+        store = PgQuoteStore(pool, write_connections=3)
+        assert await store.add_many(batches) == total
+        assert await _table_count(pool, "SELECT count(*) FROM quotes") == total
+        # Written again (a replay): every part merges, nothing new.
+        assert await store.add_many(batches) == 0
+        assert await _table_count(pool, "SELECT count(DISTINCT quote_id) FROM quotes") == total
+        for batch in batches:
+            for row in {0, batch.size // 2, batch.size - 1}:
+                got = await stores.quotes.get(batch.quote_id(row))
+                assert got is not None
+                assert encoded(got) == encoded(batch.quote_response(row))
+
+
+@given(st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=12), st.integers(1, 6))
+def test_split_rows_covers_every_row_once_in_balanced_parts(sizes: list[int], parts: int) -> None:
+    from pricer.stores.postgres import _split_rows
+
+    batches = [make_batch(size, seed=index) for index, size in enumerate(sizes)]
+    groups = _split_rows(batches, parts)
+    assert 1 <= len(groups) <= parts
+    share = -(-sum(sizes) // parts)
+    assert all(sum(stop - start for _, start, stop in group) <= share for group in groups)
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for group in groups:
+        for batch, start, stop in group:
+            assert 0 <= start < stop <= batch.size
+            covered.setdefault(batch.batch_id, []).append((start, stop))
+    for batch in batches:
+        ranges = sorted(covered[batch.batch_id])
+        assert ranges[0][0] == 0
+        assert ranges[-1][1] == batch.size
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
 
 
 async def test_a_write_on_one_replica_is_seen_by_another() -> None:

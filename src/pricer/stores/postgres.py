@@ -687,18 +687,39 @@ def _check_batch(batch: PricedBatch) -> None:
         raise ValueError(f"batch {batch.batch_id}: its columns differ in length")
 
 
-def _check_rate_indexes(numbered: Sequence[tuple[int, PricedBatch]]) -> None:
+def _check_rate_indexes(batches: Sequence[PricedBatch]) -> None:
     """Every row's rate_index points into its own batch's rates (checked for all batches at once)."""
-    sizes = [batch.size for _, batch in numbered]
-    rate_index = np.concatenate([batch.rate_index for _, batch in numbered])
-    limits = np.repeat(np.array([len(batch.rates) for _, batch in numbered], dtype=np.int64), sizes)
+    sizes = [batch.size for batch in batches]
+    rate_index = np.concatenate([batch.rate_index for batch in batches])
+    limits = np.repeat(np.array([len(batch.rates) for batch in batches], dtype=np.int64), sizes)
     bad = np.flatnonzero((rate_index < 0) | (rate_index >= limits))
     if bad.size:
         row = int(bad[0])
         which = int(np.searchsorted(np.cumsum(sizes), row, side="right"))
-        raise ValueError(f"batch {numbered[which][1].batch_id}: a rate_index points outside its rates")
+        raise ValueError(f"batch {batches[which].batch_id}: a rate_index points outside its rates")
 
 
+def _split_rows(batches: Sequence[PricedBatch], parts: int) -> list[list[tuple[PricedBatch, int, int]]]:
+    """The batches' rows in `parts` groups of about equal size, a batch cut where a group ends."""
+    total = sum(batch.size for batch in batches)
+    share = -(-total // parts)
+    groups: list[list[tuple[PricedBatch, int, int]]] = [[]]
+    room = share
+    for batch in batches:
+        start = 0
+        while start < batch.size:
+            if room == 0:
+                groups.append([])
+                room = share
+            stop = min(batch.size, start + room)
+            groups[-1].append((batch, start, stop))
+            room -= stop - start
+            start = stop
+    return groups
+
+
+# A write of fewer rows per connection than this stays on one connection (one transaction).
+PARALLEL_WRITE_ROWS: Final = 20_000
 _ROW_VALUE_COLUMNS = (
     "input_index",
     "rate_index",
@@ -711,23 +732,25 @@ _ROW_VALUE_COLUMNS = (
 )
 
 
-def _binary_rows(numbered: Sequence[tuple[int, PricedBatch]]) -> bytes:
-    """The rows of all the batches as binary COPY tuples of `pricer_stage_quote_rows` (without the
+def _binary_rows(slices: Sequence[tuple[PricedBatch, int, int]]) -> bytes:
+    """Rows start:stop of each batch as binary COPY tuples of `pricer_stage_quote_rows` (without the
     framing), built column-wise in one array: the audit trail mostly writes many one-row batches."""
-    sizes = [batch.size for _, batch in numbered]
+    sizes = [stop - start for _, start, stop in slices]
     total = sum(sizes)
     tuples = np.empty(total, dtype=_ROW_DTYPE)
     tuples["fields"] = len(_ROW_COLUMNS)
     for name in _ROW_COLUMNS:
         tuples[f"{name}_length"] = 8
-    if total == len(numbered):
-        tuples["b"] = [b for b, _ in numbered]
-        tuples["row_index"] = 0
+    if total == len(slices):
+        tuples["b"] = np.arange(total, dtype=np.int64)
+        tuples["row_index"] = [start for _, start, _ in slices]
     else:
-        tuples["b"] = np.repeat(np.array([b for b, _ in numbered], dtype=np.int64), sizes)
-        tuples["row_index"] = np.concatenate([np.arange(size, dtype=np.int64) for size in sizes])
+        tuples["b"] = np.repeat(np.arange(len(slices), dtype=np.int64), sizes)
+        tuples["row_index"] = np.concatenate(
+            [np.arange(start, stop, dtype=np.int64) for _, start, stop in slices]
+        )
     for name in _ROW_VALUE_COLUMNS:
-        tuples[name] = np.concatenate([getattr(batch, name) for _, batch in numbered])
+        tuples[name] = np.concatenate([getattr(batch, name)[start:stop] for batch, start, stop in slices])
     return tuples.tobytes()
 
 
@@ -793,6 +816,10 @@ class PgQuoteStore(_PgStore):
 
     A batch's rows are found by `quote_id LIKE '<batch_id>%'` (the primary key serves it)."""
 
+    def __init__(self, pool: Any, *, write_connections: int = 2) -> None:
+        super().__init__(pool)
+        self._write_connections = max(1, write_connections)
+
     async def add(self, batch: PricedBatch) -> None:
         """Record every position of the batch; readable through `get` (on every replica) once this returns."""
         await self.add_many([batch])
@@ -802,23 +829,46 @@ class PgQuoteStore(_PgStore):
         await self.add_many(batches)
 
     async def add_many(self, batches: Iterable[PricedBatch]) -> int:
-        """Record every position of the batches in one transaction; the number of rows that were new.
+        """Record every position of the batches; the number of rows that were new.
 
-        A batch whose columns are inconsistent (lengths, a rate index out of range) raises ValueError
-        before anything is written."""
-        batch_columns: list[list[Any]] = [[] for _ in range(10)]
-        rate_columns: list[list[Any]] = [[] for _ in range(14)]
-        numbered: list[tuple[int, PricedBatch]] = []
+        Up to `PARALLEL_WRITE_ROWS` rows per connection go in one transaction. A larger write is cut
+        into row ranges written at once over `write_connections` connections (each its own
+        transaction): PostgreSQL's side of a write is CPU-bound, so a 10^5-row batch spreads over the
+        database's cores. If one part fails, the caller writes everything again (the audit trail's spool
+        does) and the parts already in are skipped by quote id. A batch whose columns are inconsistent
+        (lengths, a rate index out of range) raises ValueError before anything is written."""
+        kept: list[PricedBatch] = []
         seen: set[str] = set()
-        # Fee schedules and rates are shared by many batches (one per client, one per ticker and cache
-        # period): their column values are made once per write.
-        schedule_values: dict[int, tuple[str, str, str, int]] = {}
-        rate_values: dict[int, tuple[Any, ...]] = {}
-        for b, batch in enumerate(batches):
+        for batch in batches:
             if batch.size == 0 or batch.batch_id in seen:
                 continue
             seen.add(batch.batch_id)
             _check_batch(batch)
+            kept.append(batch)
+        if not kept:
+            return 0
+        _check_rate_indexes(kept)
+        total = sum(batch.size for batch in kept)
+        parts = min(self._write_connections, total // PARALLEL_WRITE_ROWS)
+        if parts <= 1:
+            return await self._write([(batch, 0, batch.size) for batch in kept])
+        outcomes = await asyncio.gather(
+            *(self._write(group) for group in _split_rows(kept, parts)), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sum(outcome for outcome in outcomes if isinstance(outcome, int))
+
+    async def _write(self, slices: Sequence[tuple[PricedBatch, int, int]]) -> int:
+        """Rows start:stop of each batch, in one transaction."""
+        batch_columns: list[list[Any]] = [[] for _ in range(10)]
+        rate_columns: list[list[Any]] = [[] for _ in range(14)]
+        # Fee schedules and rates are shared by many batches (one per client, one per ticker and cache
+        # period): their column values are made once per write.
+        schedule_values: dict[int, tuple[str, str, str, int]] = {}
+        rate_values: dict[int, tuple[Any, ...]] = {}
+        for b, (batch, _start, _stop) in enumerate(slices):
             schedule = batch.fee_schedule
             terms = schedule_values.get(id(schedule))
             if terms is None:
@@ -861,11 +911,7 @@ class PgQuoteStore(_PgStore):
                     )
                 for column, value in zip(rate_columns, (b, r, *values), strict=True):
                     column.append(value)
-            numbered.append((b, batch))
-        if not numbered:
-            return 0
-        _check_rate_indexes(numbered)
-        row_parts = [_COPY_SIGNATURE, _binary_rows(numbered), _COPY_TRAILER]
+        row_parts = [_COPY_SIGNATURE, _binary_rows(slices), _COPY_TRAILER]
         with translate_errors("quotes.add"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute(_STAGING)
