@@ -163,11 +163,43 @@ def measure_variant(
     }
 
 
-def render(results: Mapping[str, Mapping[str, Any]]) -> str:
+def measure_floor(rate: float, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The machine's latency floor: the raw-ASGI ceiling app (benchmarks/baseline_raw_asgi.py) offered the
+    same open-loop rate. What it shows in the tail (scheduler and timer wake-ups of this VM, the network
+    stack) is not the engine's."""
+    server = bench_http.start_baseline(workdir, args.server_cpu, name="raw")
+    try:
+        scenario = scenarios.load_scenario("single-post")
+        requests_file = workdir / "raw-requests.bin"
+        keys = [scenarios.ApiKey("demo_client", server.key)]
+        host = server.url.removeprefix("http://")
+        scenarios.write_requests_file(scenarios.build_requests(scenario, keys, host), requests_file)
+        config = loadtest.RunConfig(
+            server.url,
+            scenario.name,
+            "open",
+            rate,
+            args.connections,
+            args.duration,
+            args.warmup,
+            cpu=args.generator_cpu,
+        )
+        print(f"raw-ASGI floor: open loop at {rate:.0f} req/s", flush=True)
+        result = loadtest.run_generator(
+            config, requests_file, progress=not args.quiet, server_pid=server.process.pid
+        )
+    finally:
+        server.stop()
+    return {"offered_rps": rate, "summary": loadtest.summarize(result, scenario), "result": result}
+
+
+def render(results: Mapping[str, Mapping[str, Any]], floor: Mapping[str, Any] | None = None) -> str:
     rows = []
     for name, variant in results.items():
         rows.append((f"{name} capacity (closed)", variant["capacity"]["summary"]))
         rows.append((f"{name} half (open {variant['offered_rps']:.0f}/s)", variant["half"]["summary"]))
+    if floor is not None:
+        rows.append((f"raw floor (open {floor['offered_rps']:.0f}/s)", floor["summary"]))
     return loadtest.table(rows)
 
 
@@ -185,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--only", help="comma-separated variants (embedded, redis_limiter)")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-floor", action="store_true", help="skip the raw-ASGI floor at the same rate")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -199,7 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         for name, env in chosen.items():
             results[name] = measure_variant(name, env, Path(tmp), args, py_spy)
-    table = render(results)
+        floor = None
+        if results and not args.no_floor:
+            floor = measure_floor(next(iter(results.values()))["offered_rps"], Path(tmp), args)
+    table = render(results, floor)
     print()
     print(table)
     valid = all(v["capacity"]["summary"]["valid"] and v["half"]["summary"]["valid"] for v in results.values())
@@ -234,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "generator": "benchmarks/loadgen/openloop.c (via benchmarks/loadtest.py)",
         "variants": results,
+        "floor": floor,
         "table": table,
     }
     if args.json:
@@ -246,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             documents.append(
                 {"label": f"{name} at {variant['offered_rps']:.0f}/s", "result": variant["half"]["result"]}
             )
+        if floor is not None:
+            label = f"raw-ASGI floor at {floor['offered_rps']:.0f}/s"
+            documents.append({"label": label, "result": floor["result"]})
         loadtest.plot(documents, args.plot, "Single quote at half capacity (open loop)")
         print(f"Plot written to {args.plot}")
     return 0 if valid else 1

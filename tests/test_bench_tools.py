@@ -916,8 +916,10 @@ def test_latency_section_and_full_stack_lines_render() -> None:
             }
         },
         "targets": [{"name": "p99", "value": 1.5, "limit": 2, "op": "<=", "unit": "ms", "verdict": "PASS"}],
+        "floor": {"offered_rps": 4000.0, "summary": _half_summary(0.9)},
     }
     text = "\n".join(run.latency_section(doc, ["python", "benchmarks/bench_latency.py"], None))
+    assert "| raw-ASGI floor | open at 4000/s |" in text
     assert "| embedded | open at 4000/s | 4,000 |" in text or "| embedded | open at 4000/s |" in text
     assert "`price (c.py)`" in text
     assert "**PASS**" in text

@@ -642,7 +642,7 @@ class PgKeyStore(_PgStore):
 # (MATERIALIZED), not once per row; money and rates as integer cents / 1e-8 units, scaled in SQL.
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rows (
-    b int8, row_index int8, input_index int8, rate_index int8, position_cents int8, loan_days int8,
+    b int8, row_index int8, input_index int8, rate_key int8, position_cents int8, loan_days int8,
     borrow_cost int8, markup int8, transaction_fees int8, total_fee int8
 ) ON COMMIT DELETE ROWS
 """
@@ -651,7 +651,7 @@ _ROW_COLUMNS = (
     "b",
     "row_index",
     "input_index",
-    "rate_index",
+    "rate_key",
     "position_cents",
     "loan_days",
     "borrow_cost",
@@ -722,7 +722,6 @@ def _split_rows(batches: Sequence[PricedBatch], parts: int) -> list[list[tuple[P
 PARALLEL_WRITE_ROWS: Final = 20_000
 _ROW_VALUE_COLUMNS = (
     "input_index",
-    "rate_index",
     "position_cents",
     "loan_days",
     "borrow_cost",
@@ -732,9 +731,10 @@ _ROW_VALUE_COLUMNS = (
 )
 
 
-def _binary_rows(slices: Sequence[tuple[PricedBatch, int, int]]) -> bytes:
+def _binary_rows(slices: Sequence[tuple[PricedBatch, int, int]], rate_keys: Sequence[Sequence[int]]) -> bytes:
     """Rows start:stop of each batch as binary COPY tuples of `pricer_stage_quote_rows` (without the
-    framing), built column-wise in one array: the audit trail mostly writes many one-row batches."""
+    framing), built column-wise in one array: the audit trail mostly writes many one-row batches.
+    `rate_keys[i]` maps slice i's rate indexes to the write's rate keys."""
     sizes = [stop - start for _, start, stop in slices]
     total = sum(sizes)
     tuples = np.empty(total, dtype=_ROW_DTYPE)
@@ -744,10 +744,20 @@ def _binary_rows(slices: Sequence[tuple[PricedBatch, int, int]]) -> bytes:
     if total == len(slices):
         tuples["b"] = np.arange(total, dtype=np.int64)
         tuples["row_index"] = [start for _, start, _ in slices]
+        tuples["rate_key"] = [
+            keys[int(batch.rate_index[start])]
+            for (batch, start, _), keys in zip(slices, rate_keys, strict=True)
+        ]
     else:
         tuples["b"] = np.repeat(np.arange(len(slices), dtype=np.int64), sizes)
         tuples["row_index"] = np.concatenate(
             [np.arange(start, stop, dtype=np.int64) for _, start, stop in slices]
+        )
+        tuples["rate_key"] = np.concatenate(
+            [
+                np.asarray(keys, dtype=np.int64)[batch.rate_index[start:stop]]
+                for (batch, start, stop), keys in zip(slices, rate_keys, strict=True)
+            ]
         )
     for name in _ROW_VALUE_COLUMNS:
         tuples[name] = np.concatenate([getattr(batch, name)[start:stop] for batch, start, stop in slices])
@@ -762,17 +772,19 @@ async def _chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
 _INSERT_STAGED = """
 WITH b AS MATERIALIZED (
     SELECT * FROM unnest($1::int8[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
-                         $7::numeric[], $8::text[], $9::numeric[], $10::int4[])
-        AS b (b, batch_id, calculated_at, request_id, client_id, key_id,
-              markup_percentage, transaction_fee_type, transaction_amount, day_count)
+                         $7::int8[])
+        AS b (b, batch_id, calculated_at, request_id, client_id, key_id, schedule_key)
+), s AS MATERIALIZED (
+    SELECT * FROM unnest($8::int8[], $9::numeric[], $10::text[], $11::numeric[], $12::int4[])
+        AS s (schedule_key, markup_percentage, transaction_fee_type, transaction_amount, day_count)
 ), x AS MATERIALIZED (
-    SELECT b, r, ticker, rate_units * 0.00000001 AS borrow_rate, base_rate, volatility_index,
+    SELECT rate_key, ticker, rate_units * 0.00000001 AS borrow_rate, base_rate, volatility_index,
            volatility_adjustment, event_risk_factor, event_adjustment,
            min_rate_units * 0.00000001 AS min_rate, borrow_status, rate_source, available_shares, rate_as_of
-    FROM unnest($11::int8[], $12::int8[], $13::text[], $14::int8[], $15::numeric[], $16::numeric[],
-                $17::numeric[], $18::int2[], $19::numeric[], $20::int8[], $21::text[], $22::text[],
-                $23::int8[], $24::timestamptz[])
-        AS x (b, r, ticker, rate_units, base_rate, volatility_index, volatility_adjustment,
+    FROM unnest($13::int8[], $14::text[], $15::int8[], $16::numeric[], $17::numeric[], $18::numeric[],
+                $19::int2[], $20::numeric[], $21::int8[], $22::text[], $23::text[], $24::int8[],
+                $25::timestamptz[])
+        AS x (rate_key, ticker, rate_units, base_rate, volatility_index, volatility_adjustment,
               event_risk_factor, event_adjustment, min_rate_units, borrow_status, rate_source,
               available_shares, rate_as_of)
 )
@@ -785,14 +797,15 @@ INSERT INTO quotes (
 SELECT
     b.batch_id || lpad(to_hex(r.row_index), 8, '0'), b.batch_id, r.row_index, r.input_index, b.calculated_at,
     b.request_id, b.client_id, b.key_id, x.ticker,
-    r.position_cents * 0.01, r.loan_days, b.markup_percentage, b.transaction_fee_type,
-    b.transaction_amount, b.day_count,
+    r.position_cents * 0.01, r.loan_days, s.markup_percentage, s.transaction_fee_type,
+    s.transaction_amount, s.day_count,
     x.borrow_rate, x.base_rate, x.volatility_index, x.volatility_adjustment, x.event_risk_factor,
     x.event_adjustment, x.min_rate, x.borrow_status, x.rate_source, x.available_shares, x.rate_as_of,
     r.borrow_cost * 0.01, r.markup * 0.01, r.transaction_fees * 0.01, r.total_fee * 0.01
 FROM pricer_stage_quote_rows r
 JOIN b ON b.b = r.b
-JOIN x ON x.b = r.b AND x.r = r.rate_index
+JOIN s ON s.schedule_key = b.schedule_key
+JOIN x ON x.rate_key = r.rate_key
 """
 # A plain INSERT is about twice as fast as one with ON CONFLICT (no speculative insertion); batches are
 # written whole in one transaction, so the plain one fails only when some batch is already there (a replay,
@@ -862,22 +875,31 @@ class PgQuoteStore(_PgStore):
 
     async def _write(self, slices: Sequence[tuple[PricedBatch, int, int]]) -> int:
         """Rows start:stop of each batch, in one transaction."""
-        batch_columns: list[list[Any]] = [[] for _ in range(10)]
-        rate_columns: list[list[Any]] = [[] for _ in range(14)]
+        batch_columns: list[list[Any]] = [[] for _ in range(7)]
+        schedule_columns: list[list[Any]] = [[] for _ in range(5)]
+        rate_columns: list[list[Any]] = [[] for _ in range(13)]
         # Fee schedules and rates are shared by many batches (one per client, one per ticker and cache
-        # period): their column values are made once per write.
-        schedule_values: dict[int, tuple[str, str, str, int]] = {}
-        rate_values: dict[int, tuple[Any, ...]] = {}
+        # period): each travels once per write under a key, and rows name their rate by that key.
+        schedule_keys: dict[int, int] = {}
+        rate_keys: dict[int, int] = {}
+        slice_rate_keys: list[list[int]] = []
         for b, (batch, _start, _stop) in enumerate(slices):
             schedule = batch.fee_schedule
-            terms = schedule_values.get(id(schedule))
-            if terms is None:
-                terms = schedule_values[id(schedule)] = (
-                    _num(schedule.markup_percentage),
-                    str(schedule.transaction_fee_type),
-                    _num(schedule.transaction_amount),
-                    schedule.day_count,
-                )
+            schedule_key = schedule_keys.get(id(schedule))
+            if schedule_key is None:
+                schedule_key = schedule_keys[id(schedule)] = len(schedule_keys)
+                for column, value in zip(
+                    schedule_columns,
+                    (
+                        schedule_key,
+                        _num(schedule.markup_percentage),
+                        str(schedule.transaction_fee_type),
+                        _num(schedule.transaction_amount),
+                        schedule.day_count,
+                    ),
+                    strict=True,
+                ):
+                    column.append(value)
             for column, value in zip(
                 batch_columns,
                 (
@@ -887,31 +909,39 @@ class PgQuoteStore(_PgStore):
                     batch.request_id,
                     batch.client_id,
                     batch.key_id,
-                    *terms,
+                    schedule_key,
                 ),
                 strict=True,
             ):
                 column.append(value)
-            for r, rate in enumerate(batch.rates):
-                values = rate_values.get(id(rate))
-                if values is None:
-                    values = rate_values[id(rate)] = (
-                        rate.ticker,
-                        rate.rate_units,
-                        _num(rate.base_rate),
-                        _num(rate.volatility_index),
-                        _num(rate.volatility_adjustment),
-                        rate.event_risk_factor,
-                        _num(rate.event_adjustment),
-                        rate.min_rate_units,
-                        str(rate.borrow_status),
-                        str(rate.source),
-                        rate.available_shares,
-                        rate.as_of,
-                    )
-                for column, value in zip(rate_columns, (b, r, *values), strict=True):
-                    column.append(value)
-        row_parts = [_COPY_SIGNATURE, _binary_rows(slices), _COPY_TRAILER]
+            keys = []
+            for rate in batch.rates:
+                rate_key = rate_keys.get(id(rate))
+                if rate_key is None:
+                    rate_key = rate_keys[id(rate)] = len(rate_keys)
+                    for column, value in zip(
+                        rate_columns,
+                        (
+                            rate_key,
+                            rate.ticker,
+                            rate.rate_units,
+                            _num(rate.base_rate),
+                            _num(rate.volatility_index),
+                            _num(rate.volatility_adjustment),
+                            rate.event_risk_factor,
+                            _num(rate.event_adjustment),
+                            rate.min_rate_units,
+                            str(rate.borrow_status),
+                            str(rate.source),
+                            rate.available_shares,
+                            rate.as_of,
+                        ),
+                        strict=True,
+                    ):
+                        column.append(value)
+                keys.append(rate_key)
+            slice_rate_keys.append(keys)
+        row_parts = [_COPY_SIGNATURE, _binary_rows(slices, slice_rate_keys), _COPY_TRAILER]
         with translate_errors("quotes.add"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute(_STAGING)
@@ -923,9 +953,13 @@ class PgQuoteStore(_PgStore):
                 )
                 try:
                     async with connection.transaction():  # a savepoint
-                        status = await connection.execute(_INSERT_STAGED, *batch_columns, *rate_columns)
+                        status = await connection.execute(
+                            _INSERT_STAGED, *batch_columns, *schedule_columns, *rate_columns
+                        )
                 except asyncpg.UniqueViolationError:
-                    status = await connection.execute(_MERGE_STAGED, *batch_columns, *rate_columns)
+                    status = await connection.execute(
+                        _MERGE_STAGED, *batch_columns, *schedule_columns, *rate_columns
+                    )
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def get(self, quote_id: str) -> QuoteResponse | None:
