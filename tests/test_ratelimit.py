@@ -324,6 +324,33 @@ async def test_redis_coalesces_concurrent_decisions(
     await inspector.delete(*keys)
 
 
+async def test_redis_decisions_under_steady_traffic_share_a_round_trip() -> None:
+    """Right after a call, a decision waits a moment (the linger) for others: requests arriving 5 ms apart,
+    never concurrent, still go to Redis together; after a pause the next one goes at once."""
+    client = aioredis.Redis.from_url(SHARED_REDIS)
+    limiter = RedisLimiter(client, expected_replicas=3, budget_seconds=2.0, linger_seconds=0.1)
+    spec = BucketSpec(f"ratelimit:test-{uuid.uuid4().hex}", per_minute=60, capacity=100)
+    try:
+        await limiter.acquire(spec)  # idle: a call of its own
+        before = limiter.round_trips
+
+        async def later(delay: float) -> bool:
+            await asyncio.sleep(delay)
+            return (await limiter.acquire(spec)).allowed
+
+        assert all(await asyncio.gather(*(later(0.005 * n) for n in range(3))))
+        assert limiter.round_trips - before == 1
+        await asyncio.sleep(1.05)  # longer than 10 lingers: idle again
+        before = limiter.round_trips
+        started = time.monotonic()
+        assert (await limiter.acquire(spec)).allowed
+        assert limiter.round_trips - before == 1
+        assert time.monotonic() - started < 0.08  # called at once, not after the 100 ms linger
+    finally:
+        await client.delete(spec.key)
+        await limiter.close()
+
+
 async def test_redis_limiter_falls_back_locally_with_its_share(tmp_path: Path) -> None:
     """Nothing listening: every decision is local, at 1/EXPECTED_REPLICAS of the limit, promptly."""
     with PrivateRedis(tmp_path / "redis") as server:

@@ -4,7 +4,9 @@
   skewed clocks agree. The state of a bucket is a plain string `"<tokens>:<microseconds>"` under its key
   (`GET ratelimit:client123` shows it).
 * Decisions of concurrent requests are coalesced: while one script call is in flight the next ones queue,
-  and all queued decisions go in the next call. Under load one round trip serves many requests.
+  and all queued decisions go in the next call. Under load one round trip serves many requests. Calls
+  are one at a time, so they go over one connection held for the purpose (no pool checkout per call,
+  about a third of redis-py's client CPU per call here).
 * Each decision has a time budget. When Redis is slow or down the replica decides locally, enforcing its
   share (1 / expected replicas) of each limit, reports itself degraded, and keeps deciding locally for a
   cool-down before it tries Redis again (a circuit breaker: an outage does not cost the budget per request).
@@ -18,7 +20,8 @@ import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, RedisError
 
 from pricer.ratelimit.buckets import BucketSpec, Decision
 from pricer.ratelimit.memory import MemoryLimiter
@@ -85,14 +88,18 @@ class RedisLimiter:
         budget_seconds: float = 0.005,
         cooldown_seconds: float = 1.0,
         max_batch: int = 512,
+        linger_seconds: float = 0.0002,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = client
         self._script = client.register_script(BUCKET_SCRIPT)
+        self._connection: AbstractConnection | None = None
         self._share = 1.0 / max(1, expected_replicas)
         self._budget = budget_seconds
         self._cooldown = cooldown_seconds
         self._max_batch = max_batch
+        self._linger = linger_seconds
+        self._last_flush = float("-inf")
         self._clock = clock
         self._local = MemoryLimiter(clock=clock)
         self._queue: list[_Pending] = []
@@ -116,7 +123,13 @@ class RedisLimiter:
         self._queue.append(pending)
         if not self._flushing:
             self._flushing = True
-            self._flush_task = loop.create_task(self._flush())
+            if self._linger and self._clock() - self._last_flush < 10 * self._linger:
+                # Steady traffic: a call costs the replica ~50 µs of CPU whatever it decides, so the
+                # decisions of the next fraction of a millisecond join this one. An idle replica (no call
+                # for a while) calls at once.
+                loop.call_later(self._linger, self._start_flush)
+            else:
+                self._start_flush()
         # A timer, not wait_for: no task per decision on the hot path.
         pending.timer = loop.call_later(self._budget, self._expire, pending, self._clock() + self._budget)
         try:
@@ -142,7 +155,11 @@ class RedisLimiter:
         self._trip("timeout")
         pending.future.set_result(self._decide_locally(pending.spec, pending.cost))
 
+    def _start_flush(self) -> None:
+        self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+
     async def _flush(self) -> None:
+        self._last_flush = self._clock()
         try:
             while self._queue:
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
@@ -159,7 +176,7 @@ class RedisLimiter:
             args += [item.spec.rate, item.spec.capacity, item.cost]
         self._call_started = self._clock()
         try:
-            reply = await self._script(keys=keys, args=args)
+            reply = await self._evaluate(keys, args)
         except (RedisError, OSError) as error:
             self._trip(type(error).__name__)
             for item in batch:
@@ -181,6 +198,27 @@ class RedisLimiter:
                         cost=item.cost,
                     )
                 )
+
+    async def _evaluate(self, keys: list[str], args: list[float | int]) -> list[bytes | int]:
+        """One EVALSHA on the limiter's own connection; the script is loaded again after NOSCRIPT (Redis
+        restarted or flushed its scripts)."""
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            try:
+                reply: list[bytes | int] = await connection.read_response()
+            except NoScriptError:
+                await connection.send_command("SCRIPT", "LOAD", BUCKET_SCRIPT)
+                await connection.read_response()
+                await connection.send_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+                reply = await connection.read_response()
+            return reply
+        except BaseException:
+            # A reply half read (or never read) must not be taken for the next call's.
+            await connection.disconnect()
+            raise
 
     def _trip(self, reason: str) -> None:
         if not self.degraded:
@@ -213,4 +251,7 @@ class RedisLimiter:
         return (time.perf_counter() - started) * 1000
 
     async def close(self) -> None:
+        if self._connection is not None:
+            await self._redis.connection_pool.release(self._connection)
+            self._connection = None
         await self._redis.aclose()
