@@ -949,3 +949,17 @@ def test_latency_section_and_full_stack_lines_render() -> None:
     assert "**1.60× the FastAPI baseline**" in lines
     assert "**1.50× the FastAPI baseline**" in lines
     assert run.full_stack_lines({"http": results["http"]}) == []
+
+
+def test_miss_analysis_explains_only_the_missed_targets() -> None:
+    rows = [
+        ("http", {"name": "single quote: req/s engine / FastAPI baseline", "verdict": "MISS"}),
+        ("audit", {"name": "PgQuoteStore.write, 10^5-position batch", "verdict": "PASS"}),
+        ("latency", {"name": "single quote (a): p99 at half capacity, open loop", "verdict": "MISS"}),
+        ("latency", {"name": "single quote (b): p99 at half capacity, open loop", "verdict": "MISS"}),
+    ]
+    text = "\n".join(run.miss_analysis(rows))
+    assert "req/s engine / FastAPI baseline" in text
+    assert "10^5" not in text
+    assert text.count("p99 at half capacity") == 1  # one explanation per kind of miss
+    assert run.miss_analysis(rows[1:2]) == []
