@@ -585,6 +585,29 @@ async def test_failed_availability_load_changes_nothing() -> None:
         assert await _table_count(pool, "SELECT count(*) FROM availability_rows") == len(ROWS_A)
 
 
+async def test_memory_quote_store_evicts_whole_old_segments() -> None:
+    from pricer.stores.memory import MemoryQuoteStore
+
+    store = MemoryQuoteStore(max_rows=3 * MemoryQuoteStore.SEGMENT_ROWS)
+    singles = [make_batch(1, seed=n) for n in range(4 * MemoryQuoteStore.SEGMENT_ROWS + 10)]
+    for batch in singles:
+        await store.add(batch)
+        assert store.rows <= 3 * MemoryQuoteStore.SEGMENT_ROWS
+    assert store.rows >= 2 * MemoryQuoteStore.SEGMENT_ROWS
+    assert await store.get(singles[0].quote_id(0)) is None  # the oldest segments went first
+    newest = singles[-1]
+    assert await store.get(newest.quote_id(0)) == newest.quote_response(0)
+    kept = singles[-2 * MemoryQuoteStore.SEGMENT_ROWS]
+    assert await store.get(kept.quote_id(0)) == kept.quote_response(0)
+    # A batch larger than the whole retention stays readable to its last row, with (at most) the
+    # segment it joined; everything older goes.
+    big = make_batch(4 * MemoryQuoteStore.SEGMENT_ROWS, seed=99)
+    await store.add(big)
+    assert await store.get(big.quote_id(big.size - 1)) == big.quote_response(big.size - 1)
+    assert await store.get(kept.quote_id(0)) is None
+    assert big.size <= store.rows <= big.size + MemoryQuoteStore.SEGMENT_ROWS
+
+
 async def test_quotes_written_twice_keep_one_row_each() -> None:
     async with pg_stores() as (_stores, pool, _dsn, _schema):
         quotes = PgQuoteStore(pool)
