@@ -963,3 +963,17 @@ def test_miss_analysis_explains_only_the_missed_targets() -> None:
     assert "10^5" not in text
     assert text.count("p99 at half capacity") == 1  # one explanation per kind of miss
     assert run.miss_analysis(rows[1:2]) == []
+
+
+def test_pricing_target_reads_the_million_row_core_time() -> None:
+    data = {
+        "results": [
+            {"size": 1000, "core_ms": 0.1},
+            {"size": 1_000_000, "core_ms": 48.76, "decimal_over_core": 65.1},
+        ]
+    }
+    (target,) = run.pricing_targets(data)
+    assert (target["value"], target["verdict"]) == (48.8, "PASS")
+    slow = {"results": [{"size": 1_000_000, "core_ms": 150.0}]}
+    assert run.pricing_targets(slow)[0]["verdict"] == "MISS"
+    assert run.pricing_targets({"results": []}) == []
