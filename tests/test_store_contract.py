@@ -775,6 +775,9 @@ async def test_inconsistent_batch_is_rejected_before_writing() -> None:
         bad.rate_index[1] = -1
         with pytest.raises(ValueError, match=f"batch {bad.batch_id}: a rate_index"):
             await PgQuoteStore(pool).add_many([bad, good])
+        short = dataclasses.replace(make_batch(3, seed=2), markup=np.zeros(2, dtype=np.int64))
+        with pytest.raises(ValueError, match=f"batch {short.batch_id}: its columns differ in length"):
+            await PgQuoteStore(pool).add_many([good, short])
         assert await _table_count(pool, "SELECT count(*) FROM quotes") == 0
 
 

@@ -673,17 +673,20 @@ _ROW_DTYPE: Final = np.dtype(
 
 
 def _check_batch(batch: PricedBatch) -> None:
-    size = batch.size
-    columns = (
-        batch.rate_index,
-        batch.input_index,
-        batch.loan_days,
-        batch.borrow_cost,
-        batch.markup,
-        batch.transaction_fees,
-        batch.total_fee,
-    )
-    if any(column.shape != (size,) for column in columns):
+    shape = batch.position_cents.shape
+    if (
+        not (
+            batch.rate_index.shape
+            == batch.input_index.shape
+            == batch.loan_days.shape
+            == batch.borrow_cost.shape
+            == batch.markup.shape
+            == batch.transaction_fees.shape
+            == batch.total_fee.shape
+            == shape
+        )
+        or len(shape) != 1
+    ):
         raise ValueError(f"batch {batch.batch_id}: its columns differ in length")
 
 
@@ -875,7 +878,6 @@ class PgQuoteStore(_PgStore):
 
     async def _write(self, slices: Sequence[tuple[PricedBatch, int, int]]) -> int:
         """Rows start:stop of each batch, in one transaction."""
-        batch_columns: list[list[Any]] = [[] for _ in range(7)]
         schedule_columns: list[list[Any]] = [[] for _ in range(5)]
         rate_columns: list[list[Any]] = [[] for _ in range(13)]
         # Fee schedules and rates are shared by many batches (one per client, one per ticker and cache
@@ -883,7 +885,8 @@ class PgQuoteStore(_PgStore):
         schedule_keys: dict[int, int] = {}
         rate_keys: dict[int, int] = {}
         slice_rate_keys: list[list[int]] = []
-        for b, (batch, _start, _stop) in enumerate(slices):
+        batch_schedule_keys: list[int] = []
+        for batch, _start, _stop in slices:
             schedule = batch.fee_schedule
             schedule_key = schedule_keys.get(id(schedule))
             if schedule_key is None:
@@ -900,20 +903,7 @@ class PgQuoteStore(_PgStore):
                     strict=True,
                 ):
                     column.append(value)
-            for column, value in zip(
-                batch_columns,
-                (
-                    b,
-                    batch.batch_id,
-                    batch.calculated_at,
-                    batch.request_id,
-                    batch.client_id,
-                    batch.key_id,
-                    schedule_key,
-                ),
-                strict=True,
-            ):
-                column.append(value)
+            batch_schedule_keys.append(schedule_key)
             keys = []
             for rate in batch.rates:
                 rate_key = rate_keys.get(id(rate))
@@ -941,6 +931,16 @@ class PgQuoteStore(_PgStore):
                         column.append(value)
                 keys.append(rate_key)
             slice_rate_keys.append(keys)
+        # Column by column (one comprehension each): most writes are hundreds of one-row batches.
+        batch_columns: list[list[Any]] = [
+            list(range(len(slices))),
+            [batch.batch_id for batch, _, _ in slices],
+            [batch.calculated_at for batch, _, _ in slices],
+            [batch.request_id for batch, _, _ in slices],
+            [batch.client_id for batch, _, _ in slices],
+            [batch.key_id for batch, _, _ in slices],
+            batch_schedule_keys,
+        ]
         row_parts = [_COPY_SIGNATURE, _binary_rows(slices, slice_rate_keys), _COPY_TRAILER]
         with translate_errors("quotes.add"):
             async with self._pool.acquire() as connection, connection.transaction():
