@@ -369,25 +369,13 @@ async def health() -> dict[str, str]:
 
 
 def main() -> None:
-    import uvicorn
+    from baseline_raw_asgi import serve
 
     key = os.environ.get("BASELINE_API_KEY") or random_key()
     add_key(key, os.environ.get("BASELINE_CLIENT_ID", "demo_client"))
     if not os.environ.get("BASELINE_API_KEY"):
         print(f"BASELINE_API_KEY={key}", flush=True)
-    config = uvicorn.Config(
-        app,
-        host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(os.environ.get("PORT", "8001")),
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        log_level="warning",
-        server_header=False,
-    )
-    uvicorn.Server(config).run()
+    serve(app, 8001)
 
 
 if __name__ == "__main__":

@@ -74,18 +74,14 @@ class RawQuoteApp:
         await send({"type": "http.response.body", "body": body})
 
 
-def main() -> None:
-    import secrets
-
+def serve(app: Any, default_port: int) -> None:
+    """Serve a baseline the way the engine is served: uvicorn, uvloop, httptools, access log off."""
     import uvicorn
 
-    key = os.environ.get("BASELINE_API_KEY") or f"bre_{secrets.token_hex(6)}_{secrets.token_hex(20)}"
-    if not os.environ.get("BASELINE_API_KEY"):
-        print(f"BASELINE_API_KEY={key}", flush=True)
     config = uvicorn.Config(
-        RawQuoteApp(key),
+        app,
         host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(os.environ.get("PORT", "8002")),
+        port=int(os.environ.get("PORT", str(default_port))),
         loop="uvloop",
         http="httptools",
         lifespan="on",
@@ -95,6 +91,15 @@ def main() -> None:
         server_header=False,
     )
     uvicorn.Server(config).run()
+
+
+def main() -> None:
+    import secrets
+
+    key = os.environ.get("BASELINE_API_KEY") or f"bre_{secrets.token_hex(6)}_{secrets.token_hex(20)}"
+    if not os.environ.get("BASELINE_API_KEY"):
+        print(f"BASELINE_API_KEY={key}", flush=True)
+    serve(RawQuoteApp(key), 8002)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from bench_http import (
     Server,
     cpu_percent,
     format_number,
-    idle_check,
     machine_facts,
     median_or_none,
     parse_cpu_list,
@@ -330,15 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wrk_cpu = None if args.no_pin else args.wrk_cpu
     notes: list[str] = []
     facts = machine_facts(wrk)
-    measured_cpus = sorted(set(parse_cpu_list(server_cpu or "") + parse_cpu_list(wrk_cpu or ""))) or list(
-        range(os.cpu_count() or 1)
-    )
-    facts["busy_before_start_percent"] = idle_check(measured_cpus, seconds=1.0)
-    if (facts["busy_before_start_percent"] or 0) > 10:
-        notes.append(
-            f"Before starting, CPUs {measured_cpus} were {facts['busy_before_start_percent']:.0f}% busy with "
-            "other work: the figures may be depressed and noisy."
-        )
+    bench_http.note_busy_cpus(facts, server_cpu, wrk_cpu, notes, seconds=1.0)
     print("\n".join(bench_http._facts_lines(facts)), flush=True)
 
     runs: list[Run] = []

@@ -854,6 +854,46 @@ def idle_check(cpus: Sequence[int], seconds: float = 2.0) -> float | None:
     return busy_percent(before, read_cpu_times(), cpus)
 
 
+def note_busy_cpus(
+    facts: dict[str, Any], server_cpu: str | None, wrk_cpu: str | None, notes: list[str], seconds: float = 2.0
+) -> None:
+    """Measure how busy the benchmark's CPUs are before it starts; note it when other work competes."""
+    measured_cpus = sorted(set(parse_cpu_list(server_cpu or "") + parse_cpu_list(wrk_cpu or ""))) or list(
+        range(os.cpu_count() or 1)
+    )
+    facts["busy_before_start_percent"] = idle_check(measured_cpus, seconds=seconds)
+    if (facts["busy_before_start_percent"] or 0) > 10:
+        notes.append(
+            f"Before starting, CPUs {measured_cpus} were {facts['busy_before_start_percent']:.0f}% busy with "
+            "other work: the figures may be depressed and noisy."
+        )
+
+
+def note_run_health(runs: Sequence[Run], notes: list[str], starved_cause: str = "other processes") -> None:
+    """Notes on measured runs whose generator was saturated, or whose server was starved of its CPU."""
+    busy_generator = [
+        r
+        for r in runs
+        if (cpu_percent(r.wrk_cpu_s, r.wall_s) or 0) > GENERATOR_BUSY_PERCENT and r.load != "warmup"
+    ]
+    if busy_generator:
+        notes.append(
+            f"wrk used more than {GENERATOR_BUSY_PERCENT:.0f}% of its CPU in {len(busy_generator)} run(s): "
+            "the generator may have limited those figures."
+        )
+    starved = [
+        r
+        for r in runs
+        if r.load == "throughput" and (cpu_percent(r.server_cpu_s, r.wall_s) or 0) < SERVER_STARVED_PERCENT
+    ]
+    if starved:
+        notes.append(
+            f"In {len(starved)} throughput run(s) the server used less than "
+            f"{SERVER_STARVED_PERCENT:.0f}% of its CPU although wrk kept it busy: {starved_cause} competed "
+            "for that CPU, so those figures are depressed and noisy; rerun on a quiet machine."
+        )
+
+
 def display_command(command: Sequence[str]) -> str:
     """A wrk command as typed from the repository root: bare `wrk`, relative script, no port."""
     shown = []
@@ -993,15 +1033,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine_env = dict(item.split("=", 1) for item in args.engine_env)
 
     facts = machine_facts(wrk)
-    measured_cpus = sorted(set(parse_cpu_list(server_cpu or "") + parse_cpu_list(wrk_cpu or ""))) or list(
-        range(os.cpu_count() or 1)
-    )
-    facts["busy_before_start_percent"] = idle_check(measured_cpus)
-    if (facts["busy_before_start_percent"] or 0) > 10:
-        notes.append(
-            f"Before starting, CPUs {measured_cpus} were {facts['busy_before_start_percent']:.0f}% busy with "
-            "other work: the figures may be depressed and noisy."
-        )
+    note_busy_cpus(facts, server_cpu, wrk_cpu, notes)
     print("\n".join(_facts_lines(facts)), flush=True)
 
     runs: list[Run] = []
@@ -1097,27 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
 
     invalid = [r for r in runs if not r.result.valid]
-    busy_generator = [
-        r
-        for r in runs
-        if (cpu_percent(r.wrk_cpu_s, r.wall_s) or 0) > GENERATOR_BUSY_PERCENT and r.load != "warmup"
-    ]
-    if busy_generator:
-        notes.append(
-            f"wrk used more than {GENERATOR_BUSY_PERCENT:.0f}% of its CPU in {len(busy_generator)} run(s): "
-            "the generator may have limited those figures."
-        )
-    starved = [
-        r
-        for r in runs
-        if r.load == "throughput" and (cpu_percent(r.server_cpu_s, r.wall_s) or 0) < SERVER_STARVED_PERCENT
-    ]
-    if starved:
-        notes.append(
-            f"In {len(starved)} throughput run(s) the server used less than "
-            f"{SERVER_STARVED_PERCENT:.0f}% of its CPU although wrk kept it busy: other processes "
-            "competed for that CPU, so those figures are depressed and noisy; rerun on a quiet machine."
-        )
+    note_run_health(runs, notes)
     if warmup_errors:
         notes.append(f"The warm-up runs had {warmup_errors} non-2xx responses or socket errors.")
     table = render_table(summary)

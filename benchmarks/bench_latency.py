@@ -68,6 +68,14 @@ def hot_functions(raw_profile: str, top: int = TOP_FUNCTIONS) -> dict[str, list[
     }
 
 
+def single_quote_requests(scenario: scenarios.Scenario, server: bench_http.Server, path: Path) -> Path:
+    """The scenario's requests, with the server's key for the demo client, as the generator's input file."""
+    keys = [scenarios.ApiKey("demo_client", server.key)]
+    host = server.url.removeprefix("http://")
+    scenarios.write_requests_file(scenarios.build_requests(scenario, keys, host), path)
+    return path
+
+
 def measure_variant(
     name: str,
     env: Mapping[str, str],
@@ -80,10 +88,7 @@ def measure_variant(
     )
     try:
         scenario = scenarios.load_scenario("single-post")
-        keys = [scenarios.ApiKey("demo_client", server.key)]
-        requests_file = workdir / f"{name}-requests.bin"
-        host = server.url.removeprefix("http://")
-        scenarios.write_requests_file(scenarios.build_requests(scenario, keys, host), requests_file)
+        requests_file = single_quote_requests(scenario, server, workdir / f"{name}-requests.bin")
         closed = loadtest.RunConfig(
             server.url,
             scenario.name,
@@ -170,10 +175,7 @@ def measure_floor(rate: float, workdir: Path, args: argparse.Namespace) -> dict[
     server = bench_http.start_baseline(workdir, args.server_cpu, name="raw")
     try:
         scenario = scenarios.load_scenario("single-post")
-        requests_file = workdir / "raw-requests.bin"
-        keys = [scenarios.ApiKey("demo_client", server.key)]
-        host = server.url.removeprefix("http://")
-        scenarios.write_requests_file(scenarios.build_requests(scenario, keys, host), requests_file)
+        requests_file = single_quote_requests(scenario, server, workdir / "raw-requests.bin")
         config = loadtest.RunConfig(
             server.url,
             scenario.name,

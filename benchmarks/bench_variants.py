@@ -42,22 +42,18 @@ from typing import Any
 import bench_http
 from bench_http import (
     DEFAULT_BODIES,
-    GENERATOR_BUSY_PERCENT,
     LUA_SCRIPT,
     QUOTE_PATH,
     ROOT,
-    SERVER_STARVED_PERCENT,
     Driver,
     Run,
     Server,
     check_same_figures,
     cpu_percent,
     format_number,
-    idle_check,
     machine_facts,
     make_target,
     median_or_none,
-    parse_cpu_list,
     parse_proc_stat_cpu,
     ratio,
     start_engine,
@@ -770,15 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 2:
         notes.append("Only one round: no median, a single sample per figure.")
     facts = machine_facts(wrk)
-    measured_cpus = sorted(set(parse_cpu_list(server_cpu or "") + parse_cpu_list(wrk_cpu or ""))) or list(
-        range(os.cpu_count() or 1)
-    )
-    facts["busy_before_start_percent"] = idle_check(measured_cpus, seconds=1.0)
-    if (facts["busy_before_start_percent"] or 0) > 10:
-        notes.append(
-            f"Before starting, CPUs {measured_cpus} were {facts['busy_before_start_percent']:.0f}% busy with "
-            "other work: the figures may be depressed and noisy."
-        )
+    bench_http.note_busy_cpus(facts, server_cpu, wrk_cpu, notes, seconds=1.0)
 
     schema = f"bench_{secrets.token_hex(6)}"
     probe: Probe = Probe()
@@ -922,23 +910,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     invalid = [r for r in runs if not r.result.valid]
     valid = not invalid
-    busy_generator = [r for r in runs if (cpu_percent(r.wrk_cpu_s, r.wall_s) or 0) > GENERATOR_BUSY_PERCENT]
-    if busy_generator:
-        notes.append(
-            f"wrk used more than {GENERATOR_BUSY_PERCENT:.0f}% of its CPU in {len(busy_generator)} run(s): "
-            "the generator may have limited those figures."
-        )
-    starved = [
-        r
-        for r in runs
-        if r.load == "throughput" and (cpu_percent(r.server_cpu_s, r.wall_s) or 0) < SERVER_STARVED_PERCENT
-    ]
-    if starved:
-        notes.append(
-            f"In {len(starved)} throughput run(s) the server used less than {SERVER_STARVED_PERCENT:.0f}% of "
-            "its CPU although wrk kept it busy: other processes competed for that CPU (on this machine "
-            "possibly PostgreSQL or Redis, which are not pinned), so those figures are depressed and noisy."
-        )
+    bench_http.note_run_health(
+        runs, notes, starved_cause="other processes (here possibly PostgreSQL or Redis, not pinned)"
+    )
     for load in ("throughput", "paced"):
         chosen = [r for r in runs if r.load == load and r.extra.get("local_decisions") is not None]
         local = sum(r.extra["local_decisions"] for r in chosen)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bench_http
 import hdr
 import scenarios
 
@@ -423,16 +424,12 @@ def command_scenarios(_args: argparse.Namespace) -> int:
 
 
 def machine_facts() -> dict[str, Any]:
-    facts: dict[str, Any] = {"cpus": os.cpu_count(), "load_average": list(os.getloadavg())}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                facts["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    facts["python"] = sys.version.split()[0]
-    return facts
+    return {
+        "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "cpu_model": bench_http.cpu_model(),
+        "python": sys.version.split()[0],
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

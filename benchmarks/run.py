@@ -649,6 +649,17 @@ def audit_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: 
     return lines
 
 
+def _latency_row(name: str, label: str, summary: Mapping[str, Any]) -> str:
+    lat = summary["latency_ms"]
+    return (
+        f"| {name} | {label} | {format_value(summary['throughput_rps'])} | "
+        + " | ".join(format_value(lat[key]) for key in ("p50", "p90", "p99", "p99.9", "max"))
+        + f" | {format_value(summary['service_ms']['p99'])} "
+        f"| {format_value(summary['generator_cpu_percent'])} % "
+        f"| {format_value(summary['server_cpu_percent'])} % | {summary['bottleneck']} |"
+    )
+
+
 def latency_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
     lines = _problem_lines(error, "Latency at half capacity, open loop (bench_latency.py), and the profile")
     if doc is None:
@@ -670,26 +681,11 @@ def latency_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
             ("capacity", "capacity (closed, c=32)"),
             ("half", f"open at {variant['offered_rps']:.0f}/s"),
         ):
-            summary = variant[load]["summary"]
-            lat = summary["latency_ms"]
-            lines.append(
-                f"| {name} | {label} | {format_value(summary['throughput_rps'])} | "
-                + " | ".join(format_value(lat[key]) for key in ("p50", "p90", "p99", "p99.9", "max"))
-                + f" | {format_value(summary['service_ms']['p99'])} "
-                f"| {format_value(summary['generator_cpu_percent'])} % "
-                f"| {format_value(summary['server_cpu_percent'])} % | {summary['bottleneck']} |"
-            )
+            lines.append(_latency_row(name, label, variant[load]["summary"]))
     floor = doc.get("floor")
     if floor:
-        summary = floor["summary"]
-        lat = summary["latency_ms"]
         lines.append(
-            f"| raw-ASGI floor | open at {floor['offered_rps']:.0f}/s "
-            f"| {format_value(summary['throughput_rps'])} | "
-            + " | ".join(format_value(lat[key]) for key in ("p50", "p90", "p99", "p99.9", "max"))
-            + f" | {format_value(summary['service_ms']['p99'])} "
-            f"| {format_value(summary['generator_cpu_percent'])} % "
-            f"| {format_value(summary['server_cpu_percent'])} % | {summary['bottleneck']} |"
+            _latency_row("raw-ASGI floor", f"open at {floor['offered_rps']:.0f}/s", floor["summary"])
         )
         lines += [
             "",

@@ -17,7 +17,7 @@ from pricer.errors import ClientNotFound, Forbidden
 from pricer.marketdata.service import MarketData
 from pricer.models import Client, FeeType, RateSource
 from pricer.observability.metrics import Metrics
-from pricer.observability.tracing import NO_SPAN, Tracing
+from pricer.observability.tracing import Tracing
 from pricer.pricing.core import PERCENT_PLACES, FeeTerms, Int64Array, price_locates, to_scaled_int
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
 from pricer.schemas import FeeScheduleView
@@ -116,10 +116,7 @@ class Quoter:
             unique = list(slot)
         tracing = self._tracing
         started = time.perf_counter()
-        if tracing.enabled:
-            with tracing.span("market_data", {"tickers": len(unique)}):
-                found = await self._market.ticker_rates(unique, now)
-        else:
+        with tracing.span("market_data", {"tickers": len(unique)}):
             found = await self._market.ticker_rates(unique, now)
         market_seconds = time.perf_counter() - started
         known_rates: list[TickerRate]
@@ -147,14 +144,14 @@ class Quoter:
             input_index = input_index[priced]
         pricing_started = time.perf_counter()
         rows = int(position_cents.shape[0])
-        with tracing.span("pricing", {"positions": rows}) if tracing.enabled else NO_SPAN:
+        with tracing.span("pricing", {"positions": rows}):
             rate_units = np.array([rate.rate_units for rate in known_rates], dtype=np.int64)
             if len(known_rates) > 1 or rate_index.shape[0] > 1:
                 rate_units = rate_units[rate_index]
             fees = price_locates(position_cents, loan_days, rate_units, terms.terms)
         finished = time.perf_counter()
         metrics = self._metrics
-        metrics.calculations["single" if single else "batch"] += int(position_cents.shape[0])
+        metrics.calculations["single" if single else "batch"] += rows
         metrics.observe_calculation(market_seconds + finished - pricing_started)
         fallback_slots = [slot for slot, rate in enumerate(known_rates) if rate.source is RateSource.FALLBACK]
         if fallback_slots:

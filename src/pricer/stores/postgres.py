@@ -672,6 +672,12 @@ _ROW_DTYPE: Final = np.dtype(
 )
 
 
+def _append_row(columns: Sequence[list[Any]], values: Sequence[Any]) -> None:
+    """One value onto each column (the array parameters of the INSERT)."""
+    for column, value in zip(columns, values, strict=True):
+        column.append(value)
+
+
 def _check_batch(batch: PricedBatch) -> None:
     shape = batch.position_cents.shape
     if (
@@ -891,7 +897,7 @@ class PgQuoteStore(_PgStore):
             schedule_key = schedule_keys.get(id(schedule))
             if schedule_key is None:
                 schedule_key = schedule_keys[id(schedule)] = len(schedule_keys)
-                for column, value in zip(
+                _append_row(
                     schedule_columns,
                     (
                         schedule_key,
@@ -900,16 +906,14 @@ class PgQuoteStore(_PgStore):
                         _num(schedule.transaction_amount),
                         schedule.day_count,
                     ),
-                    strict=True,
-                ):
-                    column.append(value)
+                )
             batch_schedule_keys.append(schedule_key)
             keys = []
             for rate in batch.rates:
                 rate_key = rate_keys.get(id(rate))
                 if rate_key is None:
                     rate_key = rate_keys[id(rate)] = len(rate_keys)
-                    for column, value in zip(
+                    _append_row(
                         rate_columns,
                         (
                             rate_key,
@@ -926,9 +930,7 @@ class PgQuoteStore(_PgStore):
                             rate.available_shares,
                             rate.as_of,
                         ),
-                        strict=True,
-                    ):
-                        column.append(value)
+                    )
                 keys.append(rate_key)
             slice_rate_keys.append(keys)
         # Column by column (one comprehension each): most writes are hundreds of one-row batches.
