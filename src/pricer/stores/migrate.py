@@ -65,13 +65,19 @@ def migration_lock_key(schema: str | None) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-async def migrate(dsn: str, *, schema: str | None = None) -> list[str]:
+async def migrate(dsn: str, *, schema: str | None = None, through: str | None = None) -> list[str]:
     """Apply the pending migrations to `schema` (created if missing; default: the first schema of the
     connection's search path) and return the versions applied by this call, in order ([] when the
-    schema was up to date). Safe to run from several processes at once."""
+    schema was up to date). Safe to run from several processes at once. `through` stops after that
+    version (a schema as an older release left it, for upgrade tests)."""
     if schema is not None and not valid_schema_name(schema):
         raise PricerError(f"Schema name {schema!r} is not a plain identifier")
     files = migrations()
+    if through is not None:
+        versions = [migration.version for migration in files]
+        if through not in versions:
+            raise PricerError(f"No migration {through!r} (shipped: {', '.join(versions)})")
+        files = files[: versions.index(through) + 1]
     with translate_errors("migrate"):
         connection = await asyncpg.connect(dsn)
     try:

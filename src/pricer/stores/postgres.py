@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import re
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import asyncpg  # type: ignore[import-untyped]
+import msgspec
 import numpy as np
 
 from pricer.errors import (
@@ -54,7 +56,7 @@ from pricer.models import (
     Stock,
     VolatilityReading,
 )
-from pricer.quotes import PricedBatch, split_quote_id
+from pricer.quotes import PricedBatch, TickerRate, split_quote_id
 from pricer.schemas import Breakdown, FeeScheduleView, QuoteResponse, RateComponents
 from pricer.stores.protocols import Stores
 
@@ -635,41 +637,155 @@ class PgKeyStore(_PgStore):
 
 # ---- quotes (the audit trail) --------------------------------------------------------------------
 
-# The rows of the batches travel by binary COPY into a staging table (temporary, one per connection,
-# emptied at each commit; int8 columns only, so that NumPy builds its COPY stream in one pass and the table
-# has no TOAST relation to truncate at commit). The few per-batch and per-rate values travel as array
-# parameters of the INSERT; floats as their shortest decimal text, cast to NUMERIC once per rate
-# (MATERIALIZED), not once per row; money and rates as integer cents / 1e-8 units, scaled in SQL.
+# The trail is three tables (migration 002): `quote_rows`, one narrow row per priced position;
+# `quote_batches`, one row per priced call; `quote_rates`, one row per rate snapshot, keyed by a digest of
+# its contents. Rows go by binary COPY straight into `quote_rows`: all their fields are fixed-width (uuid,
+# int8, int4, and NUMERIC sent with a fixed number of base-10000 digits, which the server normalises), so
+# NumPy builds the whole stream as one structured array. Batches, fee schedules and rates go as array
+# parameters of one INSERT; floats as their shortest decimal text, money and rates as integer cents / 1e-8
+# units, scaled in SQL.
+_INSERT_BATCHES = """
+WITH s AS MATERIALIZED (
+    SELECT * FROM unnest($6::int8[], $7::numeric[], $8::text[], $9::numeric[], $10::int4[])
+        AS s (schedule_key, markup_percentage, transaction_fee_type, transaction_amount, day_count)
+), rates AS (
+    INSERT INTO quote_rates (rate_id, ticker, borrow_rate, base_rate, volatility_index, volatility_adjustment,
+                             event_risk_factor, event_adjustment, min_rate, borrow_status, rate_source,
+                             available_shares, rate_as_of)
+    SELECT rate_id, ticker, rate_units * 0.00000001, base_rate, volatility_index, volatility_adjustment,
+           event_risk_factor, event_adjustment, min_rate_units * 0.00000001, borrow_status, rate_source,
+           available_shares, rate_as_of
+    FROM unnest($11::uuid[], $12::text[], $13::int8[], $14::numeric[], $15::numeric[], $16::numeric[],
+                $17::int2[], $18::numeric[], $19::int8[], $20::text[], $21::text[], $22::int8[],
+                $23::timestamptz[])
+        AS x (rate_id, ticker, rate_units, base_rate, volatility_index, volatility_adjustment,
+              event_risk_factor, event_adjustment, min_rate_units, borrow_status, rate_source,
+              available_shares, rate_as_of)
+    ON CONFLICT (rate_id) DO NOTHING
+)
+INSERT INTO quote_batches (batch_id, calculated_at, request_id, client_id, key_id, markup_percentage,
+                           transaction_fee_type, transaction_amount, day_count)
+SELECT b.batch_id, b.calculated_at, b.request_id, b.client_id, b.key_id, s.markup_percentage,
+       s.transaction_fee_type, s.transaction_amount, s.day_count
+FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $24::int8[])
+    AS b (batch_id, calculated_at, request_id, client_id, key_id, schedule_key)
+JOIN s ON s.schedule_key = b.schedule_key
+"""
+# A plain INSERT (and a plain COPY) is about twice as fast as one with ON CONFLICT (no speculative
+# insertion); a write fails on an existing id only when it is a replay or another replica wrote the same
+# batch at the same time, and then it is done again with these.
+_SKIP_EXISTING = "ON CONFLICT (batch_id) DO NOTHING\n"
 _STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rows (
-    b int8, row_index int8, input_index int8, rate_key int8, position_cents int8, loan_days int8,
-    borrow_cost int8, markup int8, transaction_fees int8, total_fee int8
-) ON COMMIT DELETE ROWS
+CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rows (LIKE quote_rows) ON COMMIT DELETE ROWS
+"""
+_MERGE_STAGED = """
+INSERT INTO quote_rows SELECT * FROM pricer_stage_quote_rows ON CONFLICT (quote_id) DO NOTHING
 """
 
-_ROW_COLUMNS = (
-    "b",
-    "row_index",
+_SELECT_QUOTE = """SELECT
+    r.ticker, b.client_id, q.position_value::float8, q.loan_days,
+    b.markup_percentage::float8, b.transaction_fee_type, b.transaction_amount::float8, b.day_count,
+    q.total_fee::float8, q.borrow_cost::float8, q.markup::float8, q.transaction_fees::float8,
+    r.borrow_rate::float8, r.base_rate::float8, r.volatility_index::float8, r.volatility_adjustment::float8,
+    r.event_risk_factor, r.event_adjustment::float8, r.min_rate::float8, r.borrow_status, r.rate_source,
+    r.rate_as_of, b.calculated_at
+FROM quote_rows q
+JOIN quote_batches b ON b.batch_id = $2::uuid
+JOIN quote_rates r ON r.rate_id = q.rate_id
+WHERE q.quote_id = $1::uuid
+"""
+
+_ROW_COLUMNS: Final = (
+    "quote_id",
     "input_index",
-    "rate_key",
-    "position_cents",
+    "rate_id",
     "loan_days",
+    "position_value",
     "borrow_cost",
     "markup",
     "transaction_fees",
     "total_fee",
 )
+# quote_rows' money columns and the PricedBatch columns (cents) they hold.
+_MONEY_COLUMNS: Final = (
+    ("position_value", "position_cents"),
+    ("borrow_cost", "borrow_cost"),
+    ("markup", "markup"),
+    ("transaction_fees", "transaction_fees"),
+    ("total_fee", "total_fee"),
+)
 
 # PostgreSQL's binary COPY format (https://www.postgresql.org/docs/current/sql-copy.html): a signature,
 # flags and header-extension length, then per tuple an int16 field count and, per field, an int32 length
-# followed by the value (big-endian), and an int16 -1 trailer. All row fields are int8, so a tuple is a
-# fixed-size record and a whole batch is one NumPy structured array.
+# followed by the value (big-endian), and an int16 -1 trailer. A NUMERIC value is int16 ndigits, weight,
+# sign and display scale, then ndigits base-10000 digits, most significant first; leading and trailing
+# zero digits are allowed. Money is sent as 4 integer digits and 1 fractional one (cents * 100): up to
+# 10^16 - 1 units, beyond what the columns accept (the server rejects a value over their precision).
 _COPY_SIGNATURE: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 _COPY_TRAILER: Final = b"\xff\xff"
+_MONEY_DIGITS: Final = 5
+_MONEY_LIMIT_CENTS: Final = 10 ** (4 * (_MONEY_DIGITS - 1)) * 100
+_NUMERIC_NEGATIVE: Final = 0x4000
+
+
+def _field(name: str, dtype: Any) -> list[tuple[Any, ...]]:
+    return [(f"{name}_length", ">i4"), (name, dtype)]
+
+
 _ROW_DTYPE: Final = np.dtype(
     [("fields", ">i2")]
-    + [item for name in _ROW_COLUMNS for item in ((f"{name}_length", ">i4"), (name, ">i8"))]
+    + _field("quote_id", "V16")
+    + _field("input_index", ">i8")
+    + _field("rate_id", "V16")
+    + _field("loan_days", ">i4")
+    + [
+        item
+        for name, _ in _MONEY_COLUMNS
+        for item in (
+            (f"{name}_length", ">i4"),
+            (f"{name}_ndigits", ">i2"),
+            (f"{name}_weight", ">i2"),
+            (f"{name}_sign", ">u2"),
+            (f"{name}_dscale", ">i2"),
+            (f"{name}_digits", ">i2", (_MONEY_DIGITS,)),
+        )
+    ]
 )
+
+
+def _row_template() -> np.ndarray[Any, Any]:
+    """One tuple with every field that is the same in all tuples filled in."""
+    template = np.zeros(1, dtype=_ROW_DTYPE)
+    template["fields"] = len(_ROW_COLUMNS)
+    template["quote_id_length"] = 16
+    template["input_index_length"] = 8
+    template["rate_id_length"] = 16
+    template["loan_days_length"] = 4
+    for name, _ in _MONEY_COLUMNS:
+        template[f"{name}_length"] = 8 + 2 * _MONEY_DIGITS
+        template[f"{name}_ndigits"] = _MONEY_DIGITS
+        template[f"{name}_weight"] = _MONEY_DIGITS - 2
+        template[f"{name}_dscale"] = 2
+    return template
+
+
+_ROW_TEMPLATE: Final = _row_template()
+
+
+def _money_digits(cents: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """(sign, base-10000 digits) of amounts in cents, as a NUMERIC with 2 decimals."""
+    magnitude = np.abs(cents)
+    if magnitude.size and int(magnitude.max()) >= _MONEY_LIMIT_CENTS:
+        raise ValueError(
+            f"an amount of {int(magnitude.max()) / 100:.2f} is beyond what the audit trail holds"
+        )
+    digits = np.empty((cents.shape[0], _MONEY_DIGITS), dtype=np.int64)
+    digits[:, -1] = magnitude % 100 * 100
+    whole = magnitude // 100
+    for place in range(_MONEY_DIGITS - 2, -1, -1):
+        digits[:, place] = whole % 10_000
+        whole //= 10_000
+    return np.where(cents < 0, _NUMERIC_NEGATIVE, 0), digits
 
 
 def _append_row(columns: Sequence[list[Any]], values: Sequence[Any]) -> None:
@@ -729,47 +845,50 @@ def _split_rows(batches: Sequence[PricedBatch], parts: int) -> list[list[tuple[P
 
 # A write of fewer rows per connection than this stays on one connection (one transaction).
 PARALLEL_WRITE_ROWS: Final = 20_000
-_ROW_VALUE_COLUMNS = (
-    "input_index",
-    "position_cents",
-    "loan_days",
-    "borrow_cost",
-    "markup",
-    "transaction_fees",
-    "total_fee",
-)
 
 
-def _binary_rows(slices: Sequence[tuple[PricedBatch, int, int]], rate_keys: Sequence[Sequence[int]]) -> bytes:
-    """Rows start:stop of each batch as binary COPY tuples of `pricer_stage_quote_rows` (without the
-    framing), built column-wise in one array: the audit trail mostly writes many one-row batches.
-    `rate_keys[i]` maps slice i's rate indexes to the write's rate keys."""
+def _binary_rows(
+    slices: Sequence[tuple[PricedBatch, int, int]], rate_ids: Mapping[int, Sequence[bytes]]
+) -> bytes:
+    """Rows start:stop of each batch as binary COPY tuples of `quote_rows` (without the framing), built
+    column-wise in one array: the audit trail mostly writes many one-row batches. `rate_ids[id(batch)]`
+    are the ids of the batch's rates."""
     sizes = [stop - start for _, start, stop in slices]
     total = sum(sizes)
     tuples = np.empty(total, dtype=_ROW_DTYPE)
-    tuples["fields"] = len(_ROW_COLUMNS)
-    for name in _ROW_COLUMNS:
-        tuples[f"{name}_length"] = 8
+    tuples[:] = _ROW_TEMPLATE[0]
+    prefixes = np.frombuffer(
+        b"".join([bytes.fromhex(batch.batch_id) for batch, _, _ in slices]), dtype=np.uint8
+    ).reshape(len(slices), 12)
+    quote_ids = np.empty((total, 16), dtype=np.uint8)
     if total == len(slices):
-        tuples["b"] = np.arange(total, dtype=np.int64)
-        tuples["row_index"] = [start for _, start, _ in slices]
-        tuples["rate_key"] = [
-            keys[int(batch.rate_index[start])]
-            for (batch, start, _), keys in zip(slices, rate_keys, strict=True)
-        ]
-    else:
-        tuples["b"] = np.repeat(np.arange(len(slices), dtype=np.int64), sizes)
-        tuples["row_index"] = np.concatenate(
-            [np.arange(start, stop, dtype=np.int64) for _, start, stop in slices]
+        quote_ids[:, :12] = prefixes
+        row_index = np.array([start for _, start, _ in slices], dtype=">u4")
+        tuples["rate_id"] = np.frombuffer(
+            b"".join([rate_ids[id(batch)][batch.rate_index[start]] for batch, start, _ in slices]),
+            dtype="V16",
         )
-        tuples["rate_key"] = np.concatenate(
+    else:
+        quote_ids[:, :12] = np.repeat(prefixes, sizes, axis=0)
+        row_index = np.concatenate(
+            [np.arange(start, stop, dtype=np.int64) for _, start, stop in slices]
+        ).astype(">u4")
+        tuples["rate_id"] = np.concatenate(
             [
-                np.asarray(keys, dtype=np.int64)[batch.rate_index[start:stop]]
-                for (batch, start, stop), keys in zip(slices, rate_keys, strict=True)
+                np.frombuffer(b"".join(rate_ids[id(batch)]), dtype="V16")[batch.rate_index[start:stop]]
+                for batch, start, stop in slices
             ]
         )
-    for name in _ROW_VALUE_COLUMNS:
-        tuples[name] = np.concatenate([getattr(batch, name)[start:stop] for batch, start, stop in slices])
+    quote_ids[:, 12:] = row_index.view(np.uint8).reshape(total, 4)
+    tuples["quote_id"] = quote_ids.view("V16").reshape(total)
+
+    def column(attribute: str) -> np.ndarray[Any, Any]:
+        return np.concatenate([getattr(batch, attribute)[start:stop] for batch, start, stop in slices])
+
+    tuples["input_index"] = column("input_index")
+    tuples["loan_days"] = column("loan_days")
+    for name, attribute in _MONEY_COLUMNS:
+        tuples[f"{name}_sign"], tuples[f"{name}_digits"] = _money_digits(column(attribute))
     return tuples.tobytes()
 
 
@@ -778,121 +897,32 @@ async def _chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
         yield part
 
 
-_INSERT_STAGED = """
-WITH b AS MATERIALIZED (
-    SELECT * FROM unnest($1::int8[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
-                         $7::int8[])
-        AS b (b, batch_id, calculated_at, request_id, client_id, key_id, schedule_key)
-), s AS MATERIALIZED (
-    SELECT * FROM unnest($8::int8[], $9::numeric[], $10::text[], $11::numeric[], $12::int4[])
-        AS s (schedule_key, markup_percentage, transaction_fee_type, transaction_amount, day_count)
-), x AS MATERIALIZED (
-    SELECT rate_key, ticker, rate_units * 0.00000001 AS borrow_rate, base_rate, volatility_index,
-           volatility_adjustment, event_risk_factor, event_adjustment,
-           min_rate_units * 0.00000001 AS min_rate, borrow_status, rate_source, available_shares, rate_as_of
-    FROM unnest($13::int8[], $14::text[], $15::int8[], $16::numeric[], $17::numeric[], $18::numeric[],
-                $19::int2[], $20::numeric[], $21::int8[], $22::text[], $23::text[], $24::int8[],
-                $25::timestamptz[])
-        AS x (rate_key, ticker, rate_units, base_rate, volatility_index, volatility_adjustment,
-              event_risk_factor, event_adjustment, min_rate_units, borrow_status, rate_source,
-              available_shares, rate_as_of)
-)
-INSERT INTO quotes (
-    quote_id, batch_id, row_index, input_index, calculated_at, request_id, client_id, key_id, ticker,
-    position_value, loan_days, markup_percentage, transaction_fee_type, transaction_amount, day_count,
-    borrow_rate, base_rate, volatility_index, volatility_adjustment, event_risk_factor, event_adjustment,
-    min_rate, borrow_status, rate_source, available_shares, rate_as_of,
-    borrow_cost, markup, transaction_fees, total_fee)
-SELECT
-    b.batch_id || lpad(to_hex(r.row_index), 8, '0'), b.batch_id, r.row_index, r.input_index, b.calculated_at,
-    b.request_id, b.client_id, b.key_id, x.ticker,
-    r.position_cents * 0.01, r.loan_days, s.markup_percentage, s.transaction_fee_type,
-    s.transaction_amount, s.day_count,
-    x.borrow_rate, x.base_rate, x.volatility_index, x.volatility_adjustment, x.event_risk_factor,
-    x.event_adjustment, x.min_rate, x.borrow_status, x.rate_source, x.available_shares, x.rate_as_of,
-    r.borrow_cost * 0.01, r.markup * 0.01, r.transaction_fees * 0.01, r.total_fee * 0.01
-FROM pricer_stage_quote_rows r
-JOIN b ON b.b = r.b
-JOIN s ON s.schedule_key = b.schedule_key
-JOIN x ON x.rate_key = r.rate_key
-"""
-# A plain INSERT is about twice as fast as one with ON CONFLICT (no speculative insertion); batches are
-# written whole in one transaction, so the plain one fails only when some batch is already there (a replay,
-# or another replica writing it at the same time), and then the merge runs instead.
-_MERGE_STAGED = _INSERT_STAGED + "ON CONFLICT (quote_id) DO NOTHING\n"
-
-_SELECT_QUOTE = """SELECT
-    quote_id, ticker, client_id, position_value::float8, loan_days,
-    markup_percentage::float8, transaction_fee_type, transaction_amount::float8, day_count,
-    total_fee::float8, borrow_cost::float8, markup::float8, transaction_fees::float8, borrow_rate::float8,
-    base_rate::float8, volatility_index::float8, volatility_adjustment::float8, event_risk_factor,
-    event_adjustment::float8, min_rate::float8, borrow_status, rate_source, rate_as_of, calculated_at
-FROM quotes WHERE quote_id = $1
-"""
+_RATE_ENCODER: Final = msgspec.msgpack.Encoder()
 
 
-class PgQuoteStore(_PgStore):
-    """The audit trail: one `quotes` row per priced position, written with COPY into per-connection staging
-    tables and inserted from there (`ON CONFLICT (quote_id) DO NOTHING` when some rows already exist), so
-    writing a batch again (a replay after an outage) adds nothing.
+def rate_id(rate: TickerRate) -> bytes:
+    """The `quote_rates` key of a rate snapshot: a 128-bit digest of everything it holds."""
+    return hashlib.blake2b(_RATE_ENCODER.encode(rate), digest_size=16).digest()
 
-    A batch's rows are found by `quote_id LIKE '<batch_id>%'` (the primary key serves it)."""
 
-    def __init__(self, pool: Any, *, write_connections: int = 2) -> None:
-        super().__init__(pool)
-        self._write_connections = max(1, write_connections)
+class _Write:
+    """What one write sends besides the rows: the batches, their fee schedules and their rates as array
+    parameters of `_INSERT_BATCHES`, and, per batch, the ids of its rates (which its rows carry)."""
 
-    async def add(self, batch: PricedBatch) -> None:
-        """Record every position of the batch; readable through `get` (on every replica) once this returns."""
-        await self.add_many([batch])
+    __slots__ = ("arguments", "rate_ids")
 
-    async def write(self, batches: Sequence[PricedBatch]) -> None:
-        """`add_many` in the shape of `pricer.audit.QuoteSink` (the background writer's sink)."""
-        await self.add_many(batches)
-
-    async def add_many(self, batches: Iterable[PricedBatch]) -> int:
-        """Record every position of the batches; the number of rows that were new.
-
-        Up to `PARALLEL_WRITE_ROWS` rows per connection go in one transaction. A larger write is cut
-        into row ranges written at once over `write_connections` connections (each its own
-        transaction): PostgreSQL's side of a write is CPU-bound, so a 10^5-row batch spreads over the
-        database's cores. If one part fails, the caller writes everything again (the audit trail's spool
-        does) and the parts already in are skipped by quote id. A batch whose columns are inconsistent
-        (lengths, a rate index out of range) raises ValueError before anything is written."""
-        kept: list[PricedBatch] = []
-        seen: set[str] = set()
-        for batch in batches:
-            if batch.size == 0 or batch.batch_id in seen:
-                continue
-            seen.add(batch.batch_id)
-            _check_batch(batch)
-            kept.append(batch)
-        if not kept:
-            return 0
-        _check_rate_indexes(kept)
-        total = sum(batch.size for batch in kept)
-        parts = min(self._write_connections, total // PARALLEL_WRITE_ROWS)
-        if parts <= 1:
-            return await self._write([(batch, 0, batch.size) for batch in kept])
-        outcomes = await asyncio.gather(
-            *(self._write(group) for group in _split_rows(kept, parts)), return_exceptions=True
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return sum(outcome for outcome in outcomes if isinstance(outcome, int))
-
-    async def _write(self, slices: Sequence[tuple[PricedBatch, int, int]]) -> int:
-        """Rows start:stop of each batch, in one transaction."""
+    def __init__(
+        self, batches: Sequence[PricedBatch], known_rate_ids: dict[int, tuple[TickerRate, bytes]]
+    ) -> None:
         schedule_columns: list[list[Any]] = [[] for _ in range(5)]
         rate_columns: list[list[Any]] = [[] for _ in range(13)]
         # Fee schedules and rates are shared by many batches (one per client, one per ticker and cache
-        # period): each travels once per write under a key, and rows name their rate by that key.
+        # period): each travels once per write, and batches name their schedule by a key.
         schedule_keys: dict[int, int] = {}
-        rate_keys: dict[int, int] = {}
-        slice_rate_keys: list[list[int]] = []
+        written_rates: set[bytes] = set()
         batch_schedule_keys: list[int] = []
-        for batch, _start, _stop in slices:
+        self.rate_ids: dict[int, list[bytes]] = {}
+        for batch in batches:
             schedule = batch.fee_schedule
             schedule_key = schedule_keys.get(id(schedule))
             if schedule_key is None:
@@ -908,72 +938,163 @@ class PgQuoteStore(_PgStore):
                     ),
                 )
             batch_schedule_keys.append(schedule_key)
-            keys = []
+            ids = self.rate_ids[id(batch)] = []
             for rate in batch.rates:
-                rate_key = rate_keys.get(id(rate))
-                if rate_key is None:
-                    rate_key = rate_keys[id(rate)] = len(rate_keys)
-                    _append_row(
-                        rate_columns,
-                        (
-                            rate_key,
-                            rate.ticker,
-                            rate.rate_units,
-                            _num(rate.base_rate),
-                            _num(rate.volatility_index),
-                            _num(rate.volatility_adjustment),
-                            rate.event_risk_factor,
-                            _num(rate.event_adjustment),
-                            rate.min_rate_units,
-                            str(rate.borrow_status),
-                            str(rate.source),
-                            rate.available_shares,
-                            rate.as_of,
-                        ),
-                    )
-                keys.append(rate_key)
-            slice_rate_keys.append(keys)
-        # Column by column (one comprehension each): most writes are hundreds of one-row batches.
-        batch_columns: list[list[Any]] = [
-            list(range(len(slices))),
-            [batch.batch_id for batch, _, _ in slices],
-            [batch.calculated_at for batch, _, _ in slices],
-            [batch.request_id for batch, _, _ in slices],
-            [batch.client_id for batch, _, _ in slices],
-            [batch.key_id for batch, _, _ in slices],
-            batch_schedule_keys,
-        ]
-        row_parts = [_COPY_SIGNATURE, _binary_rows(slices, slice_rate_keys), _COPY_TRAILER]
-        with translate_errors("quotes.add"):
-            async with self._pool.acquire() as connection, connection.transaction():
-                await connection.execute(_STAGING)
-                await connection.copy_to_table(
-                    "pricer_stage_quote_rows",
-                    source=_chunks(row_parts),
-                    columns=_ROW_COLUMNS,
-                    format="binary",
+                known = known_rate_ids.get(id(rate))
+                if known is None or known[0] is not rate:
+                    known = known_rate_ids[id(rate)] = (rate, rate_id(rate))
+                digest = known[1]
+                ids.append(digest)
+                if digest in written_rates:
+                    continue
+                written_rates.add(digest)
+                _append_row(
+                    rate_columns,
+                    (
+                        digest.hex(),
+                        rate.ticker,
+                        rate.rate_units,
+                        _num(rate.base_rate),
+                        _num(rate.volatility_index),
+                        _num(rate.volatility_adjustment),
+                        rate.event_risk_factor,
+                        _num(rate.event_adjustment),
+                        rate.min_rate_units,
+                        str(rate.borrow_status),
+                        str(rate.source),
+                        rate.available_shares,
+                        rate.as_of,
+                    ),
                 )
+        if len(rate_columns[0]) > 1:
+            # In digest order: two writers inserting the same new rates lock them in the same order.
+            order = sorted(range(len(rate_columns[0])), key=rate_columns[0].__getitem__)
+            rate_columns = [[column[i] for i in order] for column in rate_columns]
+        # Column by column (one comprehension each): most writes are hundreds of one-row batches.
+        self.arguments = (
+            [batch.batch_id + "00000000" for batch in batches],
+            [batch.calculated_at for batch in batches],
+            [batch.request_id for batch in batches],
+            [batch.client_id for batch in batches],
+            [batch.key_id for batch in batches],
+            *schedule_columns,
+            *rate_columns,
+            batch_schedule_keys,
+        )
+
+    def rows(self, slices: Sequence[tuple[PricedBatch, int, int]]) -> list[bytes]:
+        """The binary COPY stream of rows start:stop of each batch."""
+        return [_COPY_SIGNATURE, _binary_rows(slices, self.rate_ids), _COPY_TRAILER]
+
+
+class PgQuoteStore(_PgStore):
+    """The audit trail: one `quote_rows` row per priced position, its batch in `quote_batches` and its rate
+    in `quote_rates` (migration 002; the view `quotes` joins them). Rows are COPYed straight into
+    `quote_rows`; writing a batch again (a replay after an outage) adds nothing: a write that meets an
+    existing id is done again with `ON CONFLICT DO NOTHING` (rows through a staging table)."""
+
+    def __init__(self, pool: Any, *, write_connections: int = 2) -> None:
+        super().__init__(pool)
+        self._write_connections = max(1, write_connections)
+        # Rate digests by rate object: the rate cache hands out the same TickerRate for many quotes.
+        self._rate_ids: dict[int, tuple[TickerRate, bytes]] = {}
+
+    async def add(self, batch: PricedBatch) -> None:
+        """Record every position of the batch; readable through `get` (on every replica) once this returns."""
+        await self.add_many([batch])
+
+    async def write(self, batches: Sequence[PricedBatch]) -> None:
+        """`add_many` in the shape of `pricer.audit.QuoteSink` (the background writer's sink)."""
+        await self.add_many(batches)
+
+    async def add_many(self, batches: Iterable[PricedBatch]) -> int:
+        """Record every position of the batches; the number of rows that were new.
+
+        Up to `PARALLEL_WRITE_ROWS` rows per connection go in one transaction. A larger write records
+        its batches and rates first, then its rows, cut into ranges written at once over
+        `write_connections` connections (each its own transaction): PostgreSQL's side of a write is
+        CPU-bound, so a 10^5-row batch spreads over the database's cores. If one part fails, the caller
+        writes everything again (the audit trail's spool does) and what is already in is skipped. A batch
+        whose columns are inconsistent (lengths, a rate index out of range) raises ValueError before
+        anything is written."""
+        kept: list[PricedBatch] = []
+        seen: set[str] = set()
+        for batch in batches:
+            if batch.size == 0 or batch.batch_id in seen:
+                continue
+            seen.add(batch.batch_id)
+            _check_batch(batch)
+            kept.append(batch)
+        if not kept:
+            return 0
+        # In id order: two writers of the same batches (replicas replaying at once) then take the row
+        # locks in the same order, and one waits for the other instead of both deadlocking.
+        kept.sort(key=lambda batch: batch.batch_id)
+        _check_rate_indexes(kept)
+        if len(self._rate_ids) > 65_536:
+            self._rate_ids.clear()
+        write = _Write(kept, self._rate_ids)
+        total = sum(batch.size for batch in kept)
+        parts = min(self._write_connections, total // PARALLEL_WRITE_ROWS)
+        if parts <= 1:
+            return await self._write(write, [(batch, 0, batch.size) for batch in kept], batches=True)
+        await self._write(write, [], batches=True)
+        outcomes = await asyncio.gather(
+            *(self._write(write, group, batches=False) for group in _split_rows(kept, parts)),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sum(outcome for outcome in outcomes if isinstance(outcome, int))
+
+    async def _write(
+        self, write: _Write, slices: Sequence[tuple[PricedBatch, int, int]], *, batches: bool
+    ) -> int:
+        """The write's batches and rates (when `batches`) and rows start:stop of each slice, in one
+        transaction; the number of rows that were new."""
+        rows = write.rows(slices) if slices else None
+        with translate_errors("quotes.add"):
+            async with self._pool.acquire() as connection:
                 try:
-                    async with connection.transaction():  # a savepoint
-                        status = await connection.execute(
-                            _INSERT_STAGED, *batch_columns, *schedule_columns, *rate_columns
-                        )
+                    async with connection.transaction():
+                        return await self._send(connection, write, rows, batches=batches, merge=False)
                 except asyncpg.UniqueViolationError:
-                    status = await connection.execute(
-                        _MERGE_STAGED, *batch_columns, *schedule_columns, *rate_columns
-                    )
+                    async with connection.transaction():
+                        return await self._send(connection, write, rows, batches=batches, merge=True)
+
+    @staticmethod
+    async def _send(
+        connection: Any, write: _Write, rows: list[bytes] | None, *, batches: bool, merge: bool
+    ) -> int:
+        if batches:
+            await connection.execute(
+                _INSERT_BATCHES + _SKIP_EXISTING if merge else _INSERT_BATCHES, *write.arguments
+            )
+        if rows is None:
+            return 0
+        if not merge:
+            status = await connection.copy_to_table(
+                "quote_rows", source=_chunks(rows), columns=_ROW_COLUMNS, format="binary"
+            )
+        else:
+            await connection.execute(_STAGING)
+            await connection.copy_to_table(
+                "pricer_stage_quote_rows", source=_chunks(rows), columns=_ROW_COLUMNS, format="binary"
+            )
+            status = await connection.execute(_MERGE_STAGED)
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def get(self, quote_id: str) -> QuoteResponse | None:
         """The quote as priced (a batch row in the single-quote shape), or None."""
-        if split_quote_id(quote_id) is None:
+        parts = split_quote_id(quote_id)
+        if parts is None:
             return None
         with translate_errors("quotes.get"):
-            row = await self._pool.fetchrow(_SELECT_QUOTE, quote_id)
+            row = await self._pool.fetchrow(_SELECT_QUOTE, quote_id, parts[0] + "00000000")
         if row is None:
             return None
         (
-            stored_id,
             ticker,
             client_id,
             position_value,
@@ -1000,7 +1121,7 @@ class PgQuoteStore(_PgStore):
         ) = row
         source = RateSource(rate_source)
         return QuoteResponse(
-            quote_id=str(stored_id),
+            quote_id=quote_id,
             ticker=str(ticker),
             client_id=str(client_id),
             position_value=_float(position_value),
