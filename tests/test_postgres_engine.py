@@ -37,6 +37,7 @@ import httpx
 import pytest
 import redis
 
+from pricer.stores.migrate import migrations
 from pricer.stores.postgres import quote_identifier
 from tests.conftest import RunningServer, free_port, stop_server, wait_for_health
 from tests.pg import PG_DSN, drop_schema, new_schema_name
@@ -722,13 +723,19 @@ async def test_two_migrations_at_once_make_one_schema(fresh_schema: dict[str, st
         schemas = await connection.fetchval(
             "SELECT count(*) FROM pg_namespace WHERE nspname = $1", fresh_schema["DATABASE_SCHEMA"]
         )
-        tables = await connection.fetchval(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = 'quotes'",
+        tables = await connection.fetch(
+            "SELECT table_name, table_type FROM information_schema.tables WHERE table_schema = $1"
+            " AND table_name LIKE 'quote%' ORDER BY table_name",
             fresh_schema["DATABASE_SCHEMA"],
         )
-    assert versions == ["001_initial"]
+    assert versions == [migration.version for migration in migrations()]
     assert schemas == 1
-    assert tables == 1
+    assert [tuple(row) for row in tables] == [
+        ("quote_batches", "BASE TABLE"),
+        ("quote_rates", "BASE TABLE"),
+        ("quote_rows", "BASE TABLE"),
+        ("quotes", "VIEW"),
+    ]
 
 
 async def test_check_db(fresh_schema: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import AsyncIterator, Sequence
+from decimal import Decimal
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -481,7 +482,10 @@ async def test_migrations_are_idempotent() -> None:
             "volatility_readings",
             "market_events",
             "api_keys",
-            "quotes",
+            "quote_batches",
+            "quote_rates",
+            "quote_rows",
+            "quotes",  # a view since 002
         } <= tables
 
 
@@ -672,6 +676,179 @@ async def test_a_large_write_is_split_over_connections_exactly_once() -> None:
                 got = await stores.quotes.get(batch.quote_id(row))
                 assert got is not None
                 assert encoded(got) == encoded(batch.quote_response(row))
+
+
+async def test_concurrent_writes_of_the_same_batches_record_each_row_once() -> None:
+    """Two replicas replaying the same spool at once: both meet the other's rows, neither fails, and
+    together they report every row new exactly once."""
+    batches = [make_batch(size, seed=size) for size in (1, 3, 250, 1, 40)]
+    total = sum(batch.size for batch in batches)
+    async with pg_stores(max_size=6) as (stores, pool, _dsn, _schema):
+        first, second = PgQuoteStore(pool), PgQuoteStore(pool)
+        for _ in range(5):
+            counts = await asyncio.gather(
+                first.add_many(batches), second.add_many(list(reversed(batches))), first.add_many(batches)
+            )
+            assert sum(counts) in (total, 0)
+        assert await _table_count(pool, "SELECT count(*) FROM quote_rows") == total
+        assert await _table_count(pool, "SELECT count(*) FROM quote_batches") == len(batches)
+        for batch in batches:
+            assert await stores.quotes.get(batch.quote_id(batch.size - 1)) == batch.quote_response(
+                batch.size - 1
+            )
+
+
+async def test_a_rate_snapshot_is_stored_once_however_many_quotes_use_it() -> None:
+    async with pg_stores() as (stores, pool, _dsn, _schema):
+        one_replica, another = PgQuoteStore(pool), PgQuoteStore(pool)
+        # Equal snapshots that are different objects (two replicas, or a replay from the spool).
+        copies = [msgspec.structs.replace(rate) for rate in MIXED_RATES]
+        await one_replica.add_many([make_batch(50, seed=n) for n in range(3)])
+        await another.add_many([make_batch(1, rates=[copies[n % 5]], seed=n) for n in range(20)])
+        assert await _table_count(pool, "SELECT count(*) FROM quote_rates") == len(MIXED_RATES)
+        # A snapshot differing in any field is another row; every quote reads back its own.
+        later = msgspec.structs.replace(MIXED_RATES[0], as_of=T0 + dt.timedelta(microseconds=1))
+        riskier = msgspec.structs.replace(MIXED_RATES[0], event_risk_factor=1)
+        batches = [make_batch(2, rates=[rate], seed=9) for rate in (MIXED_RATES[0], later, riskier)]
+        await one_replica.add_many(batches)
+        assert await _table_count(pool, "SELECT count(*) FROM quote_rates") == len(MIXED_RATES) + 2
+        for batch in batches:
+            assert await stores.quotes.get(batch.quote_id(1)) == batch.quote_response(1)
+
+
+def _numeric_value(sign: int, digits: Sequence[int]) -> Decimal:
+    """A NUMERIC's value from its binary fields, as the server reads them (weight 3, 5 digits)."""
+    magnitude = sum(Decimal(digit) * Decimal(10_000) ** (3 - place) for place, digit in enumerate(digits))
+    return -magnitude if sign == 0x4000 else magnitude
+
+
+@given(st.lists(st.integers(min_value=-(10**18) + 1, max_value=10**18 - 1), min_size=1, max_size=20))
+def test_money_goes_to_copy_as_its_exact_numeric(cents: list[int]) -> None:
+    from pricer.stores.postgres import _money_digits
+
+    signs, digits = _money_digits(np.array(cents, dtype=np.int64))
+    for amount, sign, row in zip(cents, signs.tolist(), digits.tolist(), strict=True):
+        assert all(0 <= digit < 10_000 for digit in row)
+        assert _numeric_value(sign, row) == Decimal(amount) / 100
+
+
+def test_money_beyond_the_audit_columns_is_refused_before_writing() -> None:
+    from pricer.stores.postgres import _money_digits
+
+    for cents in (10**18, -(10**18), np.iinfo(np.int64).max):
+        with pytest.raises(ValueError, match="beyond what the audit trail holds"):
+            _money_digits(np.array([0, cents], dtype=np.int64))
+
+
+async def test_an_amount_the_column_cannot_hold_is_rejected_and_nothing_is_written() -> None:
+    async with pg_stores() as (_stores, pool, _dsn, _schema):
+        good, bad = make_batch(5, seed=1), make_batch(5, seed=2)
+        bad.total_fee[3] = 10**18 - 1  # fits the wire format, not numeric(16, 2)
+        with pytest.raises(InvalidParameter):
+            await PgQuoteStore(pool).add_many([good, bad])
+        assert await _table_count(pool, "SELECT count(*) FROM quote_rows") == 0
+        assert await _table_count(pool, "SELECT count(*) FROM quote_batches") == 0
+
+
+_OLD_LAYOUT_INSERT = """
+INSERT INTO quotes (quote_id, batch_id, row_index, input_index, calculated_at, request_id, client_id, key_id,
+    ticker, position_value, loan_days, markup_percentage, transaction_fee_type, transaction_amount,
+    day_count, borrow_rate, base_rate, volatility_index, volatility_adjustment, event_risk_factor,
+    event_adjustment, min_rate, borrow_status, rate_source, available_shares, rate_as_of, borrow_cost,
+    markup, transaction_fees, total_fee, stored_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::numeric, $11, $12::numeric, $13, $14::numeric, $15,
+    $16::numeric, $17::numeric, $18::numeric, $19::numeric, $20, $21::numeric, $22::numeric, $23, $24, $25,
+    $26, $27::numeric, $28::numeric, $29::numeric, $30::numeric, $31)
+"""
+
+
+def _old_layout_rows(batch: PricedBatch) -> list[tuple[Any, ...]]:
+    """The batch's rows as migration 001's `quotes` table held them (money as exact decimal text)."""
+    rows = []
+    for row in range(batch.size):
+        rate = batch.rates[int(batch.rate_index[row])]
+
+        def money(column: np.ndarray[Any, Any], row: int = row) -> str:
+            return str(Decimal(int(column[row])) / 100)
+
+        rows.append(
+            (
+                batch.quote_id(row),
+                batch.batch_id,
+                row,
+                int(batch.input_index[row]),
+                batch.calculated_at,
+                batch.request_id,
+                batch.client_id,
+                batch.key_id,
+                rate.ticker,
+                money(batch.position_cents),
+                int(batch.loan_days[row]),
+                repr(batch.fee_schedule.markup_percentage),
+                str(batch.fee_schedule.transaction_fee_type),
+                repr(batch.fee_schedule.transaction_amount),
+                batch.fee_schedule.day_count,
+                str(Decimal(rate.rate_units) / 10**8),
+                repr(rate.base_rate),
+                repr(rate.volatility_index),
+                repr(rate.volatility_adjustment),
+                rate.event_risk_factor,
+                repr(rate.event_adjustment),
+                str(Decimal(rate.min_rate_units) / 10**8),
+                str(rate.borrow_status),
+                str(rate.source),
+                rate.available_shares,
+                rate.as_of,
+                money(batch.borrow_cost),
+                money(batch.markup),
+                money(batch.transaction_fees),
+                money(batch.total_fee),
+                T0,  # now() of the transaction that wrote the batch
+            )
+        )
+    return rows
+
+
+async def test_quotes_recorded_before_002_move_over_unchanged() -> None:
+    """A schema as release 001 left it, with quotes in its wide table, migrated to the narrow tables:
+    every quote reads back as before, through the store and through the `quotes` view, column for
+    column; and the store then writes on top of them."""
+    old = [
+        make_batch(40, seed=1),
+        make_batch(1, rates=[MIXED_RATES[1]], seed=2, key_id=None),
+        make_batch(3, rates=MIXED_RATES[2:], seed=3),
+    ]
+    async with pg_schema() as (dsn, schema):
+        assert await migrate(dsn, schema=schema, through="001_initial") == ["001_initial"]
+        connection = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+        try:
+            for batch in old:
+                await connection.executemany(_OLD_LAYOUT_INSERT, _old_layout_rows(batch))
+            before = await connection.fetch("SELECT * FROM quotes ORDER BY quote_id")
+            assert len(before) == 44
+            assert await migrate(dsn, schema=schema) == [m.version for m in migrations()][1:]
+            after = await connection.fetch("SELECT * FROM quotes ORDER BY quote_id")
+            for old_row, new_row in zip(before, after, strict=True):
+                assert dict(new_row) == dict(old_row)
+            assert await connection.fetchval("SELECT count(*) FROM quote_rates") == len(MIXED_RATES)
+            assert await connection.fetchval("SELECT count(*) FROM quote_batches") == len(old)
+        finally:
+            await connection.close()
+        stores, pool = await connect_stores(dsn, schema=schema, min_size=1, max_size=2)
+        try:
+            for batch in old:
+                for row in range(batch.size):
+                    got = await stores.quotes.get(batch.quote_id(row))
+                    assert got is not None
+                    assert encoded(got) == encoded(batch.quote_response(row)), (batch.batch_id, row)
+            newer = make_batch(10, seed=4)
+            assert await PgQuoteStore(pool).add_many([*old, newer]) == newer.size
+            assert await stores.quotes.get(newer.quote_id(9)) == newer.quote_response(9)
+            # The migrated rates are keyed differently from the writer's digests: a quote priced with an
+            # equal snapshot after the upgrade adds one row for it, and reads back the same.
+            assert await _table_count(pool, "SELECT count(*) FROM quote_rates") <= 2 * len(MIXED_RATES)
+        finally:
+            await pool.close()
 
 
 @given(st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=12), st.integers(1, 6))
