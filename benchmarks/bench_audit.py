@@ -2,20 +2,22 @@
 
     python benchmarks/bench_audit.py [--size 100000] [--repeat 5] [--tickers 5000] [--json out.json]
 
-On a throwaway schema (`bench_<random>`, migrated here, dropped at the end) of the server at
-`--database-url`, each repetition writes the same priced batch (fresh quote ids each time, into an
-emptied `quotes` table):
+On two throwaway schemas of the server at `--database-url` (migrated here, dropped at the end), each
+repetition writes the same priced batch (fresh quote ids each time, into emptied tables):
 
-* store:       `PgQuoteStore.write([batch])` (binary COPY into a staging table, one INSERT ... SELECT);
+* store:       `PgQuoteStore.write([batch])` into `bench_<random>` (all migrations): the batch and its rates
+               by one INSERT, the rows by binary COPY into `quote_rows`, cut in two ranges written at once
+               over two connections;
 * audit:       `AuditTrail.add(batch)` then `AuditTrail.close()` (the in-process recent store, the queue and
                the background writer, which calls the same `write`), end to end;
 * executemany: the baseline, a plain `INSERT INTO quotes (...) VALUES ($1, ..., $30)` through asyncpg's
-               `executemany` in one transaction, of the same rows built in Python (Decimal money).
+               `executemany` in one transaction, of the same rows built in Python (Decimal money), into
+               `bench_<random>_001`: the one wide table of migration 001, what the obvious design writes.
 
-The methods alternate within each repetition; figures are medians. After the first repetition the three
-tables' contents are compared (a digest of every column but the ids and `stored_at`): they must be equal.
-Times are wall-clock; the client's CPU (this process) and the PostgreSQL backend's CPU (one connection,
-from /proc/<pid>/stat) are reported beside them.
+The methods alternate within each repetition; figures are medians. After the first repetition the stored
+records are compared (a digest of every column of the view `quotes`, resp. the 001 table, but the ids and
+`stored_at`): they must be equal. Times are wall-clock; the client's CPU (this process) and the PostgreSQL
+backends' CPU (the pool's three connections, from /proc/<pid>/stat) are reported beside them.
 """
 
 from __future__ import annotations
@@ -89,16 +91,19 @@ PLAIN_COLUMNS = (
     "transaction_fees",
     "total_fee",
 )
+BASELINE_MIGRATION = "001_initial"
+WRITE_CONNECTIONS = 2
 PLAIN_INSERT = (
     f"INSERT INTO quotes ({', '.join(PLAIN_COLUMNS)}) VALUES "
     f"({', '.join(f'${i}' for i in range(1, len(PLAIN_COLUMNS) + 1))})"
 )
-# Every column but the ids and stored_at, in row order: equal digests mean equal rows.
+# Every column but the ids and stored_at, in row order: equal digests mean equal rows. `quotes` is the
+# view of the narrow tables in the store's schema and the wide table in the baseline's.
 DIGEST = (
     "SELECT count(*), md5(string_agg(row("
     + ", ".join(PLAIN_COLUMNS[2:])
     + ")::text, '|' ORDER BY row_index))"
-    " FROM quotes"
+    " FROM {schema}.quotes"
 )
 
 # ---- pure helpers (tested in tests/test_bench_tools.py) ------------------------------------------------
@@ -259,35 +264,61 @@ def summarize_method(runs: Sequence[dict[str, Any]], size: int) -> dict[str, Any
 # ---- measuring ----------------------------------------------------------------------------------------
 
 
-def backend_cpu(pid: int | None) -> float | None:
-    if pid is None:
+def backend_cpu(pids: Sequence[int] | None) -> float | None:
+    """The CPU seconds the backends `pids` have used so far (None: not readable here)."""
+    if not pids:
         return None
     try:
-        return parse_proc_stat_cpu(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+        ticks = os.sysconf("SC_CLK_TCK")
+        return sum(parse_proc_stat_cpu(Path(f"/proc/{pid}/stat").read_text(), ticks) for pid in pids)
     except (OSError, ValueError, IndexError):
         return None  # the server is elsewhere (not this machine) or not readable
 
 
+async def backend_pids(pool: Any) -> list[int]:
+    """The server process of each of the pool's connections (all held at once, so each is another)."""
+    connections = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        return [int(await connection.fetchval("SELECT pg_backend_pid()")) for connection in connections]
+    finally:
+        for connection in connections:
+            await pool.release(connection)
+
+
 class Bench:
-    def __init__(self, pool: Any, store: PgQuoteStore, backend_pid: int | None, spool_dir: Path) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        store: PgQuoteStore,
+        schemas: tuple[str, str],
+        pids: list[int] | None,
+        spool_dir: Path,
+    ) -> None:
         self.pool = pool
         self.store = store
-        self.backend_pid = backend_pid
+        self.schema, self.baseline_schema = (quote_identifier(name) for name in schemas)
+        self.pids = pids
         self.spool_dir = spool_dir
 
+    def _schema_of(self, method: str) -> str:
+        return self.baseline_schema if method == "executemany" else self.schema
+
     async def truncate(self) -> None:
-        await self.pool.execute("TRUNCATE quotes")
+        await self.pool.execute(
+            f"TRUNCATE {self.schema}.quote_rows, {self.schema}.quote_batches, {self.schema}.quote_rates, "
+            f"{self.baseline_schema}.quotes"
+        )
 
-    async def count(self) -> int:
-        return int(await self.pool.fetchval("SELECT count(*) FROM quotes"))
+    async def count(self, method: str) -> int:
+        return int(await self.pool.fetchval(f"SELECT count(*) FROM {self._schema_of(method)}.quotes"))
 
-    async def digest(self) -> tuple[int, str]:
-        row = await self.pool.fetchrow(DIGEST)
+    async def digest(self, method: str) -> tuple[int, str]:
+        row = await self.pool.fetchrow(DIGEST.format(schema=self._schema_of(method)))
         return int(row[0]), str(row[1])
 
     async def run(self, method: str, batch: PricedBatch) -> dict[str, Any]:
         await self.truncate()
-        db_before = backend_cpu(self.backend_pid)
+        db_before = backend_cpu(self.pids)
         cpu_before = time.process_time()
         figures: dict[str, Any] = {}
         started = time.perf_counter()
@@ -306,17 +337,18 @@ class Bench:
             rows = plain_rows(batch)
             figures["build_s"] = time.perf_counter() - started
             async with self.pool.acquire() as connection, connection.transaction():
+                await connection.execute(f"SET LOCAL search_path = {self.baseline_schema}")
                 await connection.executemany(PLAIN_INSERT, rows)
             figures["insert_s"] = time.perf_counter() - started - figures["build_s"]
         seconds = time.perf_counter() - started
         client_cpu = time.process_time() - cpu_before
-        db_after = backend_cpu(self.backend_pid)
+        db_after = backend_cpu(self.pids)
         return {
             "method": method,
             "seconds": seconds,
             "client_cpu_s": client_cpu,
             "db_cpu_s": None if db_before is None or db_after is None else db_after - db_before,
-            "rows_in_table": await self.count(),
+            "rows_in_table": await self.count(method),
             **figures,
         }
 
@@ -328,22 +360,23 @@ async def database_facts(pool: Any) -> dict[str, Any]:
     return facts
 
 
-async def measure(args: argparse.Namespace, schema: str, notes: list[str]) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, schemas: tuple[str, str], notes: list[str]) -> dict[str, Any]:
+    schema, baseline_schema = schemas
     await migrate(args.database_url, schema=schema)
-    # One connection: every method runs on the same backend, whose CPU is read from /proc.
-    stores, pool = await connect_stores(args.database_url, schema=schema, min_size=1, max_size=1)
+    await migrate(args.database_url, schema=baseline_schema, through=BASELINE_MIGRATION)
+    # A fixed pool (the store writes over WRITE_CONNECTIONS at once, plus one): every method runs on
+    # these backends, whose CPU is read from /proc.
+    size = WRITE_CONNECTIONS + 1
+    _stores, pool = await connect_stores(args.database_url, schema=schema, min_size=size, max_size=size)
     try:
-        store = stores.quotes
-        assert isinstance(store, PgQuoteStore)
-        backend_pid = int(await pool.fetchval("SELECT pg_backend_pid()"))
-        if backend_cpu(backend_pid) is None:
-            notes.append("The PostgreSQL backend's CPU is not readable here (server on another machine?).")
-            backend_pid_or_none: int | None = None
-        else:
-            backend_pid_or_none = backend_pid
+        store = PgQuoteStore(pool, write_connections=WRITE_CONNECTIONS)
+        pids: list[int] | None = await backend_pids(pool)
+        if backend_cpu(pids) is None:
+            notes.append("The PostgreSQL backends' CPU is not readable here (server on another machine?).")
+            pids = None
         facts = await database_facts(pool)
         with tempfile.TemporaryDirectory(prefix="bench-audit-spool-") as spool:
-            bench = Bench(pool, store, backend_pid_or_none, Path(spool))
+            bench = Bench(pool, store, schemas, pids, Path(spool))
             base = make_batch(args.size, min(args.tickers, args.size), seed=args.seed)
             # Warm-up: statements prepared, caches and the staging table made, with a small batch.
             small = make_batch(1000, min(args.tickers, 1000), seed=args.seed + 1)
@@ -357,7 +390,7 @@ async def measure(args: argparse.Namespace, schema: str, notes: list[str]) -> di
                     run = await bench.run(method, batch)
                     run["round"] = round_number
                     if round_number == 1:
-                        digests[method] = await bench.digest()
+                        digests[method] = await bench.digest(method)
                     runs.append(run)
                     print(
                         f"round {round_number} {method:<12} {run['seconds'] * 1000:8.1f} ms  "
@@ -367,17 +400,18 @@ async def measure(args: argparse.Namespace, schema: str, notes: list[str]) -> di
                         flush=True,
                     )
             await bench.truncate()
-        return {"runs": runs, "digests": digests, "database": facts, "backend_pid": backend_pid}
+        return {"runs": runs, "digests": digests, "database": facts, "backend_pids": pids}
     finally:
         await pool.close()
 
 
-async def drop(database_url: str, schema: str) -> None:
+async def drop(database_url: str, schemas: Sequence[str]) -> None:
     import asyncpg  # type: ignore[import-untyped]
 
     connection = await asyncpg.connect(database_url)
     try:
-        await connection.execute(f"DROP SCHEMA IF EXISTS {quote_identifier(schema)} CASCADE")
+        for schema in schemas:
+            await connection.execute(f"DROP SCHEMA IF EXISTS {quote_identifier(schema)} CASCADE")
     finally:
         await connection.close()
 
@@ -399,17 +433,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_audit: --repeat and --size must be positive", file=sys.stderr)
         return 2
     schema = f"bench_{secrets.token_hex(6)}"
+    schemas = (schema, f"{schema}_001")
     notes: list[str] = []
     print(
-        f"Schema {schema} on {args.database_url}; batch of {args.size:,} positions, {args.repeat} repetitions"
+        f"Schemas {', '.join(schemas)} on {args.database_url}; batch of {args.size:,} positions, "
+        f"{args.repeat} repetitions"
     )
     try:
-        result = asyncio.run(measure(args, schema, notes))
+        result = asyncio.run(measure(args, schemas, notes))
     except Exception as error:
         print(f"bench_audit: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     finally:
-        asyncio.run(drop(args.database_url, schema))
+        asyncio.run(drop(args.database_url, schemas))
     runs = result["runs"]
 
     problems = []
@@ -499,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeat": args.repeat,
             "tickers": min(args.tickers, args.size),
             "schema": "bench_<random>",
+            "baseline_schema": f"bench_<random>_001 (migrated through {BASELINE_MIGRATION})",
+            "write_connections": WRITE_CONNECTIONS,
             "database_url": args.database_url,
         },
         "summary": summary,
@@ -513,7 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             + ("" if args.size == 100_000 else f" --size {args.size}")
             + ("" if args.repeat == 5 else f" --repeat {args.repeat}")
             + (f" --database-url {args.database_url}" if args.database_url != DEFAULT_DATABASE_URL else ""),
-            f"# baseline, asyncpg Connection.executemany in one transaction: {PLAIN_INSERT}",
+            "# baseline, asyncpg Connection.executemany in one transaction into migration "
+            f"{BASELINE_MIGRATION}'s table: {PLAIN_INSERT}",
         ],
     }
     if args.json:
