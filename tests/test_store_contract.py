@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import itertools
 import json
 import sys
 import time
@@ -716,6 +715,29 @@ async def test_a_rate_snapshot_is_stored_once_however_many_quotes_use_it() -> No
             assert await stores.quotes.get(batch.quote_id(1)) == batch.quote_response(1)
 
 
+async def test_batch_times_are_stored_to_the_microsecond() -> None:
+    """Batch lines carry their time as text: every offset, the second's edges and times before 1970
+    read back as the same instant (a naive time is UTC)."""
+    plus_0530 = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    times = [
+        T0,
+        T0.replace(microsecond=0),
+        T0.replace(microsecond=999_999),
+        dt.datetime(2026, 12, 31, 23, 59, 59, 999_999, tzinfo=plus_0530),
+        dt.datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=dt.UTC),
+        dt.datetime(2026, 3, 2, 14, 30, 15, 5),  # naive
+        dt.datetime(2100, 2, 28, 1, 2, 3, 400_000, tzinfo=dt.timezone(-dt.timedelta(hours=11))),
+    ]
+    batches = [make_batch(2, calculated_at=moment, seed=n) for n, moment in enumerate(times)]
+    async with pg_stores() as (stores, pool, _dsn, _schema):
+        await PgQuoteStore(pool).add_many(batches)
+        for batch, moment in zip(batches, times, strict=True):
+            got = await stores.quotes.get(batch.quote_id(1))
+            assert got is not None
+            expected = moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+            assert got.calculated_at == expected, (moment, got.calculated_at)
+
+
 def _numeric_value(sign: int, digits: Sequence[int]) -> Decimal:
     """A NUMERIC's value from its binary fields, as the server reads them (weight 3, 5 digits)."""
     magnitude = sum(Decimal(digit) * Decimal(10_000) ** (3 - place) for place, digit in enumerate(digits))
@@ -851,27 +873,6 @@ async def test_quotes_recorded_before_002_move_over_unchanged() -> None:
             await pool.close()
 
 
-@given(st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=12), st.integers(1, 6))
-def test_split_rows_covers_every_row_once_in_balanced_parts(sizes: list[int], parts: int) -> None:
-    from pricer.stores.postgres import _split_rows
-
-    batches = [make_batch(size, seed=index) for index, size in enumerate(sizes)]
-    groups = _split_rows(batches, parts)
-    assert 1 <= len(groups) <= parts
-    share = -(-sum(sizes) // parts)
-    assert all(sum(stop - start for _, start, stop in group) <= share for group in groups)
-    covered: dict[str, list[tuple[int, int]]] = {}
-    for group in groups:
-        for batch, start, stop in group:
-            assert 0 <= start < stop <= batch.size
-            covered.setdefault(batch.batch_id, []).append((start, stop))
-    for batch in batches:
-        ranges = sorted(covered[batch.batch_id])
-        assert ranges[0][0] == 0
-        assert ranges[-1][1] == batch.size
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-
-
 async def test_a_write_on_one_replica_is_seen_by_another() -> None:
     async with pg_stores() as (writer, pool, _dsn, _schema):
         reader_availability = PgAvailabilityStore(pool, refresh_seconds=3600)
@@ -955,6 +956,14 @@ async def test_inconsistent_batch_is_rejected_before_writing() -> None:
         short = dataclasses.replace(make_batch(3, seed=2), markup=np.zeros(2, dtype=np.int64))
         with pytest.raises(ValueError, match=f"batch {short.batch_id}: its columns differ in length"):
             await PgQuoteStore(pool).add_many([good, short])
+        # One row too many in one batch and one too few in the next: the totals agree, the rows would not.
+        long = dataclasses.replace(make_batch(3, seed=3), loan_days=np.ones(4, dtype=np.int64))
+        shorter = dataclasses.replace(make_batch(3, seed=4), loan_days=np.ones(2, dtype=np.int64))
+        with pytest.raises(ValueError, match="its columns differ in length"):
+            await PgQuoteStore(pool).add_many([long, shorter])
+        flat = dataclasses.replace(make_batch(4, seed=5), total_fee=np.zeros((4, 1), dtype=np.int64))
+        with pytest.raises(ValueError, match=f"batch {flat.batch_id}: its columns differ in length"):
+            await PgQuoteStore(pool).add_many([good, flat])
         assert await _table_count(pool, "SELECT count(*) FROM quotes") == 0
 
 

@@ -251,29 +251,33 @@ class AuditTrail:
                 log.exception("Audit writer error")
                 await asyncio.sleep(self._retry_seconds)
 
-    def _take(self) -> list[PricedBatch]:
+    def _take(self) -> tuple[list[PricedBatch], int]:
+        """The next write: queued batches up to max_write_rows rows (at least one), and their rows."""
         taken: list[PricedBatch] = []
         rows = 0
-        while self._queue and (not taken or rows + self._queue[0].size <= self._max_write_rows):
-            batch = self._queue.popleft()
-            taken.append(batch)
-            rows += batch.size
-        return taken
+        queue = self._queue
+        while queue:
+            size = queue[0].size
+            if taken and rows + size > self._max_write_rows:
+                break
+            taken.append(queue.popleft())
+            rows += size
+        return taken, rows
 
-    def _release(self, batches: Sequence[PricedBatch]) -> None:
-        self._queued_rows -= sum(batch.size for batch in batches)
+    def _release(self, rows: int) -> None:
+        self._queued_rows -= rows
         if self._queued_rows < self._max_queue_rows:
             self._room.set()
 
     async def _drain(self) -> None:
         while self._queue:
-            batches = self._take()
+            batches, rows = self._take()
             if not self.spool_pending:
                 try:
                     await self._sink.write(batches)
-                    self.written_rows += sum(batch.size for batch in batches)
+                    self.written_rows += rows
                     self.database_up = True
-                    self._release(batches)
+                    self._release(rows)
                     continue
                 except Exception as error:
                     self._database_down(error)
@@ -283,8 +287,8 @@ class AuditTrail:
             except OSError:
                 self._queue.extendleft(reversed(batches))
                 raise
-            self.spooled_rows += sum(batch.size for batch in batches)
-            self._release(batches)
+            self.spooled_rows += rows
+            self._release(rows)
 
     async def _replay_spool(self) -> None:
         if not self._spool.pending:

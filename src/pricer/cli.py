@@ -173,11 +173,22 @@ def serve(settings: Settings) -> int:
     return 0 if server.started else 1
 
 
+# Young-generation threshold (CPython's default is 700). A request frees what it allocates, but the
+# audit queue holds each priced batch for the writer's few milliseconds of linger: at thousands of quotes
+# a second the default threshold then runs a collection every few hundred quotes, each promoting the
+# queued batches to older generations that are walked again (4 µs a quote measured with PostgreSQL and
+# the audit trail on). At 10,000, most queued batches are written and freed before a collection sees
+# them; a young collection walks at most that many objects (about a millisecond).
+GC_YOUNG_THRESHOLD = 10_000
+
+
 async def _freeze_startup_objects() -> None:
     """What start-up built lives as long as the process: keep it out of every later collection, so
     that full collections (pauses in the latency tail) only walk what requests create."""
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def worker_app() -> PricerApp:

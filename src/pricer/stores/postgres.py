@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import operator
 import re
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -641,46 +642,53 @@ class PgKeyStore(_PgStore):
 # `quote_batches`, one row per priced call; `quote_rates`, one row per rate snapshot, keyed by a digest of
 # its contents. Rows go by binary COPY straight into `quote_rows`: all their fields are fixed-width (uuid,
 # int8, int4, and NUMERIC sent with a fixed number of base-10000 digits, which the server normalises), so
-# NumPy builds the whole stream as one structured array. Batches, fee schedules and rates go as array
-# parameters of one INSERT; floats as their shortest decimal text, money and rates as integer cents / 1e-8
-# units, scaled in SQL.
-_INSERT_BATCHES = """
-WITH s AS MATERIALIZED (
-    SELECT * FROM unnest($6::int8[], $7::numeric[], $8::text[], $9::numeric[], $10::int4[])
-        AS s (schedule_key, markup_percentage, transaction_fee_type, transaction_amount, day_count)
-), rates AS (
-    INSERT INTO quote_rates (rate_id, ticker, borrow_rate, base_rate, volatility_index, volatility_adjustment,
-                             event_risk_factor, event_adjustment, min_rate, borrow_status, rate_source,
-                             available_shares, rate_as_of)
-    SELECT rate_id, ticker, rate_units * 0.00000001, base_rate, volatility_index, volatility_adjustment,
-           event_risk_factor, event_adjustment, min_rate_units * 0.00000001, borrow_status, rate_source,
-           available_shares, rate_as_of
-    FROM unnest($11::uuid[], $12::text[], $13::int8[], $14::numeric[], $15::numeric[], $16::numeric[],
-                $17::int2[], $18::numeric[], $19::int8[], $20::text[], $21::text[], $22::int8[],
-                $23::timestamptz[])
-        AS x (rate_id, ticker, rate_units, base_rate, volatility_index, volatility_adjustment,
-              event_risk_factor, event_adjustment, min_rate_units, borrow_status, rate_source,
-              available_shares, rate_as_of)
-    ON CONFLICT (rate_id) DO NOTHING
+# NumPy builds the whole stream as one structured array. Batches go by text COPY (one line each, built
+# with the fee schedule's part shared): as array parameters, asyncpg's per-element checks cost a few
+# microseconds a batch, and most batches are single quotes. The few distinct rates of a write go as array
+# parameters of one INSERT that skips those already stored (floats as their shortest decimal text, rates
+# as integer 1e-8 units, scaled in SQL).
+_INSERT_RATES = """
+INSERT INTO quote_rates (rate_id, ticker, borrow_rate, base_rate, volatility_index, volatility_adjustment,
+                         event_risk_factor, event_adjustment, min_rate, borrow_status, rate_source,
+                         available_shares, rate_as_of)
+SELECT rate_id, ticker, rate_units * 0.00000001, base_rate, volatility_index, volatility_adjustment,
+       event_risk_factor, event_adjustment, min_rate_units * 0.00000001, borrow_status, rate_source,
+       available_shares, rate_as_of
+FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::numeric[], $5::numeric[], $6::numeric[], $7::int2[],
+            $8::numeric[], $9::int8[], $10::text[], $11::text[], $12::int8[], $13::timestamptz[])
+    AS x (rate_id, ticker, rate_units, base_rate, volatility_index, volatility_adjustment, event_risk_factor,
+          event_adjustment, min_rate_units, borrow_status, rate_source, available_shares, rate_as_of)
+ON CONFLICT (rate_id) DO NOTHING
+"""
+_BATCH_COLUMNS: Final = (
+    "batch_id",
+    "calculated_at",
+    "request_id",
+    "client_id",
+    "key_id",
+    "markup_percentage",
+    "transaction_fee_type",
+    "transaction_amount",
+    "day_count",
 )
-INSERT INTO quote_batches (batch_id, calculated_at, request_id, client_id, key_id, markup_percentage,
-                           transaction_fee_type, transaction_amount, day_count)
-SELECT b.batch_id, b.calculated_at, b.request_id, b.client_id, b.key_id, s.markup_percentage,
-       s.transaction_fee_type, s.transaction_amount, s.day_count
-FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $24::int8[])
-    AS b (batch_id, calculated_at, request_id, client_id, key_id, schedule_key)
-JOIN s ON s.schedule_key = b.schedule_key
-"""
-# A plain INSERT (and a plain COPY) is about twice as fast as one with ON CONFLICT (no speculative
-# insertion); a write fails on an existing id only when it is a replay or another replica wrote the same
-# batch at the same time, and then it is done again with these.
-_SKIP_EXISTING = "ON CONFLICT (batch_id) DO NOTHING\n"
-_STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rows (LIKE quote_rows) ON COMMIT DELETE ROWS
-"""
-_MERGE_STAGED = """
-INSERT INTO quote_rows SELECT * FROM pricer_stage_quote_rows ON CONFLICT (quote_id) DO NOTHING
-"""
+# A plain COPY is about twice as fast as an INSERT with ON CONFLICT (no speculative insertion); a write
+# fails on an existing id only when it is a replay or another replica wrote the same batch at the same
+# time, and then it is done again through staging tables, skipping what exists.
+_STAGE_BATCHES = (
+    "CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_batches (LIKE quote_batches INCLUDING DEFAULTS) "
+    "ON COMMIT DELETE ROWS"
+)
+_MERGE_BATCHES = (
+    "INSERT INTO quote_batches SELECT * FROM pricer_stage_quote_batches ORDER BY batch_id "
+    "ON CONFLICT (batch_id) DO NOTHING"
+)
+_STAGE_ROWS = (
+    "CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rows (LIKE quote_rows) ON COMMIT DELETE ROWS"
+)
+_MERGE_ROWS = (
+    "INSERT INTO quote_rows SELECT * FROM pricer_stage_quote_rows ORDER BY quote_id "
+    "ON CONFLICT (quote_id) DO NOTHING"
+)
 
 _SELECT_QUOTE = """SELECT
     r.ticker, b.client_id, q.position_value::float8, q.loan_days,
@@ -812,87 +820,85 @@ def _check_batch(batch: PricedBatch) -> None:
         raise ValueError(f"batch {batch.batch_id}: its columns differ in length")
 
 
-def _check_rate_indexes(batches: Sequence[PricedBatch]) -> None:
-    """Every row's rate_index points into its own batch's rates (checked for all batches at once)."""
-    sizes = [batch.size for batch in batches]
-    rate_index = np.concatenate([batch.rate_index for batch in batches])
-    limits = np.repeat(np.array([len(batch.rates) for batch in batches], dtype=np.int64), sizes)
-    bad = np.flatnonzero((rate_index < 0) | (rate_index >= limits))
-    if bad.size:
-        row = int(bad[0])
-        which = int(np.searchsorted(np.cumsum(sizes), row, side="right"))
-        raise ValueError(f"batch {batches[which].batch_id}: a rate_index points outside its rates")
+# The PricedBatch columns a `quote_rows` tuple is built from, besides its ids.
+_ROW_SOURCES: Final = (
+    "rate_index",
+    "input_index",
+    "loan_days",
+    *(attribute for _, attribute in _MONEY_COLUMNS),
+)
 
 
-def _split_rows(batches: Sequence[PricedBatch], parts: int) -> list[list[tuple[PricedBatch, int, int]]]:
-    """The batches' rows in `parts` groups of about equal size, a batch cut where a group ends."""
-    total = sum(batch.size for batch in batches)
-    share = -(-total // parts)
-    groups: list[list[tuple[PricedBatch, int, int]]] = [[]]
-    room = share
-    for batch in batches:
-        start = 0
-        while start < batch.size:
-            if room == 0:
-                groups.append([])
-                room = share
-            stop = min(batch.size, start + room)
-            groups[-1].append((batch, start, stop))
-            room -= stop - start
-            start = stop
-    return groups
+_POSITION_CENTS: Final = operator.attrgetter("position_cents")
+_ROW_SOURCE_GETTERS: Final = tuple((name, operator.attrgetter(name)) for name in _ROW_SOURCES)
 
 
-# A write of fewer rows per connection than this stays on one connection (one transaction).
-PARALLEL_WRITE_ROWS: Final = 20_000
+def _joined_columns(batches: Sequence[PricedBatch]) -> tuple[list[int], dict[str, np.ndarray[Any, Any]]]:
+    """(rows per batch, each source column of all batches end to end). Raises ValueError naming the first
+    batch whose columns are not one-dimensional and of one length."""
+    sizes = list(map(len, map(_POSITION_CENTS, batches)))
+    joined: dict[str, np.ndarray[Any, Any]] = {}
+    try:
+        for attribute, column_of in _ROW_SOURCE_GETTERS:
+            arrays = list(map(column_of, batches))
+            if list(map(len, arrays)) != sizes:
+                raise ValueError
+            joined[attribute] = np.concatenate(arrays)
+            if joined[attribute].ndim != 1:
+                raise ValueError
+    except (ValueError, TypeError):
+        for batch in batches:
+            _check_batch(batch)
+        raise  # not reached: some batch fails its check
+    return sizes, joined
 
 
 def _binary_rows(
-    slices: Sequence[tuple[PricedBatch, int, int]], rate_ids: Mapping[int, Sequence[bytes]]
-) -> bytes:
-    """Rows start:stop of each batch as binary COPY tuples of `quote_rows` (without the framing), built
-    column-wise in one array: the audit trail mostly writes many one-row batches. `rate_ids[id(batch)]`
-    are the ids of the batch's rates."""
-    sizes = [stop - start for _, start, stop in slices]
+    batches: Sequence[PricedBatch], rate_ids: bytes, rate_counts: Sequence[int]
+) -> np.ndarray[Any, Any]:
+    """Every row of the batches, in order, as binary COPY tuples of `quote_rows` (without the framing),
+    built column-wise in one structured array: a write is mostly hundreds of one-row batches, and a part
+    of a write is a slice of it. `rate_ids` are the 16-byte ids of each batch's rates, end to end, and
+    `rate_counts` how many each batch has. Raises ValueError (naming the batch) if a batch's columns
+    differ in length or a row's rate index is outside its batch's rates."""
+    sizes, columns = _joined_columns(batches)
     total = sum(sizes)
+    single_rows = total == len(batches)
+    rate_index = columns["rate_index"]
+    counts = np.array(rate_counts, dtype=np.int64)
+    bad = np.flatnonzero(
+        (rate_index < 0) | (rate_index >= (counts if single_rows else np.repeat(counts, sizes)))
+    )
+    if bad.size:
+        which = int(np.searchsorted(np.cumsum(sizes), int(bad[0]), side="right"))
+        raise ValueError(f"batch {batches[which].batch_id}: a rate_index points outside its rates")
+    first_rate = np.cumsum(counts) - counts
+    first_row = np.cumsum(sizes) - sizes
+
     tuples = np.empty(total, dtype=_ROW_DTYPE)
     tuples[:] = _ROW_TEMPLATE[0]
-    prefixes = np.frombuffer(
-        b"".join([bytes.fromhex(batch.batch_id) for batch, _, _ in slices]), dtype=np.uint8
-    ).reshape(len(slices), 12)
-    quote_ids = np.empty((total, 16), dtype=np.uint8)
-    if total == len(slices):
-        quote_ids[:, :12] = prefixes
-        row_index = np.array([start for _, start, _ in slices], dtype=">u4")
-        tuples["rate_id"] = np.frombuffer(
-            b"".join([rate_ids[id(batch)][batch.rate_index[start]] for batch, start, _ in slices]),
-            dtype="V16",
-        )
+    # quote_id = the batch's 12 bytes || the row's index in its batch (4 bytes, big-endian).
+    prefixes = np.frombuffer(bytes.fromhex("".join([batch.batch_id for batch in batches])), dtype=np.uint8)
+    quote_ids = np.zeros((total, 16), dtype=np.uint8)
+    if single_rows:
+        quote_ids[:, :12] = prefixes.reshape(total, 12)
+        rate_rows = rate_index + first_rate
     else:
-        quote_ids[:, :12] = np.repeat(prefixes, sizes, axis=0)
-        row_index = np.concatenate(
-            [np.arange(start, stop, dtype=np.int64) for _, start, stop in slices]
-        ).astype(">u4")
-        tuples["rate_id"] = np.concatenate(
-            [
-                np.frombuffer(b"".join(rate_ids[id(batch)]), dtype="V16")[batch.rate_index[start:stop]]
-                for batch, start, stop in slices
-            ]
-        )
-    quote_ids[:, 12:] = row_index.view(np.uint8).reshape(total, 4)
+        quote_ids[:, :12] = np.repeat(prefixes.reshape(len(batches), 12), sizes, axis=0)
+        row_index = (np.arange(total, dtype=np.int64) - np.repeat(first_row, sizes)).astype(">u4")
+        quote_ids[:, 12:] = row_index.view(np.uint8).reshape(total, 4)
+        rate_rows = rate_index + np.repeat(first_rate, sizes)
     tuples["quote_id"] = quote_ids.view("V16").reshape(total)
-
-    def column(attribute: str) -> np.ndarray[Any, Any]:
-        return np.concatenate([getattr(batch, attribute)[start:stop] for batch, start, stop in slices])
-
-    tuples["input_index"] = column("input_index")
-    tuples["loan_days"] = column("loan_days")
+    tuples["rate_id"] = np.frombuffer(rate_ids, dtype="V16")[rate_rows]
+    tuples["input_index"] = columns["input_index"]
+    tuples["loan_days"] = columns["loan_days"]
     for name, attribute in _MONEY_COLUMNS:
-        tuples[f"{name}_sign"], tuples[f"{name}_digits"] = _money_digits(column(attribute))
-    return tuples.tobytes()
+        tuples[f"{name}_sign"], tuples[f"{name}_digits"] = _money_digits(columns[attribute])
+    return tuples
 
 
-async def _chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
+async def _stream(*parts: bytes) -> AsyncIterator[bytes]:
+    """A COPY's data, for `copy_to_table(source=...)`."""
     for part in parts:
         yield part
 
@@ -905,46 +911,80 @@ def rate_id(rate: TickerRate) -> bytes:
     return hashlib.blake2b(_RATE_ENCODER.encode(rate), digest_size=16).digest()
 
 
-class _Write:
-    """What one write sends besides the rows: the batches, their fee schedules and their rates as array
-    parameters of `_INSERT_BATCHES`, and, per batch, the ids of its rates (which its rows carry)."""
+_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
-    __slots__ = ("arguments", "rate_ids")
+
+def _copy_text(value: str | None) -> str:
+    """A value as one field of PostgreSQL's text COPY format (`\\N` is NULL)."""
+    if value is None:
+        return "\\N"
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND: Final = dt.timedelta(microseconds=1)
+
+
+class _CopyTimes:
+    """timestamptz fields of a text COPY. The batches of a write were priced within a few seconds of
+    each other: the date and time of a second are formatted once (`isoformat` costs about a
+    microsecond, most of what a single quote's batch line costs)."""
+
+    __slots__ = ("_seconds",)
+
+    def __init__(self) -> None:
+        self._seconds: dict[int, str] = {}
+
+    def __call__(self, value: dt.datetime) -> str:
+        if value.tzinfo is None:  # naive datetimes are UTC here, as asyncpg takes them
+            value = value.replace(tzinfo=dt.UTC)
+        second, micro = divmod((value - _EPOCH) // _MICROSECOND, 1_000_000)
+        prefix = self._seconds.get(second)
+        if prefix is None:
+            moment = _EPOCH + dt.timedelta(seconds=second)
+            prefix = self._seconds[second] = moment.strftime("%Y-%m-%d %H:%M:%S")
+        return f"{prefix}.{micro:06d}+00"
+
+
+class _Write:
+    """One write: its batches as text COPY lines of `quote_batches`, the distinct rates they used as the
+    array parameters of `_INSERT_RATES`, and every row as a binary COPY tuple of `quote_rows`."""
+
+    __slots__ = ("batch_lines", "rate_arguments", "rows")
 
     def __init__(
         self, batches: Sequence[PricedBatch], known_rate_ids: dict[int, tuple[TickerRate, bytes]]
     ) -> None:
-        schedule_columns: list[list[Any]] = [[] for _ in range(5)]
         rate_columns: list[list[Any]] = [[] for _ in range(13)]
-        # Fee schedules and rates are shared by many batches (one per client, one per ticker and cache
-        # period): each travels once per write, and batches name their schedule by a key.
-        schedule_keys: dict[int, int] = {}
+        # A fee schedule is shared by the batches of a client, a rate by the quotes of a ticker in a cache
+        # period: each is encoded once per write.
+        schedule_fields: dict[int, str] = {}
         written_rates: set[bytes] = set()
-        batch_schedule_keys: list[int] = []
-        self.rate_ids: dict[int, list[bytes]] = {}
+        lines: list[str] = []
+        rate_ids: list[bytes] = []
+        rate_counts: list[int] = []
+        copy_time = _CopyTimes()
         for batch in batches:
             schedule = batch.fee_schedule
-            schedule_key = schedule_keys.get(id(schedule))
-            if schedule_key is None:
-                schedule_key = schedule_keys[id(schedule)] = len(schedule_keys)
-                _append_row(
-                    schedule_columns,
-                    (
-                        schedule_key,
-                        _num(schedule.markup_percentage),
-                        str(schedule.transaction_fee_type),
-                        _num(schedule.transaction_amount),
-                        schedule.day_count,
-                    ),
+            fields = schedule_fields.get(id(schedule))
+            if fields is None:
+                fields = schedule_fields[id(schedule)] = (
+                    f"{_num(schedule.markup_percentage)}\t{_copy_text(str(schedule.transaction_fee_type))}\t"
+                    f"{_num(schedule.transaction_amount)}\t{int(schedule.day_count)}"
                 )
-            batch_schedule_keys.append(schedule_key)
-            ids = self.rate_ids[id(batch)] = []
+            lines.append(
+                f"{batch.batch_id}00000000\t{copy_time(batch.calculated_at)}\t{_copy_text(batch.request_id)}\t"
+                f"{_copy_text(batch.client_id)}\t{_copy_text(batch.key_id)}\t{fields}\n"
+            )
+            rate_counts.append(len(batch.rates))
             for rate in batch.rates:
                 known = known_rate_ids.get(id(rate))
                 if known is None or known[0] is not rate:
                     known = known_rate_ids[id(rate)] = (rate, rate_id(rate))
                 digest = known[1]
-                ids.append(digest)
+                rate_ids.append(digest)
                 if digest in written_rates:
                     continue
                 written_rates.add(digest)
@@ -966,25 +1006,17 @@ class _Write:
                         rate.as_of,
                     ),
                 )
+        self.rows = _binary_rows(batches, b"".join(rate_ids), rate_counts)
+        self.batch_lines = "".join(lines).encode()
         if len(rate_columns[0]) > 1:
             # In digest order: two writers inserting the same new rates lock them in the same order.
             order = sorted(range(len(rate_columns[0])), key=rate_columns[0].__getitem__)
             rate_columns = [[column[i] for i in order] for column in rate_columns]
-        # Column by column (one comprehension each): most writes are hundreds of one-row batches.
-        self.arguments = (
-            [batch.batch_id + "00000000" for batch in batches],
-            [batch.calculated_at for batch in batches],
-            [batch.request_id for batch in batches],
-            [batch.client_id for batch in batches],
-            [batch.key_id for batch in batches],
-            *schedule_columns,
-            *rate_columns,
-            batch_schedule_keys,
-        )
+        self.rate_arguments = rate_columns
 
-    def rows(self, slices: Sequence[tuple[PricedBatch, int, int]]) -> list[bytes]:
-        """The binary COPY stream of rows start:stop of each batch."""
-        return [_COPY_SIGNATURE, _binary_rows(slices, self.rate_ids), _COPY_TRAILER]
+
+# A write of fewer rows per connection than this stays on one connection (one transaction).
+PARALLEL_WRITE_ROWS: Final = 20_000
 
 
 class PgQuoteStore(_PgStore):
@@ -1017,30 +1049,23 @@ class PgQuoteStore(_PgStore):
         writes everything again (the audit trail's spool does) and what is already in is skipped. A batch
         whose columns are inconsistent (lengths, a rate index out of range) raises ValueError before
         anything is written."""
-        kept: list[PricedBatch] = []
-        seen: set[str] = set()
+        kept: dict[str, PricedBatch] = {}
         for batch in batches:
-            if batch.size == 0 or batch.batch_id in seen:
-                continue
-            seen.add(batch.batch_id)
-            _check_batch(batch)
-            kept.append(batch)
+            if len(batch.position_cents):
+                kept.setdefault(batch.batch_id, batch)
         if not kept:
             return 0
-        # In id order: two writers of the same batches (replicas replaying at once) then take the row
-        # locks in the same order, and one waits for the other instead of both deadlocking.
-        kept.sort(key=lambda batch: batch.batch_id)
-        _check_rate_indexes(kept)
         if len(self._rate_ids) > 65_536:
             self._rate_ids.clear()
-        write = _Write(kept, self._rate_ids)
-        total = sum(batch.size for batch in kept)
-        parts = min(self._write_connections, total // PARALLEL_WRITE_ROWS)
+        # In id order: two writers of the same batches (replicas replaying at once) then take the row
+        # locks in the same order, and one waits for the other instead of both deadlocking.
+        write = _Write([kept[batch_id] for batch_id in sorted(kept)], self._rate_ids)
+        parts = min(self._write_connections, len(write.rows) // PARALLEL_WRITE_ROWS)
         if parts <= 1:
-            return await self._write(write, [(batch, 0, batch.size) for batch in kept], batches=True)
-        await self._write(write, [], batches=True)
+            return await self._write(write, write.rows, batches=True)
+        await self._write(write, None, batches=True)
         outcomes = await asyncio.gather(
-            *(self._write(write, group, batches=False) for group in _split_rows(kept, parts)),
+            *(self._write(write, rows, batches=False) for rows in np.array_split(write.rows, parts)),
             return_exceptions=True,
         )
         for outcome in outcomes:
@@ -1048,12 +1073,9 @@ class PgQuoteStore(_PgStore):
                 raise outcome
         return sum(outcome for outcome in outcomes if isinstance(outcome, int))
 
-    async def _write(
-        self, write: _Write, slices: Sequence[tuple[PricedBatch, int, int]], *, batches: bool
-    ) -> int:
-        """The write's batches and rates (when `batches`) and rows start:stop of each slice, in one
-        transaction; the number of rows that were new."""
-        rows = write.rows(slices) if slices else None
+    async def _write(self, write: _Write, rows: np.ndarray[Any, Any] | None, *, batches: bool) -> int:
+        """The write's batches and rates (when `batches`) and `rows`, in one transaction; the number of
+        rows that were new."""
         with translate_errors("quotes.add"):
             async with self._pool.acquire() as connection:
                 try:
@@ -1065,24 +1087,33 @@ class PgQuoteStore(_PgStore):
 
     @staticmethod
     async def _send(
-        connection: Any, write: _Write, rows: list[bytes] | None, *, batches: bool, merge: bool
+        connection: Any, write: _Write, rows: np.ndarray[Any, Any] | None, *, batches: bool, merge: bool
     ) -> int:
         if batches:
-            await connection.execute(
-                _INSERT_BATCHES + _SKIP_EXISTING if merge else _INSERT_BATCHES, *write.arguments
-            )
+            await connection.execute(_INSERT_RATES, *write.rate_arguments)
+            if not merge:
+                await connection.copy_to_table(
+                    "quote_batches", source=_stream(write.batch_lines), columns=_BATCH_COLUMNS
+                )
+            else:
+                await connection.execute(_STAGE_BATCHES)
+                await connection.copy_to_table(
+                    "pricer_stage_quote_batches", source=_stream(write.batch_lines), columns=_BATCH_COLUMNS
+                )
+                await connection.execute(_MERGE_BATCHES)
         if rows is None:
             return 0
+        stream = _stream(_COPY_SIGNATURE, rows.tobytes(), _COPY_TRAILER)
         if not merge:
             status = await connection.copy_to_table(
-                "quote_rows", source=_chunks(rows), columns=_ROW_COLUMNS, format="binary"
+                "quote_rows", source=stream, columns=_ROW_COLUMNS, format="binary"
             )
         else:
-            await connection.execute(_STAGING)
+            await connection.execute(_STAGE_ROWS)
             await connection.copy_to_table(
-                "pricer_stage_quote_rows", source=_chunks(rows), columns=_ROW_COLUMNS, format="binary"
+                "pricer_stage_quote_rows", source=stream, columns=_ROW_COLUMNS, format="binary"
             )
-            status = await connection.execute(_MERGE_STAGED)
+            status = await connection.execute(_MERGE_ROWS)
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def get(self, quote_id: str) -> QuoteResponse | None:
