@@ -461,6 +461,30 @@ def redis_command(url: str, *words: str, timeout: float = 2.0) -> bytes:
     return data
 
 
+RATE_CACHE_VERSION_KEY = "ratecache:version"  # pricer.marketdata.shared_cache.VERSION_KEY
+
+
+def new_rate_cache_version(url: str, timeout: float = 2.0) -> int:
+    """INCR the shared rate cache's version in the Redis database of `url` (SELECT first); the new one."""
+    database = urllib.parse.urlsplit(url).path.strip("/") or "0"
+    payload = b"".join(
+        f"*{len(words)}\r\n".encode() + b"".join(f"${len(w)}\r\n{w}\r\n".encode() for w in words)
+        for words in (("SELECT", database), ("INCR", RATE_CACHE_VERSION_KEY))
+    )
+    with socket.create_connection(redis_address(url), timeout=timeout) as sock:
+        sock.sendall(payload)
+        data = b""
+        while data.count(b"\r\n") < 2:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    selected, _, incremented = data.partition(b"\r\n")
+    if selected != b"+OK" or not incremented.startswith(b":"):
+        raise OSError(f"unexpected Redis reply {data!r}")
+    return int(incremented[1:].split(b"\r\n", 1)[0])
+
+
 def redis_cpu(url: str) -> float | None:
     try:
         return redis_cpu_seconds(parse_redis_info(redis_command(url, "INFO", "cpu").decode()))
@@ -810,6 +834,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return 2
                 for command in section.setup_commands:
                     print(f"$ {command}", flush=True)
+            for redis_url in sorted({v.env["REDIS_URL"] for v in section.variants if "REDIS_URL" in v.env}):
+                # Rates another run cached in this Redis database were computed from other data (another
+                # schema, another seeding time): a new version makes the engines start from an empty cache.
+                section.setup_commands.append(f"redis-cli -u {redis_url} INCR {RATE_CACHE_VERSION_KEY}")
+                print(f"$ {section.setup_commands[-1]}", flush=True)
+                new_rate_cache_version(redis_url)
             for variant in section.variants:
                 servers[variant.name] = start_engine(
                     workdir,

@@ -519,6 +519,25 @@ def test_observability_section_pairs() -> None:
     }
 
 
+def test_new_rate_cache_version_bumps_the_key_the_engine_reads() -> None:
+    """Against the real Redis (database 10, which no test or benchmark uses otherwise)."""
+    import redis
+
+    from pricer.marketdata.shared_cache import VERSION_KEY
+
+    assert bench_variants.RATE_CACHE_VERSION_KEY == VERSION_KEY
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/10")
+    try:
+        client.delete(VERSION_KEY)
+        assert bench_variants.new_rate_cache_version("redis://127.0.0.1:6379/10") == 1
+        assert bench_variants.new_rate_cache_version("redis://127.0.0.1:6379/10") == 2
+        assert int(client.get(VERSION_KEY) or 0) == 2
+        assert client.get(VERSION_KEY + "x") is None
+    finally:
+        client.delete(VERSION_KEY)
+        client.close()
+
+
 def test_parse_redis_info() -> None:
     info = bench_variants.parse_redis_info(
         "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:2.250000\r\nused_cpu_sys_children:9\r\n"
