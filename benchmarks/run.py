@@ -197,19 +197,17 @@ MISS_ANALYSIS: dict[str, str] = {
         "would close it: less CPU per request (see above) and, for Redis, a cheaper client path."
     ),
     "PostgreSQL store + audit": (
-        "The PostgreSQL engine spends 15-25 µs more of its own CPU per quote than the in-memory one: the "
-        "audit writer runs on the event loop (asyncpg encoding of the per-batch array parameters, the "
-        "COPY framing and the column lists: ~13 µs per one-row batch, measured alone) plus the cached "
-        "stores, and PostgreSQL's backends (~10 µs per quote) share the same two cores. What would close "
-        "it: the writer in a thread or process of its own (its work is off the request path but not off "
-        "the core), and batch-level columns in the binary COPY instead of array parameters."
+        "The PostgreSQL engine spends 15-20 µs more of its own CPU per quote than the in-memory one: the "
+        "audit writer runs on the event loop (~10 µs per one-row batch in the py-spy profile: the rows' "
+        "binary COPY tuples built in NumPy, the batch's text COPY line, the write's statements), plus the "
+        "cached stores, and PostgreSQL's backends (~10 µs per quote) share the same two cores. What would "
+        "close it: the writer in a process of its own (its work is off the request path but not off the "
+        "core), or single quotes priced together per event-loop turn (one batch, one set of columns)."
     ),
     "10^5-position batch": (
-        "PostgreSQL-bound: for 10^5 rows the client spends ~60 ms of CPU and the database ~550 ms (heap "
-        "insert of a 31-column row with NUMERIC money and rates, two B-tree indexes, WAL). The write is "
-        "cut in two parts on two connections to use both cores. What would close it: more database cores "
-        "(the parts scale with them), or a narrower audit row (integer cents instead of NUMERIC, rate "
-        "details by reference)."
+        "PostgreSQL-bound: the rows go by binary COPY into the narrow `quote_rows` table (migration 002), "
+        "cut in two parts on two connections; what is left is the heap insert, one uuid B-tree and WAL. "
+        "What would close it: more database cores (the parts scale with them)."
     ),
 }
 
@@ -602,15 +600,17 @@ def audit_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: 
         f"One priced batch of {settings['size']:,} positions ({settings['tickers']:,} distinct rates) "
         f"written to PostgreSQL {db.get('server_version', '?')} (synchronous_commit "
         f"{db.get('synchronous_commit', '?')}, fsync {db.get('fsync', '?')}, shared_buffers "
-        f"{db.get('shared_buffers', '?')}) on a throwaway schema, into an emptied `quotes` table, fresh "
-        f"quote ids each time; {settings['repeat']} repetitions, the three methods rotating; medians. "
-        "`store` = `PgQuoteStore.write([batch])`; `audit` = `AuditTrail.add` + `close` (end to end through "
-        "the background writer); `executemany` = the baseline, a plain 30-parameter INSERT through "
-        "asyncpg's executemany in one transaction, of rows built in "
-        "Python. The three methods' table contents were compared after the first repetition: "
+        f"{db.get('shared_buffers', '?')}) on throwaway schemas, into emptied tables, fresh quote ids each "
+        f"time; {settings['repeat']} repetitions, the three methods rotating; medians. "
+        "`store` = `PgQuoteStore.write([batch])` (migration 002's narrow tables: the batch and its rates "
+        "once, the rows by binary COPY into `quote_rows`, in two parts over two connections); `audit` = "
+        "`AuditTrail.add` + `close` (end to end through the background writer); `executemany` = the "
+        "baseline, a plain 30-parameter INSERT through asyncpg's executemany in one transaction, of rows "
+        "built in Python, into migration 001's wide `quotes` table (a schema of its own). The records "
+        "stored (the view `quotes` against the 001 table) were compared after the first repetition: "
         + ("**equal**." if doc.get("digests_equal") else "**DIFFERENT** (the comparison is void)."),
         "",
-        "| method | median ms | rows/s | per repetition rows/s | client CPU ms | database backend CPU ms |",
+        "| method | median ms | rows/s | per repetition rows/s | client CPU ms | database backends CPU ms |",
         "|---|---|---|---|---|---|",
     ]
     for method, s in doc["summary"].items():
@@ -642,7 +642,8 @@ def audit_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: 
     lines += _commands_block(
         [
             *([display_command(command)] if command else []),
-            "# on a schema bench_<random>, created by the migrations and dropped at the end",
+            "# on schemas bench_<random> and bench_<random>_001 (migrated through 001_initial), "
+            "dropped at the end",
             *doc.get("commands", [])[1:],
         ]
     )
