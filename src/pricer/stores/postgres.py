@@ -740,23 +740,26 @@ def _field(name: str, dtype: Any) -> list[tuple[Any, ...]]:
     return [(f"{name}_length", ">i4"), (name, dtype)]
 
 
+# A NUMERIC money field of a tuple: its length, then the value's header and digits.
+_MONEY_DTYPE: Final = np.dtype(
+    [
+        ("length", ">i4"),
+        ("ndigits", ">i2"),
+        ("weight", ">i2"),
+        ("sign", ">u2"),
+        ("dscale", ">i2"),
+        ("digits", ">i2", (_MONEY_DIGITS,)),
+    ]
+)
 _ROW_DTYPE: Final = np.dtype(
-    [("fields", ">i2")]
-    + _field("quote_id", "V16")
-    + _field("input_index", ">i8")
-    + _field("rate_id", "V16")
-    + _field("loan_days", ">i4")
-    + [
-        item
-        for name, _ in _MONEY_COLUMNS
-        for item in (
-            (f"{name}_length", ">i4"),
-            (f"{name}_ndigits", ">i2"),
-            (f"{name}_weight", ">i2"),
-            (f"{name}_sign", ">u2"),
-            (f"{name}_dscale", ">i2"),
-            (f"{name}_digits", ">i2", (_MONEY_DIGITS,)),
-        )
+    [
+        ("fields", ">i2"),
+        *_field("quote_id", "V16"),
+        *_field("input_index", ">i8"),
+        *_field("rate_id", "V16"),
+        *_field("loan_days", ">i4"),
+        # The money columns are the tuple's last fields, one after the other: one sub-array holds them.
+        ("money", _MONEY_DTYPE, (len(_MONEY_COLUMNS),)),
     ]
 )
 
@@ -769,29 +772,30 @@ def _row_template() -> np.ndarray[Any, Any]:
     template["input_index_length"] = 8
     template["rate_id_length"] = 16
     template["loan_days_length"] = 4
-    for name, _ in _MONEY_COLUMNS:
-        template[f"{name}_length"] = 8 + 2 * _MONEY_DIGITS
-        template[f"{name}_ndigits"] = _MONEY_DIGITS
-        template[f"{name}_weight"] = _MONEY_DIGITS - 2
-        template[f"{name}_dscale"] = 2
-    return template
+    money = template["money"]
+    money["length"] = 8 + 2 * _MONEY_DIGITS
+    money["ndigits"] = _MONEY_DIGITS
+    money["weight"] = _MONEY_DIGITS - 2
+    money["dscale"] = 2
+    return template.view(np.uint8)
 
 
 _ROW_TEMPLATE: Final = _row_template()
 
 
 def _money_digits(cents: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """(sign, base-10000 digits) of amounts in cents, as a NUMERIC with 2 decimals."""
+    """(sign, base-10000 digits) of amounts in cents (any shape; the digits along a last axis more), as
+    NUMERICs with 2 decimals."""
     magnitude = np.abs(cents)
     if magnitude.size and int(magnitude.max()) >= _MONEY_LIMIT_CENTS:
         raise ValueError(
             f"an amount of {int(magnitude.max()) / 100:.2f} is beyond what the audit trail holds"
         )
-    digits = np.empty((cents.shape[0], _MONEY_DIGITS), dtype=np.int64)
-    digits[:, -1] = magnitude % 100 * 100
+    digits = np.empty((*cents.shape, _MONEY_DIGITS), dtype=np.int64)
+    digits[..., -1] = magnitude % 100 * 100
     whole = magnitude // 100
     for place in range(_MONEY_DIGITS - 2, -1, -1):
-        digits[:, place] = whole % 10_000
+        digits[..., place] = whole % 10_000
         whole //= 10_000
     return np.where(cents < 0, _NUMERIC_NEGATIVE, 0), digits
 
@@ -875,8 +879,9 @@ def _binary_rows(
     first_rate = np.cumsum(counts) - counts
     first_row = np.cumsum(sizes) - sizes
 
-    tuples = np.empty(total, dtype=_ROW_DTYPE)
-    tuples[:] = _ROW_TEMPLATE[0]
+    # The template's bytes repeated (a structured assignment of the template to every element costs
+    # ~0.3 µs a row).
+    tuples = np.tile(_ROW_TEMPLATE, total).view(_ROW_DTYPE)
     # quote_id = the batch's 12 bytes || the row's index in its batch (4 bytes, big-endian).
     prefixes = np.frombuffer(bytes.fromhex("".join([batch.batch_id for batch in batches])), dtype=np.uint8)
     quote_ids = np.zeros((total, 16), dtype=np.uint8)
@@ -892,8 +897,10 @@ def _binary_rows(
     tuples["rate_id"] = np.frombuffer(rate_ids, dtype="V16")[rate_rows]
     tuples["input_index"] = columns["input_index"]
     tuples["loan_days"] = columns["loan_days"]
-    for name, attribute in _MONEY_COLUMNS:
-        tuples[f"{name}_sign"], tuples[f"{name}_digits"] = _money_digits(columns[attribute])
+    money = tuples["money"]  # a view: (rows, money columns)
+    money["sign"], money["digits"] = _money_digits(
+        np.stack([columns[attribute] for _, attribute in _MONEY_COLUMNS], axis=1)
+    )
     return tuples
 
 
@@ -958,9 +965,9 @@ class _Write:
         self, batches: Sequence[PricedBatch], known_rate_ids: dict[int, tuple[TickerRate, bytes]]
     ) -> None:
         rate_columns: list[list[Any]] = [[] for _ in range(13)]
-        # A fee schedule is shared by the batches of a client, a rate by the quotes of a ticker in a cache
-        # period: each is encoded once per write.
-        schedule_fields: dict[int, str] = {}
+        # A client's fee schedule and key are shared by its batches, a rate by the quotes of a ticker in a
+        # cache period: each is encoded once per write.
+        batch_tails: dict[tuple[int, str, str | None], str] = {}
         written_rates: set[bytes] = set()
         lines: list[str] = []
         rate_ids: list[bytes] = []
@@ -968,15 +975,16 @@ class _Write:
         copy_time = _CopyTimes()
         for batch in batches:
             schedule = batch.fee_schedule
-            fields = schedule_fields.get(id(schedule))
-            if fields is None:
-                fields = schedule_fields[id(schedule)] = (
+            tail_key = (id(schedule), batch.client_id, batch.key_id)
+            tail = batch_tails.get(tail_key)
+            if tail is None:
+                tail = batch_tails[tail_key] = (
+                    f"{_copy_text(batch.client_id)}\t{_copy_text(batch.key_id)}\t"
                     f"{_num(schedule.markup_percentage)}\t{_copy_text(str(schedule.transaction_fee_type))}\t"
-                    f"{_num(schedule.transaction_amount)}\t{int(schedule.day_count)}"
+                    f"{_num(schedule.transaction_amount)}\t{int(schedule.day_count)}\n"
                 )
             lines.append(
-                f"{batch.batch_id}00000000\t{copy_time(batch.calculated_at)}\t{_copy_text(batch.request_id)}\t"
-                f"{_copy_text(batch.client_id)}\t{_copy_text(batch.key_id)}\t{fields}\n"
+                f"{batch.batch_id}00000000\t{copy_time(batch.calculated_at)}\t{_copy_text(batch.request_id)}\t{tail}"
             )
             rate_counts.append(len(batch.rates))
             for rate in batch.rates:
