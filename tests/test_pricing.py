@@ -869,7 +869,7 @@ def test_price_rates_ignores_the_ambient_decimal_context(ambient: Context) -> No
 @given(
     value=st.one_of(
         st.floats(allow_nan=True, allow_infinity=True),
-        st.decimals(min_value=-10**9, max_value=10**9, places=4, allow_nan=False).map(float),
+        st.decimals(min_value=-(10**9), max_value=10**9, places=4, allow_nan=False).map(float),
     ),
     places=st.integers(min_value=0, max_value=8),
 )

@@ -255,7 +255,6 @@ class Metrics:
                 name, callbacks=[self._plain_counter(attribute)], description=description
             )
 
-
     def _plain_counter(self, attribute: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         return lambda _options: [Observation(getattr(self, attribute))]
 
