@@ -715,6 +715,43 @@ async def test_a_rate_snapshot_is_stored_once_however_many_quotes_use_it() -> No
             assert await stores.quotes.get(batch.quote_id(1)) == batch.quote_response(1)
 
 
+async def test_batch_text_fields_are_stored_verbatim() -> None:
+    """Batches travel as one JSON parameter: quotes, backslashes, tabs, newlines, non-ASCII and a missing
+    key read back exactly as given."""
+    odd = ['"quoted"', "back\\slash", "tab\there", "line\nbreak\r", "ünï\u2013côdé", '{"json": [1]}']
+    batches = [
+        dataclasses.replace(
+            make_batch(1, seed=n, key_id=None if n == 0 else text), request_id=text, client_id=text
+        )
+        for n, text in enumerate(odd)
+    ]
+    async with pg_stores() as (_stores, pool, _dsn, _schema):
+        await PgQuoteStore(pool).add_many(batches)
+        for batch, text in zip(batches, odd, strict=True):
+            async with pool.acquire() as connection:
+                row = await connection.fetchrow(
+                    "SELECT request_id, client_id, key_id FROM quote_batches WHERE batch_id = $1::uuid",
+                    batch.quote_id(0),
+                )
+            assert (row["request_id"], row["client_id"], row["key_id"]) == (text, text, batch.key_id)
+
+
+async def test_a_connection_released_inside_a_transaction_is_rolled_back() -> None:
+    """The pools skip asyncpg's reset query (a round trip per release); what they must still do is roll
+    back a transaction its user left open."""
+    async with pg_stores() as (_stores, pool, _dsn, _schema):
+        async with pool.acquire() as connection:
+            await connection.execute("CREATE TABLE leftover (n integer)")
+            transaction = connection.transaction()
+            await transaction.start()
+            await connection.execute("INSERT INTO leftover VALUES (1)")
+            pid = connection.get_server_pid()
+        async with pool.acquire() as connection:
+            assert not connection.is_in_transaction()
+        assert await _table_count(pool, "SELECT count(*) FROM leftover") == 0
+        assert pid > 0
+
+
 async def test_batch_times_are_stored_to_the_microsecond() -> None:
     """Batch lines carry their time as text: every offset, the second's edges and times before 1970
     read back as the same instant (a naive time is UTC)."""

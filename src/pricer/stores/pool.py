@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 from pricer.errors import ServiceUnavailable
-from pricer.stores.postgres import quote_identifier, translate_errors, valid_schema_name
+from pricer.stores.postgres import keep_session, quote_identifier, translate_errors, valid_schema_name
 
 
 class DeferredPool:
@@ -31,6 +31,7 @@ class DeferredPool:
                 max_size=self._max_size,
                 server_settings=server_settings,
                 command_timeout=30,
+                reset=keep_session,
             )
 
     async def close(self) -> None:

@@ -642,46 +642,38 @@ class PgKeyStore(_PgStore):
 # `quote_batches`, one row per priced call; `quote_rates`, one row per rate snapshot, keyed by a digest of
 # its contents. Rows go by binary COPY straight into `quote_rows`: all their fields are fixed-width (uuid,
 # int8, int4, and NUMERIC sent with a fixed number of base-10000 digits, which the server normalises), so
-# NumPy builds the whole stream as one structured array. Batches go by text COPY (one line each, built
-# with the fee schedule's part shared): as array parameters, asyncpg's per-element checks cost a few
-# microseconds a batch, and most batches are single quotes. The few distinct rates of a write go as array
-# parameters of one INSERT that skips those already stored (floats as their shortest decimal text, rates
-# as integer 1e-8 units, scaled in SQL).
-_INSERT_RATES = """
-INSERT INTO quote_rates (rate_id, ticker, borrow_rate, base_rate, volatility_index, volatility_adjustment,
-                         event_risk_factor, event_adjustment, min_rate, borrow_status, rate_source,
-                         available_shares, rate_as_of)
-SELECT rate_id, ticker, rate_units * 0.00000001, base_rate, volatility_index, volatility_adjustment,
-       event_risk_factor, event_adjustment, min_rate_units * 0.00000001, borrow_status, rate_source,
-       available_shares, rate_as_of
-FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::numeric[], $5::numeric[], $6::numeric[], $7::int2[],
-            $8::numeric[], $9::int8[], $10::text[], $11::text[], $12::int8[], $13::timestamptz[])
-    AS x (rate_id, ticker, rate_units, base_rate, volatility_index, volatility_adjustment, event_risk_factor,
-          event_adjustment, min_rate_units, borrow_status, rate_source, available_shares, rate_as_of)
-ON CONFLICT (rate_id) DO NOTHING
+# NumPy builds the whole stream as one structured array. A write's batches and its few distinct rates go
+# before, in one statement: a round trip costs the event loop ~100 µs whatever it carries, and most
+# writes are a few hundred single quotes, so statements, not bytes, are what a write pays for. The
+# batches are one JSON array parameter (msgspec encodes it in C; as array parameters, asyncpg's
+# per-element checks cost a few microseconds a batch), the rates array parameters (floats as their
+# shortest decimal text, rates as integer 1e-8 units, scaled in SQL). Both skip what is already stored.
+_INSERT_RATES_AND_BATCHES = """
+WITH new_rates AS (
+    INSERT INTO quote_rates (rate_id, ticker, borrow_rate, base_rate, volatility_index, volatility_adjustment,
+                             event_risk_factor, event_adjustment, min_rate, borrow_status, rate_source,
+                             available_shares, rate_as_of)
+    SELECT rate_id, ticker, rate_units * 0.00000001, base_rate, volatility_index, volatility_adjustment,
+           event_risk_factor, event_adjustment, min_rate_units * 0.00000001, borrow_status, rate_source,
+           available_shares, rate_as_of
+    FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::numeric[], $5::numeric[], $6::numeric[], $7::int2[],
+                $8::numeric[], $9::int8[], $10::text[], $11::text[], $12::int8[], $13::timestamptz[])
+        AS x (rate_id, ticker, rate_units, base_rate, volatility_index, volatility_adjustment,
+              event_risk_factor, event_adjustment, min_rate_units, borrow_status, rate_source,
+              available_shares, rate_as_of)
+    ON CONFLICT (rate_id) DO NOTHING
+)
+INSERT INTO quote_batches (batch_id, calculated_at, request_id, client_id, key_id, markup_percentage,
+                           transaction_fee_type, transaction_amount, day_count)
+SELECT (b->>0)::uuid, (b->>1)::timestamptz, b->>2, b->>3, b->>4, (b->>5)::numeric, b->>6, (b->>7)::numeric,
+       (b->>8)::integer
+FROM jsonb_array_elements($14::text::jsonb) AS b
+ORDER BY 1
+ON CONFLICT (batch_id) DO NOTHING
 """
-_BATCH_COLUMNS: Final = (
-    "batch_id",
-    "calculated_at",
-    "request_id",
-    "client_id",
-    "key_id",
-    "markup_percentage",
-    "transaction_fee_type",
-    "transaction_amount",
-    "day_count",
-)
-# A plain COPY is about twice as fast as an INSERT with ON CONFLICT (no speculative insertion); a write
-# fails on an existing id only when it is a replay or another replica wrote the same batch at the same
-# time, and then it is done again through staging tables, skipping what exists.
-_STAGE_BATCHES = (
-    "CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_batches (LIKE quote_batches INCLUDING DEFAULTS) "
-    "ON COMMIT DELETE ROWS"
-)
-_MERGE_BATCHES = (
-    "INSERT INTO quote_batches SELECT * FROM pricer_stage_quote_batches ORDER BY batch_id "
-    "ON CONFLICT (batch_id) DO NOTHING"
-)
+# A plain COPY is about twice as fast as an INSERT with ON CONFLICT (no speculative insertion); a COPY of
+# rows fails on an existing id only when it is a replay or another replica wrote the same batch at the
+# same time, and then it is done again through a staging table, skipping what exists.
 _STAGE_ROWS = (
     "CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rows (LIKE quote_rows) ON COMMIT DELETE ROWS"
 )
@@ -904,10 +896,10 @@ def _binary_rows(
     return tuples
 
 
-async def _stream(*parts: bytes) -> AsyncIterator[bytes]:
-    """A COPY's data, for `copy_to_table(source=...)`."""
-    for part in parts:
-        yield part
+async def _row_stream(rows: np.ndarray[Any, Any]) -> AsyncIterator[bytes]:
+    """A binary COPY's data of `rows` (from `_binary_rows`), for `copy_to_table(source=...)`: one chunk,
+    as asyncpg sends each chunk on its own (a send costs tens of microseconds, a copy of the bytes less)."""
+    yield b"".join((_COPY_SIGNATURE, rows.data, _COPY_TRAILER))
 
 
 _RATE_ENCODER: Final = msgspec.msgpack.Encoder()
@@ -918,74 +910,43 @@ def rate_id(rate: TickerRate) -> bytes:
     return hashlib.blake2b(_RATE_ENCODER.encode(rate), digest_size=16).digest()
 
 
-_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_text(value: str | None) -> str:
-    """A value as one field of PostgreSQL's text COPY format (`\\N` is NULL)."""
-    if value is None:
-        return "\\N"
-    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
-        return value.translate(_COPY_ESCAPES)
-    return value
-
-
-_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_MICROSECOND: Final = dt.timedelta(microseconds=1)
-
-
-class _CopyTimes:
-    """timestamptz fields of a text COPY. The batches of a write were priced within a few seconds of
-    each other: the date and time of a second are formatted once (`isoformat` costs about a
-    microsecond, most of what a single quote's batch line costs)."""
-
-    __slots__ = ("_seconds",)
-
-    def __init__(self) -> None:
-        self._seconds: dict[int, str] = {}
-
-    def __call__(self, value: dt.datetime) -> str:
-        if value.tzinfo is None:  # naive datetimes are UTC here, as asyncpg takes them
-            value = value.replace(tzinfo=dt.UTC)
-        second, micro = divmod((value - _EPOCH) // _MICROSECOND, 1_000_000)
-        prefix = self._seconds.get(second)
-        if prefix is None:
-            moment = _EPOCH + dt.timedelta(seconds=second)
-            prefix = self._seconds[second] = moment.strftime("%Y-%m-%d %H:%M:%S")
-        return f"{prefix}.{micro:06d}+00"
+_BATCH_ENCODER: Final = msgspec.json.Encoder()
 
 
 class _Write:
-    """One write: its batches as text COPY lines of `quote_batches`, the distinct rates they used as the
-    array parameters of `_INSERT_RATES`, and every row as a binary COPY tuple of `quote_rows`."""
+    """One write: its batches as the JSON array and its distinct rates as the array parameters of
+    `_INSERT_RATES_AND_BATCHES`, and every row as a binary COPY tuple of `quote_rows`."""
 
-    __slots__ = ("batch_lines", "rate_arguments", "rows")
+    __slots__ = ("batch_arguments", "rows")
 
     def __init__(
         self, batches: Sequence[PricedBatch], known_rate_ids: dict[int, tuple[TickerRate, bytes]]
     ) -> None:
         rate_columns: list[list[Any]] = [[] for _ in range(13)]
         # A client's fee schedule and key are shared by its batches, a rate by the quotes of a ticker in a
-        # cache period: each is encoded once per write.
-        batch_tails: dict[tuple[int, str, str | None], str] = {}
+        # cache period: each is converted once per write.
+        batch_tails: dict[tuple[int, str, str | None], tuple[Any, ...]] = {}
         written_rates: set[bytes] = set()
-        lines: list[str] = []
+        entries: list[list[Any]] = []
         rate_ids: list[bytes] = []
         rate_counts: list[int] = []
-        copy_time = _CopyTimes()
         for batch in batches:
             schedule = batch.fee_schedule
             tail_key = (id(schedule), batch.client_id, batch.key_id)
             tail = batch_tails.get(tail_key)
             if tail is None:
                 tail = batch_tails[tail_key] = (
-                    f"{_copy_text(batch.client_id)}\t{_copy_text(batch.key_id)}\t"
-                    f"{_num(schedule.markup_percentage)}\t{_copy_text(str(schedule.transaction_fee_type))}\t"
-                    f"{_num(schedule.transaction_amount)}\t{int(schedule.day_count)}\n"
+                    batch.client_id,
+                    batch.key_id,
+                    float(schedule.markup_percentage),
+                    str(schedule.transaction_fee_type),
+                    float(schedule.transaction_amount),
+                    int(schedule.day_count),
                 )
-            lines.append(
-                f"{batch.batch_id}00000000\t{copy_time(batch.calculated_at)}\t{_copy_text(batch.request_id)}\t{tail}"
-            )
+            calculated_at = batch.calculated_at
+            if calculated_at.tzinfo is None:  # naive datetimes are UTC here, as asyncpg takes them
+                calculated_at = calculated_at.replace(tzinfo=dt.UTC)
+            entries.append([f"{batch.batch_id}00000000", calculated_at, batch.request_id, *tail])
             rate_counts.append(len(batch.rates))
             for rate in batch.rates:
                 known = known_rate_ids.get(id(rate))
@@ -1015,12 +976,11 @@ class _Write:
                     ),
                 )
         self.rows = _binary_rows(batches, b"".join(rate_ids), rate_counts)
-        self.batch_lines = "".join(lines).encode()
         if len(rate_columns[0]) > 1:
             # In digest order: two writers inserting the same new rates lock them in the same order.
             order = sorted(range(len(rate_columns[0])), key=rate_columns[0].__getitem__)
             rate_columns = [[column[i] for i in order] for column in rate_columns]
-        self.rate_arguments = rate_columns
+        self.batch_arguments = (*rate_columns, _BATCH_ENCODER.encode(entries).decode())
 
 
 # A write of fewer rows per connection than this stays on one connection (one transaction).
@@ -1050,9 +1010,10 @@ class PgQuoteStore(_PgStore):
     async def add_many(self, batches: Iterable[PricedBatch]) -> int:
         """Record every position of the batches; the number of rows that were new.
 
-        Up to `PARALLEL_WRITE_ROWS` rows per connection go in one transaction. A larger write records
-        its batches and rates first, then its rows, cut into ranges written at once over
-        `write_connections` connections (each its own transaction): PostgreSQL's side of a write is
+        Up to `PARALLEL_WRITE_ROWS` rows per connection go in one transaction: the batches and rates in
+        one statement, then the rows in one COPY. A larger write records its batches and rates first,
+        then its rows, cut into ranges written at once over `write_connections` connections (each its
+        own transaction): PostgreSQL's side of a write is
         CPU-bound, so a 10^5-row batch spreads over the database's cores. If one part fails, the caller
         writes everything again (the audit trail's spool does) and what is already in is skipped. A batch
         whose columns are inconsistent (lengths, a rate index out of range) raises ValueError before
@@ -1098,28 +1059,17 @@ class PgQuoteStore(_PgStore):
         connection: Any, write: _Write, rows: np.ndarray[Any, Any] | None, *, batches: bool, merge: bool
     ) -> int:
         if batches:
-            await connection.execute(_INSERT_RATES, *write.rate_arguments)
-            if not merge:
-                await connection.copy_to_table(
-                    "quote_batches", source=_stream(write.batch_lines), columns=_BATCH_COLUMNS
-                )
-            else:
-                await connection.execute(_STAGE_BATCHES)
-                await connection.copy_to_table(
-                    "pricer_stage_quote_batches", source=_stream(write.batch_lines), columns=_BATCH_COLUMNS
-                )
-                await connection.execute(_MERGE_BATCHES)
+            await connection.execute(_INSERT_RATES_AND_BATCHES, *write.batch_arguments)
         if rows is None:
             return 0
-        stream = _stream(_COPY_SIGNATURE, rows.tobytes(), _COPY_TRAILER)
         if not merge:
             status = await connection.copy_to_table(
-                "quote_rows", source=stream, columns=_ROW_COLUMNS, format="binary"
+                "quote_rows", source=_row_stream(rows), columns=_ROW_COLUMNS, format="binary"
             )
         else:
             await connection.execute(_STAGE_ROWS)
             await connection.copy_to_table(
-                "pricer_stage_quote_rows", source=stream, columns=_ROW_COLUMNS, format="binary"
+                "pricer_stage_quote_rows", source=_row_stream(rows), columns=_ROW_COLUMNS, format="binary"
             )
             status = await connection.execute(_MERGE_ROWS)
         return int(str(status).rsplit(" ", 1)[-1])
@@ -1197,6 +1147,13 @@ class PgQuoteStore(_PgStore):
 # ---- assembly ------------------------------------------------------------------------------------
 
 
+async def keep_session(connection: Any) -> None:
+    """The pools' reset: nothing beyond what asyncpg always does on release (roll back a transaction left
+    open). asyncpg's default also runs `RESET ALL; CLOSE ALL; UNLISTEN *` and releases advisory locks: a
+    round trip per release, for session state the stores never create (migrations hold their advisory
+    lock on a connection of their own)."""
+
+
 def postgres_stores(pool: Any, *, refresh_seconds: float = DEFAULT_REFRESH_SECONDS) -> Stores:
     """The PostgreSQL stores over an existing pool (whose connections' search path holds the tables)."""
     return Stores(
@@ -1228,6 +1185,6 @@ async def connect_stores(
         server_settings["search_path"] = quote_identifier(schema)
     with translate_errors("connect"):
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
+            dsn, min_size=min_size, max_size=max_size, server_settings=server_settings, reset=keep_session
         )
     return postgres_stores(pool, refresh_seconds=refresh_seconds), pool
