@@ -641,6 +641,34 @@ async def test_many_small_batches_in_one_write() -> None:
             assert await stores.quotes.get(batch.quote_id(0)) == batch.quote_response(0)
 
 
+async def test_single_quotes_and_batches_in_one_write_read_back_as_priced() -> None:
+    """The audit trail queues single quotes in their compact form (SingleQuote) beside whole batches:
+    one write of both stores every row with its exact figures, and once only."""
+    singles = [make_batch(1, rates=[MIXED_RATES[i % len(MIXED_RATES)]], seed=i) for i in range(40)]
+    batches = [make_batch(5, seed=100), make_batch(1, seed=101), make_batch(17, seed=102)]
+    compact = [batch.single_quote() for batch in singles]
+    assert all(quote is not None for quote in compact)
+    records = [*[quote for quote in compact if quote is not None], *batches]
+    async with pg_stores() as (stores, pool, _dsn, _schema):
+        store = PgQuoteStore(pool)
+        assert await store.add_many(records) == 40 + 5 + 1 + 17
+        assert await store.add_many(records[::-1]) == 0
+        for batch in [*singles, *batches]:
+            for row in range(batch.size):
+                assert await stores.quotes.get(batch.quote_id(row)) == batch.quote_response(row)
+
+
+def test_single_quote_is_only_made_of_a_consistent_one_row_batch() -> None:
+    one = make_batch(1, rates=MIXED_RATES[:1], seed=3)
+    quote = one.single_quote()
+    assert quote is not None
+    assert quote.batch().quote_response(0) == one.quote_response(0)
+    assert make_batch(2, rates=MIXED_RATES[:1]).single_quote() is None
+    assert make_batch(1, rates=MIXED_RATES[:2]).single_quote() is None
+    longer = dataclasses.replace(one, total_fee=np.array([1, 2], dtype=np.int64))
+    assert longer.single_quote() is None
+
+
 async def test_hundred_thousand_row_batch_round_trips() -> None:
     size = 100_000
     rates = [ticker_rate(f"T{i}", rate_units=1_000 + i, base_rate=(i + 1) / 10_000) for i in range(500)]

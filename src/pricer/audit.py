@@ -28,7 +28,7 @@ import msgspec
 import numpy as np
 
 from pricer.logs import fields
-from pricer.quotes import PricedBatch, TickerRate
+from pricer.quotes import AuditRecord, PricedBatch, SingleQuote, TickerRate
 from pricer.schemas import FeeScheduleView, QuoteResponse
 from pricer.stores.memory import MemoryQuoteStore
 
@@ -40,7 +40,7 @@ _LENGTH = struct.Struct(">I")
 class QuoteSink(Protocol):
     """Where the trail is written for good (PostgreSQL). `write` is idempotent on quote id."""
 
-    async def write(self, batches: Sequence[PricedBatch]) -> None: ...
+    async def write(self, batches: Sequence[AuditRecord]) -> None: ...
 
     async def get(self, quote_id: str) -> QuoteResponse | None: ...
 
@@ -63,7 +63,8 @@ class SpooledBatch(msgspec.Struct, array_like=True):
     total_fee: list[int]
 
     @classmethod
-    def of(cls, batch: PricedBatch) -> SpooledBatch:
+    def of(cls, record: AuditRecord) -> SpooledBatch:
+        batch = record.batch() if isinstance(record, SingleQuote) else record
         return cls(
             batch_id=batch.batch_id,
             calculated_at=batch.calculated_at,
@@ -143,7 +144,7 @@ class Spool:
             offset = start + length
         return batches, offset
 
-    def append(self, batches: Sequence[PricedBatch]) -> None:
+    def append(self, batches: Sequence[AuditRecord]) -> None:
         payload = bytearray()
         for batch in batches:
             record = self._encoder.encode(SpooledBatch.of(batch))
@@ -187,7 +188,7 @@ class AuditTrail:
         self._sink = sink
         self._spool = spool
         self._recent = MemoryQuoteStore(recent_rows)
-        self._queue: deque[PricedBatch] = deque()
+        self._queue: deque[AuditRecord] = deque()
         self._queued_rows = 0
         self._max_queue_rows = max_queue_rows
         self._max_write_rows = max_write_rows
@@ -206,11 +207,14 @@ class AuditTrail:
 
     async def add(self, batch: PricedBatch) -> None:
         await self._recent.add(batch)
+        # A single quote waits for its write in its compact form: the batch, its arrays and its response
+        # are freed now, by the request that made them.
+        record: AuditRecord = batch.single_quote() or batch
         while self._queued_rows >= self._max_queue_rows and not self._closing:
             self._room.clear()
             await self._room.wait()
-        self._queue.append(batch)
-        self._queued_rows += batch.size
+        self._queue.append(record)
+        self._queued_rows += record.size
         self._wakeup.set()
 
     async def get(self, quote_id: str) -> QuoteResponse | None:
@@ -251,9 +255,9 @@ class AuditTrail:
                 log.exception("Audit writer error")
                 await asyncio.sleep(self._retry_seconds)
 
-    def _take(self) -> tuple[list[PricedBatch], int]:
+    def _take(self) -> tuple[list[AuditRecord], int]:
         """The next write: queued batches up to max_write_rows rows (at least one), and their rows."""
-        taken: list[PricedBatch] = []
+        taken: list[AuditRecord] = []
         rows = 0
         queue = self._queue
         while queue:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -93,6 +94,65 @@ class TickerRate(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+class RowValues(NamedTuple):
+    """One priced row's values as Python ints (money in cents)."""
+
+    rate_index: int
+    input_index: int
+    loan_days: int
+    position_cents: int
+    borrow_cost: int
+    markup: int
+    transaction_fees: int
+    total_fee: int
+
+
+class SingleQuote(NamedTuple):
+    """A one-row PricedBatch as the audit trail queues it until it is written.
+
+    A PricedBatch holds nine NumPy arrays and its response body: queued for the tens of milliseconds
+    before a write, hundreds of them crowd the CPU caches the request path runs in (and the writer
+    reads the arrays one by one). This record holds what the trail stores and nothing else."""
+
+    batch_id: str
+    calculated_at: dt.datetime
+    request_id: str
+    client_id: str
+    key_id: str | None
+    fee_schedule: FeeScheduleView
+    rate: TickerRate
+    values: RowValues
+
+    @property
+    def size(self) -> int:
+        return 1
+
+    def batch(self) -> PricedBatch:
+        """The same quote as a PricedBatch."""
+
+        def column(value: int) -> Int64Array:
+            return np.array([value], dtype=np.int64)
+
+        values = self.values
+        return PricedBatch(
+            batch_id=self.batch_id,
+            calculated_at=self.calculated_at,
+            request_id=self.request_id,
+            client_id=self.client_id,
+            key_id=self.key_id,
+            fee_schedule=self.fee_schedule,
+            rates=[self.rate],
+            rate_index=column(values.rate_index),
+            input_index=column(values.input_index),
+            position_cents=column(values.position_cents),
+            loan_days=column(values.loan_days),
+            borrow_cost=column(values.borrow_cost),
+            markup=column(values.markup),
+            transaction_fees=column(values.transaction_fees),
+            total_fee=column(values.total_fee),
+        )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PricedBatch:
     """Every priced position of one call (a single quote is a batch of one), columnar.
@@ -116,9 +176,10 @@ class PricedBatch:
     markup: Int64Array
     transaction_fees: Int64Array
     total_fee: Int64Array
-    # The single-quote body of a one-row batch, made once: the endpoint returns it and the quote store
-    # keeps it.
+    # The single-quote body of a one-row batch and its row's values, made once: the endpoint returns the
+    # body, the quote store keeps it, and the audit trail queues the values (`single_quote`).
     _single_response: list[QuoteResponse] = field(default_factory=list, init=False, compare=False, repr=False)
+    _single_row: list[RowValues] = field(default_factory=list, init=False, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -140,20 +201,71 @@ class PricedBatch:
             self._single_response.append(response)
         return response
 
+    def row_values(self, row: int) -> RowValues:
+        if self._single_row and row == 0:
+            return self._single_row[0]
+        values = RowValues(
+            rate_index=self.rate_index.item(row),
+            input_index=self.input_index.item(row),
+            loan_days=self.loan_days.item(row),
+            position_cents=self.position_cents.item(row),
+            borrow_cost=self.borrow_cost.item(row),
+            markup=self.markup.item(row),
+            transaction_fees=self.transaction_fees.item(row),
+            total_fee=self.total_fee.item(row),
+        )
+        if row == 0 and self.size == 1:
+            self._single_row.append(values)
+        return values
+
+    def single_quote(self) -> SingleQuote | None:
+        """This batch as a SingleQuote if it is one row priced at one rate, with every column one value
+        long; else None."""
+        shape = self.position_cents.shape
+        if (
+            shape != (1,)
+            or len(self.rates) != 1
+            or not (
+                self.rate_index.shape
+                == self.input_index.shape
+                == self.loan_days.shape
+                == self.borrow_cost.shape
+                == self.markup.shape
+                == self.transaction_fees.shape
+                == self.total_fee.shape
+                == shape
+            )
+        ):
+            return None
+        values = self.row_values(0)
+        if values.rate_index != 0:
+            return None
+        return SingleQuote(
+            batch_id=self.batch_id,
+            calculated_at=self.calculated_at,
+            request_id=self.request_id,
+            client_id=self.client_id,
+            key_id=self.key_id,
+            fee_schedule=self.fee_schedule,
+            rate=self.rates[0],
+            values=values,
+        )
+
     def _build_quote_response(self, row: int) -> QuoteResponse:
-        rate = self.rates[int(self.rate_index[row])]
+        values = self.row_values(row)
+        rate = self.rates[values.rate_index]
         return QuoteResponse(
             quote_id=self.quote_id(row),
             ticker=rate.ticker,
             client_id=self.client_id,
-            position_value=int(self.position_cents[row]) / 100,
-            loan_days=int(self.loan_days[row]),
+            position_value=values.position_cents / 100,
+            loan_days=values.loan_days,
             fee_schedule=self.fee_schedule,
-            total_fee=int(self.total_fee[row]) / 100,
+            total_fee=values.total_fee / 100,
             breakdown=Breakdown(
-                borrow_cost=int(self.borrow_cost[row]) / 100,
-                markup=int(self.markup[row]) / 100,
-                transaction_fees=int(self.transaction_fees[row]) / 100,
+                borrow_cost=values.borrow_cost / 100,
+                markup=values.markup / 100,
+                transaction_fees=values.transaction_fees / 100,
             ),
             borrow_rate_used=rate.rate,
             rate=rate.components(),
@@ -189,6 +301,10 @@ class PricedBatch:
                 strict=True,
             )
         ]
+
+
+# What the audit trail queues: a batch, or a single quote in its compact form.
+AuditRecord = PricedBatch | SingleQuote
 
 
 def empty_int_column() -> Int64Array:

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import itertools
 import operator
 import re
 import time
@@ -57,7 +58,7 @@ from pricer.models import (
     Stock,
     VolatilityReading,
 )
-from pricer.quotes import PricedBatch, TickerRate, split_quote_id
+from pricer.quotes import AuditRecord, PricedBatch, RowValues, SingleQuote, TickerRate, split_quote_id
 from pricer.schemas import Breakdown, FeeScheduleView, QuoteResponse, RateComponents
 from pricer.stores.protocols import Stores
 
@@ -645,8 +646,9 @@ class PgKeyStore(_PgStore):
 # NumPy builds the whole stream as one structured array. A write's batches and its few distinct rates go
 # before, in one statement: a round trip costs the event loop ~100 µs whatever it carries, and most
 # writes are a few hundred single quotes, so statements, not bytes, are what a write pays for. The
-# batches are one JSON array parameter (msgspec encodes it in C; as array parameters, asyncpg's
-# per-element checks cost a few microseconds a batch), the rates array parameters (floats as their
+# batches are one JSON array parameter, [id, time, request id, [client, key, fee schedule...]] each,
+# the last part encoded once per client and key (msgspec encodes it in C; as array parameters,
+# asyncpg's per-element checks cost a few microseconds a batch), the rates array parameters (floats as their
 # shortest decimal text, rates as integer 1e-8 units, scaled in SQL). Both skip what is already stored.
 _INSERT_RATES_AND_BATCHES = """
 WITH new_rates AS (
@@ -665,8 +667,8 @@ WITH new_rates AS (
 )
 INSERT INTO quote_batches (batch_id, calculated_at, request_id, client_id, key_id, markup_percentage,
                            transaction_fee_type, transaction_amount, day_count)
-SELECT (b->>0)::uuid, (b->>1)::timestamptz, b->>2, b->>3, b->>4, (b->>5)::numeric, b->>6, (b->>7)::numeric,
-       (b->>8)::integer
+SELECT (b->>0)::uuid, (b->>1)::timestamptz, b->>2, b->3->>0, b->3->>1, (b->3->>2)::numeric, b->3->>3,
+       (b->3->>4)::numeric, (b->3->>5)::integer
 FROM jsonb_array_elements($14::text::jsonb) AS b
 ORDER BY 1
 ON CONFLICT (batch_id) DO NOTHING
@@ -849,51 +851,82 @@ def _joined_columns(batches: Sequence[PricedBatch]) -> tuple[list[int], dict[str
     return sizes, joined
 
 
+def _tuples(
+    quote_ids: np.ndarray[Any, Any],
+    rate_ids: np.ndarray[Any, Any],
+    input_index: np.ndarray[Any, Any],
+    loan_days: np.ndarray[Any, Any],
+    money_cents: np.ndarray[Any, Any],
+) -> np.ndarray[Any, Any]:
+    """Binary COPY tuples of `quote_rows` (without the framing) from their columns: 16-byte ids (uint8,
+    one row each), integers, and money in cents, one column per `_MONEY_COLUMNS`."""
+    total = quote_ids.shape[0]
+    # The template's bytes repeated (a structured assignment of the template to every element costs
+    # ~0.3 µs a row).
+    tuples = np.tile(_ROW_TEMPLATE, total).view(_ROW_DTYPE)
+    tuples["quote_id"] = quote_ids.view("V16").reshape(total)
+    tuples["rate_id"] = rate_ids
+    tuples["input_index"] = input_index
+    tuples["loan_days"] = loan_days
+    money = tuples["money"]  # a view: (rows, money columns)
+    money["sign"], money["digits"] = _money_digits(money_cents)
+    return tuples
+
+
+def _batch_id_bytes(batch_ids: Sequence[str]) -> np.ndarray[Any, Any]:
+    """The 12 bytes of each 24-hex-digit batch id, one row each."""
+    return np.frombuffer(bytes.fromhex("".join(batch_ids)), dtype=np.uint8).reshape(len(batch_ids), 12)
+
+
+def _single_rows(quotes: Sequence[SingleQuote], rate_ids: bytes) -> np.ndarray[Any, Any]:
+    """The tuples of single quotes (row 0 of their batch); `rate_ids` holds each one's rate id."""
+    # RowValues' order, one row each (from one flat sequence: NumPy converts nested sequences row by row).
+    table = np.fromiter(
+        itertools.chain.from_iterable([quote.values for quote in quotes]),
+        dtype=np.int64,
+        count=len(quotes) * len(RowValues._fields),
+    ).reshape(len(quotes), len(RowValues._fields))
+    quote_ids = np.zeros((len(quotes), 16), dtype=np.uint8)
+    quote_ids[:, :12] = _batch_id_bytes([quote.batch_id for quote in quotes])
+    return _tuples(
+        quote_ids,
+        np.frombuffer(rate_ids, dtype="V16"),
+        table[:, 1],
+        table[:, 2],
+        table[:, 3:],  # position, borrow cost, markup, transaction fees, total: _MONEY_COLUMNS' order
+    )
+
+
 def _binary_rows(
     batches: Sequence[PricedBatch], rate_ids: bytes, rate_counts: Sequence[int]
 ) -> np.ndarray[Any, Any]:
-    """Every row of the batches, in order, as binary COPY tuples of `quote_rows` (without the framing),
-    built column-wise in one structured array: a write is mostly hundreds of one-row batches, and a part
-    of a write is a slice of it. `rate_ids` are the 16-byte ids of each batch's rates, end to end, and
-    `rate_counts` how many each batch has. Raises ValueError (naming the batch) if a batch's columns
-    differ in length or a row's rate index is outside its batch's rates."""
+    """Every row of the batches, in order, as binary COPY tuples of `quote_rows`, built column-wise in
+    one structured array (a part of a write is a slice of it). `rate_ids` are the 16-byte ids of each
+    batch's rates, end to end, and `rate_counts` how many each batch has. Raises ValueError (naming the
+    batch) if a batch's columns differ in length or a row's rate index is outside its batch's rates."""
     sizes, columns = _joined_columns(batches)
     total = sum(sizes)
-    single_rows = total == len(batches)
     rate_index = columns["rate_index"]
     counts = np.array(rate_counts, dtype=np.int64)
-    bad = np.flatnonzero(
-        (rate_index < 0) | (rate_index >= (counts if single_rows else np.repeat(counts, sizes)))
-    )
+    bad = np.flatnonzero((rate_index < 0) | (rate_index >= np.repeat(counts, sizes)))
     if bad.size:
         which = int(np.searchsorted(np.cumsum(sizes), int(bad[0]), side="right"))
         raise ValueError(f"batch {batches[which].batch_id}: a rate_index points outside its rates")
     first_rate = np.cumsum(counts) - counts
     first_row = np.cumsum(sizes) - sizes
-
-    # The template's bytes repeated (a structured assignment of the template to every element costs
-    # ~0.3 µs a row).
-    tuples = np.tile(_ROW_TEMPLATE, total).view(_ROW_DTYPE)
     # quote_id = the batch's 12 bytes || the row's index in its batch (4 bytes, big-endian).
-    prefixes = np.frombuffer(bytes.fromhex("".join([batch.batch_id for batch in batches])), dtype=np.uint8)
     quote_ids = np.zeros((total, 16), dtype=np.uint8)
-    if single_rows:
-        quote_ids[:, :12] = prefixes.reshape(total, 12)
-        rate_rows = rate_index + first_rate
-    else:
-        quote_ids[:, :12] = np.repeat(prefixes.reshape(len(batches), 12), sizes, axis=0)
-        row_index = (np.arange(total, dtype=np.int64) - np.repeat(first_row, sizes)).astype(">u4")
-        quote_ids[:, 12:] = row_index.view(np.uint8).reshape(total, 4)
-        rate_rows = rate_index + np.repeat(first_rate, sizes)
-    tuples["quote_id"] = quote_ids.view("V16").reshape(total)
-    tuples["rate_id"] = np.frombuffer(rate_ids, dtype="V16")[rate_rows]
-    tuples["input_index"] = columns["input_index"]
-    tuples["loan_days"] = columns["loan_days"]
-    money = tuples["money"]  # a view: (rows, money columns)
-    money["sign"], money["digits"] = _money_digits(
-        np.stack([columns[attribute] for _, attribute in _MONEY_COLUMNS], axis=1)
+    quote_ids[:, :12] = np.repeat(_batch_id_bytes([batch.batch_id for batch in batches]), sizes, axis=0)
+    row_index = (np.arange(total, dtype=np.int64) - np.repeat(first_row, sizes)).astype(">u4")
+    quote_ids[:, 12:] = row_index.view(np.uint8).reshape(total, 4)
+    rate_rows = rate_index + np.repeat(first_rate, sizes)
+    return _tuples(
+        quote_ids,
+        np.frombuffer(rate_ids, dtype="V16")[rate_rows],
+        columns["input_index"],
+        columns["loan_days"],
+        np.stack([columns[attribute] for _, attribute in _MONEY_COLUMNS], axis=1),
     )
-    return tuples
 
 
 async def _row_stream(rows: np.ndarray[Any, Any]) -> AsyncIterator[bytes]:
@@ -915,47 +948,32 @@ _BATCH_ENCODER: Final = msgspec.json.Encoder()
 
 class _Write:
     """One write: its batches as the JSON array and its distinct rates as the array parameters of
-    `_INSERT_RATES_AND_BATCHES`, and every row as a binary COPY tuple of `quote_rows`."""
+    `_INSERT_RATES_AND_BATCHES`, and every row as a binary COPY tuple of `quote_rows` (single quotes'
+    first, then those of larger batches)."""
 
     __slots__ = ("batch_arguments", "rows")
 
     def __init__(
-        self, batches: Sequence[PricedBatch], known_rate_ids: dict[int, tuple[TickerRate, bytes]]
+        self, records: Sequence[AuditRecord], known_rate_ids: dict[int, tuple[TickerRate, bytes]]
     ) -> None:
         rate_columns: list[list[Any]] = [[] for _ in range(13)]
         # A client's fee schedule and key are shared by its batches, a rate by the quotes of a ticker in a
         # cache period: each is converted once per write.
-        batch_tails: dict[tuple[int, str, str | None], tuple[Any, ...]] = {}
+        batch_tails: dict[tuple[int, str, str | None], msgspec.Raw] = {}
         written_rates: set[bytes] = set()
         entries: list[list[Any]] = []
+        singles: list[SingleQuote] = []
+        single_rate_ids: list[bytes] = []
+        batches: list[PricedBatch] = []
         rate_ids: list[bytes] = []
         rate_counts: list[int] = []
-        for batch in batches:
-            schedule = batch.fee_schedule
-            tail_key = (id(schedule), batch.client_id, batch.key_id)
-            tail = batch_tails.get(tail_key)
-            if tail is None:
-                tail = batch_tails[tail_key] = (
-                    batch.client_id,
-                    batch.key_id,
-                    float(schedule.markup_percentage),
-                    str(schedule.transaction_fee_type),
-                    float(schedule.transaction_amount),
-                    int(schedule.day_count),
-                )
-            calculated_at = batch.calculated_at
-            if calculated_at.tzinfo is None:  # naive datetimes are UTC here, as asyncpg takes them
-                calculated_at = calculated_at.replace(tzinfo=dt.UTC)
-            entries.append([f"{batch.batch_id}00000000", calculated_at, batch.request_id, *tail])
-            rate_counts.append(len(batch.rates))
-            for rate in batch.rates:
-                known = known_rate_ids.get(id(rate))
-                if known is None or known[0] is not rate:
-                    known = known_rate_ids[id(rate)] = (rate, rate_id(rate))
-                digest = known[1]
-                rate_ids.append(digest)
-                if digest in written_rates:
-                    continue
+
+        def digest_of(rate: TickerRate) -> bytes:
+            known = known_rate_ids.get(id(rate))
+            if known is None or known[0] is not rate:
+                known = known_rate_ids[id(rate)] = (rate, rate_id(rate))
+            digest = known[1]
+            if digest not in written_rates:
                 written_rates.add(digest)
                 _append_row(
                     rate_columns,
@@ -975,7 +993,47 @@ class _Write:
                         rate.as_of,
                     ),
                 )
-        self.rows = _binary_rows(batches, b"".join(rate_ids), rate_counts)
+            return digest
+
+        for record in records:
+            schedule = record.fee_schedule
+            tail_key = (id(schedule), record.client_id, record.key_id)
+            tail = batch_tails.get(tail_key)
+            if tail is None:
+                tail = batch_tails[tail_key] = msgspec.Raw(
+                    _BATCH_ENCODER.encode(
+                        (
+                            record.client_id,
+                            record.key_id,
+                            float(schedule.markup_percentage),
+                            str(schedule.transaction_fee_type),
+                            float(schedule.transaction_amount),
+                            int(schedule.day_count),
+                        )
+                    )
+                )
+            calculated_at = record.calculated_at
+            if calculated_at.tzinfo is None:  # naive datetimes are UTC here, as asyncpg takes them
+                calculated_at = calculated_at.replace(tzinfo=dt.UTC)
+            entries.append([f"{record.batch_id}00000000", calculated_at, record.request_id, tail])
+            if isinstance(record, SingleQuote):
+                singles.append(record)
+                single_rate_ids.append(digest_of(record.rate))
+            else:
+                batches.append(record)
+                rate_counts.append(len(record.rates))
+                rate_ids.extend(map(digest_of, record.rates))
+        parts = []
+        if singles:
+            parts.append(_single_rows(singles, b"".join(single_rate_ids)))
+        if batches:
+            parts.append(_binary_rows(batches, b"".join(rate_ids), rate_counts))
+        # End to end as bytes: NumPy's concatenation would turn the big-endian fields to native order.
+        self.rows = (
+            parts[0]
+            if len(parts) == 1
+            else np.concatenate([part.view(np.uint8) for part in parts]).view(_ROW_DTYPE)
+        )
         if len(rate_columns[0]) > 1:
             # In digest order: two writers inserting the same new rates lock them in the same order.
             order = sorted(range(len(rate_columns[0])), key=rate_columns[0].__getitem__)
@@ -1003,11 +1061,11 @@ class PgQuoteStore(_PgStore):
         """Record every position of the batch; readable through `get` (on every replica) once this returns."""
         await self.add_many([batch])
 
-    async def write(self, batches: Sequence[PricedBatch]) -> None:
+    async def write(self, batches: Sequence[AuditRecord]) -> None:
         """`add_many` in the shape of `pricer.audit.QuoteSink` (the background writer's sink)."""
         await self.add_many(batches)
 
-    async def add_many(self, batches: Iterable[PricedBatch]) -> int:
+    async def add_many(self, batches: Iterable[AuditRecord]) -> int:
         """Record every position of the batches; the number of rows that were new.
 
         Up to `PARALLEL_WRITE_ROWS` rows per connection go in one transaction: the batches and rates in
@@ -1018,9 +1076,9 @@ class PgQuoteStore(_PgStore):
         writes everything again (the audit trail's spool does) and what is already in is skipped. A batch
         whose columns are inconsistent (lengths, a rate index out of range) raises ValueError before
         anything is written."""
-        kept: dict[str, PricedBatch] = {}
+        kept: dict[str, AuditRecord] = {}
         for batch in batches:
-            if len(batch.position_cents):
+            if batch.size:
                 kept.setdefault(batch.batch_id, batch)
         if not kept:
             return 0
