@@ -221,34 +221,30 @@ class PricedBatch:
     def single_quote(self) -> SingleQuote | None:
         """This batch as a SingleQuote if it is one row priced at one rate, with every column one value
         long; else None."""
-        shape = self.position_cents.shape
+        if len(self.rates) != 1 or len(self.position_cents) != 1:
+            return None
+        values = self.row_values(0)  # made for the response already
         if (
-            shape != (1,)
-            or len(self.rates) != 1
-            or not (
-                self.rate_index.shape
-                == self.input_index.shape
-                == self.loan_days.shape
-                == self.borrow_cost.shape
-                == self.markup.shape
-                == self.transaction_fees.shape
-                == self.total_fee.shape
-                == shape
-            )
+            values.rate_index != 0
+            or len(self.rate_index) != 1
+            or len(self.input_index) != 1
+            or len(self.loan_days) != 1
+            or len(self.borrow_cost) != 1
+            or len(self.markup) != 1
+            or len(self.transaction_fees) != 1
+            or len(self.total_fee) != 1
+            or self.position_cents.ndim != 1
         ):
             return None
-        values = self.row_values(0)
-        if values.rate_index != 0:
-            return None
         return SingleQuote(
-            batch_id=self.batch_id,
-            calculated_at=self.calculated_at,
-            request_id=self.request_id,
-            client_id=self.client_id,
-            key_id=self.key_id,
-            fee_schedule=self.fee_schedule,
-            rate=self.rates[0],
-            values=values,
+            self.batch_id,
+            self.calculated_at,
+            self.request_id,
+            self.client_id,
+            self.key_id,
+            self.fee_schedule,
+            self.rates[0],
+            values,
         )
 
     def _build_quote_response(self, row: int) -> QuoteResponse:
