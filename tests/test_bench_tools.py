@@ -739,6 +739,8 @@ def test_section_command_quick_args() -> None:
     ]
     assert run.section_command("audit", path, True)[-2:] == ["--repeat", "3"]
     assert "--clients" in run.section_command("batch", path, True)
+    assert run.section_command("persistence", path, False)[-2:] == ["--rounds", "5"]
+    assert run.section_command("persistence", path, True)[-2:] == ["--rounds", "2"]
 
 
 def test_format_duration_and_signed() -> None:
