@@ -43,6 +43,7 @@ from pricer.models import (
 )
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
 from pricer.schemas import FeeScheduleView
+from pricer.stores import postgres as postgres_module
 from pricer.stores.memory import memory_stores
 from pricer.stores.migrate import migrate, migration_lock_key, migrations, pending_migrations
 from pricer.stores.postgres import (
@@ -656,6 +657,40 @@ async def test_single_quotes_and_batches_in_one_write_read_back_as_priced() -> N
         for batch in [*singles, *batches]:
             for row in range(batch.size):
                 assert await stores.quotes.get(batch.quote_id(row)) == batch.quote_response(row)
+
+
+@pytest.mark.parametrize("statement_limit", [5_000, 7], ids=["one statement", "by COPY"])
+async def test_a_write_of_single_quotes_only(statement_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Single quotes alone go as one statement (up to SINGLE_STATEMENT_QUOTES), more of them by COPY:
+    either way each is stored once, with its exact figures, and concurrent writers of the same quotes
+    (replicas replaying one spool) add nothing twice."""
+    monkeypatch.setattr(postgres_module, "SINGLE_STATEMENT_QUOTES", statement_limit)
+    singles = [make_batch(1, rates=[MIXED_RATES[i % len(MIXED_RATES)]], seed=i) for i in range(30)]
+    records = [batch.single_quote() for batch in singles]
+    async with pg_stores() as (stores, pool, _dsn, _schema):
+        store = PgQuoteStore(pool)
+        assert await store.add_many(records[:10]) == 10  # type: ignore[arg-type]
+        added = await asyncio.gather(
+            store.add_many(records),
+            store.add_many(records[::-1]),
+            store.add_many(records[5:]),  # type: ignore[arg-type]
+        )
+        assert sum(added) == 20
+        assert await _table_count(pool, "SELECT count(*) FROM quote_rows") == 30
+        assert await _table_count(pool, "SELECT count(*) FROM quote_batches") == 30
+        for batch in singles:
+            assert await stores.quotes.get(batch.quote_id(0)) == batch.quote_response(0)
+
+
+async def test_a_single_quote_beyond_the_columns_writes_nothing_of_its_write() -> None:
+    good = make_batch(1, rates=MIXED_RATES[:1], seed=1)
+    bad = make_batch(1, rates=MIXED_RATES[:1], seed=2)
+    bad.total_fee[0] = 10**18 - 1
+    async with pg_stores() as (_stores, pool, _dsn, _schema):
+        with pytest.raises(InvalidParameter):
+            await PgQuoteStore(pool).add_many([good.single_quote(), bad.single_quote()])  # type: ignore[list-item]
+        assert await _table_count(pool, "SELECT count(*) FROM quote_rows") == 0
+        assert await _table_count(pool, "SELECT count(*) FROM quote_batches") == 0
 
 
 def test_single_quote_is_only_made_of_a_consistent_one_row_batch() -> None:

@@ -650,8 +650,7 @@ class PgKeyStore(_PgStore):
 # the last part encoded once per client and key (msgspec encodes it in C; as array parameters,
 # asyncpg's per-element checks cost a few microseconds a batch), the rates array parameters (floats as their
 # shortest decimal text, rates as integer 1e-8 units, scaled in SQL). Both skip what is already stored.
-_INSERT_RATES_AND_BATCHES = """
-WITH new_rates AS (
+_NEW_RATES = """new_rates AS (
     INSERT INTO quote_rates (rate_id, ticker, borrow_rate, base_rate, volatility_index, volatility_adjustment,
                              event_risk_factor, event_adjustment, min_rate, borrow_status, rate_source,
                              available_shares, rate_as_of)
@@ -664,15 +663,36 @@ WITH new_rates AS (
               event_risk_factor, event_adjustment, min_rate_units, borrow_status, rate_source,
               available_shares, rate_as_of)
     ON CONFLICT (rate_id) DO NOTHING
-)
-INSERT INTO quote_batches (batch_id, calculated_at, request_id, client_id, key_id, markup_percentage,
-                           transaction_fee_type, transaction_amount, day_count)
+)"""
+_BATCHES_FROM = """INSERT INTO quote_batches (batch_id, calculated_at, request_id, client_id, key_id,
+                           markup_percentage, transaction_fee_type, transaction_amount, day_count)
 SELECT (b->>0)::uuid, (b->>1)::timestamptz, b->>2, b->3->>0, b->3->>1, (b->3->>2)::numeric, b->3->>3,
        (b->3->>4)::numeric, (b->3->>5)::integer
-FROM jsonb_array_elements($14::text::jsonb) AS b
+FROM {source}
 ORDER BY 1
-ON CONFLICT (batch_id) DO NOTHING
-"""
+ON CONFLICT (batch_id) DO NOTHING"""
+_INSERT_RATES_AND_BATCHES = (
+    f"WITH {_NEW_RATES}\n{_BATCHES_FROM.format(source='jsonb_array_elements($14::text::jsonb) AS b')}"
+)
+# A write of single quotes only is one statement, so one round trip and atomic without a transaction:
+# each JSON element also carries its rate id and its row's values (RowValues: cents as integers), and
+# its row's quote id is its batch id (row 0). (Composed of the constants above, no value.)
+_INSERT_SINGLE_QUOTES = f"""WITH {_NEW_RATES},
+single_quotes (b) AS MATERIALIZED (SELECT jsonb_array_elements($14::text::jsonb)),
+new_batches AS (
+{_BATCHES_FROM.format(source="single_quotes")}
+)
+INSERT INTO quote_rows (quote_id, input_index, rate_id, loan_days, position_value, borrow_cost, markup,
+                        transaction_fees, total_fee)
+SELECT (b->>0)::uuid, (b->5->>1)::bigint, (b->>4)::uuid, (b->5->>2)::integer, (b->5->>3)::numeric * 0.01,
+       (b->5->>4)::numeric * 0.01, (b->5->>5)::numeric * 0.01, (b->5->>6)::numeric * 0.01,
+       (b->5->>7)::numeric * 0.01
+FROM single_quotes
+ORDER BY 1
+ON CONFLICT (quote_id) DO NOTHING
+"""  # noqa: S608
+# Up to this many single quotes (and no larger batch) go as one statement; more go by COPY.
+SINGLE_STATEMENT_QUOTES: Final = 5_000
 # A plain COPY is about twice as fast as an INSERT with ON CONFLICT (no speculative insertion); a COPY of
 # rows fails on an existing id only when it is a replay or another replica wrote the same batch at the
 # same time, and then it is done again through a staging table, skipping what exists.
@@ -949,7 +969,8 @@ _BATCH_ENCODER: Final = msgspec.json.Encoder()
 class _Write:
     """One write: its batches as the JSON array and its distinct rates as the array parameters of
     `_INSERT_RATES_AND_BATCHES`, and every row as a binary COPY tuple of `quote_rows` (single quotes'
-    first, then those of larger batches)."""
+    first, then those of larger batches); or, for up to SINGLE_STATEMENT_QUOTES single quotes and
+    nothing else, everything as the parameters of `_INSERT_SINGLE_QUOTES` (`rows` is then None)."""
 
     __slots__ = ("batch_arguments", "rows")
 
@@ -960,7 +981,7 @@ class _Write:
         # A client's fee schedule and key are shared by its batches, a rate by the quotes of a ticker in a
         # cache period: each is converted once per write.
         batch_tails: dict[tuple[int, str, str | None], msgspec.Raw] = {}
-        written_rates: set[bytes] = set()
+        written_rates: dict[bytes, str] = {}  # digest: its hex
         entries: list[list[Any]] = []
         singles: list[SingleQuote] = []
         single_rate_ids: list[bytes] = []
@@ -974,11 +995,11 @@ class _Write:
                 known = known_rate_ids[id(rate)] = (rate, rate_id(rate))
             digest = known[1]
             if digest not in written_rates:
-                written_rates.add(digest)
+                written_rates[digest] = digest.hex()
                 _append_row(
                     rate_columns,
                     (
-                        digest.hex(),
+                        written_rates[digest],
                         rate.ticker,
                         rate.rate_units,
                         _num(rate.base_rate),
@@ -1015,22 +1036,35 @@ class _Write:
             calculated_at = record.calculated_at
             if calculated_at.tzinfo is None:  # naive datetimes are UTC here, as asyncpg takes them
                 calculated_at = calculated_at.replace(tzinfo=dt.UTC)
-            entries.append([f"{record.batch_id}00000000", calculated_at, record.request_id, tail])
             if isinstance(record, SingleQuote):
+                digest = digest_of(record.rate)
                 singles.append(record)
-                single_rate_ids.append(digest_of(record.rate))
+                single_rate_ids.append(digest)
+                entries.append(
+                    [
+                        f"{record.batch_id}00000000",
+                        calculated_at,
+                        record.request_id,
+                        tail,
+                        written_rates[digest],
+                        record.values,
+                    ]
+                )
             else:
+                entries.append([f"{record.batch_id}00000000", calculated_at, record.request_id, tail])
                 batches.append(record)
                 rate_counts.append(len(record.rates))
                 rate_ids.extend(map(digest_of, record.rates))
         parts = []
-        if singles:
+        if singles and (batches or len(singles) > SINGLE_STATEMENT_QUOTES):
             parts.append(_single_rows(singles, b"".join(single_rate_ids)))
         if batches:
             parts.append(_binary_rows(batches, b"".join(rate_ids), rate_counts))
         # End to end as bytes: NumPy's concatenation would turn the big-endian fields to native order.
-        self.rows = (
-            parts[0]
+        self.rows: np.ndarray[Any, Any] | None = (
+            None
+            if not parts
+            else parts[0]
             if len(parts) == 1
             else np.concatenate([part.view(np.uint8) for part in parts]).view(_ROW_DTYPE)
         )
@@ -1087,6 +1121,11 @@ class PgQuoteStore(_PgStore):
         # In id order: two writers of the same batches (replicas replaying at once) then take the row
         # locks in the same order, and one waits for the other instead of both deadlocking.
         write = _Write([kept[batch_id] for batch_id in sorted(kept)], self._rate_ids)
+        if write.rows is None:
+            with translate_errors("quotes.add"):
+                async with self._pool.acquire() as connection:
+                    status = await connection.execute(_INSERT_SINGLE_QUOTES, *write.batch_arguments)
+            return int(str(status).rsplit(" ", 1)[-1])
         parts = min(self._write_connections, len(write.rows) // PARALLEL_WRITE_ROWS)
         if parts <= 1:
             return await self._write(write, write.rows, batches=True)
