@@ -203,8 +203,8 @@ MISS_ANALYSIS: dict[str, str] = {
     "PostgreSQL store + audit": (
         "The PostgreSQL engine spends 5-25 µs more of its own CPU per quote than the in-memory one (the "
         "spread is this VM's run-to-run noise): the audit writer runs on the event loop (its write of a few "
-        "hundred queued single quotes: one statement for their batches and rates, one COPY for their "
-        "rows, a few µs per quote), plus the cached stores, and PostgreSQL's backends (~10-15 µs per "
+        "hundred queued single quotes is one statement with one JSON parameter, a few µs per quote), "
+        "plus the cached stores, and PostgreSQL's backends (~10-15 µs per "
         "quote) share the same two cores. What would close it: the writer in a process of its own (its "
         "work is off the request path but not off the core), or single quotes priced together per "
         "event-loop turn (one batch, one set of columns)."
