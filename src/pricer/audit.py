@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Protocol
 
 import msgspec
-import numpy as np
 
 from pricer.logs import fields
-from pricer.quotes import AuditRecord, PricedBatch, SingleQuote, TickerRate
+from pricer.quotes import AuditRecord, PricedBatch, RowValues, SingleQuote, TickerRate
 from pricer.schemas import FeeScheduleView, QuoteResponse
 from pricer.stores.memory import MemoryQuoteStore
 
@@ -84,10 +83,7 @@ class SpooledBatch(msgspec.Struct, array_like=True):
         )
 
     def batch(self) -> PricedBatch:
-        def column(values: list[int]) -> np.ndarray[tuple[int], np.dtype[np.int64]]:
-            return np.array(values, dtype=np.int64)
-
-        return PricedBatch(
+        return PricedBatch.from_columns(
             batch_id=self.batch_id,
             calculated_at=self.calculated_at,
             request_id=self.request_id,
@@ -95,14 +91,7 @@ class SpooledBatch(msgspec.Struct, array_like=True):
             key_id=self.key_id,
             fee_schedule=self.fee_schedule,
             rates=self.rates,
-            rate_index=column(self.rate_index),
-            input_index=column(self.input_index),
-            position_cents=column(self.position_cents),
-            loan_days=column(self.loan_days),
-            borrow_cost=column(self.borrow_cost),
-            markup=column(self.markup),
-            transaction_fees=column(self.transaction_fees),
-            total_fee=column(self.total_fee),
+            columns={name: getattr(self, name) for name in RowValues._fields},
         )
 
 

@@ -7,6 +7,7 @@ priced rows, so that a batch of 10^6 quotes needs no per-row object or index to 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -129,12 +130,7 @@ class SingleQuote(NamedTuple):
 
     def batch(self) -> PricedBatch:
         """The same quote as a PricedBatch."""
-
-        def column(value: int) -> Int64Array:
-            return np.array([value], dtype=np.int64)
-
-        values = self.values
-        return PricedBatch(
+        return PricedBatch.from_columns(
             batch_id=self.batch_id,
             calculated_at=self.calculated_at,
             request_id=self.request_id,
@@ -142,14 +138,7 @@ class SingleQuote(NamedTuple):
             key_id=self.key_id,
             fee_schedule=self.fee_schedule,
             rates=[self.rate],
-            rate_index=column(values.rate_index),
-            input_index=column(values.input_index),
-            position_cents=column(values.position_cents),
-            loan_days=column(values.loan_days),
-            borrow_cost=column(values.borrow_cost),
-            markup=column(values.markup),
-            transaction_fees=column(values.transaction_fees),
-            total_fee=column(values.total_fee),
+            columns={name: [value] for name, value in zip(RowValues._fields, self.values, strict=True)},
         )
 
 
@@ -180,6 +169,42 @@ class PricedBatch:
     # body, the quote store keeps it, and the audit trail queues the values (`single_quote`).
     _single_response: list[QuoteResponse] = field(default_factory=list, init=False, compare=False, repr=False)
     _single_row: list[RowValues] = field(default_factory=list, init=False, compare=False, repr=False)
+
+    @classmethod
+    def from_columns(
+        cls,
+        *,
+        batch_id: str,
+        calculated_at: dt.datetime,
+        request_id: str,
+        client_id: str,
+        key_id: str | None,
+        fee_schedule: FeeScheduleView,
+        rates: list[TickerRate],
+        columns: Mapping[str, Sequence[int]],
+    ) -> PricedBatch:
+        """A batch from its row columns as sequences of ints, by RowValues' field names."""
+
+        def column(name: str) -> Int64Array:
+            return np.array(columns[name], dtype=np.int64)
+
+        return cls(
+            batch_id=batch_id,
+            calculated_at=calculated_at,
+            request_id=request_id,
+            client_id=client_id,
+            key_id=key_id,
+            fee_schedule=fee_schedule,
+            rates=rates,
+            rate_index=column("rate_index"),
+            input_index=column("input_index"),
+            position_cents=column("position_cents"),
+            loan_days=column("loan_days"),
+            borrow_cost=column("borrow_cost"),
+            markup=column("markup"),
+            transaction_fees=column("transaction_fees"),
+            total_fee=column("total_fee"),
+        )
 
     @property
     def size(self) -> int:
