@@ -15,9 +15,11 @@ import json
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg  # type: ignore[import-untyped]
 import msgspec
@@ -657,6 +659,19 @@ async def test_single_quotes_and_batches_in_one_write_read_back_as_priced() -> N
         for batch in [*singles, *batches]:
             for row in range(batch.size):
                 assert await stores.quotes.get(batch.quote_id(row)) == batch.quote_response(row)
+        await _assert_input_indexes(pool, [*singles, *batches])
+
+
+async def _assert_input_indexes(pool: Any, batches: Sequence[PricedBatch]) -> None:
+    """`input_index` is not part of a quote's response: read it from `quote_rows` itself."""
+    async with pool.acquire() as connection:
+        stored = dict(await connection.fetch("SELECT quote_id::text, input_index FROM quote_rows"))
+    expected = {
+        str(uuid.UUID(batch.quote_id(row))): int(batch.input_index[row])
+        for batch in batches
+        for row in range(batch.size)
+    }
+    assert stored == expected
 
 
 @pytest.mark.parametrize("statement_limit", [5_000, 7], ids=["one statement", "by COPY"])
@@ -680,6 +695,27 @@ async def test_a_write_of_single_quotes_only(statement_limit: int, monkeypatch: 
         assert await _table_count(pool, "SELECT count(*) FROM quote_batches") == 30
         for batch in singles:
             assert await stores.quotes.get(batch.quote_id(0)) == batch.quote_response(0)
+        await _assert_input_indexes(pool, singles)
+
+
+async def test_single_quotes_and_the_same_quotes_as_batches_written_at_once() -> None:
+    """A replica replaying its spool writes PricedBatches by COPY while another writes the same quotes
+    as SingleQuotes in one statement: both take the batches' locks first, so neither deadlocks."""
+    singles = [make_batch(1, rates=[MIXED_RATES[i % len(MIXED_RATES)]], seed=i) for i in range(60)]
+    compact = [batch.single_quote() for batch in singles]
+    async with pg_stores() as (_stores, pool, _dsn, _schema):
+        store = PgQuoteStore(pool)
+        for _ in range(5):
+            async with pool.acquire() as connection:
+                await connection.execute("TRUNCATE quote_rows, quote_batches")
+            added = await asyncio.gather(
+                store.add_many(compact),  # type: ignore[arg-type]
+                store.add_many(singles[::-1]),
+                store.add_many(compact[::-1]),  # type: ignore[arg-type]
+                store.add_many(singles),
+            )
+            assert sum(added) == 60
+        await _assert_input_indexes(pool, singles)
 
 
 async def test_a_single_quote_beyond_the_columns_writes_nothing_of_its_write() -> None:
@@ -700,8 +736,13 @@ def test_single_quote_is_only_made_of_a_consistent_one_row_batch() -> None:
     assert quote.batch().quote_response(0) == one.quote_response(0)
     assert make_batch(2, rates=MIXED_RATES[:1]).single_quote() is None
     assert make_batch(1, rates=MIXED_RATES[:2]).single_quote() is None
-    longer = dataclasses.replace(one, total_fee=np.array([1, 2], dtype=np.int64))
-    assert longer.single_quote() is None
+    for column in ("total_fee", "input_index", "rate_index"):
+        for bad in (
+            np.zeros(2, dtype=np.int64),
+            np.zeros(0, dtype=np.int64),
+            np.zeros((1, 1), dtype=np.int64),
+        ):
+            assert dataclasses.replace(one, **{column: bad}).single_quote() is None
 
 
 async def test_hundred_thousand_row_batch_round_trips() -> None:
@@ -809,10 +850,15 @@ async def test_a_connection_released_inside_a_transaction_is_rolled_back() -> No
             await transaction.start()
             await connection.execute("INSERT INTO leftover VALUES (1)")
             pid = connection.get_server_pid()
-        async with pool.acquire() as connection:
-            assert not connection.is_in_transaction()
-        assert await _table_count(pool, "SELECT count(*) FROM leftover") == 0
-        assert pid > 0
+        connections = [await pool.acquire() for _ in range(pool.get_size())]
+        try:
+            released = [c for c in connections if c.get_server_pid() == pid]
+            assert len(released) == 1
+            assert not released[0].is_in_transaction()
+            assert await released[0].fetchval("SELECT count(*) FROM leftover") == 0
+        finally:
+            for connection in connections:
+                await pool.release(connection)
 
 
 async def test_batch_times_are_stored_to_the_microsecond() -> None:
@@ -827,15 +873,24 @@ async def test_batch_times_are_stored_to_the_microsecond() -> None:
         dt.datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=dt.UTC),
         dt.datetime(2026, 3, 2, 14, 30, 15, 5),  # naive
         dt.datetime(2100, 2, 28, 1, 2, 3, 400_000, tzinfo=dt.timezone(-dt.timedelta(hours=11))),
+        dt.datetime(
+            2026, 3, 2, 14, 30, 15, 5, tzinfo=dt.timezone(dt.timedelta(hours=1, seconds=15, microseconds=7))
+        ),
+        dt.datetime(1930, 6, 1, 12, 0, 0, 250, tzinfo=ZoneInfo("Europe/Amsterdam")),  # +01:19:32 (LMT era)
     ]
     batches = [make_batch(2, calculated_at=moment, seed=n) for n, moment in enumerate(times)]
+    singles = [
+        make_batch(1, rates=MIXED_RATES[:1], calculated_at=moment, seed=n) for n, moment in enumerate(times)
+    ]
     async with pg_stores() as (stores, pool, _dsn, _schema):
-        await PgQuoteStore(pool).add_many(batches)
-        for batch, moment in zip(batches, times, strict=True):
-            got = await stores.quotes.get(batch.quote_id(1))
-            assert got is not None
+        await PgQuoteStore(pool).add_many(batches)  # by COPY
+        await PgQuoteStore(pool).add_many([batch.single_quote() for batch in singles])  # type: ignore[misc]
+        for batch, single, moment in zip(batches, singles, times, strict=True):
             expected = moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
-            assert got.calculated_at == expected, (moment, got.calculated_at)
+            for quote_id in (batch.quote_id(1), single.quote_id(0)):
+                got = await stores.quotes.get(quote_id)
+                assert got is not None
+                assert got.calculated_at == expected, (moment, got.calculated_at)
 
 
 def _numeric_value(sign: int, digits: Sequence[int]) -> Decimal:

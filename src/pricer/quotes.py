@@ -246,20 +246,20 @@ class PricedBatch:
     def single_quote(self) -> SingleQuote | None:
         """This batch as a SingleQuote if it is one row priced at one rate, with every column one value
         long; else None."""
-        if len(self.rates) != 1 or len(self.position_cents) != 1:
+        if len(self.rates) != 1 or not (
+            (1,)
+            == self.position_cents.shape
+            == self.rate_index.shape
+            == self.input_index.shape
+            == self.loan_days.shape
+            == self.borrow_cost.shape
+            == self.markup.shape
+            == self.transaction_fees.shape
+            == self.total_fee.shape
+        ):
             return None
         values = self.row_values(0)  # made for the response already
-        if (
-            values.rate_index != 0
-            or len(self.rate_index) != 1
-            or len(self.input_index) != 1
-            or len(self.loan_days) != 1
-            or len(self.borrow_cost) != 1
-            or len(self.markup) != 1
-            or len(self.transaction_fees) != 1
-            or len(self.total_fee) != 1
-            or self.position_cents.ndim != 1
-        ):
+        if values.rate_index != 0:
             return None
         return SingleQuote(
             self.batch_id,

@@ -681,6 +681,7 @@ _INSERT_SINGLE_QUOTES = f"""WITH {_NEW_RATES},
 single_quotes (b) AS MATERIALIZED (SELECT jsonb_array_elements($14::text::jsonb)),
 new_batches AS (
 {_BATCHES_FROM.format(source="single_quotes")}
+RETURNING 1
 )
 INSERT INTO quote_rows (quote_id, input_index, rate_id, loan_days, position_value, borrow_cost, markup,
                         transaction_fees, total_fee)
@@ -688,6 +689,7 @@ SELECT (b->>0)::uuid, (b->5->>1)::bigint, (b->>4)::uuid, (b->5->>2)::integer, (b
        (b->5->>4)::numeric * 0.01, (b->5->>5)::numeric * 0.01, (b->5->>6)::numeric * 0.01,
        (b->5->>7)::numeric * 0.01
 FROM single_quotes
+WHERE (SELECT count(*) FROM new_batches) >= 0  -- the batches first, as the COPY path does
 ORDER BY 1
 ON CONFLICT (quote_id) DO NOTHING
 """  # noqa: S608
@@ -968,8 +970,8 @@ _BATCH_ENCODER: Final = msgspec.json.Encoder()
 
 class _Write:
     """One write: its batches as the JSON array and its distinct rates as the array parameters of
-    `_INSERT_RATES_AND_BATCHES`, and every row as a binary COPY tuple of `quote_rows` (single quotes'
-    first, then those of larger batches); or, for up to SINGLE_STATEMENT_QUOTES single quotes and
+    `_INSERT_RATES_AND_BATCHES`, and every row as a binary COPY tuple of `quote_rows` (in quote id
+    order); or, for up to SINGLE_STATEMENT_QUOTES single quotes and
     nothing else, everything as the parameters of `_INSERT_SINGLE_QUOTES` (`rows` is then None)."""
 
     __slots__ = ("batch_arguments", "rows")
@@ -986,7 +988,7 @@ class _Write:
         singles: list[SingleQuote] = []
         single_rate_ids: list[bytes] = []
         batches: list[PricedBatch] = []
-        rate_ids: list[bytes] = []
+        rate_ids: list[bytes] = []  # every record's, in order
         rate_counts: list[int] = []
 
         def digest_of(rate: TickerRate) -> bytes:
@@ -1034,12 +1036,19 @@ class _Write:
                     )
                 )
             calculated_at = record.calculated_at
-            if calculated_at.tzinfo is None:  # naive datetimes are UTC here, as asyncpg takes them
-                calculated_at = calculated_at.replace(tzinfo=dt.UTC)
+            # In UTC: msgspec writes an offset in whole minutes (some zones' offsets have seconds).
+            # Naive datetimes are UTC here, as asyncpg takes them.
+            calculated_at = (
+                calculated_at.replace(tzinfo=dt.UTC)
+                if calculated_at.tzinfo is None
+                else calculated_at.astimezone(dt.UTC)
+            )
             if isinstance(record, SingleQuote):
                 digest = digest_of(record.rate)
                 singles.append(record)
                 single_rate_ids.append(digest)
+                rate_ids.append(digest)
+                rate_counts.append(1)
                 entries.append(
                     [
                         f"{record.batch_id}00000000",
@@ -1055,19 +1064,18 @@ class _Write:
                 batches.append(record)
                 rate_counts.append(len(record.rates))
                 rate_ids.extend(map(digest_of, record.rates))
-        parts = []
-        if singles and (batches or len(singles) > SINGLE_STATEMENT_QUOTES):
-            parts.append(_single_rows(singles, b"".join(single_rate_ids)))
+        # Rows in quote id order whatever the path: concurrent writers of the same quotes then lock them
+        # in the same order (a write mixing single quotes and batches, rare, turns its single quotes
+        # back into batches for that).
+        self.rows: np.ndarray[Any, Any] | None = None
         if batches:
-            parts.append(_binary_rows(batches, b"".join(rate_ids), rate_counts))
-        # End to end as bytes: NumPy's concatenation would turn the big-endian fields to native order.
-        self.rows: np.ndarray[Any, Any] | None = (
-            None
-            if not parts
-            else parts[0]
-            if len(parts) == 1
-            else np.concatenate([part.view(np.uint8) for part in parts]).view(_ROW_DTYPE)
-        )
+            self.rows = _binary_rows(
+                [record.batch() if isinstance(record, SingleQuote) else record for record in records],
+                b"".join(rate_ids),
+                rate_counts,
+            )
+        elif len(singles) > SINGLE_STATEMENT_QUOTES:
+            self.rows = _single_rows(singles, b"".join(single_rate_ids))
         if len(rate_columns[0]) > 1:
             # In digest order: two writers inserting the same new rates lock them in the same order.
             order = sorted(range(len(rate_columns[0])), key=rate_columns[0].__getitem__)
