@@ -32,7 +32,7 @@ import operator
 import re
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import asyncpg  # type: ignore[import-untyped]
 import msgspec
@@ -971,8 +971,8 @@ _BATCH_ENCODER: Final = msgspec.json.Encoder()
 class _Write:
     """One write: its batches as the JSON array and its distinct rates as the array parameters of
     `_INSERT_RATES_AND_BATCHES`, and every row as a binary COPY tuple of `quote_rows` (in quote id
-    order); or, for up to SINGLE_STATEMENT_QUOTES single quotes and
-    nothing else, everything as the parameters of `_INSERT_SINGLE_QUOTES` (`rows` is then None)."""
+    order); or, for up to SINGLE_STATEMENT_QUOTES single quotes and nothing else, everything as the
+    parameters of `_INSERT_SINGLE_QUOTES` (`rows` is then None)."""
 
     __slots__ = ("batch_arguments", "rows")
 
@@ -985,9 +985,7 @@ class _Write:
         batch_tails: dict[tuple[int, str, str | None], msgspec.Raw] = {}
         written_rates: dict[bytes, str] = {}  # digest: its hex
         entries: list[list[Any]] = []
-        singles: list[SingleQuote] = []
-        single_rate_ids: list[bytes] = []
-        batches: list[PricedBatch] = []
+        only_single_quotes = True
         rate_ids: list[bytes] = []  # every record's, in order
         rate_counts: list[int] = []
 
@@ -1045,8 +1043,6 @@ class _Write:
             )
             if isinstance(record, SingleQuote):
                 digest = digest_of(record.rate)
-                singles.append(record)
-                single_rate_ids.append(digest)
                 rate_ids.append(digest)
                 rate_counts.append(1)
                 entries.append(
@@ -1061,21 +1057,21 @@ class _Write:
                 )
             else:
                 entries.append([f"{record.batch_id}00000000", calculated_at, record.request_id, tail])
-                batches.append(record)
+                only_single_quotes = False
                 rate_counts.append(len(record.rates))
                 rate_ids.extend(map(digest_of, record.rates))
         # Rows in quote id order whatever the path: concurrent writers of the same quotes then lock them
         # in the same order (a write mixing single quotes and batches, rare, turns its single quotes
         # back into batches for that).
         self.rows: np.ndarray[Any, Any] | None = None
-        if batches:
+        if not only_single_quotes:
             self.rows = _binary_rows(
                 [record.batch() if isinstance(record, SingleQuote) else record for record in records],
                 b"".join(rate_ids),
                 rate_counts,
             )
-        elif len(singles) > SINGLE_STATEMENT_QUOTES:
-            self.rows = _single_rows(singles, b"".join(single_rate_ids))
+        elif len(records) > SINGLE_STATEMENT_QUOTES:
+            self.rows = _single_rows(cast(Sequence[SingleQuote], records), b"".join(rate_ids))
         if len(rate_columns[0]) > 1:
             # In digest order: two writers inserting the same new rates lock them in the same order.
             order = sorted(range(len(rate_columns[0])), key=rate_columns[0].__getitem__)
@@ -1113,11 +1109,11 @@ class PgQuoteStore(_PgStore):
         Up to `PARALLEL_WRITE_ROWS` rows per connection go in one transaction: the batches and rates in
         one statement, then the rows in one COPY. A larger write records its batches and rates first,
         then its rows, cut into ranges written at once over `write_connections` connections (each its
-        own transaction): PostgreSQL's side of a write is
-        CPU-bound, so a 10^5-row batch spreads over the database's cores. If one part fails, the caller
-        writes everything again (the audit trail's spool does) and what is already in is skipped. A batch
-        whose columns are inconsistent (lengths, a rate index out of range) raises ValueError before
-        anything is written."""
+        own transaction): PostgreSQL's side of a write is CPU-bound, so a 10^5-row batch spreads over the
+        database's cores. If one part fails, the caller writes everything again (the audit trail's spool
+        does) and what is already in is skipped. A batch whose columns are inconsistent (lengths, a rate
+        index out of range) raises ValueError before anything is written. Up to SINGLE_STATEMENT_QUOTES
+        single quotes and nothing else go as one statement."""
         kept: dict[str, AuditRecord] = {}
         for batch in batches:
             if batch.size:
