@@ -120,10 +120,24 @@ DESIGN_ENV_VARS = (
     "MARKET_DATA_STALE_AFTER_HOURS",
     "BOOTSTRAP_ADMIN_KEY",
     "ROLE",
+    "INTERNAL_SERVICE_SECRET",
+    "BACKEND_TIMEOUT_SECONDS",
+    "BACKEND_BATCH_TIMEOUT_SECONDS",
+    "SOURCE_TIMEOUT_SECONDS",
+    "SOURCE_MAX_AGE_SECONDS",
+    "SOURCE_COLD_FETCH_MS",
+    "SOURCE_MAX_CONCURRENCY",
 )
 # These live in the Secret api-gateway-secrets, never in the ConfigMap.
 SECRET_ENV_VARS = frozenset(
-    {"DATABASE_URL", "REDIS_URL", "JWT_SECRET_KEY", "API_KEY_PEPPER", "BOOTSTRAP_ADMIN_KEY"}
+    {
+        "DATABASE_URL",
+        "REDIS_URL",
+        "JWT_SECRET_KEY",
+        "API_KEY_PEPPER",
+        "BOOTSTRAP_ADMIN_KEY",
+        "INTERNAL_SERVICE_SECRET",
+    }
 )
 # Engine variables beyond DESIGN's list that the ConfigMap sets for a cluster.
 EXTRA_ENV_VARS = frozenset({"SEED_DEMO_DATA", "DEMO_KEYS_FILE"})

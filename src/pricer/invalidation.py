@@ -131,7 +131,7 @@ class RedisBus:
                 await asyncio.sleep(self._reconnect)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def close(self) -> None:
         if self._task is not None:

@@ -54,6 +54,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str | None = None
     calculation_service_url: str | None = None
     data_service_url: str | None = None
+    internal_service_secret: str | None = None
+    backend_timeout_seconds: float = 2.0
+    backend_batch_timeout_seconds: float = 30.0
+    source_timeout_seconds: float = 2.0
+    source_max_age_seconds: float = 900.0
+    source_cold_fetch_ms: float = 200.0
+    source_max_concurrency: int = 8
     api_key_pepper: str = DEV_API_KEY_PEPPER
     jwt_secret_key: str = DEV_JWT_SECRET_KEY
     jwt_ttl_seconds: int = 900
@@ -193,6 +200,13 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "REDIS_URL": ("redis_url", _text),
     "CALCULATION_SERVICE_URL": ("calculation_service_url", _text),
     "DATA_SERVICE_URL": ("data_service_url", _text),
+    "INTERNAL_SERVICE_SECRET": ("internal_service_secret", _text),
+    "BACKEND_TIMEOUT_SECONDS": ("backend_timeout_seconds", _float_in(0.001, 600)),
+    "BACKEND_BATCH_TIMEOUT_SECONDS": ("backend_batch_timeout_seconds", _float_in(0.001, 3600)),
+    "SOURCE_TIMEOUT_SECONDS": ("source_timeout_seconds", _float_in(0.001, 600)),
+    "SOURCE_MAX_AGE_SECONDS": ("source_max_age_seconds", _float_in(1, 86_400 * 7)),
+    "SOURCE_COLD_FETCH_MS": ("source_cold_fetch_ms", _float_in(0, 60_000)),
+    "SOURCE_MAX_CONCURRENCY": ("source_max_concurrency", _int_in(1, 1000)),
     "API_KEY_PEPPER": ("api_key_pepper", _text),
     "JWT_SECRET_KEY": ("jwt_secret_key", _text),
     "JWT_TTL_SECONDS": ("jwt_ttl_seconds", _int_in(60, 86_400)),
