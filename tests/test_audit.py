@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from pricer.audit import AuditTrail, QuoteSink, Spool, SpooledBatch
+from pricer.audit import AuditTrail, QuoteSink, Spool, encode_record
 from pricer.errors import ServiceUnavailable
 from pricer.models import BorrowStatus, FeeType, RateSource
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
@@ -184,6 +183,16 @@ def trail_on(sink: QuoteSink, spool_dir: Path, **options: Any) -> AuditTrail:
     return AuditTrail(sink, spool=Spool(spool_dir), retry_seconds=0.05, **options)
 
 
+def dead_spool(root: Path, *appends: Sequence[PricedBatch]) -> Spool:
+    """The spool of a process that appended `appends` and died (its lock let go, its files left)."""
+    spool = Spool(root)
+    spool.open()
+    for batches in appends:
+        spool.append(batches)
+    spool.release(remove=False)
+    return spool
+
+
 # ---- writing ---------------------------------------------------------------------------------------
 
 
@@ -271,7 +280,7 @@ async def test_outage_spools_and_replays_each_batch_exactly_once(tmp_path: Path)
             assert not trail.database_up
             assert trail.spool_pending
             assert trail.queue_depth == 0
-            assert [batch.batch_id for batch in Spool(tmp_path / "spool").read()] == [
+            assert [batch.batch_id for batch in trail.spool.read()] == [
                 batch.batch_id for batch in during
             ]
             assert await row_count(pool) == 0
@@ -341,9 +350,7 @@ async def test_replay_repeated_after_a_partial_write_adds_nothing_twice(tmp_path
     async with quote_database() as (_dsn, _schema, pool):
         store = PgQuoteStore(pool)
         batches = [make_batch(1 + i % 3, seed=i) for i in range(150)]  # replayed in chunks of 64
-        spool = Spool(tmp_path / "spool")
-        for start in range(0, len(batches), 50):
-            spool.append(batches[start : start + 50])
+        dead_spool(tmp_path / "spool", *(batches[start : start + 50] for start in range(0, len(batches), 50)))
         # Some of them reached the database before the outage (written, never acknowledged).
         await store.write(batches[:10])
         assert await row_count(pool) == sum(batch.size for batch in batches[:10])
@@ -361,7 +368,7 @@ async def test_replay_repeated_after_a_partial_write_adds_nothing_twice(tmp_path
         await assert_exactly_once(pool, batches)
 
         # A crash between the write and the spool's removal: the same spool is replayed once more.
-        Spool(tmp_path / "spool").append(batches)
+        dead_spool(tmp_path / "spool", batches)
         again = trail_on(PgQuoteStore(pool), tmp_path / "spool")
         again.start()
         try:
@@ -373,14 +380,14 @@ async def test_replay_repeated_after_a_partial_write_adds_nothing_twice(tmp_path
 
 def torn(batch: PricedBatch, keep: Callable[[int], int]) -> bytes:
     """The start of `batch`'s spool record: `keep(len(record))` bytes of it (a crash mid-append)."""
-    record = msgspec.msgpack.encode(SpooledBatch.of(batch))
-    whole = struct.pack(">I", len(record)) + record
+    whole = encode_record(batch)
     return whole[: keep(len(whole))]
 
 
 TORN_TAILS = {
-    "inside-the-length": lambda n: 2,
-    "length-only": lambda n: 4,
+    "inside-the-magic": lambda n: 2,
+    "magic-only": lambda n: 4,
+    "header-only": lambda n: 12,
     "half-a-record": lambda n: n // 2,
     "all-but-one-byte": lambda n: n - 1,
 }
@@ -389,13 +396,12 @@ TORN_TAILS = {
 @pytest.mark.parametrize("tail", list(TORN_TAILS))
 async def test_a_torn_last_record_is_ignored_and_the_rest_replayed(tmp_path: Path, tail: str) -> None:
     async with quote_database() as (_dsn, _schema, pool):
-        spool = Spool(tmp_path / "spool")
         good = [make_batch(3, seed=i) for i in range(5)]
-        spool.append(good[:2])
-        spool.append(good[2:])
+        spool = dead_spool(tmp_path / "spool", good[:2], good[2:])
         lost = make_batch(4, seed=99)
+        tail_bytes = torn(lost, TORN_TAILS[tail])
         with spool.path.open("ab") as file:
-            file.write(torn(lost, TORN_TAILS[tail]))
+            file.write(tail_bytes)
         assert [batch.batch_id for batch in spool.read()] == [batch.batch_id for batch in good]
 
         trail = trail_on(PgQuoteStore(pool), tmp_path / "spool")
@@ -406,6 +412,9 @@ async def test_a_torn_last_record_is_ignored_and_the_rest_replayed(tmp_path: Pat
             await trail.close()
         await assert_exactly_once(pool, good)
         assert await PgQuoteStore(pool).get(lost.quote_id(0)) is None
+        # The torn bytes are cut off the replay and kept, exactly, in the quarantine file.
+        assert trail.spool.quarantine_path.read_bytes() == tail_bytes
+        assert not spool.directory.exists()
 
 
 # A crash while appending leaves a torn record; the restarted process, with the database still away, appends
@@ -419,9 +428,8 @@ TORN_THEN_APPENDED = {"swallowed": 500, "garbled": 50}
 @pytest.mark.parametrize("case", list(TORN_THEN_APPENDED))
 async def test_batches_spooled_after_a_torn_tail_are_not_lost(tmp_path: Path, case: str) -> None:
     async with quote_database() as (dsn, schema, pool):
-        spool = Spool(tmp_path / "spool")
         before = [make_batch(2, seed=i) for i in range(3)]
-        spool.append(before)
+        spool = dead_spool(tmp_path / "spool", before)
         with spool.path.open("ab") as file:  # the crash, half-way through a record
             file.write(torn(make_batch(TORN_THEN_APPENDED[case], seed=50), lambda n: n // 2))
 

@@ -3,12 +3,39 @@
 `AuditTrail` is the QuoteStore the endpoints use when the trail lives in a database:
 * `add` keeps the batch in a bounded in-process store (so `GET /quotes/{id}` works on this replica as soon
   as the response is sent) and queues it for a background writer that writes batches in bulk;
-* when the database is down the writer appends the batches to an append-only spool file
-  (`AUDIT_SPOOL_DIR`) and replays it once the database is back (the writes are idempotent on quote id, so
-  a replay after a partial write adds no duplicate);
+* when the database is down the writer appends the batches, as they come, to this process's spool under
+  `AUDIT_SPOOL_DIR` and replays it once the database is back (the writes are idempotent on quote id, so a
+  replay after a partial write adds no duplicate); only the attempts to reach the database wait for the
+  retry interval;
 * a full queue makes `add` wait (back-pressure) rather than drop anything;
 * `close` (graceful shutdown) drains the queue to the database, or to the spool.
-A hard kill loses only what was queued and neither written nor spooled (under normal load, milliseconds).
+
+Spools cannot interleave: each process owns a directory `proc-<host>-<pid>-<random>` under
+`AUDIT_SPOOL_DIR`, held under an exclusive `flock` for its life (made under a dot name and renamed once
+locked, so that nobody adopts it half made). Every process, at start-up and then every few seconds, adopts
+the directories whose lock it can take -- their owner is dead (kill -9, crash, an old pod on a shared
+volume) or exited with the database away -- replays them and removes them. Two workers, two processes
+on one host with the default directory, and pods on one shared volume are therefore all safe. (`flock`
+must work across the pods sharing the volume: local disks, NFSv4, CephFS do; some NFSv3 setups do not.)
+
+Every file is a sequence of frames: magic, payload length, CRC32 of the payload, payload (a msgpack
+`SpooledBatch`). Replay reads past damage: a torn tail (a crash mid-append) is cut, a damaged frame is
+skipped by resynchronising on the next valid one, and the exact bytes that could not be read are copied
+to a quarantine file beside the spool directories and logged at ERROR with their counts. A record the
+database refuses for good (a value beyond a column: not a connection error) goes to a dead-letter file,
+with an ERROR line, and the rest goes on.
+
+Durability (`AUDIT_DURABILITY`):
+* `memory` (default): the record waits in memory for the writer's group commit. A SIGKILL (OOM kill,
+  node loss) loses what was queued and not yet written or spooled: the quotes answered during the last
+  linger (20 ms) plus the write in flight (a few ms to tens of ms under load; while the database is down,
+  the linger plus one spool append). A graceful stop (SIGTERM) loses nothing.
+* `disk`: before `add` returns (so before the response), the record is appended to this process's
+  journal and fsynced. The fsync runs on a thread of its own and is group-committed: one fsync serves
+  every record that arrived while the previous one ran. The database write then goes on from memory as
+  in `memory` mode; journal segments are rotated, and deleted once every record in them is in the
+  database (or in the spool). A process killed at any point loses nothing it answered: the journal is
+  replayed, idempotently, by whichever process adopts its directory.
 """
 
 from __future__ import annotations
@@ -16,24 +43,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
+import fcntl
 import logging
 import os
+import secrets
+import socket
 import struct
+import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import msgspec
 
+from pricer.errors import InvalidParameter, ServiceUnavailable
 from pricer.logs import fields
 from pricer.quotes import AuditRecord, PricedBatch, RowValues, SingleQuote, TickerRate
 from pricer.schemas import FeeScheduleView, QuoteResponse
+from pricer.settings import AuditDurability as Durability
 from pricer.stores.memory import MemoryQuoteStore
 
 log = logging.getLogger("pricer.audit")
 
-_LENGTH = struct.Struct(">I")
+
+# magic, payload length, CRC32 of the payload
+_HEADER = struct.Struct(">4sII")
+MAGIC = b"PRA\x01"
+_MAX_PAYLOAD = 1 << 31
+PROCESS_PREFIX = "proc-"
+SPOOL_FILE = "spool.bin"
+JOURNAL_PREFIX = "journal-"
+LOCK_FILE = "lock"
+REPLAY_CHUNK = 64
+JOURNAL_SEGMENT_BYTES = 16 << 20
+ADOPT_SECONDS = 5.0
 
 
 class QuoteSink(Protocol):
@@ -95,71 +141,381 @@ class SpooledBatch(msgspec.Struct, array_like=True):
         )
 
 
+# ---- framing -----------------------------------------------------------------------------------------
+
+
+def frame(payload: bytes) -> bytes:
+    return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(SpooledBatch)
+
+
+def encode_record(record: AuditRecord) -> bytes:
+    """The framed spool record of one batch or single quote."""
+    return frame(_ENCODER.encode(SpooledBatch.of(record)))
+
+
+def _frame_end(data: bytes, view: memoryview, offset: int) -> int:
+    """Where the whole, intact frame starting at `offset` ends; 0 when none starts there; -1 when one starts
+    there but the data ends before it does (a torn tail)."""
+    if len(data) - offset < _HEADER.size:
+        return -1 if MAGIC.startswith(data[offset : offset + len(MAGIC)]) else 0
+    magic, length, crc = _HEADER.unpack_from(data, offset)
+    if magic != MAGIC or length > _MAX_PAYLOAD:
+        return 0
+    end: int = offset + _HEADER.size + length
+    if end > len(data):
+        return -1
+    if zlib.crc32(view[offset + _HEADER.size : end]) != crc:
+        return 0
+    return end
+
+
+def _next_frame(data: bytes, view: memoryview, start: int) -> int | None:
+    position = start
+    while (position := data.find(MAGIC, position)) >= 0:
+        if _frame_end(data, view, position) > 0:
+            return position
+        position += 1
+    return None
+
+
+class Scan(NamedTuple):
+    """What a spool file holds: the records read, and the byte ranges that could not be."""
+
+    batches: list[PricedBatch]
+    damaged: list[tuple[int, int]]  # (start, end): skipped in the middle, or undecodable
+    torn: tuple[int, int] | None  # a frame cut short at the end of the file
+    end: int  # where the last intact frame ends
+
+    @property
+    def unreadable_bytes(self) -> int:
+        torn = self.torn[1] - self.torn[0] if self.torn else 0
+        return torn + sum(end - start for start, end in self.damaged)
+
+
+def scan(data: bytes) -> Scan:
+    """Every intact record of `data`, resynchronising on the next valid frame after damage."""
+    view = memoryview(data)
+    batches: list[PricedBatch] = []
+    damaged: list[tuple[int, int]] = []
+    torn: tuple[int, int] | None = None
+    offset = last = 0
+    try:
+        while offset < len(data):
+            end = _frame_end(data, view, offset)
+            if end > 0:
+                try:
+                    batches.append(_DECODER.decode(view[offset + _HEADER.size : end]).batch())
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                    damaged.append((offset, end))  # intact bytes this version cannot read
+                offset = last = end
+                continue
+            following = _next_frame(data, view, offset + 1)
+            if following is None:
+                if end < 0:
+                    torn = (offset, len(data))
+                else:
+                    damaged.append((offset, len(data)))
+                break
+            damaged.append((offset, following))
+            offset = following
+    finally:
+        view.release()
+    return Scan(batches, damaged, torn, last)
+
+
+class _Appender:
+    """One append-only file of frames. An append is fsynced before it returns; a failed one is cut off, so
+    that the next starts where the last whole frame ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        self.size = os.fstat(self._fd).st_size
+
+    def append(self, data: bytes) -> None:
+        try:
+            written = 0
+            with memoryview(data) as view:
+                while written < len(data):
+                    written += os.pwrite(self._fd, view[written:], self.size + written)
+            os.fsync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self.size)
+            raise
+        self.size += len(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def _append_file(path: Path, data: bytes) -> None:
+    with path.open("ab") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _record_files(directory: Path) -> list[Path]:
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    return [directory / name for name in names if name == SPOOL_FILE or name.startswith(JOURNAL_PREFIX)]
+
+
+# ---- spool directories ---------------------------------------------------------------------------------
+
+
+class Adopted:
+    """Another (dead) process's spool directory, held under its lock until replayed and removed."""
+
+    def __init__(self, directory: Path, lock_fd: int) -> None:
+        self.directory = directory
+        self._lock_fd: int | None = lock_fd
+
+    def files(self) -> list[Path]:
+        return _record_files(self.directory)
+
+    def remove(self) -> None:
+        """Remove the (replayed) directory, then let go of its lock."""
+        for path in (*_record_files(self.directory), self.directory / LOCK_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()
+        self.release()
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
 class Spool:
-    """An append-only file of length-prefixed msgpack batches, fsynced on every append.
+    """This process's spool directory under `root` (AUDIT_SPOOL_DIR), held under an exclusive flock.
 
-    A crash (or a failed write) in the middle of an append leaves a torn record at the end; it is cut off
-    before anything else is appended, so that every whole record stays readable. The torn batch was never
-    acknowledged as spooled: it is still queued (or, after a crash, was never answered as written)."""
+    It holds the outage spool (`spool.bin`) and, in `disk` mode, the journal segments. Made when first
+    needed; `release` (graceful stop) removes it when nothing is left in it."""
 
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "audit-spool.bin"
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(SpooledBatch)
-        self._end = 0  # where the last whole record ends
-        if self.path.exists():
-            data = self.path.read_bytes()
-            _, self._end = self._records(data)
-            if self._end < len(data):
-                log.error(
-                    "Audit spool ends in a torn record; cutting it off",
-                    extra=fields(path=str(self.path), offset=self._end, torn_bytes=len(data) - self._end),
-                )
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.name = f"{PROCESS_PREFIX}{_safe(socket.gethostname())}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.directory = root / self.name
+        self.path = self.directory / SPOOL_FILE
+        self.quarantine_path = root / f"quarantine-{self.name}.bin"
+        self.dead_letter_path = root / f"dead-letter-{self.name}.bin"
+        self._lock_fd: int | None = None
+        self._spool: _Appender | None = None
+        self._size = 0  # bytes of records in this process's spool
 
-    def _records(self, data: bytes) -> tuple[list[PricedBatch], int]:
-        """The whole records at the start of `data`, and the offset where they end."""
-        batches = []
-        offset = 0
-        while offset + _LENGTH.size <= len(data):
-            (length,) = _LENGTH.unpack_from(data, offset)
-            start = offset + _LENGTH.size
-            if start + length > len(data):
-                break
-            try:
-                batches.append(self._decoder.decode(data[start : start + length]).batch())
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                break
-            offset = start + length
-        return batches, offset
+    def open(self) -> None:
+        """Make and lock this process's directory (once)."""
+        if self._lock_fd is not None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".{self.name}"
+        staging.mkdir()
+        fd = os.open(staging / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(staging, self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
 
     def append(self, batches: Sequence[AuditRecord]) -> None:
-        payload = bytearray()
-        for batch in batches:
-            record = self._encoder.encode(SpooledBatch.of(batch))
-            payload += _LENGTH.pack(len(record)) + record
-        with self.path.open("r+b" if self.path.exists() else "wb") as spool:
-            spool.seek(self._end)
-            spool.truncate()
-            spool.write(payload)
-            spool.flush()
-            os.fsync(spool.fileno())
-        self._end += len(payload)
+        payload = b"".join(encode_record(batch) for batch in batches)
+        if self._spool is None:
+            self.open()
+            self._spool = _Appender(self.path)
+        self._spool.append(payload)
+        self._size = self._spool.size
 
     def read(self) -> list[PricedBatch]:
+        """The records of this process's spool (what a replay would write)."""
         if not self.path.exists():
             return []
-        batches, _ = self._records(self.path.read_bytes())
-        return batches
+        return scan(self.path.read_bytes()).batches
 
     def clear(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        self._end = 0
+        self._size = 0
 
     @property
     def pending(self) -> bool:
-        return self._end > 0
+        return self._size > 0
+
+    def orphans(self) -> Iterator[Adopted]:
+        """The other processes' directories whose lock this process can take: their owner is gone."""
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return
+        for name in names:
+            if not name.startswith(PROCESS_PREFIX) or name == self.name:
+                continue
+            directory = self.root / name
+            try:
+                fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                os.close(fd)
+                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    continue  # alive
+                raise
+            if not directory.exists():  # removed by its adopter between our listing and our lock
+                os.close(fd)
+                continue
+            yield Adopted(directory, fd)
+
+    def release(self, *, remove: bool = True) -> None:
+        """Close the files and let go of the lock; the directory is removed first when nothing is left in
+        it (else the next process to start adopts it)."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        if self._lock_fd is None:
+            return
+        if remove and not _record_files(self.directory):
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / LOCK_FILE).unlink()
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-_" else "_" for c in name)[:64] or "host"
+
+
+class Journal:
+    """`disk` durability: this process's write-ahead journal, segment by segment, group-committed.
+
+    `submit` hands a record over; a thread of its own appends everything submitted meanwhile in one write
+    and one fsync, then gives the records to `on_durable` (the writer's queue) with their segment, and only
+    then resolves the submitters' futures. A request cancelled while it waits therefore still has its record
+    written to the database. `done` counts records of a segment that reached the database (or the spool);
+    a full segment whose records are all done is deleted."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        on_durable: Callable[[list[AuditRecord], int], None],
+        *,
+        segment_bytes: int = JOURNAL_SEGMENT_BYTES,
+    ) -> None:
+        self._spool = spool
+        self._on_durable = on_durable
+        self._segment_bytes = segment_bytes
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-journal")
+        self._waiting: list[tuple[AuditRecord, bytes, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._segment = 0
+        self._file: _Appender | None = None
+        self._open: dict[int, int] = {}  # segment -> records not yet done
+        self.fsyncs = 0
+
+    def submit(self, record: AuditRecord) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((record, encode_record(record), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        return future
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            waiting, self._waiting = self._waiting, []
+            try:
+                file, segment = self._current()
+                await loop.run_in_executor(self._executor, file.append, b"".join(w[1] for w in waiting))
+            except OSError as error:
+                # Nothing of this write is acknowledged: the requests fail (503) rather than answer a
+                # quote that is not on disk.
+                log.error(
+                    "Audit journal write failed",
+                    extra=fields(path=str(self._spool.directory), error=type(error).__name__),
+                )
+                for _, _, future in waiting:
+                    if not future.done():
+                        future.set_exception(ServiceUnavailable("The audit journal is unavailable"))
+                continue
+            self.fsyncs += 1
+            self._open[segment] = self._open.get(segment, 0) + len(waiting)
+            self._on_durable([w[0] for w in waiting], segment)
+            for _, _, future in waiting:
+                if not future.done():
+                    future.set_result(None)
+
+    def _current(self) -> tuple[_Appender, int]:
+        if self._file is not None and self._file.size >= self._segment_bytes:
+            self._file.close()
+            self._file = None
+            self._delete_if_done(self._segment)
+            self._segment += 1
+        if self._file is None:
+            self._spool.open()
+            self._file = _Appender(self._spool.directory / f"{JOURNAL_PREFIX}{self._segment:012d}.bin")
+        return self._file, self._segment
+
+    def done(self, segments: Sequence[int]) -> None:
+        for segment in segments:
+            if segment < 0:
+                continue
+            self._open[segment] -= 1
+            if segment != self._segment or self._file is None:
+                self._delete_if_done(segment)
+
+    def _delete_if_done(self, segment: int) -> None:
+        if self._open.get(segment, 0) == 0:
+            self._open.pop(segment, None)
+            with contextlib.suppress(FileNotFoundError):
+                (self._spool.directory / f"{JOURNAL_PREFIX}{segment:012d}.bin").unlink()
+
+    @property
+    def segments(self) -> int:
+        return len(_record_files(self._spool.directory)) - (1 if self._spool.pending else 0)
+
+    async def flush(self) -> None:
+        """Wait until everything submitted is on disk (and queued for the database)."""
+        while self._flusher is not None and not self._flusher.done():
+            await self._flusher
+
+    def close(self) -> None:
+        """After the final drain: close the current segment, deleting it when every record is done."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._delete_if_done(self._segment)
+        self._executor.shutdown(wait=True)
+
+
+def _refused(error: Exception) -> bool:
+    """A write error that retrying cannot fix: the database rejected a value, or the record is malformed."""
+    return isinstance(error, InvalidParameter | ValueError | TypeError | OverflowError)
 
 
 class AuditTrail:
@@ -168,29 +524,46 @@ class AuditTrail:
         sink: QuoteSink,
         *,
         spool: Spool,
+        durability: Durability = Durability.MEMORY,
         recent_rows: int = 200_000,
         max_queue_rows: int = 2_000_000,
         max_write_rows: int = 200_000,
         retry_seconds: float = 0.5,
         linger_seconds: float = 0.02,
+        adopt_seconds: float = ADOPT_SECONDS,
+        journal_segment_bytes: int = JOURNAL_SEGMENT_BYTES,
     ) -> None:
         self._sink = sink
         self._spool = spool
         self._recent = MemoryQuoteStore(recent_rows)
-        self._queue: deque[AuditRecord] = deque()
+        # Each queued record with its journal segment (-1: not journaled).
+        self._queue: deque[tuple[AuditRecord, int]] = deque()
         self._queued_rows = 0
         self._max_queue_rows = max_queue_rows
         self._max_write_rows = max_write_rows
         self._retry_seconds = retry_seconds
         self._linger_seconds = linger_seconds
+        self._adopt_seconds = adopt_seconds
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._next_attempt = 0.0  # loop time of the next attempt to reach the database with a backlog
+        self._next_scan = 0.0  # loop time of the next look for dead processes' spools
+        self._adopted: list[Adopted] = []
+        self.durability = durability
+        self.journal = (
+            Journal(spool, self._enqueue, segment_bytes=journal_segment_bytes)
+            if durability is Durability.DISK
+            else None
+        )
         self.database_up = True
         self.written_rows = 0
         self.spooled_rows = 0
+        self.dead_lettered_rows = 0
+        self.unreadable_bytes = 0
+        self.adopted_spools = 0
 
     # ---- QuoteStore ---------------------------------------------------------------------------
 
@@ -202,8 +575,15 @@ class AuditTrail:
         while self._queued_rows >= self._max_queue_rows and not self._closing:
             self._room.clear()
             await self._room.wait()
-        self._queue.append(record)
-        self._queued_rows += record.size
+        if self.journal is None:
+            self._enqueue([record], -1)
+        else:
+            await self.journal.submit(record)  # on disk (fsynced) before the response
+
+    def _enqueue(self, records: list[AuditRecord], segment: int) -> None:
+        for record in records:
+            self._queue.append((record, segment))
+            self._queued_rows += record.size
         self._wakeup.set()
 
     async def get(self, quote_id: str) -> QuoteResponse | None:
@@ -213,102 +593,221 @@ class AuditTrail:
 
     @property
     def queue_depth(self) -> int:
-        """Positions accepted and not yet in the database (queued or spooled)."""
+        """Positions accepted and waiting in memory for the database (journaled too in `disk` mode)."""
         return self._queued_rows
 
     @property
+    def spool(self) -> Spool:
+        return self._spool
+
+    @property
     def spool_pending(self) -> bool:
-        return self._spool.pending
+        """This process's spool, or an adopted one, holds records not yet in the database."""
+        return self._spool.pending or bool(self._adopted)
 
     # ---- the writer ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._spool.open()
+        self._adopt_orphans()  # at once: what dead processes left is pending from the start
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closing:
             try:
-                await self._replay_spool()
-                if not self.spool_pending:
-                    await self._wakeup.wait()
+                await self._replay()
+                if not self._queue:
+                    # Sleep until records come, the next attempt at the database is due (with a backlog),
+                    # or it is time to look for dead processes' spools.
+                    wake = self._next_scan
+                    if self.spool_pending:
+                        wake = min(wake, self._next_attempt)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, wake - loop.time())):
+                            await self._wakeup.wait()
                 self._wakeup.clear()
                 if self._linger_seconds and not self._closing and self._queued_rows < self._max_write_rows:
                     # Group commit: a write costs a few round trips whatever its size, so the quotes of
                     # the next few milliseconds join this one (at 10^4 quotes/s, hundreds per write).
                     await asyncio.sleep(self._linger_seconds)
                 await self._drain()
-                if self.spool_pending and not self._closing:
-                    await asyncio.sleep(self._retry_seconds)
             except Exception:
                 # The spool itself failed (disk full?): keep going; the queue holds the batches.
                 log.exception("Audit writer error")
                 await asyncio.sleep(self._retry_seconds)
 
-    def _take(self) -> tuple[list[AuditRecord], int]:
-        """The next write: queued batches up to max_write_rows rows (at least one), and their rows."""
+    def _take(self) -> tuple[list[AuditRecord], list[int], int]:
+        """The next write: queued records up to max_write_rows rows (at least one), their journal segments
+        and their rows."""
         taken: list[AuditRecord] = []
+        segments: list[int] = []
         rows = 0
         queue = self._queue
         while queue:
-            size = queue[0].size
+            size = queue[0][0].size
             if taken and rows + size > self._max_write_rows:
                 break
-            taken.append(queue.popleft())
+            record, segment = queue.popleft()
+            taken.append(record)
+            segments.append(segment)
             rows += size
-        return taken, rows
+        return taken, segments, rows
 
-    def _release(self, rows: int) -> None:
+    def _release(self, rows: int, segments: list[int]) -> None:
         self._queued_rows -= rows
         if self._queued_rows < self._max_queue_rows:
             self._room.set()
+        if self.journal is not None:
+            self.journal.done(segments)
 
     async def _drain(self) -> None:
         while self._queue:
-            batches, rows = self._take()
-            if not self.spool_pending:
-                try:
-                    await self._sink.write(batches)
-                    self.written_rows += rows
-                    self.database_up = True
-                    self._release(rows)
-                    continue
-                except Exception as error:
-                    self._database_down(error)
-            # The database is away (or the spool still holds older batches, which go first on replay).
+            batches, segments, rows = self._take()
+            # With a backlog in the spool (the database away, or back and not replayed yet), new records go
+            # straight to the spool, behind it: nothing waits in memory for the next attempt.
+            if not self._spool.pending and await self._write(batches):
+                self.written_rows += rows
+                self._release(rows, segments)
+                continue
             try:
                 self._spool.append(batches)
             except OSError:
-                self._queue.extendleft(reversed(batches))
+                self._queue.extendleft(reversed(list(zip(batches, segments, strict=True))))
                 raise
             self.spooled_rows += rows
-            self._release(rows)
+            self._release(rows, segments)
 
-    async def _replay_spool(self) -> None:
-        if not self._spool.pending:
-            return
-        batches = self._spool.read()
+    async def _write(self, batches: Sequence[AuditRecord]) -> bool:
+        """Write to the database: True once done (records it refuses for good are dead-lettered), False
+        when it cannot be reached (the next attempt is then due after the retry interval)."""
         try:
-            for start in range(0, len(batches), 64):
-                await self._sink.write(batches[start : start + 64])
+            await self._sink.write(batches)
         except Exception as error:
-            self._database_down(error)
-            return
-        self._spool.clear()
+            if not _refused(error):
+                self._database_down(error)
+                return False
+            if len(batches) == 1:
+                self._dead_letter(batches[0], error)
+                return True
+            for batch in batches:  # find the refused ones
+                if not await self._write([batch]):
+                    return False
+            return True
         self.database_up = True
-        log.info("Audit spool replayed", extra=fields(batches=len(batches)))
+        return True
+
+    def _dead_letter(self, record: AuditRecord, error: Exception) -> None:
+        self._spool.open()
+        _append_file(self._spool.dead_letter_path, encode_record(record))
+        self.dead_lettered_rows += record.size
+        log.error(
+            "Audit record refused by the database; moved to the dead-letter file",
+            extra=fields(
+                batch_id=record.batch_id,
+                rows=record.size,
+                error=type(error).__name__,
+                reason=str(error),
+                path=str(self._spool.dead_letter_path),
+            ),
+        )
+
+    def _adopt_orphans(self) -> None:
+        self._next_scan = asyncio.get_running_loop().time() + self._adopt_seconds
+        for adopted in self._spool.orphans():
+            self._adopted.append(adopted)
+            self.adopted_spools += 1
+            log.info("Audit spool of a stopped process adopted", extra=fields(spool=str(adopted.directory)))
+
+    async def _replay(self, *, now: bool = False) -> None:
+        """Replay this process's spool and the adopted ones, when an attempt is due."""
+        loop = asyncio.get_running_loop()
+        if now or loop.time() >= self._next_scan:
+            self._adopt_orphans()
+        if not self.spool_pending or (not now and loop.time() < self._next_attempt):
+            return
+        done = True
+        if self._spool.pending:
+            done = await self._replay_file(self._spool.path)
+            if done:
+                self._spool.clear()
+        while done and self._adopted:
+            adopted = self._adopted[0]
+            for path in adopted.files():
+                done = await self._replay_file(path)
+                if not done:
+                    break
+                path.unlink()
+            if done:
+                adopted.remove()
+                self._adopted.pop(0)
+        if not done:
+            self._next_attempt = loop.time() + self._retry_seconds
+
+    async def _replay_file(self, path: Path) -> bool:
+        """Write every readable record of a spool or journal file; quarantine what cannot be read. False
+        when the database is away (the file stays as it is)."""
+        data = _read(path)
+        if data is None:
+            return True
+        found = scan(data)
+        batches = found.batches
+        for start in range(0, len(batches), REPLAY_CHUNK):
+            if not await self._write(batches[start : start + REPLAY_CHUNK]):
+                return False
+        if found.unreadable_bytes:
+            self._quarantine(path, data, found)
+        log.info(
+            "Audit spool replayed",
+            extra=fields(
+                path=str(path),
+                batches=len(batches),
+                rows=sum(batch.size for batch in batches),
+                unreadable_bytes=found.unreadable_bytes,
+            ),
+        )
+        return True
+
+    def _quarantine(self, path: Path, data: bytes, found: Scan) -> None:
+        ranges = [*found.damaged, *([found.torn] if found.torn else [])]
+        _append_file(self._spool.quarantine_path, b"".join(data[start:end] for start, end in ranges))
+        self.unreadable_bytes += found.unreadable_bytes
+        log.error(
+            "Audit spool bytes unreadable; quarantined, the records around them replayed",
+            extra=fields(
+                path=str(path),
+                replayed_batches=len(found.batches),
+                damaged_ranges=len(found.damaged),
+                damaged_bytes=sum(end - start for start, end in found.damaged),
+                torn_bytes=found.torn[1] - found.torn[0] if found.torn else 0,
+                ranges=",".join(f"{start}+{end - start}" for start, end in ranges),
+                quarantine=str(self._spool.quarantine_path),
+            ),
+        )
 
     def _database_down(self, error: Exception) -> None:
         if self.database_up:
             log.error("Backend service error", extra=fields(service="audit", error=type(error).__name__))
         self.database_up = False
+        self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
 
     async def close(self) -> None:
-        """Drain everything queued to the database, else to the spool; then stop the writer."""
+        """Drain everything queued to the database, else to the spool; then stop the writer. What stays
+        in a spool (the database away) is adopted by the next process to start on the same directory."""
         self._closing = True
         self._room.set()
         self._wakeup.set()
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await self._task
-        await self._replay_spool()
+        if self.journal is not None:
+            await self.journal.flush()
+        self._spool.open()
+        await self._replay(now=True)
         await self._drain()
+        if self.journal is not None:
+            self.journal.close()
+        for adopted in self._adopted:
+            adopted.release()
+        self._adopted.clear()
+        self._spool.release()

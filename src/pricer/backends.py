@@ -102,7 +102,13 @@ def _use_postgres(backends: Backends, settings: Settings) -> None:
     )
     pg = postgres_stores(pool)
     spool_dir = Path(settings.audit_spool_dir or Path(tempfile.gettempdir()) / "pricer-audit-spool")
-    audit = AuditTrail(pg.quotes, spool=Spool(spool_dir))  # type: ignore[arg-type]  # PgQuoteStore.write
+    # One spool directory per process under spool_dir (its own, locked): workers and replicas sharing the
+    # directory never write into each other's files, and adopt the ones of processes that died.
+    audit = AuditTrail(
+        pg.quotes,  # type: ignore[arg-type]  # PgQuoteStore.write
+        spool=Spool(spool_dir),
+        durability=settings.audit_durability,
+    )
     bus = backends.bus
     backends.stores = Stores(
         clients=CachedClientStore(pg.clients, bus),
@@ -164,6 +170,10 @@ def _audit_check(audit: AuditTrail) -> Callable[[], Awaitable[DependencyHealth]]
                 "spool_pending": audit.spool_pending,
                 "written_rows": audit.written_rows,
                 "spooled_rows": audit.spooled_rows,
+                "durability": audit.durability.value,
+                "dead_lettered_rows": audit.dead_lettered_rows,
+                "unreadable_bytes": audit.unreadable_bytes,
+                "adopted_spools": audit.adopted_spools,
             },
         )
 

@@ -36,6 +36,13 @@ class Role(enum.StrEnum):
     DATA = "data"
 
 
+class AuditDurability(enum.StrEnum):
+    """When an accepted audit record is safe from a SIGKILL (src/pricer/audit.py)."""
+
+    MEMORY = "memory"  # queued in memory, group-committed to the database
+    DISK = "disk"  # fsynced to this process's journal before the response
+
+
 class SettingsError(ValueError):
     """A variable with a value the engine refuses; the message names the variable."""
 
@@ -93,6 +100,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     memory_quotes_max_rows: int = 200_000
     demo_keys_file: str | None = ".demo-keys.env"
     seed_demo_data: bool = True
+    # ---- audit durability (issue 16) ----
+    audit_durability: AuditDurability = AuditDurability.MEMORY
 
     @property
     def effective_burst(self) -> int:
@@ -239,6 +248,8 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MEMORY_QUOTES_MAX_ROWS": ("memory_quotes_max_rows", _int_in(1, 100_000_000)),
     "DEMO_KEYS_FILE": ("demo_keys_file", _optional_path),
     "SEED_DEMO_DATA": ("seed_demo_data", _bool),
+    # ---- audit durability (issue 16) ----
+    "AUDIT_DURABILITY": ("audit_durability", _enum(AuditDurability)),
 }
 
 
