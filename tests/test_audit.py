@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,13 @@ import msgspec
 import numpy as np
 import pytest
 
-from pricer.audit import AuditTrail, QuoteSink, Spool, encode_record
+from pricer.audit import AuditTrail, QuoteSink, Spool, encode_record, scan
 from pricer.errors import ServiceUnavailable
+from pricer.logs import FIELDS_ATTR
 from pricer.models import BorrowStatus, FeeType, RateSource
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
 from pricer.schemas import FeeScheduleView, QuoteResponse
+from pricer.settings import AuditDurability as Durability
 from pricer.stores.migrate import migrate
 from pricer.stores.pool import DeferredPool
 from pricer.stores.postgres import PgQuoteStore, quote_identifier
@@ -280,9 +284,7 @@ async def test_outage_spools_and_replays_each_batch_exactly_once(tmp_path: Path)
             assert not trail.database_up
             assert trail.spool_pending
             assert trail.queue_depth == 0
-            assert [batch.batch_id for batch in trail.spool.read()] == [
-                batch.batch_id for batch in during
-            ]
+            assert [batch.batch_id for batch in trail.spool.read()] == [batch.batch_id for batch in during]
             assert await row_count(pool) == 0
             # Readable on this replica all along.
             assert encoded(await trail.get(during[7].quote_id(1))) == encoded(during[7].quote_response(1))
@@ -450,3 +452,284 @@ async def test_batches_spooled_after_a_torn_tail_are_not_lost(tmp_path: Path, ca
             finally:
                 await away.close()
         await assert_exactly_once(pool, [*before, *after])
+
+
+# ---- framing: damage in the middle, refused records -------------------------------------------------------
+
+
+def _flip_payload_byte(frames: list[bytes]) -> bytes:
+    damaged = bytearray(frames[1])
+    damaged[len(damaged) // 2] ^= 0xFF  # the CRC no longer matches
+    return bytes(damaged)
+
+
+def _garbage(frames: list[bytes]) -> bytes:
+    return b"\x00garbage\xff" * 7 + b"PRA"  # not a frame; ends in a partial magic
+
+
+def _bad_length(frames: list[bytes]) -> bytes:
+    damaged = bytearray(frames[1])
+    damaged[4:8] = (1 << 30).to_bytes(4, "big")  # claims far more than the file holds
+    return bytes(damaged)
+
+
+DAMAGE = {"flipped-byte": _flip_payload_byte, "garbage": _garbage, "bad-length": _bad_length}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+async def test_a_damaged_record_in_the_middle_is_quarantined_and_the_rest_replayed(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with quote_database() as (_dsn, _schema, pool):
+        batches = [make_batch(2 + i, seed=i) for i in range(6)]
+        frames = [encode_record(batch) for batch in batches]
+        bad = DAMAGE[damage](frames)
+        if damage == "garbage":  # garbage between records 1 and 2: every record is whole
+            kept, data = batches, frames[0] + frames[1] + bad + b"".join(frames[2:])
+        else:  # record 1 damaged
+            kept, data = [batches[0], *batches[2:]], frames[0] + bad + b"".join(frames[2:])
+        spool = dead_spool(tmp_path / "spool")
+        spool.path.write_bytes(data)
+
+        trail = trail_on(PgQuoteStore(pool), tmp_path / "spool")
+        trail.start()
+        try:
+            await eventually(lambda: not trail.spool_pending, what="replayed")
+        finally:
+            await trail.close()
+        await assert_exactly_once(pool, kept)
+        assert trail.spool.quarantine_path.read_bytes() == bad  # exactly the bytes that could not be read
+        assert trail.unreadable_bytes == len(bad)
+        errors = [r for r in caplog.records if r.levelname == "ERROR" and "quarantined" in r.getMessage()]
+        assert len(errors) == 1, caplog.text
+        logged = getattr(errors[0], FIELDS_ATTR)
+        assert logged["damaged_bytes"] == len(bad), logged
+        assert logged["replayed_batches"] == len(kept), logged
+        assert not spool.directory.exists()
+
+
+def test_scan_finds_every_intact_frame_around_random_damage() -> None:
+    """Random records, random corruption: every frame the damage did not touch is read, and the damaged
+    ranges plus the frames read account for every byte."""
+    rng = np.random.default_rng(7)
+    for round_ in range(40):
+        batches = [make_batch(int(rng.integers(1, 6)), seed=round_ * 100 + i) for i in range(8)]
+        frames = [encode_record(batch) for batch in batches]
+        offsets = np.cumsum([0, *(len(f) for f in frames)])
+        data = bytearray(b"".join(frames))
+        hits = sorted({int(x) for x in rng.integers(0, len(data), int(rng.integers(1, 4)))})
+        for hit in hits:
+            data[hit] ^= int(rng.integers(1, 256))
+        found = scan(bytes(data))
+        untouched = [
+            batch.batch_id
+            for batch, start, end in zip(batches, offsets[:-1], offsets[1:], strict=True)
+            if not any(start <= hit < end for hit in hits)
+        ]
+        assert [batch.batch_id for batch in found.batches] == untouched
+        read = sum(len(frames[i]) for i, b in enumerate(batches) if b.batch_id in untouched)
+        assert read + found.unreadable_bytes == len(data)
+
+
+async def test_a_record_the_database_refuses_goes_to_the_dead_letter_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with quote_database() as (_dsn, _schema, pool):
+        refused = make_batch(3, seed=500)
+        refused.position_cents[1] = 10**15  # beyond quote_rows.position_value numeric(14, 2)
+        good = [make_batch(2, seed=i) for i in range(5)]
+        # Through the spool (a dead process's, replayed) and through the queue (the database up).
+        dead_spool(tmp_path / "spool", [good[0], refused, good[1]])
+        trail = trail_on(PgQuoteStore(pool), tmp_path / "spool")
+        trail.start()
+        try:
+            await eventually(lambda: not trail.spool_pending, what="replayed past the refused record")
+            refused_too = make_batch(1, seed=501)
+            refused_too.position_cents[0] = 10**15
+            for batch in (good[2], refused_too, good[3], good[4]):
+                await trail.add(batch)
+            await eventually(lambda: trail.queue_depth == 0, what="written past the refused record")
+        finally:
+            await trail.close()
+        await assert_exactly_once(pool, good)
+        letters = scan(trail.spool.dead_letter_path.read_bytes())
+        assert [b.batch_id for b in letters.batches] == [refused.batch_id, refused_too.batch_id]
+        assert letters.unreadable_bytes == 0
+        assert trail.dead_lettered_rows == 4
+        errors = [r for r in caplog.records if r.levelname == "ERROR" and "dead-letter" in r.getMessage()]
+        assert len(errors) == 2, caplog.text
+
+
+# ---- one spool per process: workers, adoption --------------------------------------------------------------
+
+
+async def test_two_processes_spooling_into_one_directory_lose_nothing(tmp_path: Path) -> None:
+    """Two workers (or two processes on one host) with the same AUDIT_SPOOL_DIR through an outage."""
+    async with quote_database() as (dsn, schema, pool):
+        away = [DeferredPool(dsn, schema=schema, max_size=2) for _ in range(2)]
+        trails = [trail_on(PgQuoteStore(p), tmp_path / "spool") for p in away]
+        for trail in trails:
+            trail.start()
+        try:
+            batches: list[list[PricedBatch]] = [[], []]
+            for i in range(60):
+                which = i % 2
+                batch = make_batch(1 + i % 4, seed=i)
+                batches[which].append(batch)
+                await trails[which].add(batch)
+                if i % 7 == 0:
+                    await asyncio.sleep(0.03)  # both writers spool, interleaved
+            total = [sum(b.size for b in group) for group in batches]
+            await eventually(
+                lambda: [t.spooled_rows for t in trails] == total, what="both spooled everything"
+            )
+            assert trails[0].spool.path != trails[1].spool.path
+            for pool_ in away:
+                await pool_.open()
+            await eventually(lambda: not any(t.spool_pending for t in trails), what="both replayed")
+        finally:
+            for trail in trails:
+                await trail.close()
+            for pool_ in away:
+                await pool_.close()
+        await assert_exactly_once(pool, [*batches[0], *batches[1]])
+        assert not list((tmp_path / "spool").iterdir())
+
+
+async def test_outage_records_reach_the_spool_without_waiting_for_the_retry(tmp_path: Path) -> None:
+    async with quote_database() as (dsn, schema, _pool):
+        away = DeferredPool(dsn, schema=schema, max_size=2)
+        trail = AuditTrail(PgQuoteStore(away), spool=Spool(tmp_path / "spool"), retry_seconds=30)
+        trail.start()
+        try:
+            await trail.add(make_batch(1, seed=0))
+            await eventually(lambda: trail.spooled_rows == 1, what="first record spooled")
+            # The database was just found away: the next attempt is 30 s off. New records must not wait
+            # in memory for it (a SIGKILL meanwhile would lose them).
+            for i in range(1, 20):
+                await trail.add(make_batch(1, seed=i))
+                await asyncio.sleep(0.01)
+            await eventually(lambda: trail.spooled_rows == 20, within=5, what="spooled as they came")
+            assert trail.queue_depth == 0
+        finally:
+            trail._retry_seconds = 0.05
+            await trail.close()
+            await away.close()
+
+
+SPOOL_HOLDER = """
+import sys, time
+from pathlib import Path
+from tests.test_audit import make_batch
+from pricer.audit import Spool
+spool = Spool(Path(sys.argv[1]))
+spool.open()
+spool.append([make_batch(2, seed=int(sys.argv[2]) + i) for i in range(3)])
+print(spool.name, flush=True)
+time.sleep(120)
+"""
+
+
+async def test_a_dead_process_spool_is_adopted_and_a_live_one_left_alone(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+
+    def holder(seed: int) -> tuple[subprocess.Popen[str], str]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", SPOOL_HOLDER, str(root), str(seed)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        assert process.stdout is not None
+        return process, process.stdout.readline().strip()
+
+    live, live_name = holder(100)
+    dead, dead_name = holder(200)
+    try:
+        dead.kill()  # kill -9: its lock goes with it, its spool stays
+        dead.wait(30)
+        async with quote_database() as (_dsn, _schema, pool):
+            trail = trail_on(PgQuoteStore(pool), root, adopt_seconds=0.1)
+            trail.start()
+            try:
+                await eventually(lambda: not trail.spool_pending, what="dead spool replayed")
+                count, _ = await stored_ids(pool)
+                assert count == 6
+                assert not (root / dead_name).exists()
+                assert (root / live_name / "spool.bin").stat().st_size > 0  # left alone
+                await asyncio.sleep(0.3)  # a few more scans: still left alone
+                assert (root / live_name / "spool.bin").exists()
+
+                live.kill()  # now it dies too: the next scan adopts it
+                live.wait(30)
+                await eventually(lambda: not (root / live_name).exists(), what="second spool adopted")
+                await eventually(lambda: not trail.spool_pending, what="second spool replayed")
+                count, _ = await stored_ids(pool)
+                assert count == 12
+                assert trail.adopted_spools == 2
+            finally:
+                await trail.close()
+    finally:
+        for process in (live, dead):
+            if process.poll() is None:
+                process.kill()
+                process.wait(30)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+# ---- disk durability ------------------------------------------------------------------------------------
+
+
+async def test_disk_mode_journals_before_add_returns_and_a_crash_loses_nothing(tmp_path: Path) -> None:
+    async with quote_database() as (dsn, schema, pool):
+        away = DeferredPool(dsn, schema=schema, max_size=2)
+        trail = trail_on(PgQuoteStore(away), tmp_path / "spool", durability=Durability.DISK)
+        batches = [make_batch(1 + i % 3, seed=i) for i in range(200)]
+        # No writer running: the records are only in memory and in the journal when add returns.
+        await asyncio.gather(*(trail.add(batch) for batch in batches))
+        assert trail.journal is not None
+        assert 1 <= trail.journal.fsyncs < 20, trail.journal.fsyncs  # group commit: not one per record
+        journaled = [
+            b.batch_id
+            for path in sorted(trail.spool.directory.glob("journal-*"))
+            for b in scan(path.read_bytes()).batches
+        ]
+        assert sorted(journaled) == sorted(b.batch_id for b in batches)
+        # The process dies here (kill -9): nothing is written, nothing is closed; its lock goes.
+        trail.spool.release(remove=False)
+        await away.close()
+
+        restarted = trail_on(PgQuoteStore(pool), tmp_path / "spool")
+        restarted.start()
+        try:
+            await eventually(lambda: not restarted.spool_pending, what="journal replayed")
+        finally:
+            await restarted.close()
+        await assert_exactly_once(pool, batches)
+        assert not list((tmp_path / "spool").iterdir())
+
+
+async def test_disk_mode_journal_segments_are_deleted_once_written(tmp_path: Path) -> None:
+    async with quote_database() as (_dsn, _schema, pool):
+        trail = trail_on(
+            PgQuoteStore(pool), tmp_path / "spool", durability=Durability.DISK, journal_segment_bytes=4096
+        )
+        trail.start()
+        try:
+            batches = []
+            most = 0
+            for i in range(300):
+                batch = make_batch(1 + i % 5, seed=i)
+                batches.append(batch)
+                await trail.add(batch)
+                if i % 10 == 0:
+                    await eventually(lambda: trail.queue_depth == 0, what="written")
+                    most = max(most, len(list(trail.spool.directory.glob("journal-*"))))
+            await eventually(lambda: trail.queue_depth == 0, what="written")
+            await asyncio.sleep(0.05)
+            assert most <= 3, most  # rotated, and the written segments deleted: bounded
+        finally:
+            await trail.close()
+        await assert_exactly_once(pool, batches)
+        assert not list((tmp_path / "spool").iterdir())
