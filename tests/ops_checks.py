@@ -140,7 +140,7 @@ SECRET_ENV_VARS = frozenset(
     }
 )
 # Engine variables beyond DESIGN's list that the ConfigMap sets for a cluster.
-EXTRA_ENV_VARS = frozenset({"SEED_DEMO_DATA", "DEMO_KEYS_FILE"})
+EXTRA_ENV_VARS = frozenset({"SEED_DEMO_DATA", "DEMO_KEYS_FILE", "AUDIT_DURABILITY"})
 
 
 def design_env_vars() -> list[str]:
