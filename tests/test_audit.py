@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,7 +25,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from pricer.audit import AuditTrail, QuoteSink, Spool, encode_record, scan
+from pricer.audit import AuditTrail, QuoteSink, Spool, SpooledBatch, encode_record, scan
 from pricer.errors import ServiceUnavailable
 from pricer.logs import FIELDS_ATTR
 from pricer.models import BorrowStatus, FeeType, RateSource
@@ -733,3 +734,26 @@ async def test_disk_mode_journal_segments_are_deleted_once_written(tmp_path: Pat
             await trail.close()
         await assert_exactly_once(pool, batches)
         assert not list((tmp_path / "spool").iterdir())
+
+
+async def test_an_earlier_versions_spool_file_is_adopted_on_upgrade(tmp_path: Path) -> None:
+    """A pod of the previous version stopped during an outage left `audit-spool.bin` (length-prefixed
+    records, one file for all): the new version replays it, and quarantines what it cannot read."""
+    async with quote_database() as (_dsn, _schema, pool):
+        root = tmp_path / "spool"
+        root.mkdir()
+        batches = [make_batch(2, seed=i) for i in range(4)]
+        records = [msgspec.msgpack.encode(SpooledBatch.of(batch)) for batch in batches]
+        tail = struct.pack(">I", 999) + b"\x93torn"
+        data = b"".join(struct.pack(">I", len(r)) + r for r in records) + tail
+        (root / "audit-spool.bin").write_bytes(data)
+        trail = trail_on(PgQuoteStore(pool), root)
+        trail.start()
+        try:
+            await eventually(lambda: not trail.spool_pending, what="legacy spool replayed")
+        finally:
+            await trail.close()
+        await assert_exactly_once(pool, batches)
+        assert not (root / "audit-spool.bin").exists()
+        assert trail.spool.quarantine_path.read_bytes() == tail
+        assert sorted(p.name for p in root.iterdir()) == [trail.spool.quarantine_path.name]

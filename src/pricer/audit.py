@@ -75,6 +75,7 @@ MAGIC = b"PRA\x01"
 _MAX_PAYLOAD = 1 << 31
 PROCESS_PREFIX = "proc-"
 SPOOL_FILE = "spool.bin"
+LEGACY_FILE = "audit-spool.bin"  # the one shared spool file of earlier versions, adopted on upgrade
 JOURNAL_PREFIX = "journal-"
 LOCK_FILE = "lock"
 REPLAY_CHUNK = 64
@@ -286,7 +287,33 @@ def _record_files(directory: Path) -> list[Path]:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
         return []
-    return [directory / name for name in names if name == SPOOL_FILE or name.startswith(JOURNAL_PREFIX)]
+    return [
+        directory / name
+        for name in names
+        if name in (SPOOL_FILE, LEGACY_FILE) or name.startswith(JOURNAL_PREFIX)
+    ]
+
+
+_LEGACY_LENGTH = struct.Struct(">I")
+
+
+def scan_legacy(data: bytes) -> Scan:
+    """The spool format before per-process directories: length-prefixed records, no magic or checksum,
+    so nothing can be read past the first bad record (the rest is reported as damaged)."""
+    batches: list[PricedBatch] = []
+    offset = 0
+    while offset + _LEGACY_LENGTH.size <= len(data):
+        (length,) = _LEGACY_LENGTH.unpack_from(data, offset)
+        start = offset + _LEGACY_LENGTH.size
+        if start + length > len(data):
+            break
+        try:
+            batches.append(_DECODER.decode(data[start : start + length]).batch())
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            break
+        offset = start + length
+    damaged = [(offset, len(data))] if offset < len(data) else []
+    return Scan(batches, damaged, None, offset)
 
 
 # ---- spool directories ---------------------------------------------------------------------------------
@@ -379,6 +406,9 @@ class Spool:
 
     def orphans(self) -> Iterator[Adopted]:
         """The other processes' directories whose lock this process can take: their owner is gone."""
+        legacy = self._adopt_legacy()
+        if legacy is not None:
+            yield legacy
         try:
             names = sorted(os.listdir(self.root))
         except FileNotFoundError:
@@ -402,6 +432,30 @@ class Spool:
                 os.close(fd)
                 continue
             yield Adopted(directory, fd)
+
+    def _adopt_legacy(self) -> Adopted | None:
+        """An earlier version's `audit-spool.bin` (left by a stop during an outage, before an upgrade): moved
+        into a directory of its own (one atomic rename: two adopters cannot both take it), then replayed as
+        any dead process's directory."""
+        legacy = self.root / LEGACY_FILE
+        if not legacy.exists():
+            return None
+        name = f"{PROCESS_PREFIX}legacy-{secrets.token_hex(6)}"
+        staging = self.root / f".{name}"
+        staging.mkdir()
+        fd = os.open(staging / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            os.rename(legacy, staging / LEGACY_FILE)
+        except FileNotFoundError:  # another process took it first
+            os.close(fd)
+            (staging / LOCK_FILE).unlink()
+            staging.rmdir()
+            return None
+        os.rename(staging, self.root / name)
+        _sync_directory(self.root)
+        log.warning("Audit spool of an earlier version adopted", extra=fields(spool=str(self.root / name)))
+        return Adopted(self.root / name, fd)
 
     def release(self, *, remove: bool = True) -> None:
         """Close the files and let go of the lock; the directory is removed first when nothing is left in
@@ -768,7 +822,7 @@ class AuditTrail:
         data = _read(path)
         if data is None:
             return True
-        found = scan(data)
+        found = scan_legacy(data) if path.name == LEGACY_FILE else scan(data)
         batches = found.batches
         for start in range(0, len(batches), REPLAY_CHUNK):
             if not await self._write(batches[start : start + REPLAY_CHUNK]):
