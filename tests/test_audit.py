@@ -657,9 +657,10 @@ async def test_a_dead_process_spool_is_adopted_and_a_live_one_left_alone(tmp_pat
                 count, _ = await stored_ids(pool)
                 assert count == 6
                 assert not (root / dead_name).exists()
-                assert (root / live_name / "spool.bin").stat().st_size > 0  # left alone
+                (live_spool,) = (root / live_name).glob("spool-*.bin")
+                assert live_spool.stat().st_size > 0  # left alone
                 await asyncio.sleep(0.3)  # a few more scans: still left alone
-                assert (root / live_name / "spool.bin").exists()
+                assert live_spool.exists()
 
                 live.kill()  # now it dies too: the next scan adopts it
                 live.wait(30)
@@ -757,3 +758,30 @@ async def test_an_earlier_versions_spool_file_is_adopted_on_upgrade(tmp_path: Pa
         assert not (root / "audit-spool.bin").exists()
         assert trail.spool.quarantine_path.read_bytes() == tail
         assert sorted(p.name for p in root.iterdir()) == [trail.spool.quarantine_path.name]
+
+
+async def test_a_long_outage_spools_in_segments_replayed_one_at_a_time(tmp_path: Path) -> None:
+    async with quote_database() as (dsn, schema, pool):
+        away = DeferredPool(dsn, schema=schema, max_size=2)
+        spool = Spool(tmp_path / "spool", segment_bytes=8192)
+        trail = AuditTrail(PgQuoteStore(away), spool=spool, retry_seconds=0.05)
+        trail.start()
+        try:
+            batches = [make_batch(1 + i % 7, seed=i) for i in range(120)]
+            for index, batch in enumerate(batches):
+                await trail.add(batch)
+                if index % 6 == 0:
+                    await asyncio.sleep(0.03)
+            total = sum(batch.size for batch in batches)
+            await eventually(lambda: trail.spooled_rows == total, what="spooled")
+            assert len(spool.files()) >= 3, spool.files()
+            assert sorted(b.batch_id for b in spool.read()) == sorted(b.batch_id for b in batches)
+            await away.open()
+            await eventually(lambda: not trail.spool_pending, what="replayed")
+            assert spool.files() == []
+        finally:
+            try:
+                await trail.close()
+            finally:
+                await away.close()
+        await assert_exactly_once(pool, batches)

@@ -74,7 +74,8 @@ _HEADER = struct.Struct(">4sII")
 MAGIC = b"PRA\x01"
 _MAX_PAYLOAD = 1 << 31
 PROCESS_PREFIX = "proc-"
-SPOOL_FILE = "spool.bin"
+SPOOL_PREFIX = "spool-"
+SPOOL_SEGMENT_BYTES = 64 << 20
 LEGACY_FILE = "audit-spool.bin"  # the one shared spool file of earlier versions, adopted on upgrade
 JOURNAL_PREFIX = "journal-"
 LOCK_FILE = "lock"
@@ -290,7 +291,7 @@ def _record_files(directory: Path) -> list[Path]:
     return [
         directory / name
         for name in names
-        if name in (SPOOL_FILE, LEGACY_FILE) or name.startswith(JOURNAL_PREFIX)
+        if name == LEGACY_FILE or name.startswith((SPOOL_PREFIX, JOURNAL_PREFIX))
     ]
 
 
@@ -347,14 +348,16 @@ class Adopted:
 class Spool:
     """This process's spool directory under `root` (AUDIT_SPOOL_DIR), held under an exclusive flock.
 
-    It holds the outage spool (`spool.bin`) and, in `disk` mode, the journal segments. Made when first
-    needed; `release` (graceful stop) removes it when nothing is left in it."""
+    It holds the outage spool (`spool-<n>.bin` segments, so that a replay holds at most one segment in
+    memory) and, in `disk` mode, the journal segments. Made when first needed; `release` (graceful stop)
+    removes it when nothing is left in it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, segment_bytes: int = SPOOL_SEGMENT_BYTES) -> None:
         self.root = root
         self.name = f"{PROCESS_PREFIX}{_safe(socket.gethostname())}-{os.getpid()}-{secrets.token_hex(4)}"
         self.directory = root / self.name
-        self.path = self.directory / SPOOL_FILE
+        self._segment_bytes = segment_bytes
+        self._segment = 0
         self.quarantine_path = root / f"quarantine-{self.name}.bin"
         self.dead_letter_path = root / f"dead-letter-{self.name}.bin"
         self._lock_fd: int | None = None
@@ -380,25 +383,38 @@ class Spool:
 
     def append(self, batches: Sequence[AuditRecord]) -> None:
         payload = b"".join(encode_record(batch) for batch in batches)
+        if self._spool is not None and self._spool.size >= self._segment_bytes:
+            self._spool.close()
+            self._spool = None
+            self._segment += 1
         if self._spool is None:
             self.open()
             self._spool = _Appender(self.path)
         self._spool.append(payload)
-        self._size = self._spool.size
+        self._size += len(payload)
+
+    @property
+    def path(self) -> Path:
+        """The spool segment appended to now."""
+        return self.directory / f"{SPOOL_PREFIX}{self._segment:012d}.bin"
+
+    def files(self) -> list[Path]:
+        """This process's spool segments, oldest first."""
+        return [path for path in _record_files(self.directory) if path.name.startswith(SPOOL_PREFIX)]
 
     def read(self) -> list[PricedBatch]:
         """The records of this process's spool (what a replay would write)."""
-        if not self.path.exists():
-            return []
-        return scan(self.path.read_bytes()).batches
+        return [batch for path in self.files() for batch in scan(path.read_bytes()).batches]
 
     def clear(self) -> None:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for path in self.files():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         self._size = 0
+        self._segment += 1
 
     @property
     def pending(self) -> bool:
@@ -562,10 +578,6 @@ class Journal:
             self._open.pop(segment, None)
             with contextlib.suppress(FileNotFoundError):
                 (self._spool.directory / f"{JOURNAL_PREFIX}{segment:012d}.bin").unlink()
-
-    @property
-    def segments(self) -> int:
-        return len(_record_files(self._spool.directory)) - (1 if self._spool.pending else 0)
 
     async def flush(self) -> None:
         """Wait until everything submitted is on disk (and queued for the database)."""
@@ -800,7 +812,12 @@ class AuditTrail:
             return
         done = True
         if self._spool.pending:
-            done = await self._replay_file(self._spool.path)
+            for path in self._spool.files():
+                done = await self._replay_file(path)
+                if not done:
+                    break
+                if path != self._spool.path:  # the one appended to now goes with clear()
+                    path.unlink()
             if done:
                 self._spool.clear()
         while done and self._adopted:
