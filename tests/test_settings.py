@@ -12,6 +12,7 @@ import pytest
 from pricer.settings import (
     DEV_API_KEY_PEPPER,
     DEV_JWT_SECRET_KEY,
+    AuditDurability,
     Environment,
     SettingsError,
     load_settings,
@@ -278,3 +279,14 @@ def test_cli_serve_refuses_a_bad_value_with_one_line(variable: str, value: str) 
     assert len(lines) == 1, lines
     assert variable in lines[0]
     assert "Traceback" not in result.stderr
+
+
+# ---- audit durability (issue 16) ----
+
+
+def test_audit_durability() -> None:
+    assert load_settings({}).audit_durability is AuditDurability.MEMORY
+    assert load_settings({"AUDIT_DURABILITY": " Disk "}).audit_durability is AuditDurability.DISK
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"AUDIT_DURABILITY": "fsync"})
+    assert str(raised.value).startswith("AUDIT_DURABILITY: expected one of memory, disk")
