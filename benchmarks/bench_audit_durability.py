@@ -6,7 +6,8 @@ DATABASE_URL, default the local test server), each with its own AUDIT_SPOOL_DIR:
 * loss: `--kill-rounds` times, a `memory`-mode server under closed-loop load (`--connections` clients,
   single quotes) is killed with SIGKILL after `--kill-after` seconds; a new process on the same spool
   directory starts (it adopts whatever was spooled); then the quote ids answered 200 are compared with
-  the rows in the database. The same is done in `disk` mode (expected: 0 lost).
+  the rows in the database. The same is done in `disk` mode (expected: 0 lost), and both again with a
+  private PostgreSQL (tests/private_postgres.py) stopped 1 s into the load (the kill lands while spooling).
 * cost: `--cost-rounds` interleaved rounds (memory, disk, memory, disk, ...) of `--seconds` of the same
   load; per mode the median of requests per second and of server CPU per request (utime + stime of the
   server process from /proc, so the load generator's own CPU is not counted).
@@ -46,13 +47,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def env_for(
-    args: argparse.Namespace, schema: str, spool: Path, durability: str, **extra: str
-) -> dict[str, str]:
+def env_for(dsn: str, schema: str, spool: Path, durability: str) -> dict[str, str]:
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "AUDIT_"))}
     return {
         **inherited,
-        "DATABASE_URL": args.database_url,
+        "DATABASE_URL": dsn,
         "DATABASE_SCHEMA": schema,
         "AUDIT_SPOOL_DIR": str(spool),
         "AUDIT_DURABILITY": durability,
@@ -60,7 +59,6 @@ def env_for(
         "LOG_LEVEL": "WARNING",
         "SHUTDOWN_DRAIN_SECONDS": "0",
         "DEMO_KEYS_FILE": "",
-        **extra,
     }
 
 
@@ -145,29 +143,43 @@ async def load(
     return answered, sent
 
 
-async def stored_ids(args: argparse.Namespace, schema: str) -> set[str]:
-    connection = await asyncpg.connect(args.database_url, server_settings={"search_path": f'"{schema}"'})
+async def stored_ids(dsn: str, schema: str) -> set[str]:
+    connection = await asyncpg.connect(dsn, server_settings={"search_path": f'"{schema}"'})
     try:
         return {str(row[0]) for row in await connection.fetch("SELECT quote_id FROM quotes")}
     finally:
         await connection.close()
 
 
-async def wait_stored(
-    args: argparse.Namespace, schema: str, answered: set[str], within: float = 30
-) -> set[str]:
+async def wait_stored(dsn: str, schema: str, answered: set[str], within: float = 30) -> set[str]:
     deadline = time.monotonic() + within
     while True:
-        stored = await stored_ids(args, schema)
+        stored = await stored_ids(dsn, schema)
         if answered <= stored or time.monotonic() > deadline:
             return stored
         await asyncio.sleep(0.2)
 
 
-async def kill_round(args: argparse.Namespace, durability: str, work: Path) -> dict[str, Any]:
+async def kill_round(
+    args: argparse.Namespace, durability: str, work: Path, *, outage: bool
+) -> dict[str, Any]:
+    """One SIGKILL under load; with `outage`, on a private PostgreSQL stopped 1 s into the load and started
+    again after the kill."""
+    if not outage:
+        return await _kill_round(args, args.database_url, durability, work, None)
+    sys.path.insert(0, str(ROOT))
+    from tests.private_postgres import PrivatePostgres
+
+    with PrivatePostgres() as pg:
+        return await _kill_round(args, pg.dsn, durability, work, pg)
+
+
+async def _kill_round(
+    args: argparse.Namespace, dsn: str, durability: str, work: Path, pg: Any
+) -> dict[str, Any]:
     schema = f"bench_{uuid.uuid4().hex}"
     spool = work / f"spool-{secrets.token_hex(4)}"
-    env = env_for(args, schema, spool, durability)
+    env = env_for(dsn, schema, spool, durability)
     try:
         cli(env, "migrate")
         keys = work / f"keys-{secrets.token_hex(4)}.env"
@@ -179,7 +191,12 @@ async def kill_round(args: argparse.Namespace, durability: str, work: Path) -> d
         try:
 
             async def killer() -> None:
-                await asyncio.sleep(args.kill_after)
+                if pg is not None:
+                    await asyncio.sleep(1.0)
+                    await asyncio.to_thread(pg.stop, "fast")
+                    await asyncio.sleep(args.kill_after - 1.0)
+                else:
+                    await asyncio.sleep(args.kill_after)
                 process.send_signal(signal.SIGKILL)
 
             (answered, sent), _ = await asyncio.gather(
@@ -188,14 +205,22 @@ async def kill_round(args: argparse.Namespace, durability: str, work: Path) -> d
             process.wait(30)
         finally:
             stop(process)
+        if pg is not None:
+            pg.start()
         restarted, _ = start(env, work / "server.log")  # adopts the dead process's spool / journal
         try:
-            stored = await wait_stored(args, schema, answered, within=10 if durability == "memory" else 30)
+            stored = await wait_stored(dsn, schema, answered, within=10 if durability == "memory" else 30)
         finally:
             stop(restarted)
-        return {"mode": durability, "sent": sent, "answered": len(answered), "lost": len(answered - stored)}
+        return {
+            "mode": durability,
+            "database": "stopped at 1 s" if pg is not None else "up",
+            "sent": sent,
+            "answered": len(answered),
+            "lost": len(answered - stored),
+        }
     finally:
-        connection = await asyncpg.connect(args.database_url)
+        connection = await asyncpg.connect(dsn)
         try:
             await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:
@@ -205,7 +230,7 @@ async def kill_round(args: argparse.Namespace, durability: str, work: Path) -> d
 async def cost_rounds(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
     schema = f"bench_{uuid.uuid4().hex}"
     results: dict[str, list[tuple[float, float]]] = {"memory": [], "disk": []}
-    base = env_for(args, schema, work / "cost-spool", "memory")
+    base = env_for(args.database_url, schema, work / "cost-spool", "memory")
     try:
         cli(base, "migrate")
         keys = work / "cost-keys.env"
@@ -215,7 +240,8 @@ async def cost_rounds(args: argparse.Namespace, work: Path) -> dict[str, dict[st
         ]
         for _ in range(args.cost_rounds):
             for mode in ("memory", "disk"):
-                process, url = start(env_for(args, schema, work / f"cost-{mode}", mode), work / "server.log")
+                env = env_for(args.database_url, schema, work / f"cost-{mode}", mode)
+                process, url = start(env, work / "server.log")
                 try:
                     await load(url, key, 1.0, args.connections)  # warm-up
                     before, started = cpu_seconds(process.pid), time.monotonic()
@@ -245,9 +271,10 @@ async def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-audit-durability-") as directory:
         work = Path(directory)
         print("SIGKILL under load:")
-        for mode in ("memory", "disk"):
-            for _ in range(args.kill_rounds):
-                print("  ", await kill_round(args, mode, work))
+        for outage in (False, True):
+            for mode in ("memory", "disk"):
+                for _ in range(args.kill_rounds):
+                    print("  ", await kill_round(args, mode, work, outage=outage), flush=True)
         if args.cost_rounds:
             print("cost (interleaved rounds):")
             summary = await cost_rounds(args, work)
