@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import struct
 import subprocess
 import sys
@@ -24,6 +25,8 @@ import asyncpg  # type: ignore[import-untyped]
 import msgspec
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pricer.audit import AuditTrail, QuoteSink, Spool, SpooledBatch, encode_record, scan
 from pricer.errors import ServiceUnavailable
@@ -509,27 +512,41 @@ async def test_a_damaged_record_in_the_middle_is_quarantined_and_the_rest_replay
         assert not spool.directory.exists()
 
 
-def test_scan_finds_every_intact_frame_around_random_damage() -> None:
-    """Random records, random corruption: every frame the damage did not touch is read, and the damaged
-    ranges plus the frames read account for every byte."""
-    rng = np.random.default_rng(7)
-    for round_ in range(40):
-        batches = [make_batch(int(rng.integers(1, 6)), seed=round_ * 100 + i) for i in range(8)]
-        frames = [encode_record(batch) for batch in batches]
-        offsets = np.cumsum([0, *(len(f) for f in frames)])
-        data = bytearray(b"".join(frames))
-        hits = sorted({int(x) for x in rng.integers(0, len(data), int(rng.integers(1, 4)))})
-        for hit in hits:
-            data[hit] ^= int(rng.integers(1, 256))
-        found = scan(bytes(data))
-        untouched = [
-            batch.batch_id
-            for batch, start, end in zip(batches, offsets[:-1], offsets[1:], strict=True)
-            if not any(start <= hit < end for hit in hits)
-        ]
-        assert [batch.batch_id for batch in found.batches] == untouched
-        read = sum(len(frames[i]) for i, b in enumerate(batches) if b.batch_id in untouched)
-        assert read + found.unreadable_bytes == len(data)
+_FRAMES = [encode_record(make_batch(1 + i % 4, seed=i)) for i in range(8)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    count=st.integers(1, 8),
+    flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), max_size=3),
+    cut=st.none() | st.floats(0, 1, exclude_max=True),
+)
+def test_scan_reads_every_frame_the_damage_did_not_touch(
+    count: int, flips: list[tuple[float, int]], cut: float | None
+) -> None:
+    """Random records, random corruption (flipped bytes, a cut tail): every frame the damage did not
+    touch is read, in order; the frames read and the ranges reported unreadable account for every byte."""
+    frames = _FRAMES[:count]
+    offsets = np.cumsum([0, *(len(f) for f in frames)])
+    data = bytearray(b"".join(frames))
+    damage = {int(at * len(data)): xor for at, xor in flips}  # one flip per byte (two could cancel)
+    hits = sorted(damage)
+    for at, xor in damage.items():
+        data[at] ^= xor
+    end = len(data) if cut is None else int(cut * len(data))
+    del data[end:]
+    found = scan(bytes(data))
+    untouched = [
+        i
+        for i, (start, stop) in enumerate(itertools.pairwise(offsets))
+        if stop <= end and not any(start <= hit < stop for hit in hits)
+    ]
+    expected = [scan(frames[i]).batches[0].batch_id for i in untouched]
+    assert [batch.batch_id for batch in found.batches] == expected
+    assert sum(len(frames[i]) for i in untouched) + found.unreadable_bytes == len(data)
+    if cut is not None and not hits and end < offsets[-1] and end not in offsets:
+        assert found.torn is not None  # a cut inside a frame is a torn tail
+        assert found.torn[1] == end
 
 
 async def test_a_record_the_database_refuses_goes_to_the_dead_letter_file(
