@@ -39,7 +39,7 @@ import redis
 
 from pricer.stores.migrate import migrations
 from pricer.stores.postgres import quote_identifier
-from tests.conftest import RunningServer, free_port, stop_server, wait_for_health
+from tests.conftest import TEST_SECRETS, RunningServer, free_port, stop_server, wait_for_health
 from tests.pg import PG_DSN, drop_schema, new_schema_name
 from tests.private_postgres import PrivatePostgres
 from tests.shared_data import SHARED_DATA
@@ -75,6 +75,7 @@ def base_env(**env: str) -> dict[str, str]:
         "RATE_LIMIT_PER_MINUTE": "10000000",
         "LOG_LEVEL": "WARNING",
         "DEMO_KEYS_FILE": "",
+        **TEST_SECRETS,
         **env,
     }
 

@@ -272,6 +272,24 @@ def _check_consistency(settings: Settings, env: Mapping[str, str]) -> None:
         raise SettingsError("MIN_BORROW_RATE: must not exceed MAX_BORROW_RATE")
     if "*" in settings.cors_origins and len(settings.cors_origins) > 1:
         raise SettingsError("CORS_ORIGINS: '*' cannot be mixed with named origins")
+    _refuse_development_secrets(settings)
+
+
+def _refuse_development_secrets(settings: Settings) -> None:
+    """The development values are published in this repository: anyone could forge admin tokens (JWT
+    secret) or test stolen hashes offline (pepper). They are refused wherever keys outlive the process
+    (a database holds them) and outside dev. The embedded default (no database, dev) keeps them: its keys
+    are random at each start and live only in the process's memory."""
+    if settings.database_url is None and settings.environment is Environment.DEV:
+        return
+    reason = (
+        "DATABASE_URL is set"
+        if settings.environment is Environment.DEV
+        else f"ENVIRONMENT is {settings.environment.value}"
+    )
+    in_use = development_defaults_in_use(settings)
+    if in_use:
+        raise SettingsError(f"{in_use[0]}: the development value is refused when {reason}; set your own secret")
 
 
 def development_defaults_in_use(settings: Settings) -> list[str]:
