@@ -293,6 +293,32 @@ async def test_bootstrap_admin_key_replaces_the_stored_secret_of_its_id() -> Non
         assert new.status_code == 200, new.text
 
 
+async def test_a_revoked_bootstrap_admin_key_is_not_brought_back(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 16: start-up used to store the bootstrap key whole, clearing a revocation. Here a store kept
+    across two apps (a restart on the same database; the real processes are in test_postgres_engine)."""
+    settings = make_settings(BOOTSTRAP_ADMIN_KEY=BOOTSTRAP_KEY, SEED_DEMO_DATA="false")
+    first = await started_app(settings)
+    key_id = BOOTSTRAP_KEY.split("_")[1]
+    async with client_of(first) as client:
+        revoked = await client.delete(f"/api/v1/admin/keys/{key_id}", headers={"X-API-Key": BOOTSTRAP_KEY})
+        assert revoked.status_code == 204, revoked.text
+    second = create_app(settings, stores=first.stores)
+    with caplog.at_level("WARNING", logger="pricer.app"):
+        for step in second.lifecycle.startup:
+            await step()
+    async with client_of(second) as client:
+        refused = await client.get(RATE, headers={"X-API-Key": BOOTSTRAP_KEY})
+        assert refused.status_code == 401
+    said = [
+        record
+        for record in caplog.records
+        if record.getMessage() == "Bootstrap admin key revoked: not restored"
+    ]
+    assert len(said) == 1
+    assert said[0].levelname == "WARNING"
+    assert BOOTSTRAP_KEY.split("_")[2] not in caplog.text
+
+
 @pytest.mark.parametrize("value", ["not-a-key", "bre_UPPER001_" + "a" * 40, "bre_abcdefgh_short"])
 async def test_malformed_bootstrap_admin_key_stops_start_up(value: str) -> None:
     with pytest.raises(SettingsError) as raised:

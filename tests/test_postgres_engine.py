@@ -892,3 +892,48 @@ async def test_load_the_real_files_and_refuse_damaged_ones(
     # A newer file loaded after them is in force; an older one is kept but not in force.
     older = cli_ok(env, "load", "ibkr", str(SHARED_DATA / "ibkr_usa_2021-06-14.txt"))
     assert "'in_force': False" in older
+
+
+# ---- e. keys: the bootstrap admin key, availability while PostgreSQL is down, floods -----------------
+
+BOOTSTRAP_KEY = "bre_bootadmin01_" + "Zr4Tq8" * 7
+
+
+async def test_a_revoked_bootstrap_admin_key_stays_revoked_across_restarts(
+    fresh_schema: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 16 item 3: start-up used to clear `revoked_at`, so any rolling update reactivated a leaked
+    bootstrap admin key. Two real processes, one after the other, on the same schema."""
+    env = {**fresh_schema, "BOOTSTRAP_ADMIN_KEY": BOOTSTRAP_KEY, "SHUTDOWN_DRAIN_SECONDS": "0"}
+    key_id = BOOTSTRAP_KEY.split("_")[1]
+    volatility = {"value": 21}
+    first = start_engine(tmp_path, env)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            put = await client.put(
+                f"{first.base_url}/api/v1/admin/volatility", json=volatility, headers=admin(BOOTSTRAP_KEY)
+            )
+            assert put.status_code == 200, put.text
+            revoked = await client.delete(
+                f"{first.base_url}/api/v1/admin/keys/{key_id}", headers=admin(BOOTSTRAP_KEY)
+            )
+            assert revoked.status_code == 204, revoked.text
+    finally:
+        stop_server(first)
+    second = start_engine(tmp_path, env)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            refused = await client.put(
+                f"{second.base_url}/api/v1/admin/volatility", json=volatility, headers=admin(BOOTSTRAP_KEY)
+            )
+    finally:
+        stop_server(second)
+    assert refused.status_code == 401, refused.text
+    log = second.log()
+    warning = [line for line in log.splitlines() if "Bootstrap admin key revoked" in line]
+    assert len(warning) == 1, log
+    assert warning[0].startswith("level=WARNING"), warning
+    assert f"key_id={key_id}" in warning[0]
+    assert BOOTSTRAP_KEY.split("_")[2] not in log  # never the secret
+    shown = cli_ok(fresh_schema, "keys", "show", key_id)
+    assert "revoked_at: -" not in shown, shown

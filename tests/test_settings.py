@@ -227,7 +227,12 @@ def test_several_workers_need_database_and_redis(extra: dict[str, str]) -> None:
 
 def test_several_workers_with_database_and_redis() -> None:
     settings = load_settings(
-        {"WORKERS": "4", "DATABASE_URL": "postgresql://db/pricer", "REDIS_URL": "redis://cache:6379/0", **SECRETS}
+        {
+            "WORKERS": "4",
+            "DATABASE_URL": "postgresql://db/pricer",
+            "REDIS_URL": "redis://cache:6379/0",
+            **SECRETS,
+        }
     )
     assert settings.workers == 4
     assert settings.database_url == "postgresql://db/pricer"
@@ -300,7 +305,9 @@ def clean_environment(**extra: str) -> dict[str, str]:
         ("JWT_SECRET_KEY", "", {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none", **SECRETS_BUT_JWT}),
     ],
 )
-def test_cli_serve_refuses_a_bad_value_with_one_line(variable: str, value: str, extra: dict[str, str]) -> None:
+def test_cli_serve_refuses_a_bad_value_with_one_line(
+    variable: str, value: str, extra: dict[str, str]
+) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pricer", "serve"],
         env=clean_environment(**{variable: value}, **extra, DEMO_KEYS_FILE=""),

@@ -409,6 +409,15 @@ async def test_keys_put_get_revoke_list(stores: Stores) -> None:
     await keys.put(reset)
     assert await keys.get("admin0001") == reset
 
+    # ... except a revocation: a revoked key is never brought back by a put (issue 16: a revoked
+    # BOOTSTRAP_ADMIN_KEY came back at every restart).
+    replaced = key_record("k1a2b3c4", "client_1", secret=b"\xee" * 32)
+    await keys.put(replaced)
+    stored = await keys.get("k1a2b3c4")
+    assert stored is not None
+    assert stored.revoked_at == T0 + dt.timedelta(hours=1)
+    assert stored.secret_hash == replaced.secret_hash
+
 
 # ---- quotes --------------------------------------------------------------------------------------
 

@@ -289,7 +289,7 @@ def _refuse_development_secrets(settings: Settings) -> None:
     )
     in_use = development_defaults_in_use(settings)
     if in_use:
-        raise SettingsError(f"{in_use[0]}: the development value is refused when {reason}; set your own secret")
+        raise SettingsError(f"{in_use[0]}: the development value is refused when {reason}; set a secret")
 
 
 def development_defaults_in_use(settings: Settings) -> list[str]:
