@@ -104,13 +104,14 @@ def _use_postgres(backends: Backends, settings: Settings) -> None:
     spool_dir = Path(settings.audit_spool_dir or Path(tempfile.gettempdir()) / "pricer-audit-spool")
     audit = AuditTrail(pg.quotes, spool=Spool(spool_dir))  # type: ignore[arg-type]  # PgQuoteStore.write
     bus = backends.bus
+    cache_ttl, cache_stale = settings.key_cache_ttl_seconds, settings.key_cache_stale_seconds
     backends.stores = Stores(
-        clients=CachedClientStore(pg.clients, bus),
+        clients=CachedClientStore(pg.clients, bus, ttl=cache_ttl, stale=cache_stale),
         stocks=pg.stocks,
         availability=pg.availability,
         volatility=pg.volatility,
         events=pg.events,
-        keys=CachedKeyStore(pg.keys, bus),
+        keys=CachedKeyStore(pg.keys, bus, ttl=cache_ttl, stale=cache_stale),
         quotes=audit,
     )
     backends.pool = pool

@@ -93,6 +93,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     memory_quotes_max_rows: int = 200_000
     demo_keys_file: str | None = ".demo-keys.env"
     seed_demo_data: bool = True
+    # keys and authentication availability (issue 16): the key and client caches in front of PostgreSQL
+    key_cache_ttl_seconds: float = 60.0
+    key_cache_stale_seconds: float = 300.0
 
     @property
     def effective_burst(self) -> int:
@@ -239,6 +242,9 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MEMORY_QUOTES_MAX_ROWS": ("memory_quotes_max_rows", _int_in(1, 100_000_000)),
     "DEMO_KEYS_FILE": ("demo_keys_file", _optional_path),
     "SEED_DEMO_DATA": ("seed_demo_data", _bool),
+    # keys and authentication availability (issue 16)
+    "KEY_CACHE_TTL_SECONDS": ("key_cache_ttl_seconds", _float_in(0.1, 3600)),
+    "KEY_CACHE_STALE_SECONDS": ("key_cache_stale_seconds", _float_in(0, 86_400)),
 }
 
 
