@@ -937,3 +937,74 @@ async def test_a_revoked_bootstrap_admin_key_stays_revoked_across_restarts(
     assert BOOTSTRAP_KEY.split("_")[2] not in log  # never the secret
     shown = cli_ok(fresh_schema, "keys", "show", key_id)
     assert "revoked_at: -" not in shown, shown
+
+
+async def test_cached_keys_keep_working_while_postgresql_is_down_for_a_bounded_time(tmp_path: Path) -> None:
+    """Issue 16 item 7: once the key cache's TTL had passed, every key got 503 while PostgreSQL was down.
+    A private PostgreSQL is stopped longer than the (shortened) TTL, the shared Redis stays up: a cached key
+    keeps quoting on its last known record, a revocation published on the bus (as another replica's
+    revocation is) is in force, a key never used gets 503, and past TTL + KEY_CACHE_STALE_SECONDS the
+    cached key gets 503 too (the bound; the old cache kept serving it for 60 s). Then the database returns."""
+    ttl, stale = 1, 12
+    with PrivatePostgres() as pg:
+        env = {
+            "DATABASE_URL": pg.dsn,
+            "REDIS_URL": "redis://127.0.0.1:6379/13",
+            "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
+            "SHUTDOWN_DRAIN_SECONDS": "0",
+            "KEY_CACHE_TTL_SECONDS": str(ttl),
+            "KEY_CACHE_STALE_SECONDS": str(stale),
+        }
+        cli_ok(env, "migrate")
+        demo = seed_demo(env, tmp_path)
+        server = start_engine(tmp_path, env)
+        try:
+            async with httpx.AsyncClient(timeout=15) as client:
+                admin_key = demo["DEMO_ADMIN_KEY"]
+                cached, revoked, cold = [
+                    await issue_key(client, server, admin_key, "demo_client") for _ in range(3)
+                ]
+
+                async def quote(issued: dict[str, Any]) -> int:
+                    response = await client.post(
+                        f"{server.base_url}/api/v1/calculate-locate",
+                        headers={"X-API-Key": issued["api_key"]},
+                        json={
+                            "ticker": "AAPL",
+                            "position_value": 1000,
+                            "loan_days": 30,
+                            "client_id": "demo_client",
+                        },
+                    )
+                    return response.status_code
+
+                assert await quote(cached) == 200
+                assert await quote(revoked) == 200
+                pg.stop()
+                stopped = time.monotonic()
+                await asyncio.sleep(ttl + 1.5)
+                assert time.monotonic() - stopped < ttl + stale - 3, "too slow to check within the window"
+                assert await quote(cached) == 200  # past the TTL: the last known records stand in
+                assert await quote(cold) == 503  # not cached: no fallback
+                with redis.Redis.from_url("redis://127.0.0.1:6379/13") as bus:
+                    bus.publish("pricer:invalidate", f"key\n{revoked['key_id']}")
+                for _ in range(50):  # within 5 s
+                    status = await quote(revoked)
+                    if status != 200:
+                        break
+                    await asyncio.sleep(0.1)
+                assert status == 503, status
+                assert await quote(cached) == 200
+                await asyncio.sleep(max(0.0, stopped + ttl + stale + 1.5 - time.monotonic()))
+                assert await quote(cached) == 503  # the bound
+                pg.start()
+                for _ in range(150):  # within 30 s
+                    status = await quote(cached)
+                    if status == 200:
+                        break
+                    await asyncio.sleep(0.2)
+                assert status == 200
+        finally:
+            stop_server(server)
+    log = server.log()
+    assert 'msg="Database unreachable: serving cached records"' in log, log[-3000:]
