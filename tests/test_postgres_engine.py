@@ -1008,3 +1008,63 @@ async def test_cached_keys_keep_working_while_postgresql_is_down_for_a_bounded_t
             stop_server(server)
     log = server.log()
     assert 'msg="Database unreachable: serving cached records"' in log, log[-3000:]
+
+
+async def committed_transactions(dsn: str) -> int:
+    """The private cluster's committed transactions (pg_stat_database; backends report them within about
+    10 s of going idle, so callers wait that long first)."""
+    async with connect(dsn) as connection:
+        value: int = await connection.fetchval(
+            "SELECT sum(xact_commit)::int8 FROM pg_stat_database WHERE datname = current_database()"
+        )
+        return value
+
+
+async def test_floods_of_unknown_keys_cost_postgresql_at_most_one_read_per_new_id(tmp_path: Path) -> None:
+    """Issue 16 item 8, measured on a private PostgreSQL (nothing else uses it) through a real server:
+    2,000 requests over the same 5 unknown key ids (50 at a time) cost about 5 transactions (the old
+    cache let the first wave's 50 concurrent misses through); 2,000 requests of ever-new random ids cost
+    at most one each (ids that fail the key format cost none). Printed figures: run with -s."""
+    settle = 11.5  # PGSTAT_IDLE_INTERVAL (10 s) and a margin
+    with PrivatePostgres() as pg:
+        env = {
+            "DATABASE_URL": pg.dsn,
+            "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
+            "SHUTDOWN_DRAIN_SECONDS": "0",
+        }
+        cli_ok(env, "migrate")
+        server = start_engine(tmp_path, env)
+        try:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+
+                async def flood(keys: list[str]) -> None:
+                    for first in range(0, len(keys), 50):  # bounded: len(keys) requests, 50 at a time
+                        answers = await asyncio.gather(
+                            *(
+                                client.get("/api/v1/rates/AAPL", headers={"X-API-Key": k})
+                                for k in keys[first : first + 50]
+                            )
+                        )
+                        assert [answer.status_code for answer in answers] == [401] * len(answers)
+
+                same = [f"bre_samekey{n % 5:04d}_{secrets.token_hex(20)}" for n in range(2000)]
+                random_ids = [f"bre_{secrets.token_hex(6)}_{secrets.token_hex(20)}" for _ in range(2000)]
+                malformed = [f"bre_{secrets.token_hex(6)}_short{n}" for n in range(2000)]
+                await asyncio.sleep(settle)
+                costs: dict[str, int] = {}
+                for name, keys in (
+                    ("same 5 ids", same),
+                    ("random ids", random_ids),
+                    ("malformed", malformed),
+                ):
+                    before = await committed_transactions(pg.dsn)
+                    await flood(keys)
+                    await asyncio.sleep(settle)
+                    costs[name] = await committed_transactions(pg.dsn) - before - 1  # less our own read
+        finally:
+            stop_server(server)
+    print(f"\nPostgreSQL transactions per flood of 2,000 requests: {costs}")
+    noise = 15  # set-up of the pool's new connections (up to DATABASE_POOL_SIZE, 10) and a margin
+    assert costs["same 5 ids"] <= 5 + noise, costs
+    assert costs["random ids"] <= 2000 + noise, costs
+    assert costs["malformed"] <= noise, costs
