@@ -413,7 +413,6 @@ async def test_a_flood_of_bad_keys_writes_a_bounded_log_whose_counts_add_up(tmp_
     suppressed = [int(m.group(1)) for line in lines if (m := re.search(r" suppressed=(\d+)", line))]
     assert suppressed, "no line reports the lines left out"
     assert len(lines) + sum(suppressed) == sent + 1
-    assert re.search(r" suppressed=\d+", lines[-1]), lines[-1]
 
 
 async def test_the_error_line_budget_is_per_second() -> None:
