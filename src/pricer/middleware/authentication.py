@@ -69,6 +69,7 @@ class _AuthErrorLineFilter(logging.Filter):
         if record.msg != AUTHENTICATION_ERROR:
             return True
         decision = _line_decision.get(0)
+        _line_decision.set(0)  # used once: a later line of this context (in-process callers) is its own
         if decision == _SUPPRESS:
             return False
         if decision > 0:
