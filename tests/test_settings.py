@@ -52,6 +52,7 @@ def test_defaults() -> None:
     assert settings.shutdown_drain_seconds == 5
     assert settings.market_data_stale_after_hours == 36
     assert settings.bootstrap_admin_key is None
+    assert (settings.key_cache_ttl_seconds, settings.key_cache_stale_seconds) == (60, 300)
     # dev defaults to fixed development secrets (so keys survive restarts)
     assert settings.api_key_pepper == DEV_API_KEY_PEPPER
     assert settings.jwt_secret_key == DEV_JWT_SECRET_KEY
@@ -142,6 +143,10 @@ BAD_VALUES = [
     ("SHUTDOWN_DRAIN_SECONDS", "soon"),
     ("MARKET_DATA_STALE_AFTER_HOURS", "-1"),
     ("MARKET_DATA_STALE_AFTER_HOURS", "stale"),
+    ("KEY_CACHE_TTL_SECONDS", "0"),
+    ("KEY_CACHE_TTL_SECONDS", "forever"),
+    ("KEY_CACHE_STALE_SECONDS", "-1"),
+    ("KEY_CACHE_STALE_SECONDS", "100000"),
 ]
 
 
