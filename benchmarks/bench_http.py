@@ -554,6 +554,8 @@ ENGINE_SETTINGS = frozenset(
         "JWT_ISSUER",
         "JWT_SECRET_KEY",
         "JWT_TTL_SECONDS",
+        "KEY_CACHE_STALE_SECONDS",
+        "KEY_CACHE_TTL_SECONDS",
         "LOG_LEVEL",
         "MARKET_DATA_STALE_AFTER_HOURS",
         "MAX_BATCH_BODY_BYTES",

@@ -194,10 +194,17 @@ def parse_proc_net_tcp(text: str) -> dict[int, tuple[int, int]]:
     return sockets
 
 
+# An engine with a database refuses the development secrets: one random pair per run, shared by
+# `seed-demo` (which hashes the demo keys with the pepper) and the servers; shown as <random>.
+RUN_SECRETS = {"API_KEY_PEPPER": secrets.token_urlsafe(32), "JWT_SECRET_KEY": secrets.token_urlsafe(48)}
+
+
 def display_env(env: Mapping[str, str], workdir: Path | None = None) -> str:
-    """NAME=VALUE words as typed in a shell, the temporary directory shown as <tmp>."""
+    """NAME=VALUE words as typed in a shell, the temporary directory shown as <tmp>, secrets as <random>."""
     words = []
     for name, value in env.items():
+        if name in RUN_SECRETS:
+            value = "<random>"
         if workdir is not None:
             value = value.replace(str(workdir), "<tmp>")
         words.append(f"{name}={shlex.quote(value) if value and not value.startswith('<') else value}")
@@ -304,6 +311,7 @@ def persistence_section(database_url: str, schema: str, workdir: Path, redis_url
                     "DATABASE_URL": database_url,
                     "DATABASE_SCHEMA": schema,
                     "AUDIT_SPOOL_DIR": str(workdir / "audit-spool"),
+                    **RUN_SECRETS,
                 },
             ),
             Variant(
@@ -314,6 +322,7 @@ def persistence_section(database_url: str, schema: str, workdir: Path, redis_url
                     "DATABASE_SCHEMA": schema,
                     "AUDIT_SPOOL_DIR": str(workdir / "audit-spool-redis"),
                     "REDIS_URL": redis_url,
+                    **RUN_SECRETS,
                 },
             ),
         ],
@@ -681,8 +690,9 @@ def prepare_persistence(section: Section, database_url: str, schema: str, workdi
         "DATABASE_SCHEMA": schema,
         "DEMO_KEYS_FILE": str(workdir / "pg-demo-keys.env"),
         "LOG_LEVEL": "WARNING",
+        **RUN_SECRETS,
     }
-    shown = {"DATABASE_URL": database_url, "DATABASE_SCHEMA": schema}
+    shown = {"DATABASE_URL": database_url, "DATABASE_SCHEMA": schema, **RUN_SECRETS}
     for command in (["migrate"], ["seed-demo"]):
         extra = {"DEMO_KEYS_FILE": "<tmp>/pg-demo-keys.env"} if command == ["seed-demo"] else {}
         section.setup_commands.append(f"{display_env({**shown, **extra})} python -m pricer {command[0]}")

@@ -24,6 +24,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+# Test values of the secrets an engine with a database needs (it refuses the development values there):
+# every test or helper that starts one with DATABASE_URL takes them from here.
+TEST_SECRETS = {
+    "API_KEY_PEPPER": "test-only-pepper-4f1c9a7e2b5d8c3a",
+    "JWT_SECRET_KEY": "test-only-jwt-secret-9d2e7b4a1c6f3e8b",
+}
+
+
 def make_settings(**overrides: str) -> Settings:
     """Settings as the engine would read them from an environment holding only these variables.
 
@@ -89,6 +97,7 @@ def start_server(tmp_path: Path, **env: str) -> RunningServer:
         "HOST": "127.0.0.1",
         "PORT": str(port),
         "DEMO_KEYS_FILE": str(keys_file),
+        **(TEST_SECRETS if "DATABASE_URL" in env else {}),
         **env,
     }
     with log_path.open("w") as log:

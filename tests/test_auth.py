@@ -3,9 +3,14 @@ the bootstrap admin key and authentication switched off."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
+import re
+import secrets
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,9 +19,10 @@ import pytest
 from pricer.app import PricerApp, create_app
 from pricer.auth.keys import KeyHasher, Principal, make_record
 from pricer.auth.tokens import TokenService
+from pricer.middleware.authentication import AuthErrorLineBudget
 from pricer.models import Scope
 from pricer.settings import DEV_API_KEY_PEPPER, DEV_JWT_SECRET_KEY, SettingsError
-from tests.conftest import Engine, make_settings, started_app
+from tests.conftest import Engine, make_settings, start_server, started_app, stop_server
 
 pytestmark = pytest.mark.anyio
 
@@ -293,6 +299,32 @@ async def test_bootstrap_admin_key_replaces_the_stored_secret_of_its_id() -> Non
         assert new.status_code == 200, new.text
 
 
+async def test_a_revoked_bootstrap_admin_key_is_not_brought_back(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 16: start-up used to store the bootstrap key whole, clearing a revocation. Here a store kept
+    across two apps (a restart on the same database; the real processes are in test_postgres_engine)."""
+    settings = make_settings(BOOTSTRAP_ADMIN_KEY=BOOTSTRAP_KEY, SEED_DEMO_DATA="false")
+    first = await started_app(settings)
+    key_id = BOOTSTRAP_KEY.split("_")[1]
+    async with client_of(first) as client:
+        revoked = await client.delete(f"/api/v1/admin/keys/{key_id}", headers={"X-API-Key": BOOTSTRAP_KEY})
+        assert revoked.status_code == 204, revoked.text
+    second = create_app(settings, stores=first.stores)
+    with caplog.at_level("WARNING", logger="pricer.app"):
+        for step in second.lifecycle.startup:
+            await step()
+    async with client_of(second) as client:
+        refused = await client.get(RATE, headers={"X-API-Key": BOOTSTRAP_KEY})
+        assert refused.status_code == 401
+    said = [
+        record
+        for record in caplog.records
+        if record.getMessage() == "Bootstrap admin key revoked: not restored"
+    ]
+    assert len(said) == 1
+    assert said[0].levelname == "WARNING"
+    assert BOOTSTRAP_KEY.split("_")[2] not in caplog.text
+
+
 @pytest.mark.parametrize("value", ["not-a-key", "bre_UPPER001_" + "a" * 40, "bre_abcdefgh_short"])
 async def test_malformed_bootstrap_admin_key_stops_start_up(value: str) -> None:
     with pytest.raises(SettingsError) as raised:
@@ -330,3 +362,66 @@ async def test_without_authentication_requests_act_as_the_client_they_name() -> 
         assert invalid.status_code == 400
         quote_id = (await client.post(QUOTE, json=GOOD_QUOTE)).json()["quote_id"]
         assert (await client.get(f"/api/v1/quotes/{quote_id}")).status_code == 200
+
+
+# ---- authentication failures logged without flooding (issue 16 item 8) ------------------------------------
+
+AUTH_LINE = 'level=ERROR msg="Authentication error"'
+
+
+def invalid_key_attempts(metrics_text: str) -> float:
+    found = re.search(
+        r'^authentication_attempts_total\{status="invalid_key"\} (\S+)$', metrics_text, re.MULTILINE
+    )
+    assert found is not None, "authentication_attempts_total{status=invalid_key} is not exported"
+    return float(found.group(1))
+
+
+async def test_a_flood_of_bad_keys_writes_a_bounded_log_whose_counts_add_up(tmp_path: Path) -> None:
+    """2,000 requests with unknown keys against a real server: at most 10 `Authentication error` lines a
+    second, each line let through after a suppression says how many were left out (`suppressed=N`), the
+    lines and their counts add up to every failure, and the metric still counts every attempt. (The old
+    code wrote one ERROR line per request.)"""
+    server = start_server(tmp_path, RATE_LIMIT_PER_MINUTE="1000000", SLOW_REQUEST_MS="60000")
+    flood, sent = 2000, 0
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            started = time.monotonic()
+
+            async def one(index: int) -> int:
+                key = f"bre_{secrets.token_hex(6)}_{secrets.token_hex(20)}"  # well formed, unknown id
+                response = await client.get(RATE, headers={"X-API-Key": key})
+                return response.status_code
+
+            statuses: list[int] = []
+            for first in range(0, flood, 50):  # bounded: 2,000 requests, 50 at a time
+                statuses += await asyncio.gather(*(one(i) for i in range(first, first + 50)))
+                assert time.monotonic() - started < 300, "the flood took too long"
+            sent = len(statuses)
+            elapsed = time.monotonic() - started
+            assert statuses == [401] * flood
+            await asyncio.sleep(1.2)  # a new second: the next failure's line carries the count
+            last = await client.get(RATE, headers={"X-API-Key": "bre_lastone1_" + "x" * 40})
+            assert last.status_code == 401
+            attempts = invalid_key_attempts((await client.get("/metrics")).text)
+    finally:
+        stop_server(server)
+    lines = [line for line in server.log().splitlines() if line.startswith(AUTH_LINE)]
+    assert attempts == sent + 1
+    assert len(lines) <= 10 * (int(elapsed) + 3), (len(lines), elapsed)
+    assert len(lines) < 500, len(lines)
+    suppressed = [int(m.group(1)) for line in lines if (m := re.search(r" suppressed=(\d+)", line))]
+    assert suppressed, "no line reports the lines left out"
+    assert len(lines) + sum(suppressed) == sent + 1
+
+
+async def test_the_error_line_budget_is_per_second() -> None:
+    now = [100.0]
+    budget = AuthErrorLineBudget(per_second=3, clock=lambda: now[0])
+    assert [budget.take() for _ in range(5)] == [0, 0, 0, -1, -1]
+    now[0] = 100.99
+    assert budget.take() == -1
+    now[0] = 101.0
+    assert [budget.take() for _ in range(4)] == [3, 0, 0, -1]
+    now[0] = 105.5
+    assert budget.take() == 1

@@ -7,13 +7,14 @@ import json
 import time
 from typing import Any
 
+import httpx
 import pytest
 from joserfc import jwt
 from joserfc.jwk import OctKey
 
 from pricer.auth.keys import parse_key
 from pricer.settings import DEV_JWT_SECRET_KEY, Settings
-from tests.conftest import Engine
+from tests.conftest import Engine, make_settings, started_app
 
 pytestmark = pytest.mark.anyio
 
@@ -135,6 +136,34 @@ async def test_a_hand_made_token_with_the_right_secret_and_claims_is_accepted(en
     assert (await engine.client.get("/api/v1/rates/AAPL", headers=bearer(token))).status_code == 200
 
 
+async def test_tokens_within_the_ttl_and_the_clock_leeway_are_accepted(engine: Engine) -> None:
+    """The controls of the lifetime cap: a shorter lifetime, and a replica's clock a little ahead."""
+    kid = key_id_of(engine.keys.client_key)
+    now = int(time.time())
+    for claims in (
+        claims_for(kid, exp=now + 60),
+        claims_for(kid, iat=now - 100, exp=now + 900 - 100 + 20),
+        claims_for(kid, iat=now + 10, nbf=now + 10, exp=now + 10 + 900),
+    ):
+        response = await engine.client.get("/api/v1/rates/AAPL", headers=bearer(sign(claims)))
+        assert response.status_code == 200, (claims, response.text)
+
+
+async def test_the_lifetime_cap_follows_jwt_ttl_seconds() -> None:
+    """A token of the default 15 minutes is refused by an engine configured for 5 (signed by its secret)."""
+    app = await started_app(make_settings(JWT_TTL_SECONDS="300"))
+    assert app.demo_keys is not None
+    kid = key_id_of(app.demo_keys.client_key)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://engine.test"
+    ) as client:
+        issued = await client.post("/api/v1/auth/token", headers={"X-API-Key": app.demo_keys.client_key})
+        assert issued.json()["expires_in"] == 300
+        fresh = await client.get("/api/v1/rates/AAPL", headers=bearer(issued.json()["access_token"]))
+        assert fresh.status_code == 200, fresh.text
+        assert_unauthorized(await client.get("/api/v1/rates/AAPL", headers=bearer(sign(claims_for(kid)))))
+
+
 def alg_none(claims: dict[str, Any]) -> str:
     header = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
     payload = b64(json.dumps(claims).encode())
@@ -175,6 +204,14 @@ BAD_TOKENS = {
         claims_for(kid, iat=int(time.time()) - 2000, nbf=int(time.time()) - 2000, exp=int(time.time()) - 1000)
     ),
     "not yet valid": lambda kid: sign(claims_for(kid, nbf=int(time.time()) + 600)),
+    # Issue 16: a correctly signed token living longer than JWT_TTL_SECONDS (900) was accepted.
+    "lifetime of a day": lambda kid: sign(claims_for(kid, exp=int(time.time()) + 86_400)),
+    "lifetime over the TTL and leeway": lambda kid: sign(
+        claims_for(kid, iat=int(time.time()) - 100, exp=int(time.time()) + 900 - 100 + 31)
+    ),
+    "issued in the future": lambda kid: sign(
+        claims_for(kid, iat=int(time.time()) + 120, nbf=None, exp=int(time.time()) + 600)
+    ),
     "unknown key id": lambda kid: sign(claims_for("zzzzzzzzzzzz")),
     "garbage": lambda kid: "not.a.jwt",
     "one segment": lambda kid: "eyJhbGciOiJIUzI1NiJ9",

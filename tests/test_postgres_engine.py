@@ -39,7 +39,7 @@ import redis
 
 from pricer.stores.migrate import migrations
 from pricer.stores.postgres import quote_identifier
-from tests.conftest import RunningServer, free_port, stop_server, wait_for_health
+from tests.conftest import TEST_SECRETS, RunningServer, free_port, stop_server, wait_for_health
 from tests.pg import PG_DSN, drop_schema, new_schema_name
 from tests.private_postgres import PrivatePostgres
 from tests.shared_data import SHARED_DATA
@@ -75,6 +75,7 @@ def base_env(**env: str) -> dict[str, str]:
         "RATE_LIMIT_PER_MINUTE": "10000000",
         "LOG_LEVEL": "WARNING",
         "DEMO_KEYS_FILE": "",
+        **TEST_SECRETS,
         **env,
     }
 
@@ -891,3 +892,179 @@ async def test_load_the_real_files_and_refuse_damaged_ones(
     # A newer file loaded after them is in force; an older one is kept but not in force.
     older = cli_ok(env, "load", "ibkr", str(SHARED_DATA / "ibkr_usa_2021-06-14.txt"))
     assert "'in_force': False" in older
+
+
+# ---- e. keys: the bootstrap admin key, availability while PostgreSQL is down, floods -----------------
+
+BOOTSTRAP_KEY = "bre_bootadmin01_" + "Zr4Tq8" * 7
+
+
+async def test_a_revoked_bootstrap_admin_key_stays_revoked_across_restarts(
+    fresh_schema: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 16 item 3: start-up used to clear `revoked_at`, so any rolling update reactivated a leaked
+    bootstrap admin key. Two real processes, one after the other, on the same schema."""
+    env = {**fresh_schema, "BOOTSTRAP_ADMIN_KEY": BOOTSTRAP_KEY, "SHUTDOWN_DRAIN_SECONDS": "0"}
+    key_id = BOOTSTRAP_KEY.split("_")[1]
+    volatility = {"value": 21}
+    first = start_engine(tmp_path, env)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            put = await client.put(
+                f"{first.base_url}/api/v1/admin/volatility", json=volatility, headers=admin(BOOTSTRAP_KEY)
+            )
+            assert put.status_code == 200, put.text
+            revoked = await client.delete(
+                f"{first.base_url}/api/v1/admin/keys/{key_id}", headers=admin(BOOTSTRAP_KEY)
+            )
+            assert revoked.status_code == 204, revoked.text
+    finally:
+        stop_server(first)
+    second = start_engine(tmp_path, env)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            refused = await client.put(
+                f"{second.base_url}/api/v1/admin/volatility", json=volatility, headers=admin(BOOTSTRAP_KEY)
+            )
+    finally:
+        stop_server(second)
+    assert refused.status_code == 401, refused.text
+    log = second.log()
+    warning = [line for line in log.splitlines() if "Bootstrap admin key revoked" in line]
+    assert len(warning) == 1, log
+    assert warning[0].startswith("level=WARNING"), warning
+    assert f"key_id={key_id}" in warning[0]
+    assert BOOTSTRAP_KEY.split("_")[2] not in log  # never the secret
+    shown = cli_ok(fresh_schema, "keys", "show", key_id)
+    assert "revoked_at: -" not in shown, shown
+
+
+async def test_cached_keys_keep_working_while_postgresql_is_down_for_a_bounded_time(tmp_path: Path) -> None:
+    """Issue 16 item 7: once the key cache's TTL had passed, every key got 503 while PostgreSQL was down.
+    A private PostgreSQL is stopped longer than the (shortened) TTL, the shared Redis stays up: a cached key
+    keeps quoting on its last known record, a revocation published on the bus (as another replica's
+    revocation is) is in force, a key never used gets 503, and past TTL + KEY_CACHE_STALE_SECONDS the
+    cached key gets 503 too (the bound; the old cache kept serving it for 60 s). Then the database returns."""
+    ttl, stale = 1, 12
+    with PrivatePostgres() as pg:
+        env = {
+            "DATABASE_URL": pg.dsn,
+            "REDIS_URL": "redis://127.0.0.1:6379/13",
+            "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
+            "SHUTDOWN_DRAIN_SECONDS": "0",
+            "KEY_CACHE_TTL_SECONDS": str(ttl),
+            "KEY_CACHE_STALE_SECONDS": str(stale),
+        }
+        cli_ok(env, "migrate")
+        demo = seed_demo(env, tmp_path)
+        server = start_engine(tmp_path, env)
+        try:
+            async with httpx.AsyncClient(timeout=15) as client:
+                admin_key = demo["DEMO_ADMIN_KEY"]
+                cached, revoked, cold = [
+                    await issue_key(client, server, admin_key, "demo_client") for _ in range(3)
+                ]
+
+                async def quote(issued: dict[str, Any]) -> int:
+                    response = await client.post(
+                        f"{server.base_url}/api/v1/calculate-locate",
+                        headers={"X-API-Key": issued["api_key"]},
+                        json={
+                            "ticker": "AAPL",
+                            "position_value": 1000,
+                            "loan_days": 30,
+                            "client_id": "demo_client",
+                        },
+                    )
+                    return response.status_code
+
+                assert await quote(cached) == 200
+                assert await quote(revoked) == 200
+                pg.stop()
+                stopped = time.monotonic()
+                await asyncio.sleep(ttl + 1.5)
+                assert time.monotonic() - stopped < ttl + stale - 3, "too slow to check within the window"
+                assert await quote(cached) == 200  # past the TTL: the last known records stand in
+                assert await quote(cold) == 503  # not cached: no fallback
+                with redis.Redis.from_url("redis://127.0.0.1:6379/13") as bus:
+                    bus.publish("pricer:invalidate", f"key\n{revoked['key_id']}")
+                for _ in range(50):  # within 5 s
+                    status = await quote(revoked)
+                    if status != 200:
+                        break
+                    await asyncio.sleep(0.1)
+                assert status == 503, status
+                assert await quote(cached) == 200
+                await asyncio.sleep(max(0.0, stopped + ttl + stale + 1.5 - time.monotonic()))
+                assert await quote(cached) == 503  # the bound
+                pg.start()
+                for _ in range(150):  # within 30 s
+                    status = await quote(cached)
+                    if status == 200:
+                        break
+                    await asyncio.sleep(0.2)
+                assert status == 200
+        finally:
+            stop_server(server)
+    log = server.log()
+    assert 'msg="Database unreachable: serving cached records"' in log, log[-3000:]
+
+
+async def committed_transactions(dsn: str) -> int:
+    """The private cluster's committed transactions (pg_stat_database; backends report them within about
+    10 s of going idle, so callers wait that long first)."""
+    async with connect(dsn) as connection:
+        value: int = await connection.fetchval(
+            "SELECT sum(xact_commit)::int8 FROM pg_stat_database WHERE datname = current_database()"
+        )
+        return value
+
+
+async def test_floods_of_unknown_keys_cost_postgresql_at_most_one_read_per_new_id(tmp_path: Path) -> None:
+    """Issue 16 item 8, measured on a private PostgreSQL (nothing else uses it) through a real server:
+    2,000 requests over the same 5 unknown key ids (50 at a time) cost about 5 transactions (the old
+    cache let the first wave's 50 concurrent misses through); 2,000 requests of ever-new random ids cost
+    at most one each (ids that fail the key format cost none). Printed figures: run with -s."""
+    settle = 11.5  # PGSTAT_IDLE_INTERVAL (10 s) and a margin
+    with PrivatePostgres() as pg:
+        env = {
+            "DATABASE_URL": pg.dsn,
+            "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
+            "SHUTDOWN_DRAIN_SECONDS": "0",
+        }
+        cli_ok(env, "migrate")
+        server = start_engine(tmp_path, env)
+        try:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+
+                async def flood(keys: list[str]) -> None:
+                    for first in range(0, len(keys), 50):  # bounded: len(keys) requests, 50 at a time
+                        answers = await asyncio.gather(
+                            *(
+                                client.get("/api/v1/rates/AAPL", headers={"X-API-Key": k})
+                                for k in keys[first : first + 50]
+                            )
+                        )
+                        assert [answer.status_code for answer in answers] == [401] * len(answers)
+
+                same = [f"bre_samekey{n % 5:04d}_{secrets.token_hex(20)}" for n in range(2000)]
+                random_ids = [f"bre_{secrets.token_hex(6)}_{secrets.token_hex(20)}" for _ in range(2000)]
+                malformed = [f"bre_{secrets.token_hex(6)}_short{n}" for n in range(2000)]
+                await asyncio.sleep(settle)
+                costs: dict[str, int] = {}
+                for name, keys in (
+                    ("same 5 ids", same),
+                    ("random ids", random_ids),
+                    ("malformed", malformed),
+                ):
+                    before = await committed_transactions(pg.dsn)
+                    await flood(keys)
+                    await asyncio.sleep(settle)
+                    costs[name] = await committed_transactions(pg.dsn) - before - 1  # less our own read
+        finally:
+            stop_server(server)
+    print(f"\nPostgreSQL transactions per flood of 2,000 requests: {costs}")
+    noise = 15  # set-up of the pool's new connections (up to DATABASE_POOL_SIZE, 10) and a margin
+    assert costs["same 5 ids"] <= 5 + noise, costs
+    assert costs["random ids"] <= 2000 + noise, costs
+    assert costs["malformed"] <= noise, costs

@@ -19,6 +19,7 @@ from pricer.settings import (
 )
 
 SECRETS = {"API_KEY_PEPPER": "a-real-pepper-0123456789", "JWT_SECRET_KEY": "a-real-jwt-secret-0123456789"}
+SECRETS_BUT_JWT = {"API_KEY_PEPPER": SECRETS["API_KEY_PEPPER"]}
 
 
 def test_defaults() -> None:
@@ -52,6 +53,7 @@ def test_defaults() -> None:
     assert settings.shutdown_drain_seconds == 5
     assert settings.market_data_stale_after_hours == 36
     assert settings.bootstrap_admin_key is None
+    assert (settings.key_cache_ttl_seconds, settings.key_cache_stale_seconds) == (60, 300)
     # dev defaults to fixed development secrets (so keys survive restarts)
     assert settings.api_key_pepper == DEV_API_KEY_PEPPER
     assert settings.jwt_secret_key == DEV_JWT_SECRET_KEY
@@ -142,6 +144,10 @@ BAD_VALUES = [
     ("SHUTDOWN_DRAIN_SECONDS", "soon"),
     ("MARKET_DATA_STALE_AFTER_HOURS", "-1"),
     ("MARKET_DATA_STALE_AFTER_HOURS", "stale"),
+    ("KEY_CACHE_TTL_SECONDS", "0"),
+    ("KEY_CACHE_TTL_SECONDS", "forever"),
+    ("KEY_CACHE_STALE_SECONDS", "-1"),
+    ("KEY_CACHE_STALE_SECONDS", "100000"),
 ]
 
 
@@ -175,6 +181,31 @@ def test_secrets_are_required_in_hardened_environments(environment: str, missing
     assert settings.environment.value == environment
 
 
+@pytest.mark.parametrize(
+    "where",
+    [{"DATABASE_URL": "postgresql://db/pricer"}, {"ENVIRONMENT": "staging"}, {"ENVIRONMENT": "prod"}],
+)
+@pytest.mark.parametrize("variable", ["API_KEY_PEPPER", "JWT_SECRET_KEY"])
+def test_development_secrets_are_refused_with_a_database_or_outside_dev(
+    where: dict[str, str], variable: str
+) -> None:
+    """Issue 16: the published development values let anyone forge admin tokens; refused whether left
+    unset (the default) or set explicitly, wherever keys outlive the process or outside dev."""
+    development = {"API_KEY_PEPPER": DEV_API_KEY_PEPPER, "JWT_SECRET_KEY": DEV_JWT_SECRET_KEY}
+    others = {name: value for name, value in SECRETS.items() if name != variable}
+    for environ in ({**where, **others}, {**where, **others, variable: development[variable]}):
+        with pytest.raises(SettingsError) as raised:
+            load_settings(environ)
+        assert str(raised.value).startswith(variable), raised.value
+    assert load_settings({**where, **SECRETS}).jwt_secret_key == SECRETS["JWT_SECRET_KEY"]
+
+
+def test_development_secrets_stay_in_the_embedded_default() -> None:
+    """No database and dev: the quick start stays one command (its keys live in the process only)."""
+    settings = load_settings({"REDIS_URL": "redis://cache:6379/0"})
+    assert (settings.api_key_pepper, settings.jwt_secret_key) == (DEV_API_KEY_PEPPER, DEV_JWT_SECRET_KEY)
+
+
 def test_secrets_are_not_echoed_in_errors() -> None:
     with pytest.raises(SettingsError) as raised:
         load_settings({"ENVIRONMENT": "prod", "API_KEY_PEPPER": SECRETS["API_KEY_PEPPER"]})
@@ -202,7 +233,12 @@ def test_several_workers_need_database_and_redis(extra: dict[str, str]) -> None:
 
 def test_several_workers_with_database_and_redis() -> None:
     settings = load_settings(
-        {"WORKERS": "4", "DATABASE_URL": "postgresql://db/pricer", "REDIS_URL": "redis://cache:6379/0"}
+        {
+            "WORKERS": "4",
+            "DATABASE_URL": "postgresql://db/pricer",
+            "REDIS_URL": "redis://cache:6379/0",
+            **SECRETS,
+        }
     )
     assert settings.workers == 4
     assert settings.database_url == "postgresql://db/pricer"
@@ -264,11 +300,23 @@ def clean_environment(**extra: str) -> dict[str, str]:
     return {**base, **extra}
 
 
-@pytest.mark.parametrize(("variable", "value"), [("PORT", "abc"), ("WORKERS", "0"), ("ENVIRONMENT", "qa")])
-def test_cli_serve_refuses_a_bad_value_with_one_line(variable: str, value: str) -> None:
+@pytest.mark.parametrize(
+    ("variable", "value", "extra"),
+    [
+        ("PORT", "abc", {}),
+        ("WORKERS", "0", {}),
+        ("ENVIRONMENT", "qa", {}),
+        # a database with no secrets set: refused before any connection is tried
+        ("API_KEY_PEPPER", "", {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}),
+        ("JWT_SECRET_KEY", "", {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none", **SECRETS_BUT_JWT}),
+    ],
+)
+def test_cli_serve_refuses_a_bad_value_with_one_line(
+    variable: str, value: str, extra: dict[str, str]
+) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pricer", "serve"],
-        env=clean_environment(**{variable: value}, DEMO_KEYS_FILE=""),
+        env=clean_environment(**{variable: value}, **extra, DEMO_KEYS_FILE=""),
         capture_output=True,
         text=True,
         timeout=30,

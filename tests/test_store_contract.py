@@ -29,6 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pricer.errors import BackendError, InvalidParameter, ServiceUnavailable
+from pricer.invalidation import LocalBus
 from pricer.marketdata.loaders import parse_availability
 from pricer.models import (
     ApiKeyRecord,
@@ -46,6 +47,7 @@ from pricer.models import (
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
 from pricer.schemas import FeeScheduleView
 from pricer.stores import postgres as postgres_module
+from pricer.stores.cached import MAX_UNKNOWN_ENTRIES, CachedKeyStore
 from pricer.stores.memory import memory_stores
 from pricer.stores.migrate import migrate, migration_lock_key, migrations, pending_migrations
 from pricer.stores.postgres import (
@@ -408,6 +410,15 @@ async def test_keys_put_get_revoke_list(stores: Stores) -> None:
     reset = key_record("admin0001", "admin", secret=b"\xff" * 32)
     await keys.put(reset)
     assert await keys.get("admin0001") == reset
+
+    # ... except a revocation: a revoked key is never brought back by a put (issue 16: a revoked
+    # BOOTSTRAP_ADMIN_KEY came back at every restart).
+    replaced = key_record("k1a2b3c4", "client_1", secret=b"\xee" * 32)
+    await keys.put(replaced)
+    stored = await keys.get("k1a2b3c4")
+    assert stored is not None
+    assert stored.revoked_at == T0 + dt.timedelta(hours=1)
+    assert stored.secret_hash == replaced.secret_hash
 
 
 # ---- quotes --------------------------------------------------------------------------------------
@@ -1152,3 +1163,64 @@ async def test_closed_pool_and_missing_schema_are_translated() -> None:
             await stores.keys.get("k1a2b3c4")
         with pytest.raises(ServiceUnavailable):
             await postgres_stores(pool).quotes.add(make_batch(1))
+
+
+# ---- the key cache in front of the store (issue 16: floods of unknown key ids) ----------------------------
+
+
+class CountingKeys:
+    """A key store that counts the reads reaching it, per key id."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reads: dict[str, int] = {}
+
+    async def get(self, key_id: str) -> ApiKeyRecord | None:
+        self.reads[key_id] = self.reads.get(key_id, 0) + 1
+        record: ApiKeyRecord | None = await self.inner.get(key_id)
+        return record
+
+    async def put(self, record: ApiKeyRecord) -> None:
+        await self.inner.put(record)
+
+    async def revoke(self, key_id: str, at: dt.datetime) -> bool:
+        revoked: bool = await self.inner.revoke(key_id, at)
+        return revoked
+
+    async def list(self, client_id: str | None = None) -> Sequence[ApiKeyRecord]:
+        records: Sequence[ApiKeyRecord] = await self.inner.list(client_id)
+        return records
+
+
+async def test_a_flood_of_a_few_unknown_key_ids_reads_postgresql_once_per_id() -> None:
+    """2,000 look-ups of 5 unknown ids, 50 at a time, against real PostgreSQL: one read per id (the old
+    cache let every concurrent miss through: 50 reads in the first wave)."""
+    async with pg_stores() as (pg, _pool, _dsn, _schema):
+        counting = CountingKeys(pg.keys)
+        cached = CachedKeyStore(counting, LocalBus())
+        ids = [f"unknown{n:04d}" for n in range(5)]
+        for first in range(0, 2000, 50):
+            found = await asyncio.gather(*(cached.get(ids[n % 5]) for n in range(first, first + 50)))
+            assert found == [None] * 50
+        assert counting.reads == dict.fromkeys(ids, 1)
+        # A key created with one of those ids is found at once (the write is announced on the bus).
+        record = key_record(ids[0], "client_1")
+        await cached.put(record)
+        assert await cached.get(ids[0]) == record
+        assert counting.reads[ids[0]] == 2
+
+
+async def test_a_flood_of_random_key_ids_never_evicts_the_known_keys() -> None:
+    """120,000 distinct unknown ids (more than the cache holds) between two reads of a known key: the
+    second is still served from the cache (the old cache emptied itself when full), and the unknown ids
+    held stay bounded."""
+    counting = CountingKeys(memory_stores(max_quote_rows=10).keys)
+    cached = CachedKeyStore(counting, LocalBus())
+    known = key_record("knownkey01", "client_1")
+    await counting.put(known)
+    assert await cached.get("knownkey01") == known
+    for n in range(120_000):
+        assert await cached.get(f"r{n:09d}") is None
+    assert await cached.get("knownkey01") == known
+    assert counting.reads["knownkey01"] == 1
+    assert len(cached._cache._unknown) <= MAX_UNKNOWN_ENTRIES

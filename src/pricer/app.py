@@ -459,9 +459,20 @@ def create_app(
 
 
 async def ensure_bootstrap_admin(stores: Stores, hasher: KeyHasher, key: str, now: dt.datetime) -> None:
-    """Make sure an admin key with exactly this value exists, for client `admin` (DESIGN §2.4)."""
-    if parse_key(key) is None:
+    """Make sure an admin key with exactly this value exists, for client `admin` (DESIGN §2.4), unless
+    it was revoked: a revoked bootstrap key stays revoked across restarts (a rolling update must not
+    reactivate a leaked admin key), with a WARNING naming its id. Set a new BOOTSTRAP_ADMIN_KEY (another
+    key id) to get an admin key back."""
+    parsed = parse_key(key)
+    if parsed is None:
         raise SettingsError("BOOTSTRAP_ADMIN_KEY: expected bre_<8-16 [a-z0-9]>_<32-64 [A-Za-z0-9]>")
+    stored = await stores.keys.get(parsed[0])
+    if stored is not None and stored.revoked_at is not None:
+        log.warning(
+            "Bootstrap admin key revoked: not restored",
+            extra={"logfmt_fields": {"key_id": stored.key_id, "revoked_at": stored.revoked_at.isoformat()}},
+        )
+        return
     if await stores.clients.get(ADMIN_CLIENT_ID) is None:
         await stores.clients.put(
             Client(

@@ -110,13 +110,14 @@ def _use_postgres(backends: Backends, settings: Settings) -> None:
         durability=settings.audit_durability,
     )
     bus = backends.bus
+    cache_ttl, cache_stale = settings.key_cache_ttl_seconds, settings.key_cache_stale_seconds
     backends.stores = Stores(
-        clients=CachedClientStore(pg.clients, bus),
+        clients=CachedClientStore(pg.clients, bus, ttl=cache_ttl, stale=cache_stale),
         stocks=pg.stocks,
         availability=pg.availability,
         volatility=pg.volatility,
         events=pg.events,
-        keys=CachedKeyStore(pg.keys, bus),
+        keys=CachedKeyStore(pg.keys, bus, ttl=cache_ttl, stale=cache_stale),
         quotes=audit,
     )
     backends.pool = pool

@@ -102,6 +102,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     seed_demo_data: bool = True
     # ---- audit durability (issue 16) ----
     audit_durability: AuditDurability = AuditDurability.MEMORY
+    # keys and authentication availability (issue 16): the key and client caches in front of PostgreSQL
+    key_cache_ttl_seconds: float = 60.0
+    key_cache_stale_seconds: float = 300.0
 
     @property
     def effective_burst(self) -> int:
@@ -250,6 +253,9 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SEED_DEMO_DATA": ("seed_demo_data", _bool),
     # ---- audit durability (issue 16) ----
     "AUDIT_DURABILITY": ("audit_durability", _enum(AuditDurability)),
+    # keys and authentication availability (issue 16)
+    "KEY_CACHE_TTL_SECONDS": ("key_cache_ttl_seconds", _float_in(0.1, 3600)),
+    "KEY_CACHE_STALE_SECONDS": ("key_cache_stale_seconds", _float_in(0, 86_400)),
 }
 
 
@@ -283,6 +289,24 @@ def _check_consistency(settings: Settings, env: Mapping[str, str]) -> None:
         raise SettingsError("MIN_BORROW_RATE: must not exceed MAX_BORROW_RATE")
     if "*" in settings.cors_origins and len(settings.cors_origins) > 1:
         raise SettingsError("CORS_ORIGINS: '*' cannot be mixed with named origins")
+    _refuse_development_secrets(settings)
+
+
+def _refuse_development_secrets(settings: Settings) -> None:
+    """The development values are published in this repository: anyone could forge admin tokens (JWT
+    secret) or test stolen hashes offline (pepper). They are refused wherever keys outlive the process
+    (a database holds them) and outside dev. The embedded default (no database, dev) keeps them: its keys
+    are random at each start and live only in the process's memory."""
+    if settings.database_url is None and settings.environment is Environment.DEV:
+        return
+    reason = (
+        "DATABASE_URL is set"
+        if settings.environment is Environment.DEV
+        else f"ENVIRONMENT is {settings.environment.value}"
+    )
+    in_use = development_defaults_in_use(settings)
+    if in_use:
+        raise SettingsError(f"{in_use[0]}: the development value is refused when {reason}; set a secret")
 
 
 def development_defaults_in_use(settings: Settings) -> list[str]:

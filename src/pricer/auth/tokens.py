@@ -2,6 +2,10 @@
 
 A token carries the id of the key it was exchanged for; each use looks the key up again, so revoking the
 key voids its tokens and the key's current scopes apply.
+
+A correctly signed token is still refused when its lifetime (`exp - iat`) exceeds JWT_TTL_SECONDS, or when
+it was issued in the future, beyond CLOCK_LEEWAY_SECONDS either way (replicas' clocks differ a little):
+whoever holds the secret (a leak, another service sharing it) cannot mint long-lived tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pricer.errors import Unauthorized
 from pricer.stores.protocols import KeyStore
 
 ALGORITHMS = ["HS256"]
+CLOCK_LEEWAY_SECONDS = 30
 _MAX_TOKEN_LENGTH = 4096
 
 
@@ -52,6 +57,7 @@ class TokenService:
             decoded = jwt.decode(token, self._key, algorithms=ALGORITHMS)
             jwt.JWTClaimsRegistry(
                 now=int(now.timestamp()),
+                leeway=CLOCK_LEEWAY_SECONDS,
                 iss={"essential": True, "value": self._issuer},
                 aud={"essential": True, "value": self._audience},
                 sub={"essential": True},
@@ -62,6 +68,10 @@ class TokenService:
             raise Unauthorized("expired") from None
         except (JoseError, ValueError, TypeError):
             raise Unauthorized("invalid_token") from None
+        # Both are finite numbers here: the registry checked them (essential NumericDates).
+        lifetime = decoded.claims["exp"] - decoded.claims["iat"]
+        if lifetime > self.ttl_seconds + CLOCK_LEEWAY_SECONDS:
+            raise Unauthorized("invalid_token")
         key_id = decoded.claims["sub"]
         record = await self._keys.get(key_id) if isinstance(key_id, str) else None
         if record is None:

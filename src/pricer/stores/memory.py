@@ -112,6 +112,9 @@ class MemoryKeyStore:
         return self._keys.get(key_id)
 
     async def put(self, record: ApiKeyRecord) -> None:
+        stored = self._keys.get(record.key_id)
+        if stored is not None and stored.revoked_at is not None:
+            record = msgspec.structs.replace(record, revoked_at=stored.revoked_at)  # never brought back
         self._keys[record.key_id] = record
 
     async def revoke(self, key_id: str, at: dt.datetime) -> bool:

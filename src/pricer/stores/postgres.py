@@ -595,6 +595,8 @@ class PgKeyStore(_PgStore):
         return None if row is None else _key(row)
 
     async def put(self, record: ApiKeyRecord) -> None:
+        """Insert or replace the key, but a revoked key stays revoked (its first revocation time is kept):
+        replacing a key's secret (BOOTSTRAP_ADMIN_KEY at every start) never brings a revoked key back."""
         with translate_errors("keys.put"):
             await self._pool.execute(
                 """
@@ -607,7 +609,7 @@ class PgKeyStore(_PgStore):
                     scopes = EXCLUDED.scopes,
                     created_at = EXCLUDED.created_at,
                     expires_at = EXCLUDED.expires_at,
-                    revoked_at = EXCLUDED.revoked_at
+                    revoked_at = coalesce(api_keys.revoked_at, EXCLUDED.revoked_at)
                 """,
                 record.key_id,
                 record.client_id,

@@ -64,7 +64,10 @@ class EventStore(Protocol):
 class KeyStore(Protocol):
     async def get(self, key_id: str) -> ApiKeyRecord | None: ...
 
-    async def put(self, record: ApiKeyRecord) -> None: ...
+    async def put(self, record: ApiKeyRecord) -> None:
+        """Insert or replace the key whole, except its revocation: a revoked key stays revoked (with its
+        first revocation time), so that no writer (BOOTSTRAP_ADMIN_KEY at each start) brings it back."""
+        ...
 
     async def revoke(self, key_id: str, at: dt.datetime) -> bool:
         """Mark the key revoked; False when there is no such key."""
