@@ -93,6 +93,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     memory_quotes_max_rows: int = 200_000
     demo_keys_file: str | None = ".demo-keys.env"
     seed_demo_data: bool = True
+    # Connection hygiene, shutdown and several workers (issue 16, server).
+    header_read_timeout_seconds: float = 10.0
+    body_read_timeout_seconds: float = 30.0
+    max_header_bytes: int = 64 << 10
+    max_connections: int = 4096
+    metrics_multiproc_dir: str | None = None
 
     @property
     def effective_burst(self) -> int:
@@ -185,6 +191,15 @@ def _optional_path(raw: str) -> str | None:
     return raw.strip() or None
 
 
+def _existing_directory(raw: str) -> str | None:
+    path = raw.strip()
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a directory")
+    return path
+
+
 # variable -> (field, parser)
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ENVIRONMENT": ("environment", _enum(Environment)),
@@ -239,6 +254,12 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MEMORY_QUOTES_MAX_ROWS": ("memory_quotes_max_rows", _int_in(1, 100_000_000)),
     "DEMO_KEYS_FILE": ("demo_keys_file", _optional_path),
     "SEED_DEMO_DATA": ("seed_demo_data", _bool),
+    # Connection hygiene, shutdown and several workers (issue 16, server).
+    "HEADER_READ_TIMEOUT_SECONDS": ("header_read_timeout_seconds", _float_in(0.1, 3600)),
+    "BODY_READ_TIMEOUT_SECONDS": ("body_read_timeout_seconds", _float_in(0.1, 3600)),
+    "MAX_HEADER_BYTES": ("max_header_bytes", _int_in(1024, 16 << 20)),
+    "MAX_CONNECTIONS": ("max_connections", _int_in(16, 1_000_000)),
+    "METRICS_MULTIPROC_DIR": ("metrics_multiproc_dir", _existing_directory),
 }
 
 
@@ -248,7 +269,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     values: dict[str, Any] = {}
     for variable, (field, parse) in _PARSERS.items():
         raw = env.get(variable)
-        if raw is None or (raw.strip() == "" and variable not in {"DEMO_KEYS_FILE", "AUDIT_SPOOL_DIR"}):
+        if raw is None or (
+            raw.strip() == ""
+            and variable not in {"DEMO_KEYS_FILE", "AUDIT_SPOOL_DIR", "METRICS_MULTIPROC_DIR"}
+        ):
             continue
         try:
             values[field] = parse(raw)
