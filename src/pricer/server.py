@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from asyncio.events import TimerHandle
@@ -198,7 +200,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_headers = False
         self._cancel_header_timer()
         super().on_headers_complete()
-        if self._shutting_down or getattr(self.server_state, "draining", False):
+        if self.cycle is not None and (self._shutting_down or getattr(self.server_state, "draining", False)):
             # Draining: this response tells the client to reconnect (elsewhere) and closes.
             self.cycle.keep_alive = False
         self._body_seen_at = self.loop.time()
@@ -326,6 +328,15 @@ class Supervisor(Multiprocess):
     draining workers. On SIGTERM/SIGINT every worker gets SIGTERM and drains; the parent closes its copy
     of the listening socket at once, so that the listener closes when the last worker closes it."""
 
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        self.failed = False
+        self._signalled: set[int] = set()
+        # uvicorn queues signals for a loop that looks every half second; SIGTERM/SIGINT also reach the
+        # workers at once, so that every worker starts its drain when the pod is told to stop.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._forward_stop)
+
     def init_processes(self) -> None:
         for _ in range(self.processes_num):
             process = _DrainingProcess(self.config, self.sockets)
@@ -342,6 +353,7 @@ class Supervisor(Multiprocess):
             process.join()
             if process.exitcode == 3:  # uvicorn's STARTUP_FAILURE: would fail again on every restart
                 log.error("Worker failed to start, stopping", extra=fields(pid=process.pid))
+                self.failed = True
                 self.should_exit.set()
                 return
             if self.should_exit.is_set():
@@ -353,13 +365,24 @@ class Supervisor(Multiprocess):
             replacement.start()
             self.processes[index] = replacement
 
-    def handle_term(self) -> None:
-        super().handle_term()
-        self._close_listeners()
+    def _forward_stop(self, sig: int, frame: FrameType | None) -> None:
+        self.signal_queue.append(sig)
+        for process in self.processes:
+            pid = process.pid
+            if pid is not None and pid not in self._signalled and process.exitcode is None:
+                self._signalled.add(pid)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
 
-    def handle_int(self) -> None:
-        super().handle_int()
-        self._close_listeners()
+    def terminate_all(self) -> None:
+        log.info("Stopping workers", extra=fields(workers=len(self.processes)))
+        # The parent's copy of the listening socket closes now; the listener closes when the last
+        # draining worker closes its own copy.
+        for sock in self.sockets:
+            sock.close()
+        for process in self.processes:
+            if process.pid not in self._signalled:  # a second SIGTERM would end a worker's drain
+                process.terminate()
 
     def handle_hup(self) -> None:
         log.warning("SIGHUP ignored: restart the pod (or the process) to reload")
@@ -369,10 +392,6 @@ class Supervisor(Multiprocess):
 
     def handle_ttou(self) -> None:
         log.warning("SIGTTOU ignored: the number of workers is WORKERS")
-
-    def _close_listeners(self) -> None:
-        for sock in self.sockets:
-            sock.close()
 
 
 def raise_file_limit() -> int:
@@ -450,15 +469,14 @@ def serve_workers(settings: Settings) -> int:
             **uvicorn_options(settings, cap),
         )
         sock = config.bind_socket()
+        supervisor = Supervisor(config, sockets=[sock])
         try:
-            Supervisor(config, sockets=[sock]).run()
+            supervisor.run()
         finally:
             sock.close()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-        # The supervisor's handlers only queue signals; restore the defaults for what follows.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    return 0
+    return 1 if supervisor.failed else 0
 
 
 # Young-generation threshold (CPython's default is 700). A request frees what it allocates, but the
