@@ -200,3 +200,23 @@ def test_requests_past_the_connection_cap_get_503_and_the_file_limit_is_raised(t
 def test_bad_hygiene_settings_stop_start_up_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         load_settings({variable: value})
+
+
+def test_headers_under_the_limit_followed_by_a_large_body_are_served(tmp_path: Path) -> None:
+    """A read may hold the headers and the start of the body: only the headers count."""
+    with server(tmp_path) as running:
+        body = (
+            b" " * (200 << 10)
+            + json.dumps(
+                {"ticker": "AAPL", "position_value": 100000, "loan_days": 30, "client_id": "demo_client"}
+            ).encode()
+        )
+        with socket.create_connection(address(running), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/v1/calculate-locate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"X-API-Key: {running.keys['DEMO_CLIENT_KEY']}\r\nX-Pad: {'p' * (40 << 10)}\r\n".encode()
+                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            response = read_response(sock, time.monotonic() + 15)
+        assert status_of(response) == 200, response[:300]

@@ -109,19 +109,25 @@ class _Refused(Exception):
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with header/body read timeouts and a header size limit.
 
-    A connection is "reading headers" from its first byte (or from its opening) until the headers are
-    complete; the header timer runs over that time only, so idle keep-alive time stays uvicorn's
-    keep-alive timeout. The header bytes are counted as they arrive (memory stays bounded by the limit
-    plus one read) and exactly from the parser's callbacks."""
+    Between the end of one request's body (or the opening of the connection) and the end of the next
+    request's headers the connection is "in headers": the raw bytes received then are counted (memory
+    stays bounded by the limit plus one read; the exact size is computed only when that count passes the
+    limit, since a read may also hold the start of a body), and the header timer runs from the first of
+    them. Timers are armed only when a read leaves headers or a body incomplete: a request that arrives
+    in one read costs no timer."""
 
     def __init__(
-        self, config: uvicorn.Config, server_state: ServerState, app_state: dict[str, Any], _loop: Any = None
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: Any = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._hygiene: ConnectionHygiene = getattr(config, "hygiene", None) or ConnectionHygiene()
-        self._reading_headers = True
-        self._header_bytes = 0  # raw bytes received while reading headers
-        self._header_size = 0  # request target + header names and values, from the parser
+        self._in_headers = True
+        self._header_bytes = 0  # raw bytes received while in headers
+        self._in_body = False
         self._refused = False
         self._header_timer: TimerHandle | None = None
         self._body_timer: TimerHandle | None = None
@@ -142,6 +148,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._unset_keepalive_if_required()
+        if self._in_headers:
+            self._header_bytes += len(data)
+        elif self._body_timer is not None:
+            self._body_seen_at = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -158,71 +168,65 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.logger.warning(msg)
             self.send_400_response(msg)
             return
-        if self._reading_headers:
-            self._header_bytes += len(data)
+        if self._in_headers:
             if self._header_bytes > self._hygiene.max_header_bytes:
                 self._refused = True
                 self._refuse_headers()
+            elif self._header_timer is None and self._header_bytes:
+                self._header_timer = self.loop.call_later(
+                    self._hygiene.header_read_timeout, self._header_timeout
+                )
+        elif self._in_body and self._body_timer is None:
+            self._body_seen_at = self.loop.time()
+            self._body_timer = self.loop.call_later(self._hygiene.body_read_timeout, self._body_timeout)
 
     def shutdown(self) -> None:
-        """The listener has closed. A connection accepted just before (or one halfway through its
-        headers) gets its answer, with `Connection: close`, instead of a reset."""
+        """The listener has closed. A connection between requests, or accepted just before, gets a moment
+        to send its request, and one halfway through its headers the header timeout: each is answered,
+        with `Connection: close`, instead of reset."""
         self._shutting_down = True
         idle = self.cycle is None or self.cycle.response_complete
-        if idle and self._reading_headers and not self._refused:
+        if idle and self._in_headers and not self._refused:
             if self._header_bytes == 0:
                 self.loop.call_later(LATE_CONNECTION_GRACE_SECONDS, self._close_if_idle)
-            return  # the header timer bounds a request halfway through its headers
+            return
         super().shutdown()
 
     def _close_if_idle(self) -> None:
-        if self._reading_headers and self._header_bytes == 0 and not self.transport.is_closing():
+        if self._in_headers and self._header_bytes == 0 and not self.transport.is_closing():
             self.transport.close()
 
     # -- parser callbacks -------------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._reading_headers = True
-        self._header_bytes = 0
-        self._header_size = 0
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self._hygiene.header_read_timeout, self._header_timeout)
-
-    def on_url(self, url: bytes) -> None:
-        self._count_header_bytes(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_header_bytes(len(name) + len(value) + 4)
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
-        self._reading_headers = False
-        self._cancel_header_timer()
+        if self._header_bytes > self._hygiene.max_header_bytes:
+            # The reads held more than the limit; the headers alone may not (a body may follow them).
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > self._hygiene.max_header_bytes:
+                self._refused = True
+                raise _Refused
+        self._in_headers = False
+        self._header_bytes = 0
+        self._in_body = True
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
         super().on_headers_complete()
-        if self.cycle is not None and (self._shutting_down or getattr(self.server_state, "draining", False)):
+        draining = self._shutting_down or getattr(self.server_state, "draining", False)
+        if draining and self.cycle is not None:
             # Draining: this response tells the client to reconnect (elsewhere) and closes.
             self.cycle.keep_alive = False
-        self._body_seen_at = self.loop.time()
-        self._body_timer = self.loop.call_later(self._hygiene.body_read_timeout, self._body_timeout)
-
-    def on_body(self, body: bytes) -> None:
-        self._body_seen_at = self.loop.time()
-        super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._cancel_body_timer()
+        self._in_body = False
+        self._in_headers = True
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         super().on_message_complete()
 
     # -- limits -----------------------------------------------------------------------------------
-    def _count_header_bytes(self, size: int) -> None:
-        self._header_size += size
-        if self._header_size > self._hygiene.max_header_bytes:
-            self._refused = True
-            raise _Refused
-
     def _refuse_headers(self) -> None:
-        self._reading_headers = False
+        self._in_headers = False
         self._cancel_header_timer()
         if not self.transport.is_closing():
             self.transport.write(
@@ -236,9 +240,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _header_timeout(self) -> None:
         self._header_timer = None
-        if not self._reading_headers or self.transport.is_closing():
+        if not self._in_headers or self.transport.is_closing():
             return
-        if self._header_bytes or self._header_size:
+        if self._header_bytes:
             self.transport.write(
                 _error_response(408, "REQUEST_TIMEOUT", "request headers not received in time")
             )
@@ -247,7 +251,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _body_timeout(self) -> None:
         self._body_timer = None
         cycle = self.cycle
-        if cycle is None or not cycle.more_body or self.transport.is_closing():
+        if not self._in_body or cycle is None or self.transport.is_closing():
             return
         idle = self.loop.time() - self._body_seen_at
         if idle < self._hygiene.body_read_timeout:
