@@ -96,7 +96,7 @@ def _error_response(status: int, code: str, message: str) -> bytes:
             str(len(body)).encode(),
             b"\r\nconnection: close\r\nx-request-id: ",
             request_id,
-            b"\r\ncache-control: no-store\r\n\r\n",
+            b"\r\ncache-control: no-store\r\nx-content-type-options: nosniff\r\n\r\n",
             body,
         ]
     )
