@@ -115,7 +115,7 @@ def test_slowloris_connections_are_closed_after_the_header_timeout_while_health_
         )
         assert min(closed_after) >= HEADER_TIMEOUT - 0.5, sorted(closed_after)[:5]
         assert all(status == 200 for status, _ in health), health
-        assert all(seconds < 2.0 for _, seconds in health), health
+        assert all(seconds < 3.0 for _, seconds in health), health
         assert running.process.poll() is None
 
 
@@ -163,7 +163,9 @@ def test_requests_past_the_connection_cap_get_503_and_the_file_limit_is_raised(t
     lowered = min(hard, 1024)
     resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))  # the server inherits this soft limit
     try:
-        running = start_server(tmp_path, LOG_LEVEL="ERROR", MAX_CONNECTIONS="16")
+        running = start_server(
+            tmp_path, LOG_LEVEL="ERROR", MAX_CONNECTIONS="16", HEADER_READ_TIMEOUT_SECONDS="60"
+        )
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
@@ -172,9 +174,10 @@ def test_requests_past_the_connection_cap_get_503_and_the_file_limit_is_raised(t
         assert line.split()[3] == line.split()[4], line  # soft == hard
         idle = [socket.create_connection(address(running), timeout=5) for _ in range(16)]
         try:
-            time.sleep(0.3)
-            refused = httpx.get(f"{running.base_url}/health", timeout=5)
-            assert refused.status_code == 503
+            deadline = time.monotonic() + 10  # until the server has accepted them all
+            while httpx.get(f"{running.base_url}/health", timeout=5).status_code != 503:
+                assert time.monotonic() < deadline, "no 503 past MAX_CONNECTIONS"
+                time.sleep(0.1)
         finally:
             for sock in idle:
                 sock.close()

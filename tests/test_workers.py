@@ -67,7 +67,14 @@ def start_workers(directory: Path, schema: str, **env: str) -> RunningServer:
             text=True,
         )
     server = RunningServer(base_url=f"http://127.0.0.1:{port}", process=process, keys={}, log_path=log_path)
-    return wait_for_health(server, timeout=60)
+    wait_for_health(server, timeout=60)
+    deadline = time.monotonic() + 60  # both workers serving, not only the first
+    while server.log().count("Application startup complete.") < 2:
+        if time.monotonic() > deadline or server.process.poll() is not None:
+            stop_server(server)
+            raise RuntimeError(f"the workers did not start:\n{server.log()}")
+        time.sleep(0.1)
+    return server
 
 
 def worker_pids(parent: int) -> set[int]:
