@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -329,3 +330,35 @@ def test_sigterm_closes_keepalive_connections_during_the_drain_and_fails_none(tm
         f"\nexchanges: {len(exchanges)}, reconnects: {sum(1 for e in exchanges if not e.reused)}, "
         f"refused after the drain: {sum(1 for e in exchanges if e.connect_failed)}"
     )
+
+
+def test_a_keepalive_connection_idle_through_the_drain_is_answered_not_reset(tmp_path: Path) -> None:
+    """The race behind most failed requests in a rolling update: a pooled connection, idle while the
+    pod drained, is reused just as the listener closes. It gets its answer (and `Connection: close`)."""
+    server = start_server(tmp_path, SHUTDOWN_DRAIN_SECONDS="1", LOG_LEVEL="WARNING")
+    host, port = server.base_url.removeprefix("http://").split(":")
+    pooled = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        pooled.request("GET", "/health")
+        first = pooled.getresponse()
+        first.read()
+        assert first.status == 200
+        assert (first.getheader("connection") or "").lower() != "close"
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + EXIT_DEADLINE
+        while True:  # until the listener has closed (new connections refused)
+            assert time.monotonic() < deadline, "the listener never closed"
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.01)
+        pooled.request("GET", "/openapi.json")
+        reused = pooled.getresponse()
+        reused.read()
+        assert reused.status == 200
+        assert (reused.getheader("connection") or "").lower() == "close"
+        assert server.process.wait(timeout=EXIT_DEADLINE) == 0
+    finally:
+        pooled.close()
+        stop_server(server)

@@ -52,7 +52,7 @@ WORKER_METRICS_DIR_ENV = "PRICER_WORKER_METRICS_DIR"
 # File descriptors kept for everything but client connections (listener, pools, logs, spool, metrics).
 RESERVED_FDS = 256
 # How long a connection accepted just before the listener closed may take to send its request.
-LATE_CONNECTION_GRACE_SECONDS = 1.0
+LATE_CONNECTION_GRACE_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
