@@ -6,7 +6,10 @@ listener closes, in-flight requests finish, the lifespan shutdown runs and the p
 
 from __future__ import annotations
 
+import http.client
+import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -166,3 +169,196 @@ def test_a_graceful_sigterm_shutdown_exits_with_status_zero(tmp_path: Path) -> N
     finally:
         stop_server(server)
     assert returncode == 0, returncode
+
+
+# ---- keep-alive clients through the drain ----------------------------------------------------------------
+
+
+@dataclass
+class Exchange:
+    started: float
+    finished: float
+    reused: bool  # sent on a connection that had already answered a request
+    status: int | None = None
+    closes: bool = False  # the response said `Connection: close`
+    error: str | None = None
+    connect_failed: bool = False
+
+
+@dataclass
+class Exchanges:
+    items: list[Exchange] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, exchange: Exchange) -> None:
+        with self.lock:
+            self.items.append(exchange)
+
+
+def keepalive_client(
+    base_url: str,
+    request: tuple[str, str, bytes | None, dict[str, str]],
+    exchanges: Exchanges,
+    stop: threading.Event,
+    deadline: float,
+) -> None:
+    """Requests back to back on one keep-alive connection; a new connection only after the server said
+    `Connection: close` (as a client behind a load balancer does) or after an error."""
+    host, port = base_url.removeprefix("http://").split(":")
+    method, path, body, headers = request
+    connection: http.client.HTTPConnection | None = None
+    while not stop.is_set() and time.monotonic() < deadline:
+        started = time.monotonic()
+        reused = connection is not None
+        if connection is None:
+            connection = http.client.HTTPConnection(host, int(port), timeout=10)
+            try:
+                connection.connect()
+            except OSError as error:
+                exchanges.add(
+                    Exchange(
+                        started, time.monotonic(), False, error=type(error).__name__, connect_failed=True
+                    )
+                )
+                connection = None
+                time.sleep(0.05)
+                continue
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException) as error:
+            exchanges.add(Exchange(started, time.monotonic(), reused, error=type(error).__name__))
+            connection.close()
+            connection = None
+            time.sleep(0.02)
+            continue
+        closes = (response.getheader("connection") or "").lower() == "close"
+        exchanges.add(Exchange(started, time.monotonic(), reused, status=response.status, closes=closes))
+        if closes:
+            connection.close()
+            connection = None
+        time.sleep(0.005)
+    if connection is not None:
+        connection.close()
+
+
+def run_through_sigterm(
+    server: RunningServer,
+    request: tuple[str, str, bytes | None, dict[str, str]],
+    *,
+    drain_seconds: float,
+    clients: int = 6,
+) -> tuple[list[Exchange], list[Outcome], float, int, float]:
+    """Keep-alive load, then SIGTERM to the server process; returns the exchanges, the /health polls,
+    the time of the signal, the exit status and the time of the exit."""
+    exchanges = Exchanges()
+    stop = threading.Event()
+    deadline = time.monotonic() + EXIT_DEADLINE + 10
+    threads = [
+        threading.Thread(
+            target=keepalive_client, args=(server.base_url, request, exchanges, stop, deadline), daemon=True
+        )
+        for _ in range(clients)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)  # steady traffic first
+        sigterm_at = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        polls = poll_health(server, until=sigterm_at + EXIT_DEADLINE)
+        try:
+            returncode = server.process.wait(timeout=max(0.1, sigterm_at + EXIT_DEADLINE - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not exit within {EXIT_DEADLINE} s of SIGTERM:\n{server.log()}")
+        exited_at = time.monotonic()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+        stop_server(server)
+    return sorted(exchanges.items, key=lambda e: e.started), polls, sigterm_at, returncode, exited_at
+
+
+def check_drain(
+    exchanges: list[Exchange], polls: list[Outcome], sigterm_at: float, drain_seconds: float
+) -> None:
+    drain_end = sigterm_at + drain_seconds
+    timeline = [(round(p.started - sigterm_at, 3), p.status, p.error) for p in polls]
+    assert any(p.status == 503 for p in polls), timeline
+    assert all(p.status in (503, None) for p in polls if p.started >= sigterm_at + 0.5), timeline
+    answered = [e for e in exchanges if e.status is not None]
+    assert answered
+    assert {e.status for e in answered} == {200}, sorted({e.status or 0 for e in answered})
+    # Every answer during the drain tells its client to reconnect (elsewhere) and closes.
+    during = [e for e in answered if sigterm_at + 0.3 <= e.started]
+    assert len([e for e in during if e.started < drain_end]) >= 3
+    kept_open = [(round(e.started - sigterm_at, 3), e.status) for e in during if not e.closes]
+    assert not kept_open, kept_open
+    # No request on an existing connection fails; a new connection may find the listener closed only
+    # once the drain is over (a load balancer sends nothing new by then).
+    failed_reused = [(round(e.started - sigterm_at, 3), e.error) for e in exchanges if e.error and e.reused]
+    assert not failed_reused, failed_reused
+    failed_new = [
+        (round(e.started - sigterm_at, 3), e.error, e.connect_failed)
+        for e in exchanges
+        if e.error and not e.reused and e.started < drain_end - 0.25
+    ]
+    assert not failed_new, failed_new
+
+
+def test_sigterm_closes_keepalive_connections_during_the_drain_and_fails_none(tmp_path: Path) -> None:
+    server = start_server(
+        tmp_path,
+        SHUTDOWN_DRAIN_SECONDS=str(DRAIN_SECONDS),
+        RATE_LIMIT_PER_MINUTE="10000000",
+        LOG_LEVEL="INFO",
+    )
+    body = json.dumps(QUOTE).encode()
+    headers = {"X-API-Key": server.keys["DEMO_CLIENT_KEY"], "Content-Type": "application/json"}
+    exchanges, polls, sigterm_at, returncode, exited_at = run_through_sigterm(
+        server, ("POST", "/api/v1/calculate-locate", body, headers), drain_seconds=DRAIN_SECONDS
+    )
+    check_drain(exchanges, polls, sigterm_at, DRAIN_SECONDS)
+    assert returncode == 0, returncode
+    assert exited_at - sigterm_at >= DRAIN_SECONDS
+    log = server.log()
+    assert "Application shutdown complete." in log, log
+    assert "Traceback" not in log, log
+    print(
+        f"\nexchanges: {len(exchanges)}, reconnects: {sum(1 for e in exchanges if not e.reused)}, "
+        f"refused after the drain: {sum(1 for e in exchanges if e.connect_failed)}"
+    )
+
+
+def test_a_keepalive_connection_idle_through_the_drain_is_answered_not_reset(tmp_path: Path) -> None:
+    """The race behind most failed requests in a rolling update: a pooled connection, idle while the
+    pod drained, is reused just as the listener closes. It gets its answer (and `Connection: close`)."""
+    server = start_server(tmp_path, SHUTDOWN_DRAIN_SECONDS="1", LOG_LEVEL="WARNING")
+    host, port = server.base_url.removeprefix("http://").split(":")
+    pooled = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        pooled.request("GET", "/health")
+        first = pooled.getresponse()
+        first.read()
+        assert first.status == 200
+        assert (first.getheader("connection") or "").lower() != "close"
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + EXIT_DEADLINE
+        while True:  # until the listener has closed (new connections refused)
+            assert time.monotonic() < deadline, "the listener never closed"
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.01)
+        pooled.request("GET", "/openapi.json")
+        reused = pooled.getresponse()
+        reused.read()
+        assert reused.status == 200
+        assert (reused.getheader("connection") or "").lower() == "close"
+        assert server.process.wait(timeout=EXIT_DEADLINE) == 0
+    finally:
+        pooled.close()
+        stop_server(server)

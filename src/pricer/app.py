@@ -134,14 +134,16 @@ def create_app(
     stores: Stores | None = None,
     on_demo_keys: Callable[[DemoKeys], None] | None = None,
     span_processor: SpanProcessor | None = None,
+    metrics_dir: str | None = None,
 ) -> PricerApp:
-    """Build the engine. `stores` overrides the configured stores (tests of logic use memory ones)."""
+    """Build the engine. `stores` overrides the configured stores (tests of logic use memory ones);
+    `metrics_dir` is where the workers of one server publish their metrics (WORKERS > 1)."""
     backends = build_backends(settings, stores)
     stores = backends.stores
     for name in development_defaults_in_use(settings):
         log.warning("Development default in use", extra={"logfmt_fields": {"variable": name}})
 
-    metrics = Metrics(enabled=settings.enable_metrics)
+    metrics = Metrics(enabled=settings.enable_metrics, shared_dir=metrics_dir)
     tracing = build_tracing(span_processor)
     policy = RatePolicy(
         volatility_factor=settings.volatility_factor,
@@ -455,6 +457,9 @@ def create_app(
     if shared_rates is not None:
         lifecycle.startup.append(shared_rates.load_version)
     lifecycle.shutdown += backends.shutdown
+    if metrics_dir is not None:
+        lifecycle.startup.append(metrics.start_publishing)
+        lifecycle.shutdown.insert(0, metrics.stop_publishing)  # runs last: after every request
     return app
 
 

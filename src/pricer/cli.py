@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import http.client
 import json
 import logging
@@ -23,16 +22,10 @@ import sys
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING
 
 from pricer import __version__
 from pricer.errors import PricerError
-from pricer.logs import fields
 from pricer.settings import Settings, SettingsError, load_settings
-
-if TYPE_CHECKING:
-    from pricer.app import PricerApp
 
 log = logging.getLogger("pricer.cli")
 
@@ -130,34 +123,15 @@ async def _database_command(settings: Settings, args: argparse.Namespace) -> int
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
     from pricer.app import create_app
     from pricer.demo import announce_demo_keys
     from pricer.logs import configure_logging
+    from pricer.server import freeze_startup_objects, serve_one, serve_workers
 
     configure_logging(settings.log_level)
-    base_url = f"http://{settings.host}:{settings.port}"
-    options = {
-        "host": settings.host,
-        "port": settings.port,
-        "loop": "uvloop",
-        "http": "httptools",
-        "lifespan": "on",
-        "access_log": False,
-        "log_config": None,
-        "server_header": False,
-        # Nothing here uses the client address (limits and logs go by client id), so uvicorn's
-        # X-Forwarded-For middleware would be one more layer on every request for nothing.
-        "proxy_headers": False,
-        "timeout_graceful_shutdown": max(1, int(settings.shutdown_drain_seconds) + 25),
-    }
     if settings.workers > 1:
-        # Several processes share the port; each builds its own app (stores and limits are shared through
-        # PostgreSQL and Redis, which WORKERS > 1 requires). Kubernetes runs one worker per pod instead,
-        # which also keeps the SIGTERM drain of a single server.
-        uvicorn.run("pricer.cli:worker_app", factory=True, workers=settings.workers, **options)  # type: ignore[arg-type]
-        return 0
+        return serve_workers(settings)
+    base_url = f"http://{settings.host}:{settings.port}"
     try:
         app = create_app(
             settings,
@@ -166,72 +140,8 @@ def serve(settings: Settings) -> int:
     except SettingsError as error:
         print(f"pricer: configuration error: {error}", file=sys.stderr)
         return 2
-    app.lifecycle.startup.append(_freeze_startup_objects)
-    config = uvicorn.Config(app, **options)  # type: ignore[arg-type]
-    server = _draining_server_class()(config, app=app, drain_seconds=settings.shutdown_drain_seconds)
-    server.run()
-    return 0 if server.started else 1
-
-
-# Young-generation threshold (CPython's default is 700). A request frees what it allocates, but the
-# audit queue holds each priced batch for the writer's few milliseconds of linger: at thousands of quotes
-# a second the default threshold then runs a collection every few hundred quotes, each promoting the
-# queued batches to older generations that are walked again (4 µs a quote measured with PostgreSQL and
-# the audit trail on). At 10,000, most queued batches are written and freed before a collection sees
-# them; a young collection walks at most that many objects (about a millisecond).
-GC_YOUNG_THRESHOLD = 10_000
-
-
-async def _freeze_startup_objects() -> None:
-    """What start-up built lives as long as the process: keep it out of every later collection, so
-    that full collections (pauses in the latency tail) only walk what requests create."""
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
-
-
-def worker_app() -> PricerApp:
-    """The app of one worker process when WORKERS > 1."""
-    from pricer.app import create_app
-    from pricer.logs import configure_logging
-
-    settings = load_settings()
-    configure_logging(settings.log_level)
-    return create_app(settings)
-
-
-def _draining_server_class() -> type:
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """On SIGTERM: /health answers 503 for the drain period while requests are still served (the
-        readiness probe takes the pod out), then uvicorn closes the listener, lets in-flight requests
-        finish and runs the lifespan shutdown (the audit queue flushes). A second signal stops at once."""
-
-        def __init__(self, config: uvicorn.Config, *, app: PricerApp, drain_seconds: float) -> None:
-            super().__init__(config)
-            self._app = app
-            self._drain_seconds = drain_seconds
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            lifecycle = self._app.lifecycle
-            if lifecycle.draining or self._drain_seconds <= 0:
-                super().handle_exit(sig, frame)
-                return
-            lifecycle.draining = True
-            log.info("Draining before shutdown", extra=fields(seconds=self._drain_seconds))
-            loop = asyncio.get_event_loop()
-            loop.call_soon_threadsafe(
-                loop.call_later, self._drain_seconds, self._stop_after_drain, sig, frame
-            )
-
-        def _stop_after_drain(self, sig: int, frame: FrameType | None) -> None:
-            super().handle_exit(sig, frame)
-            # A drained shutdown is a clean exit (status 0): uvicorn would re-raise the signal it recorded.
-            self._captured_signals.remove(sig)
-
-    return DrainingServer
+    app.lifecycle.startup.append(freeze_startup_objects)
+    return serve_one(settings, app)
 
 
 def _demo_file_values(settings: Settings) -> dict[str, str]:

@@ -105,6 +105,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # keys and authentication availability (issue 16): the key and client caches in front of PostgreSQL
     key_cache_ttl_seconds: float = 60.0
     key_cache_stale_seconds: float = 300.0
+    # Connection hygiene, shutdown and several workers (issue 16, server).
+    header_read_timeout_seconds: float = 10.0
+    body_read_timeout_seconds: float = 30.0
+    max_header_bytes: int = 64 << 10
+    max_connections: int = 4096
+    metrics_multiproc_dir: str | None = None
 
     @property
     def effective_burst(self) -> int:
@@ -197,6 +203,15 @@ def _optional_path(raw: str) -> str | None:
     return raw.strip() or None
 
 
+def _existing_directory(raw: str) -> str | None:
+    path = raw.strip()
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a directory")
+    return path
+
+
 # variable -> (field, parser)
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ENVIRONMENT": ("environment", _enum(Environment)),
@@ -256,6 +271,12 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     # keys and authentication availability (issue 16)
     "KEY_CACHE_TTL_SECONDS": ("key_cache_ttl_seconds", _float_in(0.1, 3600)),
     "KEY_CACHE_STALE_SECONDS": ("key_cache_stale_seconds", _float_in(0, 86_400)),
+    # Connection hygiene, shutdown and several workers (issue 16, server).
+    "HEADER_READ_TIMEOUT_SECONDS": ("header_read_timeout_seconds", _float_in(0.1, 3600)),
+    "BODY_READ_TIMEOUT_SECONDS": ("body_read_timeout_seconds", _float_in(0.1, 3600)),
+    "MAX_HEADER_BYTES": ("max_header_bytes", _int_in(1024, 16 << 20)),
+    "MAX_CONNECTIONS": ("max_connections", _int_in(16, 1_000_000)),
+    "METRICS_MULTIPROC_DIR": ("metrics_multiproc_dir", _existing_directory),
 }
 
 
@@ -265,7 +286,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     values: dict[str, Any] = {}
     for variable, (field, parse) in _PARSERS.items():
         raw = env.get(variable)
-        if raw is None or (raw.strip() == "" and variable not in {"DEMO_KEYS_FILE", "AUDIT_SPOOL_DIR"}):
+        if raw is None or (
+            raw.strip() == ""
+            and variable not in {"DEMO_KEYS_FILE", "AUDIT_SPOOL_DIR", "METRICS_MULTIPROC_DIR"}
+        ):
             continue
         try:
             values[field] = parse(raw)

@@ -8,16 +8,26 @@ the OTel Prometheus exporter as OTel histogram data points at each scrape, so na
 exposition are the exporter's own.
 Label values are bounded: `endpoint` is a route template (or `unmatched`), methods outside the known set
 are `OTHER`.
+With several workers (WORKERS > 1) each worker publishes its state (these counters and bucket counts) to
+its own file in a directory the parent made, once a second and at each scrape, and a scrape reports the
+sums over every file: each file only grows, so the sums never go backwards, and a worker that exited
+keeps its counts in them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
 import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+import msgspec
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -38,11 +48,18 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from pricer.logs import fields
+
 # Seconds; resolves 0.5 ms to 2.5 s (DESIGN §4).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0)
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 AUTH_STATUSES = ("success", "invalid_key", "expired", "revoked", "missing", "invalid_token")
 
+
+PLAIN_COUNTERS = ("rate_limit_exceeded", "fallback_usage", "cache_hits", "cache_misses", "jwt_tokens_issued")
+PUBLISH_INTERVAL_SECONDS = 1.0
+
+log = logging.getLogger("pricer.metrics")
 
 _STATUS_TEXT = {code: str(code) for code in range(100, 600)}
 
@@ -85,23 +102,30 @@ class FixedBucketHistogram:
         if value > series.max:
             series.max = value
 
-    def to_metric(self, now_ns: int) -> Metric | None:
-        """The series so far as an OTel histogram (None before the first observation)."""
-        if not self._series:
+    @property
+    def series(self) -> dict[tuple[str, ...], _Series]:
+        return self._series
+
+    def to_metric(self, now_ns: int, series: dict[tuple[str, ...], _Series] | None = None) -> Metric | None:
+        """The series (this process's, or the merged ones given) as an OTel histogram (None before the
+        first observation)."""
+        if series is None:
+            series = self._series
+        if not series:
             return None
         points = [
             HistogramDataPoint(
                 attributes=dict(zip(self.label_names, labels, strict=True)),
                 start_time_unix_nano=self._started_ns,
                 time_unix_nano=now_ns,
-                count=series.count,
-                sum=series.total,
-                bucket_counts=list(series.counts),
+                count=one.count,
+                sum=one.total,
+                bucket_counts=list(one.counts),
                 explicit_bounds=self.bounds,
-                min=series.min,
-                max=series.max,
+                min=one.min,
+                max=one.max,
             )
-            for labels, series in list(self._series.items())
+            for labels, one in list(series.items())
         ]
         return Metric(
             name=self.name,
@@ -114,15 +138,25 @@ class FixedBucketHistogram:
 class _HistogramExportingReader(PrometheusMetricReader):
     """The OTel Prometheus reader, with this process's fixed-bucket histograms added to every collection."""
 
-    def __init__(self, histograms: Sequence[FixedBucketHistogram], **options: Any) -> None:
+    def __init__(
+        self,
+        histograms: Sequence[FixedBucketHistogram],
+        series_of: Callable[[FixedBucketHistogram], dict[tuple[str, ...], _Series]],
+        **options: Any,
+    ) -> None:
         self._histograms = tuple(histograms)
+        self._series_of = series_of
         super().__init__(**options)
 
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> None:
         now_ns = time.time_ns()
-        extra = [metric for h in self._histograms if (metric := h.to_metric(now_ns)) is not None]
+        extra = [
+            metric
+            for h in self._histograms
+            if (metric := h.to_metric(now_ns, self._series_of(h))) is not None
+        ]
         if extra:
             scope = ScopeMetrics(scope=InstrumentationScope("pricer"), metrics=extra, schema_url="")
             resources = list(metrics_data.resource_metrics) if metrics_data is not None else []
@@ -145,8 +179,10 @@ class Metrics:
     """`enabled=False` (ENABLE_METRICS=false, for measuring what metrics cost) skips the histograms;
     the plain counters cost next to nothing and stay."""
 
-    def __init__(self, *, enabled: bool = True) -> None:
+    def __init__(self, *, enabled: bool = True, shared_dir: str | None = None) -> None:
         self.enabled = enabled
+        self._shared = SharedMetricsDirectory(shared_dir) if shared_dir is not None else None
+        self._publisher: asyncio.Task[None] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -169,8 +205,13 @@ class Metrics:
             description="Backend service call latency",
             label_names=("service",),
         )
+        self._histograms = {
+            h.name: h for h in (self.request_duration, self.calculation_duration, self.backend_duration)
+        }
+        self._view: _Totals | None = None  # what the scrape in progress reports (None: this process)
         self._reader = _HistogramExportingReader(
-            (self.request_duration, self.calculation_duration, self.backend_duration),
+            tuple(self._histograms.values()),
+            lambda h: self._view.histograms.get(h.name, {}) if self._view is not None else h.series,
             disable_target_info=True,
             scope_info_enabled=False,
             registry=self.registry,
@@ -202,7 +243,7 @@ class Metrics:
                 observe(
                     lambda: (
                         Observation(count, {"method": method, "endpoint": endpoint, "status_code": status})
-                        for (method, endpoint, status), count in list(self.requests.items())
+                        for (method, endpoint, status), count in list(self._counts().requests.items())
                     )
                 )
             ],
@@ -213,7 +254,7 @@ class Metrics:
             callbacks=[
                 observe(
                     lambda: (
-                        Observation(self.auth_attempts.get(status, 0), {"status": status})
+                        Observation(self._counts().auth_attempts.get(status, 0), {"status": status})
                         for status in AUTH_STATUSES
                     )
                 )
@@ -225,7 +266,7 @@ class Metrics:
             callbacks=[
                 observe(
                     lambda: (
-                        Observation(self.calculations.get(kind, 0), {"type": kind})
+                        Observation(self._counts().calculations.get(kind, 0), {"type": kind})
                         for kind in ("single", "batch")
                     )
                 )
@@ -238,7 +279,7 @@ class Metrics:
                 observe(
                     lambda: (
                         Observation(count, {"service": service, "status": status})
-                        for (service, status), count in list(self.backend_requests.items())
+                        for (service, status), count in list(self._counts().backend_requests.items())
                     )
                 )
             ],
@@ -256,7 +297,14 @@ class Metrics:
             )
 
     def _plain_counter(self, attribute: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        return lambda _options: [Observation(getattr(self, attribute))]
+        return lambda _options: [
+            Observation(
+                self._view.plain.get(attribute, 0) if self._view is not None else getattr(self, attribute)
+            )
+        ]
+
+    def _counts(self) -> _Totals | Metrics:
+        return self._view if self._view is not None else self
 
     def observe_request(self, method: str, endpoint: str, status: int, seconds: float) -> None:
         if not self.enabled:
@@ -271,7 +319,136 @@ class Metrics:
             self.calculation_duration.observe((), seconds)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._shared is None:
+            return generate_latest(self.registry)
+        # This worker's state first, then the sums over every worker's last publication (its own
+        # included): each file only grows, so consecutive scrapes on any workers never go backwards.
+        self._shared.publish(self.snapshot())
+        self._view = _Totals.merge(self._shared.read_all())
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._view = None
+
+    def snapshot(self) -> MetricsSnapshot:
+        """This process's counters and histogram buckets, as a worker publishes them."""
+        return MetricsSnapshot(
+            requests=[(*labels, count) for labels, count in list(self.requests.items())],
+            auth_attempts=dict(self.auth_attempts),
+            calculations=dict(self.calculations),
+            backend_requests=[(*labels, count) for labels, count in list(self.backend_requests.items())],
+            plain={name: getattr(self, name) for name in PLAIN_COUNTERS},
+            histograms={
+                name: [
+                    (list(labels), list(one.counts), one.count, one.total, one.min, one.max)
+                    for labels, one in list(h.series.items())
+                ]
+                for name, h in self._histograms.items()
+            },
+        )
+
+    async def start_publishing(self) -> None:
+        """Start-up step with several workers: publish this worker's state once a second."""
+        if self._shared is None:
+            return
+        self._shared.publish(self.snapshot())
+
+        async def publish() -> None:
+            while True:
+                await asyncio.sleep(PUBLISH_INTERVAL_SECONDS)
+                try:
+                    self._shared.publish(self.snapshot())  # type: ignore[union-attr]
+                except OSError as error:
+                    log.warning("Metrics not published", extra=fields(error=str(error)))
+
+        self._publisher = asyncio.get_running_loop().create_task(publish())
+
+    async def stop_publishing(self) -> None:
+        """Shutdown step: the last publication holds every request this worker served."""
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+            self._publisher = None
+        if self._shared is not None:
+            self._shared.publish(self.snapshot())
 
     def shutdown(self) -> None:
         self._provider.shutdown()
+
+
+class MetricsSnapshot(msgspec.Struct, array_like=True):
+    """One worker's metric state: counters by label values, histogram series as (labels, bucket
+    counts, count, sum, min, max)."""
+
+    requests: list[tuple[str, str, str, int]]
+    auth_attempts: dict[str, int]
+    calculations: dict[str, int]
+    backend_requests: list[tuple[str, str, int]]
+    plain: dict[str, int]
+    histograms: dict[str, list[tuple[list[str], list[int], int, float, float, float]]]
+
+
+class _Totals:
+    """Sums over workers' snapshots, in the shapes the scrape callbacks read."""
+
+    def __init__(self) -> None:
+        self.requests: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.auth_attempts: defaultdict[str, int] = defaultdict(int)
+        self.calculations: defaultdict[str, int] = defaultdict(int)
+        self.backend_requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.plain: defaultdict[str, int] = defaultdict(int)
+        self.histograms: dict[str, dict[tuple[str, ...], _Series]] = {}
+
+    @classmethod
+    def merge(cls, snapshots: Iterable[MetricsSnapshot]) -> _Totals:
+        totals = cls()
+        for snapshot in snapshots:
+            for method, endpoint, status, count in snapshot.requests:
+                totals.requests[(method, endpoint, status)] += count
+            for key, count in snapshot.auth_attempts.items():
+                totals.auth_attempts[key] += count
+            for key, count in snapshot.calculations.items():
+                totals.calculations[key] += count
+            for service, status, count in snapshot.backend_requests:
+                totals.backend_requests[(service, status)] += count
+            for key, count in snapshot.plain.items():
+                totals.plain[key] += count
+            for name, points in snapshot.histograms.items():
+                merged = totals.histograms.setdefault(name, {})
+                for labels, counts, count, total, low, high in points:
+                    series = merged.get(tuple(labels))
+                    if series is None:
+                        series = merged[tuple(labels)] = _Series(len(counts))
+                    if len(series.counts) != len(counts):
+                        continue  # another bucket layout (another version's file): not summable
+                    series.counts = [a + b for a, b in zip(series.counts, counts, strict=True)]
+                    series.count += count
+                    series.total += total
+                    series.min = min(series.min, low)
+                    series.max = max(series.max, high)
+        return totals
+
+
+class SharedMetricsDirectory:
+    """Per-process snapshot files in one directory (`worker-<pid>.msgpack`), replaced atomically."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = Path(directory)
+        self._path = self._directory / f"worker-{os.getpid()}.msgpack"
+        self._temporary = self._directory / f".worker-{os.getpid()}.tmp"
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(MetricsSnapshot)
+
+    def publish(self, snapshot: MetricsSnapshot) -> None:
+        self._temporary.write_bytes(self._encoder.encode(snapshot))
+        os.replace(self._temporary, self._path)
+
+    def read_all(self) -> list[MetricsSnapshot]:
+        snapshots = []
+        for path in sorted(self._directory.glob("worker-*.msgpack")):
+            try:
+                snapshots.append(self._decoder.decode(path.read_bytes()))
+            except (OSError, msgspec.DecodeError) as error:
+                log.warning("Metrics file unreadable", extra=fields(file=path.name, error=str(error)))
+        return snapshots
