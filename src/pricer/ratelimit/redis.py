@@ -84,7 +84,7 @@ return out
 
 _MAX_DEBTS = 100_000
 _MAX_SHARES = 10_000
-_CONFIRM_TURNS = 2
+_CONFIRM_TURNS = 4
 
 
 class _Pending:
