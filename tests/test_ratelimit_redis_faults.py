@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from pricer.app import PricerApp
 from pricer.backends import build_limiter, redis_client
 from pricer.ratelimit.buckets import BucketSpec, Decision
-from pricer.ratelimit.redis import BUCKET_SCRIPT, RedisLimiter
+from pricer.ratelimit.redis import BUCKET_SCRIPT, EPOCH_KEY, RedisLimiter
 from tests.conftest import free_port, make_settings, started_app
 from tests.redis_server import DelayProxy, PrivateRedis
 
@@ -392,6 +392,28 @@ async def test_a_restarted_redis_does_not_hand_out_a_fresh_burst(tmp_path: Path)
     finally:
         server.kill()
         await limiter.close()
+
+
+async def test_a_deleted_bucket_is_full_again(tmp_path: Path) -> None:
+    """The estimate only stands in for a bucket Redis lost with its data: once Redis has held its data
+    for longer than the bucket takes to refill, a missing bucket (expired, or deleted by an operator to
+    reset a client) is full, whatever this replica last knew of it."""
+    clock = FakeClock()
+    with PrivateRedis(tmp_path / "redis") as server:
+        limiter = RedisLimiter(quick_client(server.url), expected_replicas=2, budget_seconds=2.0, clock=clock)
+        try:
+            spec = BucketSpec("ratelimit:reset", per_minute=600, capacity=5)  # refills in 0.5 s
+            await shared_until_empty(limiter, spec, 5)
+            with server.client() as direct:
+                assert direct.get(EPOCH_KEY) is not None
+            await asyncio.sleep(1.6)  # the data is older than the refill time and a second
+            with server.client() as direct:
+                direct.delete(spec.key)
+            reset = await limiter.acquire(spec)
+            assert not reset.local
+            assert reset.remaining == 4
+        finally:
+            await limiter.close()
 
 
 async def test_tokens_granted_locally_are_charged_to_redis_on_recovery(tmp_path: Path) -> None:

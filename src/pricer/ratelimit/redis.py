@@ -17,9 +17,9 @@
 * Local decisions enforce this replica's share (1 / expected replicas, rounded down, at least one token)
   of each limit, starting from what Redis last said of the bucket (every shared decision leaves its result,
   scaled to the share, in the local bucket), not from a full bucket. What is granted locally is owed to
-  Redis and charged with the key's next shared decision; a key Redis no longer has (it restarted) starts
-  from this replica's estimate instead of a full bucket. So neither a false alarm nor a Redis restart
-  hands out a burst of extra grants.
+  Redis and charged with the key's next shared decision; a key Redis lost (it restarted: `EPOCH_KEY` is
+  younger than the bucket's refill time) starts from this replica's estimate instead of a full bucket. So
+  neither a false alarm nor a Redis restart hands out a burst of extra grants.
 """
 
 from __future__ import annotations
@@ -39,19 +39,31 @@ from pricer.ratelimit.memory import MemoryLimiter
 
 log = logging.getLogger("pricer.ratelimit")
 
-# KEYS: bucket keys; ARGV: per key (tokens per second, capacity, cost, debt, seed). Returns per key
-# (allowed, tokens). `debt`: tokens granted locally meanwhile, charged first (not below zero). `seed`: the
-# caller's estimate of the tokens of a bucket Redis does not have (negative: none, the bucket is full).
+# Set by the script when missing, never expiring: when Redis's data began (a restart or a flush empties
+# it). A bucket missing for longer than it takes to refill has just refilled; a bucket missing since then
+# may have been lost with the data, so the caller's estimate of it is used instead of a full bucket.
+EPOCH_KEY = "ratelimit:~epoch"
+
+# KEYS: the epoch key, then bucket keys; ARGV: per bucket (tokens per second, capacity, cost, debt, seed).
+# Returns per bucket (allowed, tokens). `debt`: tokens granted locally meanwhile, charged first (not below
+# zero). `seed`: the caller's estimate of the tokens of a bucket Redis lost (negative: none).
 BUCKET_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local epoch = tonumber(redis.call('GET', KEYS[1]))
+if not epoch then
+  epoch = now
+  redis.call('SET', KEYS[1], string.format('%d', now))
+end
 local out = {}
-for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[i * 5 - 4])
-  local capacity = tonumber(ARGV[i * 5 - 3])
-  local cost = tonumber(ARGV[i * 5 - 2])
-  local debt = tonumber(ARGV[i * 5 - 1])
-  local seed = tonumber(ARGV[i * 5])
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  local base = (i - 2) * 5
+  local rate = tonumber(ARGV[base + 1])
+  local capacity = tonumber(ARGV[base + 2])
+  local cost = tonumber(ARGV[base + 3])
+  local debt = tonumber(ARGV[base + 4])
+  local seed = tonumber(ARGV[base + 5])
   local tokens = capacity
   local state = redis.call('GET', key)
   if state then
@@ -66,7 +78,7 @@ for i, key in ipairs(KEYS) do
       end
     end
     tokens = math.max(0, tokens - debt)
-  elseif seed >= 0 then
+  elseif seed >= 0 and now - epoch < (capacity / rate + 1) * 1000000 then
     tokens = math.min(capacity, seed)
   end
   local allowed = 0
@@ -179,7 +191,7 @@ class RedisLimiter:
             self._flushing = False
 
     async def _run(self, batch: list[_Pending]) -> None:
-        keys = [item.spec.key for item in batch]
+        keys = [EPOCH_KEY, *(item.spec.key for item in batch)]
         args: list[float | int] = []
         owed: dict[str, float] = {}
         for item in batch:
