@@ -8,12 +8,14 @@
   are one at a time, so they go over one connection held for the purpose (no pool checkout per call,
   about a third of redis-py's client CPU per call here).
 * The time budget is Redis's, not this process's: it is watched per call, not per decision, so a burst of
-  one client queued behind a call costs nobody a local decision; and when the watch fires late (the event
-  loop was busy: this replica's own CPU contention, not Redis) the call gets its budget again, up to
-  `stall_limit_seconds`. Only a call still unanswered on a punctual watch is overdue: its decisions (and
-  those that arrive while it is) are taken locally. A Redis error, `trip_after` overdue calls in a row, or
-  one unanswered for `stall_limit_seconds` open the circuit breaker: the replica reports itself degraded
-  and decides locally for a cool-down before it tries Redis again.
+  one client queued behind a call costs nobody a local decision. When the watch fires and the reply is
+  already in this process (bytes on the socket or in the stream's buffer, not yet parsed), Redis answered
+  and the call waits on; when the watch fires late (the event loop was busy: this replica's own CPU
+  contention, not Redis) the call gets its budget again, up to `stall_limit_seconds`. Only a call with no
+  reply on a punctual watch is overdue: its decisions (and those that arrive while it is) are taken
+  locally. A Redis error, `trip_after` overdue calls in a row, or one unanswered for `stall_limit_seconds`
+  open the circuit breaker: the replica reports itself degraded and decides locally for a cool-down
+  before it tries Redis again.
 * Local decisions enforce this replica's share (1 / expected replicas, rounded down, at least one token)
   of each limit, starting from what Redis last said of the bucket (every shared decision leaves its result,
   scaled to the share, in the local bucket), not from a full bucket. What is granted locally is owed to
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -267,7 +270,9 @@ class RedisLimiter:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if now - deadline > self._lag_tolerance and now - started < self._stall_limit:
+        if self._reply_waiting() or (
+            now - deadline > self._lag_tolerance and now - started < self._stall_limit
+        ):
             self.late_watches += 1
             self._watch_handle = loop.call_later(self._budget, self._watch, call, started, now + self._budget)
             return
@@ -281,12 +286,33 @@ class RedisLimiter:
             self._watch_handle = loop.call_soon(self._confirm, call, started, watched, turns - 1)
             return
         now = loop.time()
-        if now - watched > self._lag_tolerance and now - started < self._stall_limit:
-            # Those turns were slow: the loop is busy after all.
+        if self._reply_waiting() or (
+            now - watched > self._lag_tolerance and now - started < self._stall_limit
+        ):
+            # Those turns were slow, or the reply is there, unread: the loop is busy after all.
             self.late_watches += 1
             self._watch_handle = loop.call_later(self._budget, self._watch, call, started, now + self._budget)
             return
         self._give_up(call, started)
+
+    def _reply_waiting(self) -> bool:
+        """Whether Redis's reply has reached this process (bytes wait on the limiter's socket, or in its
+        stream's buffer, unparsed): then Redis answered, and what is late is this event loop. False when
+        unknown."""
+        connection = self._connection
+        if getattr(getattr(connection, "_reader", None), "_buffer", None):
+            return True
+        writer = getattr(connection, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return False
 
     def _give_up(self, call: int, started: float) -> None:
         """The call in flight is overdue: its decisions, and the queued ones, are taken locally now."""
