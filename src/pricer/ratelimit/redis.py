@@ -13,9 +13,10 @@
   and the call waits on; when the watch fires late (the event loop was busy: this replica's own CPU
   contention, not Redis) the call gets its budget again, up to `stall_limit_seconds`. Only a call with no
   reply on a punctual watch is overdue: its decisions (and those that arrive while it is) are taken
-  locally. A Redis error, `trip_after` overdue calls in a row, or one unanswered for `stall_limit_seconds`
-  open the circuit breaker: the replica reports itself degraded and decides locally for a cool-down
-  before it tries Redis again.
+  locally. A Redis error, `trip_after` overdue calls in a row still unanswered at `slow_seconds` (4
+  budgets: a reply a few ms late, Redis waiting for a CPU, is not an outage), or one unanswered for
+  `stall_limit_seconds` open the circuit breaker: the replica reports itself degraded and decides locally
+  for a cool-down before it tries Redis again.
 * Local decisions enforce this replica's share (1 / expected replicas, rounded down, at least one token)
   of each limit, starting from what Redis last said of the bucket (every shared decision leaves its result,
   scaled to the share, in the local bucket), not from a full bucket. What is granted locally is owed to
@@ -122,6 +123,7 @@ class RedisLimiter:
         cooldown_seconds: float = 1.0,
         stall_limit_seconds: float = 0.25,
         trip_after: int = 2,
+        slow_seconds: float | None = None,
         max_batch: int = 512,
         linger_seconds: float = 0.0002,
         clock: Callable[[], float] = time.monotonic,
@@ -135,6 +137,9 @@ class RedisLimiter:
         self._cooldown = cooldown_seconds
         self._stall_limit = max(stall_limit_seconds, budget_seconds)
         self._trip_after = max(1, trip_after)
+        # An overdue call still unanswered this long counts toward opening the breaker.
+        self._slow = max(budget_seconds, 4 * budget_seconds if slow_seconds is None else slow_seconds)
+        self._stall_limit = max(self._stall_limit, self._slow)
         self._max_batch = max_batch
         self._linger = linger_seconds
         self._last_flush = float("-inf")
@@ -149,7 +154,7 @@ class RedisLimiter:
         self._in_flight: list[_Pending] | None = None
         self._overdue = False  # the call in flight is past its budget: its decisions were taken locally
         self._watch_handle: asyncio.Handle | None = None
-        self._timeouts = 0  # overdue calls in a row
+        self._timeouts = 0  # slow calls in a row (overdue, and still unanswered at `_slow`)
         self._open_until = 0.0  # circuit open (decide locally) until this monotonic time
         self.local_decisions = 0
         self.shared_decisions = 0
@@ -318,12 +323,10 @@ class RedisLimiter:
         """The call in flight is overdue: its decisions, and the queued ones, are taken locally now."""
         self._overdue = True
         self.overdue_calls += 1
-        self._timeouts += 1
-        if self._timeouts >= self._trip_after:
-            self._trip("timeout")
         loop = asyncio.get_running_loop()
-        # A call that never answers (a hung Redis) opens the breaker at the stall limit.
-        self._watch_handle = loop.call_at(started + self._stall_limit, self._stalled, call)
+        # Whether it counts toward opening the breaker is judged later: a reply a few ms late (Redis
+        # waiting for a CPU) is not an outage.
+        self._watch_handle = loop.call_at(started + self._slow, self._judge, call, started)
         for item in self._in_flight or ():
             if not item.future.done():
                 # Not owed yet: the call may still be executed by Redis, which then charges it.
@@ -335,6 +338,17 @@ class RedisLimiter:
         for item in queued:
             if not item.future.done():
                 item.future.set_result(self._decide_locally(item.spec, item.cost, owe=True))
+
+    def _judge(self, call: int, started: float) -> None:
+        """An overdue call with no reply yet after `slow_seconds` counts toward opening the breaker
+        (`trip_after` in a row); one that never answers opens it at the stall limit."""
+        if call != self._call or self._in_flight is None or self._reply_waiting():
+            return
+        self._timeouts += 1
+        if self._timeouts >= self._trip_after:
+            self._trip("timeout")
+        loop = asyncio.get_running_loop()
+        self._watch_handle = loop.call_at(max(loop.time(), started + self._stall_limit), self._stalled, call)
 
     def _stalled(self, call: int) -> None:
         if call == self._call and self._in_flight is not None:
