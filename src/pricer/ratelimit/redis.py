@@ -48,9 +48,10 @@ log = logging.getLogger("pricer.ratelimit")
 # may have been lost with the data, so the caller's estimate of it is used instead of a full bucket.
 EPOCH_KEY = "ratelimit:~epoch"
 
-# KEYS: the epoch key, then bucket keys; ARGV: per bucket (tokens per second, capacity, cost, debt, seed).
-# Returns per bucket (allowed, tokens). `debt`: tokens granted locally meanwhile, charged first (not below
-# zero). `seed`: the caller's estimate of the tokens of a bucket Redis lost (negative: none).
+# KEYS: the epoch key, then bucket keys; ARGV: per bucket (limit per minute, capacity, cost), then any
+# number of (bucket index, debt, seed): `debt`, tokens granted locally meanwhile, charged first (not below
+# zero); `seed`, the caller's estimate of the tokens of a bucket Redis lost (negative: none). Returns the
+# age of Redis's data in microseconds, then per bucket (allowed, tokens).
 BUCKET_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -59,15 +60,20 @@ if not epoch then
   epoch = now
   redis.call('SET', KEYS[1], string.format('%d', now))
 end
-local out = {}
-for i = 2, #KEYS do
-  local key = KEYS[i]
-  local base = (i - 2) * 5
-  local rate = tonumber(ARGV[base + 1])
-  local capacity = tonumber(ARGV[base + 2])
-  local cost = tonumber(ARGV[base + 3])
-  local debt = tonumber(ARGV[base + 4])
-  local seed = tonumber(ARGV[base + 5])
+local count = #KEYS - 1
+local debts = {}
+local seeds = {}
+for j = count * 3 + 1, #ARGV, 3 do
+  local index = tonumber(ARGV[j])
+  debts[index] = tonumber(ARGV[j + 1])
+  seeds[index] = tonumber(ARGV[j + 2])
+end
+local out = {now - epoch}
+for i = 1, count do
+  local key = KEYS[i + 1]
+  local rate = tonumber(ARGV[i * 3 - 2]) / 60
+  local capacity = tonumber(ARGV[i * 3 - 1])
+  local cost = tonumber(ARGV[i * 3])
   local tokens = capacity
   local state = redis.call('GET', key)
   if state then
@@ -81,9 +87,9 @@ for i = 2, #KEYS do
         tokens = math.min(capacity, stored + elapsed * rate / 1000000)
       end
     end
-    tokens = math.max(0, tokens - debt)
-  elseif seed >= 0 and now - epoch < (capacity / rate + 1) * 1000000 then
-    tokens = math.min(capacity, seed)
+    if debts[i] then tokens = math.max(0, tokens - debts[i]) end
+  elseif seeds[i] and seeds[i] >= 0 and now - epoch < (capacity / rate + 1) * 1000000 then
+    tokens = math.min(capacity, seeds[i])
   end
   local allowed = 0
   if tokens >= cost then
@@ -98,6 +104,10 @@ end
 return out
 """
 
+# Estimates go with each call while Redis's data is younger than this (it restarted, or this replica does
+# not know yet): longer than the refill time of any bucket but one whose burst is ten times its rate per
+# minute (such a bucket lost longer ago starts full).
+_SEED_WINDOW_MICROSECONDS = 600 * 1_000_000
 _MAX_DEBTS = 100_000
 _MAX_SHARES = 10_000
 _CONFIRM_TURNS = 4
@@ -145,7 +155,8 @@ class RedisLimiter:
         self._last_flush = float("-inf")
         self._clock = clock
         self._local = MemoryLimiter(clock=clock)
-        self._shares: dict[BucketSpec, tuple[BucketSpec, float]] = {}
+        self._shares: dict[BucketSpec, tuple[BucketSpec, float, tuple[bytes, bytes]]] = {}
+        self._seeding = True  # send estimates: Redis's data may be young (see _SEED_WINDOW_MICROSECONDS)
         self._debts: OrderedDict[str, float] = OrderedDict()  # key -> tokens granted locally, owed to Redis
         self._queue: list[_Pending] = []
         self._flushing = False
@@ -199,17 +210,24 @@ class RedisLimiter:
             self._flushing = False
 
     async def _run(self, batch: list[_Pending]) -> None:
-        keys = [EPOCH_KEY, *(item.spec.key for item in batch)]
-        args: list[float | int] = []
+        keys = [EPOCH_KEY]
+        args: list[bytes | float | int] = []
+        extras: list[float | int] = []
         owed: dict[str, float] = {}
-        for item in batch:
+        debts = self._debts
+        seeding = self._seeding
+        for index, item in enumerate(batch, start=1):
             spec = item.spec
-            debt, seed = 0.0, -1.0
-            if spec.key not in owed:
-                # The first decision of a key in the call carries what is owed and the estimate.
-                debt = owed[spec.key] = self._debts.pop(spec.key, 0.0)
-                seed = self._estimate(spec)
-            args += [spec.rate, spec.capacity, item.cost, debt, seed]
+            keys.append(spec.key)
+            args += [*self._share_of(spec)[2], item.cost]
+            if (debts or seeding) and spec.key not in owed:
+                # The first decision of a key in the call carries what is owed, and the estimate while
+                # Redis may have lost the bucket.
+                debt = owed[spec.key] = debts.pop(spec.key, 0.0)
+                seed = self._estimate(spec) if seeding else -1.0
+                if debt or seed >= 0:
+                    extras += [index, debt, seed]
+        args += extras
         loop = asyncio.get_running_loop()
         self._call += 1
         call = self._call
@@ -221,6 +239,7 @@ class RedisLimiter:
             reply = await self._evaluate(keys, args)
         except (RedisError, OSError) as error:
             self._end_call()
+            self._seeding = True  # Redis may come back without its data
             for key, debt in owed.items():
                 self._owe(key, debt)
             self._trip(type(error).__name__)
@@ -237,6 +256,7 @@ class RedisLimiter:
             raise
         overdue = self._end_call()
         self.round_trips += 1
+        self._seeding = int(reply[0]) < _SEED_WINDOW_MICROSECONDS
         if not overdue:
             # Only a reply within the budget closes the breaker: a late one means Redis is still slow.
             self._timeouts = 0
@@ -244,8 +264,8 @@ class RedisLimiter:
         now = self._clock()
         debts = self._debts
         for index, item in enumerate(batch):
-            tokens = float(reply[2 * index + 1])
-            share, scale = self._share_of(item.spec)
+            tokens = float(reply[2 * index + 2])
+            share, scale, _ = self._share_of(item.spec)
             # What Redis said, less what this replica granted meanwhile and still owes (a late reply), is
             # where a local decision of this bucket starts (at this replica's share).
             unpaid = debts.get(item.spec.key, 0.0) if debts else 0.0
@@ -254,7 +274,7 @@ class RedisLimiter:
                 self.shared_decisions += 1
                 item.future.set_result(
                     Decision(
-                        allowed=int(reply[2 * index]) == 1, tokens=tokens, spec=item.spec, cost=item.cost
+                        allowed=int(reply[2 * index + 1]) == 1, tokens=tokens, spec=item.spec, cost=item.cost
                     )
                 )
 
@@ -354,7 +374,7 @@ class RedisLimiter:
         if call == self._call and self._in_flight is not None:
             self._trip("timeout")
 
-    async def _evaluate(self, keys: list[str], args: list[float | int]) -> list[bytes | int]:
+    async def _evaluate(self, keys: list[str], args: list[bytes | float | int]) -> list[bytes | int]:
         """One EVALSHA on the limiter's own connection; the script is loaded again after NOSCRIPT (Redis
         restarted or flushed its scripts)."""
         connection = self._connection
@@ -382,9 +402,10 @@ class RedisLimiter:
             )
         self._open_until = self._clock() + self._cooldown
 
-    def _share_of(self, spec: BucketSpec) -> tuple[BucketSpec, float]:
+    def _share_of(self, spec: BucketSpec) -> tuple[BucketSpec, float, tuple[bytes, bytes]]:
         """This replica's share of a limit (never more than 1 / expected replicas of the rate and of the
-        burst, but at least one token), and the factor from the shared bucket's tokens to the share's."""
+        burst, but at least one token), the factor from the shared bucket's tokens to the share's, and the
+        limit as the script's arguments."""
         cached = self._shares.get(spec)
         if cached is None:
             share = BucketSpec(
@@ -392,7 +413,11 @@ class RedisLimiter:
                 per_minute=max(1, spec.per_minute // self._replicas),
                 capacity=max(1, spec.capacity // self._replicas),
             )
-            cached = (share, share.capacity / spec.capacity)
+            cached = (
+                share,
+                share.capacity / spec.capacity,
+                (str(spec.per_minute).encode(), str(spec.capacity).encode()),
+            )
             if len(self._shares) >= _MAX_SHARES:
                 self._shares.clear()
             self._shares[spec] = cached
@@ -401,7 +426,7 @@ class RedisLimiter:
     def _estimate(self, spec: BucketSpec) -> float:
         """Tokens of the shared bucket as this replica knows them (its local bucket scaled back up), or -1
         when it knows nothing (the bucket is full, or never used)."""
-        share, scale = self._share_of(spec)
+        share, scale, _ = self._share_of(spec)
         tokens = self._local.tokens(share)
         return -1.0 if tokens is None else min(float(spec.capacity), tokens / scale)
 
@@ -415,7 +440,7 @@ class RedisLimiter:
 
     def _decide_locally(self, spec: BucketSpec, cost: int, *, owe: bool) -> Decision:
         self.local_decisions += 1
-        share, _ = self._share_of(spec)
+        share = self._share_of(spec)[0]
         # Reported as decided: against this replica's share, so the headers tell the limit in force.
         decision = self._local.decide(share, cost, local=True)
         if owe and decision.allowed:
