@@ -288,9 +288,10 @@ class RedisLimiter:
         return overdue
 
     def _watch(self, call: int, started: float, deadline: float) -> None:
-        """The call's budget is up. A watch that fires late says the event loop was busy (so a reply may
-        be waiting, unread): Redis gets its budget again, counted from now, up to the stall limit. A
-        punctual one gives the loop a turn or two to read a reply already there before it gives up."""
+        """The call's budget is up. A reply already in this process, or a watch that fires late (the
+        event loop was busy, so a reply may be waiting, unread), means Redis gets its budget again,
+        counted from now (a late watch: up to the stall limit). A punctual watch with no reply gives the
+        loop a few turns to parse one just read before it gives up."""
         if call != self._call or self._in_flight is None:
             return
         loop = asyncio.get_running_loop()
