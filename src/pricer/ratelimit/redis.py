@@ -268,14 +268,16 @@ class RedisLimiter:
             share, scale, _ = self._share_of(item.spec)
             # What Redis said, less what this replica granted meanwhile and still owes (a late reply), is
             # where a local decision of this bucket starts (at this replica's share).
+            allowed = int(reply[2 * index + 1]) == 1
+            if item.local_grant and not allowed:
+                # Granted locally (its call was overdue) where Redis refused: Redis has not charged it.
+                self._owe(item.spec.key, item.local_grant)
             unpaid = debts.get(item.spec.key, 0.0) if debts else 0.0
             self._local.set_tokens(share, (tokens - unpaid) * scale, now)
             if not item.future.done():
                 self.shared_decisions += 1
                 item.future.set_result(
-                    Decision(
-                        allowed=int(reply[2 * index + 1]) == 1, tokens=tokens, spec=item.spec, cost=item.cost
-                    )
+                    Decision(allowed=allowed, tokens=tokens, spec=item.spec, cost=item.cost)
                 )
 
     def _end_call(self) -> bool:
@@ -350,7 +352,7 @@ class RedisLimiter:
         self._watch_handle = loop.call_at(started + self._slow, self._judge, call, started)
         for item in self._in_flight or ():
             if not item.future.done():
-                # Not owed yet: the call may still be executed by Redis, which then charges it.
+                # Not owed yet: Redis may still execute the call and charge it (if it refuses, it is owed).
                 decision = self._decide_locally(item.spec, item.cost, owe=False)
                 if decision.allowed:
                     item.local_grant = item.cost
