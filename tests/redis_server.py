@@ -83,6 +83,15 @@ class PrivateRedis:
         process.wait(timeout=10)
         self.process = None
 
+    def pause(self) -> None:
+        """SIGSTOP: a hung Redis (connections stay open, nothing is answered) until `resume`."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
     def __enter__(self) -> PrivateRedis:
         return self.start()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import AsyncIterator
@@ -18,12 +19,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from pricer.app import PricerApp
-from pricer.backends import build_limiter
-from pricer.ratelimit.buckets import BucketSpec
-from pricer.ratelimit.redis import BUCKET_SCRIPT, RedisLimiter
-from tests.conftest import make_settings, started_app
+from pricer.backends import build_limiter, redis_client
+from pricer.ratelimit.buckets import BucketSpec, Decision
+from pricer.ratelimit.redis import BUCKET_SCRIPT, EPOCH_KEY, RedisLimiter
+from tests.conftest import free_port, make_settings, started_app
 from tests.redis_server import DelayProxy, PrivateRedis
 
 pytestmark = pytest.mark.anyio
@@ -262,9 +266,17 @@ async def test_slow_redis_keeps_the_breaker_open_for_the_cooldown(
             try:
                 await limiter.ping()
                 spec = BucketSpec("ratelimit:slow", per_minute=600, capacity=100)
+                # One slow call is not yet an outage (its decisions are local, the replica not degraded);
+                # two in a row (each still unanswered after 4 budgets) open the breaker.
                 first = await limiter.acquire(spec)
                 assert first.local
+                await settle_calls(limiter)  # its reply, ~30 ms late
+                assert not limiter.degraded
+                second = await limiter.acquire(spec)
+                assert second.local
+                await settle_calls(limiter)
                 assert limiter.degraded
+                assert limiter.overdue_calls == 2
                 opened = time.monotonic()
                 states, waits = [], []
                 while time.monotonic() < opened + 0.5:  # well inside the cool-down
@@ -281,3 +293,207 @@ async def test_slow_redis_keeps_the_breaker_open_for_the_cooldown(
                 assert degraded_warnings(caplog) == 1
             finally:
                 await settle(limiter)
+
+
+# ---- local decisions that start from what is known (issue 16) ------------------------------------
+
+
+class FakeClock:
+    """The limiter's clock (breaker and local buckets); Redis and the event loop keep real time."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def quick_client(url: str, **options: float) -> aioredis.Redis:
+    """No retries, so that a dead Redis answers each call with an error at once."""
+    return aioredis.Redis.from_url(url, socket_connect_timeout=0.25, retry=Retry(NoBackoff(), 0), **options)
+
+
+async def shared_until_empty(limiter: RedisLimiter, spec: BucketSpec, grants: int) -> None:
+    decisions = [await limiter.acquire(spec) for _ in range(grants)]
+    assert not any(d.local for d in decisions)
+    assert all(d.allowed for d in decisions)
+
+
+def tokens_in(server: PrivateRedis, key: str) -> float:
+    state = state_of(server, key)
+    assert state is not None
+    match = re.fullmatch(r"(\d+\.\d{6}):(\d+)", state)
+    assert match is not None, state
+    return float(match.group(1))
+
+
+async def test_local_decisions_start_from_what_redis_said(tmp_path: Path) -> None:
+    """Redis dies right after a client emptied its bucket: the replica's local bucket starts from that
+    empty bucket (scaled to its share), not full, and refills at the share's rate."""
+    clock = FakeClock()
+    server = PrivateRedis(tmp_path / "redis").start()
+    limiter = RedisLimiter(quick_client(server.url), expected_replicas=2, budget_seconds=2.0, clock=clock)
+    try:
+        spec = BucketSpec("ratelimit:emptied", per_minute=60, capacity=60)  # share: 30 a minute, 30 burst
+        await shared_until_empty(limiter, spec, 60)
+        server.kill()
+        during = [await limiter.acquire(spec) for _ in range(10)]
+        assert all(d.local for d in during)
+        assert limiter.degraded
+        assert sum(d.allowed for d in during) == 0, "the local bucket started full"
+        clock.advance(4.0)  # half a token a second at the share's rate
+        later = [await limiter.acquire(spec) for _ in range(5)]
+        assert all(d.local for d in later)
+        assert sum(d.allowed for d in later) == 2
+    finally:
+        server.kill()
+        await limiter.close()
+
+
+async def test_the_share_is_never_more_than_its_fraction() -> None:
+    """20 a minute over 3 replicas: 6 each (6.67 rounded down), never 7."""
+    client = quick_client(f"redis://127.0.0.1:{free_port()}/0")
+    limiter = RedisLimiter(client, expected_replicas=3)
+    try:
+        spec = BucketSpec("ratelimit:thirds", per_minute=20, capacity=20)
+        decisions = [await limiter.acquire(spec) for _ in range(10)]
+        assert all(d.local for d in decisions)
+        assert decisions[0].spec == BucketSpec("ratelimit:thirds", per_minute=6, capacity=6)
+        assert sum(d.allowed for d in decisions) == 6
+    finally:
+        await limiter.close()
+
+
+async def test_a_restarted_redis_does_not_hand_out_a_fresh_burst(tmp_path: Path) -> None:
+    """Redis restarts empty: the first shared decision of a bucket starts from this replica's estimate of
+    it (its local bucket scaled back up), not from a full bucket."""
+    clock = FakeClock()
+    server = PrivateRedis(tmp_path / "redis").start()
+    limiter = RedisLimiter(quick_client(server.url), expected_replicas=2, budget_seconds=2.0, clock=clock)
+    try:
+        spec = BucketSpec("ratelimit:restarted", per_minute=60, capacity=60)
+        with server.client() as direct:
+            # Redis has held its data for an hour: no estimates go with the calls until it fails.
+            seconds, micros = direct.time()
+            direct.set(EPOCH_KEY, str((seconds - 3600) * 1_000_000 + micros))
+        await shared_until_empty(limiter, spec, 60)
+        assert not limiter._seeding
+        server.kill()
+        assert not any([(await limiter.acquire(spec)).allowed for _ in range(5)])
+        assert limiter.degraded
+        server.start()
+        assert state_of(server, spec.key) is None  # a new, empty server
+        clock.advance(2.0)  # past the cool-down; the local share got one token back (0.5 a second)
+        after = [await limiter.acquire(spec) for _ in range(5)]
+        assert not any(d.local for d in after)
+        assert not limiter.degraded
+        # The estimate: one share token is two of the shared bucket's, plus what Redis's own clock refilled
+        # in the meantime (a second's worth at most on a loaded machine).
+        assert sum(d.allowed for d in after) <= 3, [d.tokens for d in after]
+        assert tokens_in(server, spec.key) < 2.0
+    finally:
+        server.kill()
+        await limiter.close()
+
+
+async def test_a_deleted_bucket_is_full_again(tmp_path: Path) -> None:
+    """The estimate only stands in for a bucket Redis lost with its data: once Redis has held its data
+    for longer than the bucket takes to refill, a missing bucket (expired, or deleted by an operator to
+    reset a client) is full, whatever this replica last knew of it."""
+    clock = FakeClock()
+    with PrivateRedis(tmp_path / "redis") as server:
+        limiter = RedisLimiter(quick_client(server.url), expected_replicas=2, budget_seconds=2.0, clock=clock)
+        try:
+            spec = BucketSpec("ratelimit:reset", per_minute=600, capacity=5)  # refills in 0.5 s
+            await shared_until_empty(limiter, spec, 5)
+            with server.client() as direct:
+                assert direct.get(EPOCH_KEY) is not None
+            await asyncio.sleep(1.6)  # the data is older than the refill time and a second
+            with server.client() as direct:
+                direct.delete(spec.key)
+            reset = await limiter.acquire(spec)
+            assert not reset.local
+            assert reset.remaining == 4
+        finally:
+            await limiter.close()
+
+
+async def test_tokens_granted_locally_are_charged_to_redis_on_recovery(tmp_path: Path) -> None:
+    """A hung Redis (SIGSTOP, connections open): decisions go local within the budget from what Redis last
+    said, the call that never answers opens the breaker, and once Redis answers again what was granted
+    locally is charged to the shared bucket: no extra grants across the outage."""
+    clock = FakeClock()
+    server = PrivateRedis(tmp_path / "redis").start()
+    limiter = RedisLimiter(quick_client(server.url), expected_replicas=1, budget_seconds=0.05, clock=clock)
+    try:
+        spec = BucketSpec("ratelimit:owed", per_minute=1, capacity=10)  # Redis refills ~nothing meanwhile
+        await shared_until_empty(limiter, spec, 5)
+        server.pause()
+        try:
+            started = time.monotonic()
+            during = [await limiter.acquire(spec) for _ in range(7)]
+            assert time.monotonic() - started < 2.0  # the budget (50 ms), not the hung call
+            assert all(d.local for d in during)
+            assert sum(d.allowed for d in during) == 5, "local decisions ignored what Redis said"
+            await asyncio.sleep(0.5)  # past the stall limit (0.25 s): the breaker is open
+            assert limiter.degraded
+        finally:
+            server.resume()
+        await settle_calls(limiter)  # the hung call is answered now (Redis charged its decision)
+        clock.advance(2.0)  # past the cool-down
+        after = await limiter.acquire(spec)
+        assert not after.local
+        assert not after.allowed, f"{after.tokens} tokens left after 5 + 5 of 10 were granted"
+        assert tokens_in(server, spec.key) < 0.1
+    finally:
+        server.kill()
+        await limiter.close()
+
+
+async def test_a_busy_event_loop_is_not_a_slow_redis(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The event loop is blocked for up to 30 ms at a time (a CPU-bound request, CPU contention) while 20
+    clients' decisions go to a healthy Redis: the budget (10 ms here) watches Redis, not the loop, so no
+    decision is taken locally and the breaker never opens."""
+    caplog.set_level(logging.WARNING, logger="pricer.ratelimit")
+    with PrivateRedis(tmp_path / "redis") as server:
+        limiter = RedisLimiter(
+            redis_client(server.url), expected_replicas=2, budget_seconds=0.01, stall_limit_seconds=1.0
+        )
+        await limiter.warm_up()
+        await limiter.ping()
+        loop = asyncio.get_running_loop()
+        rng = random.Random(16)
+        busy = True
+
+        def block() -> None:
+            if busy:
+                time.sleep(rng.uniform(0, 0.03))
+                loop.call_later(rng.uniform(0, 0.004), block)
+
+        async def client(number: int) -> list[Decision]:
+            spec = BucketSpec(f"ratelimit:busy{number}", per_minute=60_000, capacity=10_000)
+            decisions = []
+            for _ in range(25):
+                decisions.append(await limiter.acquire(spec))
+                await asyncio.sleep(rng.uniform(0, 0.005))
+            return decisions
+
+        loop.call_soon(block)
+        try:
+            decisions = [d for batch in await asyncio.gather(*(client(n) for n in range(20))) for d in batch]
+        finally:
+            busy = False
+        try:
+            assert limiter.late_watches > 0  # the loop was late, and that was seen
+            assert degraded_warnings(caplog) == 0
+            # An isolated late reply from Redis itself (this machine is shared) may still put one call's
+            # decisions local; a late loop must not.
+            assert limiter.overdue_calls <= 1, (limiter.overdue_calls, limiter.local_decisions)
+            assert sum(d.local for d in decisions) <= 20
+        finally:
+            await settle(limiter)

@@ -88,7 +88,14 @@ def limiter_check(limiter: RedisLimiter) -> Check:
         return DependencyHealth(
             status=status,
             latency_ms=round(latency, 3),
-            detail={"backend": "redis", "local_decisions": limiter.local_decisions},
+            detail={
+                "backend": "redis",
+                "local_decisions": limiter.local_decisions,
+                # Budget watches that found the event loop late (and waited again), and calls Redis
+                # itself answered late: a busy replica is not a slow Redis.
+                "late_watches": limiter.late_watches,
+                "overdue_calls": limiter.overdue_calls,
+            },
         )
 
     return check

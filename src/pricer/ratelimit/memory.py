@@ -48,6 +48,27 @@ class MemoryLimiter:
     async def acquire(self, spec: BucketSpec, cost: int = 1) -> Decision:
         return self.decide(spec, cost)
 
+    def tokens(self, spec: BucketSpec) -> float | None:
+        """Tokens in the bucket now, or None when there is no bucket (never used, or full and swept)."""
+        state = self._buckets.get(spec.key)
+        if state is None:
+            return None
+        return refill(state[0], self._clock() - state[1], spec)
+
+    def set_tokens(self, spec: BucketSpec, tokens: float, at: float | None = None) -> None:
+        """Overwrite a bucket's state with what is known elsewhere (the shared store's last word)."""
+        now = self._clock() if at is None else at
+        tokens = min(float(spec.capacity), max(0.0, tokens))
+        buckets = self._buckets
+        if spec.key in buckets:
+            buckets.move_to_end(spec.key)
+        buckets[spec.key] = (tokens, now, now + (spec.capacity - tokens) / spec.rate)
+        self._decisions_since_sweep += 1
+        if len(buckets) > self._max_buckets:
+            buckets.popitem(last=False)
+        if self._decisions_since_sweep >= 10_000:
+            self._sweep(now)
+
     def _sweep(self, now: float) -> None:
         """Drop buckets that are full again (an absent bucket is full)."""
         self._decisions_since_sweep = 0

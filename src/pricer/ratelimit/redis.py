@@ -7,16 +7,31 @@
   and all queued decisions go in the next call. Under load one round trip serves many requests. Calls
   are one at a time, so they go over one connection held for the purpose (no pool checkout per call,
   about a third of redis-py's client CPU per call here).
-* Each decision has a time budget. When Redis is slow or down the replica decides locally, enforcing its
-  share (1 / expected replicas) of each limit, reports itself degraded, and keeps deciding locally for a
-  cool-down before it tries Redis again (a circuit breaker: an outage does not cost the budget per request).
+* The time budget is Redis's, not this process's: it is watched per call, not per decision, so a burst of
+  one client queued behind a call costs nobody a local decision. When the watch fires and the reply is
+  already in this process (bytes on the socket or in the stream's buffer, not yet parsed), Redis answered
+  and the call waits on; when the watch fires late (the event loop was busy: this replica's own CPU
+  contention, not Redis) the call gets its budget again, up to `stall_limit_seconds`. Only a call with no
+  reply on a punctual watch is overdue: its decisions (and those that arrive while it is) are taken
+  locally. A Redis error, `trip_after` overdue calls in a row still unanswered at `slow_seconds` (4
+  budgets: a reply a few ms late, Redis waiting for a CPU, is not an outage), or one unanswered for
+  `stall_limit_seconds` open the circuit breaker: the replica reports itself degraded and decides locally
+  for a cool-down before it tries Redis again.
+* Local decisions enforce this replica's share (1 / expected replicas, rounded down, at least one token)
+  of each limit, starting from what Redis last said of the bucket (every shared decision leaves its result,
+  scaled to the share, in the local bucket), not from a full bucket. What is granted locally is owed to
+  Redis and charged with the key's next shared decision; a key Redis lost (it restarted: `EPOCH_KEY` is
+  younger than the bucket's refill time) starts from this replica's estimate instead of a full bucket. So
+  neither a false alarm nor a Redis restart hands out a burst of extra grants.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -28,13 +43,35 @@ from pricer.ratelimit.memory import MemoryLimiter
 
 log = logging.getLogger("pricer.ratelimit")
 
-# KEYS: bucket keys; ARGV: per key (tokens per second, capacity, cost). Returns per key (allowed, tokens).
+# Set by the script when missing, never expiring: when Redis's data began (a restart or a flush empties
+# it). A bucket missing for longer than it takes to refill has just refilled; a bucket missing since then
+# may have been lost with the data, so the caller's estimate of it is used instead of a full bucket.
+EPOCH_KEY = "ratelimit:~epoch"
+
+# KEYS: the epoch key, then bucket keys; ARGV: per bucket (limit per minute, capacity, cost), then any
+# number of (bucket index, debt, seed): `debt`, tokens granted locally meanwhile, charged first (not below
+# zero); `seed`, the caller's estimate of the tokens of a bucket Redis lost (negative: none). Returns the
+# age of Redis's data in microseconds, then per bucket (allowed, tokens).
 BUCKET_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local out = {}
-for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[i * 3 - 2])
+local epoch = tonumber(redis.call('GET', KEYS[1]))
+if not epoch then
+  epoch = now
+  redis.call('SET', KEYS[1], string.format('%d', now))
+end
+local count = #KEYS - 1
+local debts = {}
+local seeds = {}
+for j = count * 3 + 1, #ARGV, 3 do
+  local index = tonumber(ARGV[j])
+  debts[index] = tonumber(ARGV[j + 1])
+  seeds[index] = tonumber(ARGV[j + 2])
+end
+local out = {now - epoch}
+for i = 1, count do
+  local key = KEYS[i + 1]
+  local rate = tonumber(ARGV[i * 3 - 2]) / 60
   local capacity = tonumber(ARGV[i * 3 - 1])
   local cost = tonumber(ARGV[i * 3])
   local tokens = capacity
@@ -50,6 +87,9 @@ for i, key in ipairs(KEYS) do
         tokens = math.min(capacity, stored + elapsed * rate / 1000000)
       end
     end
+    if debts[i] then tokens = math.max(0, tokens - debts[i]) end
+  elseif seeds[i] and seeds[i] >= 0 and now - epoch < (capacity / rate + 1) * 1000000 then
+    tokens = math.min(capacity, seeds[i])
   end
   local allowed = 0
   if tokens >= cost then
@@ -64,19 +104,23 @@ end
 return out
 """
 
-
-_MAX_EXTENSIONS = 2
+# Estimates go with each call while Redis's data is younger than this (it restarted, or this replica does
+# not know yet): longer than the refill time of any bucket but one whose burst is ten times its rate per
+# minute (such a bucket lost longer ago starts full).
+_SEED_WINDOW_MICROSECONDS = 600 * 1_000_000
+_MAX_DEBTS = 100_000
+_MAX_SHARES = 10_000
+_CONFIRM_TURNS = 4
 
 
 class _Pending:
-    __slots__ = ("cost", "extensions", "future", "spec", "timer")
+    __slots__ = ("cost", "future", "local_grant", "spec")
 
     def __init__(self, spec: BucketSpec, cost: int, future: asyncio.Future[Decision]) -> None:
         self.spec = spec
         self.cost = cost
         self.future = future
-        self.extensions = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.local_grant = 0  # tokens granted locally because its call was overdue
 
 
 class RedisLimiter:
@@ -87,6 +131,9 @@ class RedisLimiter:
         expected_replicas: int,
         budget_seconds: float = 0.005,
         cooldown_seconds: float = 1.0,
+        stall_limit_seconds: float = 0.25,
+        trip_after: int = 2,
+        slow_seconds: float | None = None,
         max_batch: int = 512,
         linger_seconds: float = 0.0002,
         clock: Callable[[], float] = time.monotonic,
@@ -94,30 +141,45 @@ class RedisLimiter:
         self._redis = client
         self._script = client.register_script(BUCKET_SCRIPT)
         self._connection: AbstractConnection | None = None
-        self._share = 1.0 / max(1, expected_replicas)
+        self._replicas = max(1, expected_replicas)
         self._budget = budget_seconds
+        self._lag_tolerance = budget_seconds / 2
         self._cooldown = cooldown_seconds
+        self._stall_limit = max(stall_limit_seconds, budget_seconds)
+        self._trip_after = max(1, trip_after)
+        # An overdue call still unanswered this long counts toward opening the breaker.
+        self._slow = max(budget_seconds, 4 * budget_seconds if slow_seconds is None else slow_seconds)
+        self._stall_limit = max(self._stall_limit, self._slow)
         self._max_batch = max_batch
         self._linger = linger_seconds
         self._last_flush = float("-inf")
         self._clock = clock
         self._local = MemoryLimiter(clock=clock)
+        self._shares: dict[BucketSpec, tuple[BucketSpec, float, tuple[bytes, bytes]]] = {}
+        self._seeding = True  # send estimates: Redis's data may be young (see _SEED_WINDOW_MICROSECONDS)
+        self._debts: OrderedDict[str, float] = OrderedDict()  # key -> tokens granted locally, owed to Redis
         self._queue: list[_Pending] = []
         self._flushing = False
         self._flush_task: asyncio.Task[None] | None = None
-        self._call_started = 0.0
+        self._call = 0  # number of the call in flight (or of the last one)
+        self._in_flight: list[_Pending] | None = None
+        self._overdue = False  # the call in flight is past its budget: its decisions were taken locally
+        self._watch_handle: asyncio.Handle | None = None
+        self._timeouts = 0  # slow calls in a row (overdue, and still unanswered at `_slow`)
         self._open_until = 0.0  # circuit open (decide locally) until this monotonic time
         self.local_decisions = 0
         self.shared_decisions = 0
         self.round_trips = 0
+        self.late_watches = 0  # budget watches that fired late (a busy event loop) and waited again
+        self.overdue_calls = 0
 
     @property
     def degraded(self) -> bool:
         return self._clock() < self._open_until
 
     async def acquire(self, spec: BucketSpec, cost: int = 1) -> Decision:
-        if self.degraded:
-            return self._decide_locally(spec, cost)
+        if self._overdue or self.degraded:
+            return self._decide_locally(spec, cost, owe=True)
         loop = asyncio.get_running_loop()
         pending = _Pending(spec, cost, loop.create_future())
         self._queue.append(pending)
@@ -130,30 +192,8 @@ class RedisLimiter:
                 loop.call_later(self._linger, self._start_flush)
             else:
                 self._start_flush()
-        # A timer, not wait_for: no task per decision on the hot path.
-        pending.timer = loop.call_later(self._budget, self._expire, pending, self._clock() + self._budget)
-        try:
-            return await pending.future
-        finally:
-            if pending.timer is not None:
-                pending.timer.cancel()
-
-    def _expire(self, pending: _Pending, deadline: float) -> None:
-        """The budget is for Redis, not for this process's own congestion: a decision queued behind a
-        call in flight, or a timer that fires late because the event loop was busy, waits once more
-        (at most `_MAX_EXTENSIONS` times) before the replica decides locally."""
-        if pending.future.done():
-            return
-        now = self._clock()
-        lagging = now - deadline > self._budget / 2
-        call_is_young = now - self._call_started < self._budget
-        if (lagging or call_is_young) and pending.extensions < _MAX_EXTENSIONS:
-            pending.extensions += 1
-            loop = asyncio.get_running_loop()
-            pending.timer = loop.call_later(self._budget, self._expire, pending, now + self._budget)
-            return
-        self._trip("timeout")
-        pending.future.set_result(self._decide_locally(pending.spec, pending.cost))
+        # No timer per decision: the call that carries it is watched (`_watch`).
+        return await pending.future
 
     def _start_flush(self) -> None:
         self._flush_task = asyncio.get_running_loop().create_task(self._flush())
@@ -170,36 +210,174 @@ class RedisLimiter:
             self._flushing = False
 
     async def _run(self, batch: list[_Pending]) -> None:
-        keys = [item.spec.key for item in batch]
-        args: list[float | int] = []
-        for item in batch:
-            args += [item.spec.rate, item.spec.capacity, item.cost]
-        self._call_started = self._clock()
+        keys = [EPOCH_KEY]
+        args: list[bytes | float | int] = []
+        extras: list[float | int] = []
+        owed: dict[str, float] = {}
+        debts = self._debts
+        seeding = self._seeding
+        for index, item in enumerate(batch, start=1):
+            spec = item.spec
+            keys.append(spec.key)
+            args += [*self._share_of(spec)[2], item.cost]
+            if (debts or seeding) and spec.key not in owed:
+                # The first decision of a key in the call carries what is owed, and the estimate while
+                # Redis may have lost the bucket.
+                debt = owed[spec.key] = debts.pop(spec.key, 0.0)
+                seed = self._estimate(spec) if seeding else -1.0
+                if debt or seed >= 0:
+                    extras += [index, debt, seed]
+        args += extras
+        loop = asyncio.get_running_loop()
+        self._call += 1
+        call = self._call
+        self._in_flight = batch
+        self._overdue = False
+        started = loop.time()
+        self._watch_handle = loop.call_later(self._budget, self._watch, call, started, started + self._budget)
         try:
             reply = await self._evaluate(keys, args)
         except (RedisError, OSError) as error:
+            self._end_call()
+            self._seeding = True  # Redis may come back without its data
+            for key, debt in owed.items():
+                self._owe(key, debt)
             self._trip(type(error).__name__)
             for item in batch:
+                if item.local_grant:
+                    self._owe(item.spec.key, item.local_grant)  # it may never have reached Redis
                 if not item.future.done():
-                    item.future.set_result(self._decide_locally(item.spec, item.cost))
+                    item.future.set_result(self._decide_locally(item.spec, item.cost, owe=True))
             return
+        except BaseException:
+            self._end_call()
+            for key, debt in owed.items():
+                self._owe(key, debt)
+            raise
+        overdue = self._end_call()
         self.round_trips += 1
-        if self._clock() - self._call_started <= self._budget:
+        self._seeding = int(reply[0]) < _SEED_WINDOW_MICROSECONDS
+        if not overdue:
             # Only a reply within the budget closes the breaker: a late one means Redis is still slow.
+            self._timeouts = 0
             self._open_until = 0.0
+        now = self._clock()
+        debts = self._debts
         for index, item in enumerate(batch):
-            self.shared_decisions += 1
+            tokens = float(reply[2 * index + 2])
+            share, scale, _ = self._share_of(item.spec)
+            # What Redis said, less what this replica granted meanwhile and still owes (a late reply), is
+            # where a local decision of this bucket starts (at this replica's share).
+            allowed = int(reply[2 * index + 1]) == 1
+            if item.local_grant and not allowed:
+                # Granted locally (its call was overdue) where Redis refused: Redis has not charged it.
+                self._owe(item.spec.key, item.local_grant)
+            unpaid = debts.get(item.spec.key, 0.0) if debts else 0.0
+            self._local.set_tokens(share, (tokens - unpaid) * scale, now)
             if not item.future.done():
+                self.shared_decisions += 1
                 item.future.set_result(
-                    Decision(
-                        allowed=int(reply[2 * index]) == 1,
-                        tokens=float(reply[2 * index + 1]),
-                        spec=item.spec,
-                        cost=item.cost,
-                    )
+                    Decision(allowed=allowed, tokens=tokens, spec=item.spec, cost=item.cost)
                 )
 
-    async def _evaluate(self, keys: list[str], args: list[float | int]) -> list[bytes | int]:
+    def _end_call(self) -> bool:
+        """The call in flight is over; returns whether it was overdue."""
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = None
+        self._in_flight = None
+        overdue, self._overdue = self._overdue, False
+        return overdue
+
+    def _watch(self, call: int, started: float, deadline: float) -> None:
+        """The call's budget is up. A reply already in this process, or a watch that fires late (the
+        event loop was busy, so a reply may be waiting, unread), means Redis gets its budget again,
+        counted from now (a late watch: up to the stall limit). A punctual watch with no reply gives the
+        loop a few turns to parse one just read before it gives up."""
+        if call != self._call or self._in_flight is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._reply_waiting() or (
+            now - deadline > self._lag_tolerance and now - started < self._stall_limit
+        ):
+            self.late_watches += 1
+            self._watch_handle = loop.call_later(self._budget, self._watch, call, started, now + self._budget)
+            return
+        self._watch_handle = loop.call_soon(self._confirm, call, started, now, _CONFIRM_TURNS)
+
+    def _confirm(self, call: int, started: float, watched: float, turns: int) -> None:
+        if call != self._call or self._in_flight is None:
+            return
+        loop = asyncio.get_running_loop()
+        if turns > 0:
+            self._watch_handle = loop.call_soon(self._confirm, call, started, watched, turns - 1)
+            return
+        now = loop.time()
+        if self._reply_waiting() or (
+            now - watched > self._lag_tolerance and now - started < self._stall_limit
+        ):
+            # Those turns were slow, or the reply is there, unread: the loop is busy after all.
+            self.late_watches += 1
+            self._watch_handle = loop.call_later(self._budget, self._watch, call, started, now + self._budget)
+            return
+        self._give_up(call, started)
+
+    def _reply_waiting(self) -> bool:
+        """Whether Redis's reply has reached this process (bytes wait on the limiter's socket, or in its
+        stream's buffer, unparsed): then Redis answered, and what is late is this event loop. False when
+        unknown."""
+        connection = self._connection
+        if getattr(getattr(connection, "_reader", None), "_buffer", None):
+            return True
+        writer = getattr(connection, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return False
+
+    def _give_up(self, call: int, started: float) -> None:
+        """The call in flight is overdue: its decisions, and the queued ones, are taken locally now."""
+        self._overdue = True
+        self.overdue_calls += 1
+        loop = asyncio.get_running_loop()
+        # Whether it counts toward opening the breaker is judged later: a reply a few ms late (Redis
+        # waiting for a CPU) is not an outage.
+        self._watch_handle = loop.call_at(started + self._slow, self._judge, call, started)
+        for item in self._in_flight or ():
+            if not item.future.done():
+                # Not owed yet: Redis may still execute the call and charge it (if it refuses, it is owed).
+                decision = self._decide_locally(item.spec, item.cost, owe=False)
+                if decision.allowed:
+                    item.local_grant = item.cost
+                item.future.set_result(decision)
+        queued, self._queue = self._queue, []
+        for item in queued:
+            if not item.future.done():
+                item.future.set_result(self._decide_locally(item.spec, item.cost, owe=True))
+
+    def _judge(self, call: int, started: float) -> None:
+        """An overdue call with no reply yet after `slow_seconds` counts toward opening the breaker
+        (`trip_after` in a row); one that never answers opens it at the stall limit."""
+        if call != self._call or self._in_flight is None or self._reply_waiting():
+            return
+        self._timeouts += 1
+        if self._timeouts >= self._trip_after:
+            self._trip("timeout")
+        loop = asyncio.get_running_loop()
+        self._watch_handle = loop.call_at(max(loop.time(), started + self._stall_limit), self._stalled, call)
+
+    def _stalled(self, call: int) -> None:
+        if call == self._call and self._in_flight is not None:
+            self._trip("timeout")
+
+    async def _evaluate(self, keys: list[str], args: list[bytes | float | int]) -> list[bytes | int]:
         """One EVALSHA on the limiter's own connection; the script is loaded again after NOSCRIPT (Redis
         restarted or flushed its scripts)."""
         connection = self._connection
@@ -227,15 +405,50 @@ class RedisLimiter:
             )
         self._open_until = self._clock() + self._cooldown
 
-    def _decide_locally(self, spec: BucketSpec, cost: int) -> Decision:
+    def _share_of(self, spec: BucketSpec) -> tuple[BucketSpec, float, tuple[bytes, bytes]]:
+        """This replica's share of a limit (never more than 1 / expected replicas of the rate and of the
+        burst, but at least one token), the factor from the shared bucket's tokens to the share's, and the
+        limit as the script's arguments."""
+        cached = self._shares.get(spec)
+        if cached is None:
+            share = BucketSpec(
+                key=spec.key,
+                per_minute=max(1, spec.per_minute // self._replicas),
+                capacity=max(1, spec.capacity // self._replicas),
+            )
+            cached = (
+                share,
+                share.capacity / spec.capacity,
+                (str(spec.per_minute).encode(), str(spec.capacity).encode()),
+            )
+            if len(self._shares) >= _MAX_SHARES:
+                self._shares.clear()
+            self._shares[spec] = cached
+        return cached
+
+    def _estimate(self, spec: BucketSpec) -> float:
+        """Tokens of the shared bucket as this replica knows them (its local bucket scaled back up), or -1
+        when it knows nothing (the bucket is full, or never used)."""
+        share, scale, _ = self._share_of(spec)
+        tokens = self._local.tokens(share)
+        return -1.0 if tokens is None else min(float(spec.capacity), tokens / scale)
+
+    def _owe(self, key: str, tokens: float) -> None:
+        if tokens <= 0:
+            return
+        debts = self._debts
+        debts[key] = debts.pop(key, 0.0) + tokens
+        if len(debts) > _MAX_DEBTS:
+            debts.popitem(last=False)  # forgotten: at worst that many tokens granted twice
+
+    def _decide_locally(self, spec: BucketSpec, cost: int, *, owe: bool) -> Decision:
         self.local_decisions += 1
-        share = BucketSpec(
-            key=spec.key,
-            per_minute=max(1, round(spec.per_minute * self._share)),
-            capacity=max(1, round(spec.capacity * self._share)),
-        )
+        share = self._share_of(spec)[0]
         # Reported as decided: against this replica's share, so the headers tell the limit in force.
-        return self._local.decide(share, cost, local=True)
+        decision = self._local.decide(share, cost, local=True)
+        if owe and decision.allowed:
+            self._owe(spec.key, cost)
+        return decision
 
     async def warm_up(self) -> None:
         """Connect and load the script before the first request, so that it is decided within budget."""
