@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import msgspec
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pricer.context import request_state
@@ -13,20 +15,49 @@ from pricer.errors import (
     MethodNotAllowed,
     PricerError,
     RateLimitExceeded,
+    ServiceUnavailable,
     Unauthorized,
 )
-from pricer.logs import AUTHENTICATION_ERROR, VALIDATION_ERROR, fields
+from pricer.logs import AUTHENTICATION_ERROR, CLIENT_DISCONNECTED, VALIDATION_ERROR, fields
 from pricer.schemas import ErrorBody, ValidationProblem
 
 log = logging.getLogger("pricer.errors")
 _encoder = msgspec.json.Encoder()
 
+# nginx's "client closed request": the status recorded (metrics, logs) for a request whose client went away
+# before it was answered. It is not a server error, so the runbook's 5xx alerts do not count it; no response
+# is sent (there is no one to read it).
+CLIENT_CLOSED_REQUEST = 499
+
+# What a 503 names: the dependency, never the operation or the exception class that failed (those are
+# internals, and tell an attacker which query a request reached). The stores mark their errors with the
+# operation (`keys.get`, `quotes.add`, ...); its first word says which store of the database it was.
+_STORES = {
+    "keys": "The key store (database)",
+    "clients": "The client store (database)",
+    "quotes": "The quote store (database)",
+    "availability": "The market data store (database)",
+    "volatility": "The market data store (database)",
+    "events": "The market data store (database)",
+    "stocks": "The market data store (database)",
+}
+
+
+def public_unavailable(error: ServiceUnavailable) -> tuple[str, dict[str, Any]]:
+    """The message and details a 503 answers with: which dependency is unavailable, and nothing else."""
+    operation = str((error.details or {}).get("operation", ""))
+    store = _STORES.get(operation.partition(".")[0], "The database")
+    return f"{store} is unavailable", {"dependency": "database"}
+
 
 def error_body(error: PricerError, request_id: str) -> bytes:
+    message, details = error.message, error.details
+    if isinstance(error, ServiceUnavailable):
+        message, details = public_unavailable(error)
     body = ErrorBody(
-        error=error.message,
+        error=message,
         error_code=error.code,
-        details=error.details,
+        details=details,
         request_id=request_id,
     )
     if isinstance(error, InvalidParameter):
@@ -46,12 +77,15 @@ def error_headers(error: PricerError) -> list[tuple[bytes, bytes]]:
         headers.append((b"allow", ", ".join(error.allowed).encode()))
     elif isinstance(error, RateLimitExceeded):
         headers.append((b"retry-after", str(error.retry_after).encode()))
+    elif isinstance(error, ServiceUnavailable):
+        headers.append((b"retry-after", b"1"))
     return headers
 
 
 class ErrorEnvelope:
     """Renders a PricerError raised below as its status and envelope, and any other exception as a
-    logged 500 INTERNAL_ERROR; never a stack trace to the client."""
+    logged 500 INTERNAL_ERROR; never a stack trace to the client. A client that went away while its body
+    was read is not an error of ours: recorded as 499, one INFO line, nothing sent."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -67,6 +101,14 @@ class ErrorEnvelope:
                 raise
             self._log(scope, error)
             await self._send_error(scope, send, error)
+        except ClientDisconnect:
+            state = request_state(scope)
+            if not state.response_started:
+                state.status = CLIENT_CLOSED_REQUEST
+            log.info(
+                CLIENT_DISCONNECTED,
+                extra=fields(endpoint=state.route_template, request_id=state.request_id),
+            )
         except Exception:
             state = request_state(scope)
             log.exception(
