@@ -496,6 +496,23 @@ def test_a_503_names_the_dependency_not_internals(tmp_path: Path) -> None:
                 assert name not in response.text, (name, response.text)
             assert response.headers["retry-after"] == "1"
 
+            # What the body leaves out is logged for operators: once a second, with a count of the rest.
+            started = time.monotonic()
+            for n in range(20):
+                again = httpx.get(
+                    f"{server.base_url}/api/v1/rates/AAPL",
+                    headers={"X-API-Key": f"bre_neverseen{n:04d}_" + secrets.token_hex(20)},
+                    timeout=30,
+                )
+                assert again.status_code == 503, again.text
+            seconds = time.monotonic() - started
+            lines = [line for line in server.log().split("\n") if 'msg="Backend service error"' in line]
+            assert lines, server.log()
+            assert len(lines) <= 2 + seconds, lines  # one a second, not one per request
+            assert "service=database" in lines[0]
+            assert "operation=keys.get" in lines[0]
+            assert "cause=" in lines[0]
+
             detailed = httpx.get(f"{server.base_url}/health/detailed", timeout=30)
             assert detailed.status_code == 503, detailed.text
             assert detailed.json()["dependencies"]["database"]["status"] == "unhealthy", detailed.text

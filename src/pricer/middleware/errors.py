@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -18,7 +19,13 @@ from pricer.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
-from pricer.logs import AUTHENTICATION_ERROR, CLIENT_DISCONNECTED, VALIDATION_ERROR, fields
+from pricer.logs import (
+    AUTHENTICATION_ERROR,
+    BACKEND_SERVICE_ERROR,
+    CLIENT_DISCONNECTED,
+    VALIDATION_ERROR,
+    fields,
+)
 from pricer.schemas import ErrorBody, ValidationProblem
 
 log = logging.getLogger("pricer.errors")
@@ -43,17 +50,46 @@ _STORES = {
 }
 
 
-def public_unavailable(error: ServiceUnavailable) -> tuple[str, dict[str, Any]]:
-    """The message and details a 503 answers with: which dependency is unavailable, and nothing else."""
-    operation = str((error.details or {}).get("operation", ""))
-    store = _STORES.get(operation.partition(".")[0], "The database")
-    return f"{store} is unavailable", {"dependency": "database"}
+def _store_operation(error: PricerError) -> str | None:
+    """The store operation a server-side error came from (`keys.get`), None for other errors."""
+    if error.status < 500 or not error.details or "operation" not in error.details:
+        return None
+    return str(error.details["operation"])
+
+
+def public_view(error: PricerError) -> tuple[str, dict[str, Any] | None]:
+    """The message and details the client is answered: for a dependency's failure (503, or a store's 502 /
+    504), which dependency and nothing else; for every other error, its own."""
+    operation = _store_operation(error)
+    if isinstance(error, ServiceUnavailable) or operation is not None:
+        store = _STORES.get((operation or "").partition(".")[0], "The database")
+        state = "is unavailable" if isinstance(error, ServiceUnavailable) else "failed"
+        return f"{store} {state}", {"dependency": "database"}
+    return error.message, error.details
+
+
+class _Sampler:
+    """One log line per kind of failure per interval (a dependency down at hundreds of requests a second
+    must not write a line each); the line says how many were left out since the last one."""
+
+    def __init__(self, interval_seconds: float = 1.0) -> None:
+        self._interval = interval_seconds
+        self._last: dict[tuple[str, str], float] = {}
+        self._skipped: dict[tuple[str, str], int] = {}
+
+    def admit(self, key: tuple[str, str]) -> int | None:
+        """None: leave this one out; else log it, with the returned count of those left out before."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._skipped.pop(key, 0)
 
 
 def error_body(error: PricerError, request_id: str) -> bytes:
-    message, details = error.message, error.details
-    if isinstance(error, ServiceUnavailable):
-        message, details = public_unavailable(error)
+    message, details = public_view(error)
     body = ErrorBody(
         error=message,
         error_code=error.code,
@@ -89,6 +125,7 @@ class ErrorEnvelope:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._backend_lines = _Sampler()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,10 +156,29 @@ class ErrorEnvelope:
                 raise
             await self._send_error(scope, send, PricerError("Internal error"))
 
-    @staticmethod
-    def _log(scope: Scope, error: PricerError) -> None:
+    def _log(self, scope: Scope, error: PricerError) -> None:
         state = request_state(scope)
-        if isinstance(error, InvalidParameter):
+        operation = _store_operation(error)
+        if operation is not None:
+            # What the client's body no longer says (which operation, which cause) is for operators.
+            details = error.details or {}
+            skipped = self._backend_lines.admit((error.code, operation))
+            if skipped is not None:
+                log.error(
+                    BACKEND_SERVICE_ERROR,
+                    extra=fields(
+                        service="database",
+                        error_code=error.code,
+                        operation=operation,
+                        cause=details.get("cause"),
+                        sqlstate=details.get("sqlstate") or None,
+                        error=error.message,
+                        endpoint=state.route_template,
+                        request_id=state.request_id,
+                        suppressed=skipped or None,
+                    ),
+                )
+        elif isinstance(error, InvalidParameter):
             log.warning(
                 VALIDATION_ERROR,
                 extra=fields(
