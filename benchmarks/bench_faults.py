@@ -623,14 +623,16 @@ async def sigkill(ctx: Context) -> None:
 async def slowloris(ctx: Context, seconds: float) -> None:
     """N connections that send a request's headers one byte a second; how many does the engine hold?"""
     count = ctx.timing.slowloris_connections
-    opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    for n in range(count):
-        replica = ctx.replicas[n % len(ctx.replicas)]
-        host, port = replica.url.removeprefix("http://").split(":")
+
+    async def connect(n: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        host, port = ctx.replicas[n % len(ctx.replicas)].url.removeprefix("http://").split(":")
         try:
-            opened.append(await asyncio.open_connection(host, int(port)))
-        except OSError:
-            break
+            return await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5.0)
+        except (OSError, TimeoutError):
+            return None  # not accepted within 5 s (a full accept backlog): counted as not opened
+
+    connected = await asyncio.gather(*(connect(n) for n in range(count)))
+    opened = [pair for pair in connected if pair is not None]
     ctx.extra["slowloris_opened"] = len(opened)
     head = b"POST /api/v1/calculate-locate HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 4096
     closed_at: dict[int, float] = {}
@@ -662,8 +664,8 @@ async def slowloris(ctx: Context, seconds: float) -> None:
     await asyncio.gather(*watchers, return_exceptions=True)
     ctx.extra["slowloris_held"] = held
     ctx.notes.append(
-        f"slowloris: {len(opened)} connections sending a byte a second for {seconds:.0f} s; {held} still "
-        "held open by the engine at the end"
+        f"slowloris: {len(opened)} of {count} connections opened within 5 s, sending a byte a second for "
+        f"{seconds:.0f} s; {held} still held open by the engine at the end"
         + (
             f", the others closed after {min(closed_at.values()):.0f}-{max(closed_at.values()):.0f} s"
             if closed_at
@@ -679,9 +681,18 @@ async def unauth_flood(ctx: Context, seconds: float) -> None:
     before_xact = await database_transactions(ctx.rig.pg.dsn)
     before_log = sum(r.log_bytes() for r in ctx.replicas)
     start = load.now()
-    await load.stream(
-        "flood", ctx.timing.flood_rate, start, lambda: start + seconds, lambda _k: (random_key(), None, None)
+    flood_task = asyncio.create_task(
+        load.stream(
+            "flood",
+            ctx.timing.flood_rate,
+            start,
+            lambda: start + seconds,
+            lambda _k: (random_key(), None, None),
+        )
     )
+    await asyncio.sleep(seconds)
+    ctx.mark_end()  # the flood stops sending now; its answers may come later
+    await flood_task
     after_xact = await database_transactions(ctx.rig.pg.dsn)
     after_log = sum(r.log_bytes() for r in ctx.replicas)
     flood = [o for o in load.outcomes if o.stream == "flood"]
@@ -703,7 +714,6 @@ async def unauth_flood(ctx: Context, seconds: float) -> None:
         f"{_num(transactions)} transactions meanwhile (all clients, pg_stat_database); the replicas' logs "
         f"grew by {after_log - before_log:,} bytes"
     )
-    ctx.mark_end()
 
 
 async def database_transactions(dsn: str) -> int | None:
