@@ -893,14 +893,13 @@ async def run_scenario(
                 **ctx.extra,
             }
         )
-        with contextlib.suppress(OSError, ValueError):
-            loadavg = float(Path("/proc/loadavg").read_text().split()[0])
-            row["load_average_1m"] = loadavg
-            if loadavg > (os.cpu_count() or 1):
-                row["notes"].append(
-                    f"the machine's 1-minute load average was {loadavg:.1f} on {os.cpu_count()} CPUs at the end "
-                    "(other work): latencies and lags reflect that as much as the fault"
-                )
+        loadavg = os.getloadavg()[0]
+        row["load_average_1m"] = loadavg
+        if loadavg > (os.cpu_count() or 1):
+            row["notes"].append(
+                f"the machine's 1-minute load average was {loadavg:.1f} on {os.cpu_count()} CPUs at the "
+                "end (other work): latencies and lags reflect that as much as the fault"
+            )
         slow = slow_answers(load.outcomes)
         if slow is not None:
             row["slow_answers"] = slow
