@@ -746,8 +746,19 @@ def scenarios(timing: Timing) -> list[Scenario]:
     short, long = timing.outage_short, timing.outage_long
     return [
         Scenario("redis_down", f"Redis down {short:g} s", lambda c: redis_down(c, short)),
-        Scenario("pg_down_short", f"PostgreSQL down {short:g} s", lambda c: pg_down(c, short)),
-        Scenario("pg_down_long", f"PostgreSQL down {long:g} s", lambda c: pg_down(c, long)),
+        # Replica 0 runs two workers here: both spool while the database is down (issue 16's first finding).
+        Scenario(
+            "pg_down_short",
+            f"PostgreSQL down {short:g} s (replica 0: WORKERS=2)",
+            lambda c: pg_down(c, short),
+            ({"WORKERS": "2"}, {}),
+        ),
+        Scenario(
+            "pg_down_long",
+            f"PostgreSQL down {long:g} s (replica 0: WORKERS=2)",
+            lambda c: pg_down(c, long),
+            ({"WORKERS": "2"}, {}),
+        ),
         Scenario("sigterm_1_worker", "SIGTERM, 1 worker", sigterm),
         Scenario("sigterm_2_workers", "SIGTERM, WORKERS=2", sigterm, ({"WORKERS": "2"}, {})),
         Scenario("sigkill", "SIGKILL (default audit mode)", sigkill),
