@@ -252,10 +252,13 @@ def render_markdown(doc: Mapping[str, Any]) -> list[str]:
     lines = [
         (
             f"Open-loop single quotes at {settings.get('rate')} req/s (main client) plus a limited client "
-            f"({LIMITED_PER_MINUTE}/min, burst {LIMITED_BURST}) at {LIMITED_RATE:g} req/s, round-robin over "
-            f"{settings.get('replicas')} replicas in rotation (readiness probe on /health every 0.25 s), "
-            "against a private PostgreSQL and a private redis-server on loopback; "
+            f"({LIMITED_PER_MINUTE}/min, burst {LIMITED_BURST}) at {LIMITED_RATE:g} req/s, to "
+            f"{settings.get('replicas')} replicas through an emulated Service (readiness probe on /health "
+            "every 0.25 s; new connections round-robin over the ready replicas, a keep-alive connection "
+            f"stays with its replica until closed; the main client uses {KEEP_ALIVE_CLIENTS}), against a "
+            "private PostgreSQL and a private redis-server on loopback; "
             f"{settings.get('before')} s of load before each fault, {settings.get('after')} s after it."
+            + (f" Engine at commit {settings['commit']}." if settings.get("commit") else "")
             + (" **Quick run: shorter outages.**" if settings.get("quick") else "")
         ),
         "",
@@ -1001,11 +1004,26 @@ async def run_all(args: argparse.Namespace, timing: Timing, chosen: Sequence[str
             "outage_long": timing.outage_long,
             "quick": args.quick,
             "max_in_flight": args.max_in_flight,
+            "commit": git_commit(),
             "audit_durability": durability if rows else None,
         },
         "scenarios": rows,
         "notes": notes,
     }
+
+
+def git_commit() -> str | None:
+    """The checked-out commit (short), with `+changes` when the work tree differs from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if dirty.strip() else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
