@@ -564,8 +564,6 @@ class Load:
 
 # ---- faults --------------------------------------------------------------------------------------------
 
-Fault = Callable[["Context"], Awaitable[None]]
-
 
 @dataclass
 class Context:
@@ -573,7 +571,6 @@ class Context:
     load: Load
     replicas: list[Replica]
     timing: Timing
-    quick: bool
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -841,7 +838,7 @@ async def run_scenario(
         load = Load(
             replicas, main_key, limited_key, limited_client, args.rate, args.max_in_flight, rig.pg.dsn
         )
-        ctx = Context(rig, load, replicas, timing, args.quick)
+        ctx = Context(rig, load, replicas, timing)
         load.t0 = time.monotonic()
         # Warm every replica's key and client caches (a cold key needs the key store): two quotes of each
         # client on each replica, counted like the rest.
