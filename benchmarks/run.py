@@ -14,6 +14,7 @@ Sections (each runs as its own process and writes JSON, kept in benchmarks/resul
     observability  bench_variants.py        metrics on/off, tracing on/off
     audit          bench_audit.py           10^5-row audit write: PgQuoteStore, AuditTrail, executemany
     batch          bench_batch.py           10^4-position batch round trip; RSS under 10^5 client ids
+    faults         bench_faults.py          Redis/PostgreSQL down, SIGTERM, SIGKILL, slowloris, flood: loss
 
 The report quotes machine facts, every figure beside a baseline or variant measured in the same run, the
 issues' targets with PASS/MISS, and the exact commands. A missing or failing benchmark is reported as such;
@@ -41,9 +42,10 @@ VARIANTS_SCRIPT = HERE / "bench_variants.py"
 AUDIT_SCRIPT = HERE / "bench_audit.py"
 BATCH_SCRIPT = HERE / "bench_batch.py"
 LATENCY_SCRIPT = HERE / "bench_latency.py"
+FAULTS_SCRIPT = HERE / "bench_faults.py"
 LATENCY_PLOT = HERE / "REPORT-latency.png"
 VARIANT_SECTIONS = ("limiter", "persistence", "observability")
-SECTIONS = ("pricing", "http", "latency", *VARIANT_SECTIONS, "audit", "batch")
+SECTIONS = ("pricing", "http", "latency", *VARIANT_SECTIONS, "audit", "batch", "faults")
 SCRIPTS = {
     "pricing": PRICING_SCRIPT,
     "http": HTTP_SCRIPT,
@@ -51,6 +53,7 @@ SCRIPTS = {
     **{name: VARIANTS_SCRIPT for name in VARIANT_SECTIONS},
     "audit": AUDIT_SCRIPT,
     "batch": BATCH_SCRIPT,
+    "faults": FAULTS_SCRIPT,
 }
 # What --quick adds to each section's command (the HTTP and pricing ones: see run_http / run_pricing).
 QUICK_ARGS = {
@@ -61,6 +64,7 @@ QUICK_ARGS = {
     "audit": ["--repeat", "3"],
     "latency": ["--capacity-seconds", "4", "--duration", "4", "--warmup", "1"],
     "batch": ["--duration", "2s", "--rounds", "2", "--clients", "20000"],
+    "faults": ["--quick"],
 }
 
 # What a full run adds: the persistence target (<= 15 % fewer req/s) lies within what one round varies by
@@ -760,6 +764,20 @@ def full_stack_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def faults_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
+    """The "Faults" section: bench_faults.py renders its own table (one place for its arithmetic)."""
+    lines = _problem_lines(error, "Faults (bench_faults.py)")
+    if doc is None:
+        return lines
+    import bench_faults
+
+    return (
+        lines
+        + bench_faults.render_markdown({**doc, "command": None})
+        + _commands_block([display_command(command)] if command else [])
+    )
+
+
 def batch_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
     lines = _problem_lines(error, "Batch round trip and memory under many clients (bench_batch.py)")
     if doc is None:
@@ -914,6 +932,8 @@ def write_report(
             lines += variants_section(data, command, error, name)
         elif name == "audit":
             lines += audit_section(data, command, error)
+        elif name == "faults":
+            lines += faults_section(data, command, error)
         else:
             lines += batch_section(data, command, error)
         if name == "persistence":

@@ -35,6 +35,7 @@ run = _load("run")
 bench_variants = _load("bench_variants")
 bench_audit = _load("bench_audit")
 bench_batch = _load("bench_batch")
+bench_faults = _load("bench_faults")
 
 WRK_OUTPUT = """\
 Running 10s test @ http://127.0.0.1:40000/api/v1/calculate-locate
@@ -724,6 +725,7 @@ def test_selected_sections() -> None:
         "observability",
         "audit",
         "batch",
+        "faults",
     ]
     with pytest.raises(ValueError, match="unknown section"):
         run.selected_sections("limiter,nope", [])
@@ -998,3 +1000,118 @@ def test_pricing_target_reads_the_million_row_core_time() -> None:
     slow = {"results": [{"size": 1_000_000, "core_ms": 150.0}]}
     assert run.pricing_targets(slow)[0]["verdict"] == "MISS"
     assert run.pricing_targets({"results": []}) == []
+
+
+# ---- bench_faults.py ------------------------------------------------------------------------------------
+
+
+def test_exact_bucket_allowance_and_overshoot() -> None:
+    # 120/min, burst 60, over 60 s: the burst and 120 more; 295 granted is 64 % over (the issue's figure).
+    assert bench_faults.bucket_allowance(120, 60, 60.0) == pytest.approx(180.0)
+    assert bench_faults.bucket_allowance(120, 60, -1.0) == pytest.approx(60.0)  # no negative span
+    assert bench_faults.overshoot_percent(295, 180.0) == pytest.approx(63.888, abs=1e-3)
+    assert bench_faults.overshoot_percent(171, 180.0) == pytest.approx(-5.0)
+    assert bench_faults.overshoot_percent(3, 0.0) is None
+
+
+def test_lost_is_answered_minus_found_by_quote_id() -> None:
+    assert bench_faults.lost_positions(["a", "b", "c"], {"a", "c", "z"}) == 1
+    assert bench_faults.lost_positions(["a", "a"], set()) == 1  # an id counts once
+    assert bench_faults.lost_positions([], {"a"}) == 0
+
+
+def outcome(at: float, stream: str = "main", status: int | None = 200, **extra: Any) -> Any:
+    quote_id = extra.pop("quote_id", f"q{at}-{stream}" if status == 200 else None)
+    return bench_faults.Outcome(at, stream, 0, status=status, quote_id=quote_id, done_at=at + 0.01, **extra)
+
+
+def test_summarize_a_scenario() -> None:
+    outcomes = [
+        outcome(0.0),
+        outcome(1.0),
+        outcome(2.0, status=503),  # during the fault (it ends at 2.5)
+        outcome(3.0, status=None, error="connection"),  # after it: recovery lasts 0.5 s past the end
+        outcome(3.5, status=None, error="timeout"),
+        outcome(4.0),
+        outcome(0.0, "limited"),
+        outcome(1.0, "limited"),
+        outcome(2.0, "limited", status=429),
+        outcome(10.0, "limited"),
+        outcome(5.0, "flood", status=401),  # not part of the load's counts
+    ]
+    stored = {"q0.0-main", "q4.0-main", "q0.0-limited", "q1.0-limited", "q10.0-limited", "elsewhere"}
+    row = bench_faults.summarize(outcomes, stored, fault_end=2.5, not_sent=3)
+    assert row["requests"] == 10
+    assert row["not_sent"] == 3
+    assert row["errors"] == {"connection": 2, "timeout": 1, "5xx": 1, "429": 1}
+    assert row["answered_positions"] == 6
+    assert row["audit_rows"] == 5
+    assert row["lost"] == 1  # q1.0-main
+    limited = row["limited"]
+    assert limited["granted"] == 3
+    assert limited["span_s"] == pytest.approx(10.0)
+    assert limited["allowance"] == pytest.approx(
+        bench_faults.LIMITED_BURST + bench_faults.LIMITED_PER_MINUTE / 6
+    )
+    assert limited["overshoot_percent"] == pytest.approx((3 / limited["allowance"] - 1) * 100)
+    assert row["recovery_s"] == pytest.approx(1.0)  # the timeout at 3.5
+    assert row["latency_max_s"] == pytest.approx(0.01)  # answers only (main stream): each took 10 ms
+    assert bench_faults.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.99) == 5.0
+    assert bench_faults.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0
+    assert bench_faults.percentile([], 0.99) is None
+    assert bench_faults.recovery_seconds(outcomes[:2], 0.5) == 0.0
+    assert bench_faults.recovery_seconds(outcomes, None) is None
+
+
+def test_faults_table_and_report_section() -> None:
+    rows = [
+        {
+            "name": "sigkill",
+            "label": "SIGKILL (default audit mode)",
+            "requests": 1986,
+            "errors": {"connection": 11, "timeout": 0, "5xx": 0, "429": 27},
+            "answered_positions": 1948,
+            "audit_rows": 1946,
+            "lost": 2,
+            "limited": {"granted": 24, "allowance": 19.6, "overshoot_percent": 22.4},
+            "recovery_s": 0.0,
+            "audit_complete_s": None,
+            "latency_p99_s": 0.0213,
+            "latency_max_s": 0.306,
+            "notes": ["replica 0 was killed"],
+        },
+        {
+            "name": "pg_down_short",
+            "label": "PostgreSQL down 3 s",
+            "requests": 2000,
+            "not_sent": 1034,
+            "errors": {"connection": 0, "timeout": 0, "5xx": 0, "429": 30},
+            "answered_positions": 1970,
+            "audit_rows": 1970,
+            "lost": 0,
+            "limited": {"granted": 20, "allowance": 20.0, "overshoot_percent": 0.0},
+            "recovery_s": 0.0,
+            "audit_complete_s": 1.5,
+        },
+        {"name": "sigkill_disk", "label": "SIGKILL, AUDIT_DURABILITY=disk", "skipped": "no such mode"},
+    ]
+    table = bench_faults.table_lines(rows)
+    assert len(table) == 5
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert table[2] == (
+        "| SIGKILL (default audit mode) | 1,986 | 11 | 0 | 27 | 1,948 | 1,946 | **2** | 24/20 (+22 %) "
+        "| 0.02 / 0.31 | 0.0 / never |"
+    )
+    assert table[3].startswith("| PostgreSQL down 3 s | 2,000 (1,034) | 0 | 0 | 30 |")
+    assert table[3].endswith("| 1,970 | 1,970 | 0 | 20/20 (+0 %) | – / – | 0.0 / 1.5 |")
+    assert table[4].startswith("| SIGKILL, AUDIT_DURABILITY=disk | n/a: no such mode |")
+    doc = {
+        "settings": {"rate": 200, "replicas": 2, "before": 3, "after": 5, "quick": True},
+        "scenarios": rows,
+    }
+    section = run.faults_section(doc, ["python", "benchmarks/bench_faults.py", "--quick"], None)
+    assert section[0] == "## Faults (bench_faults.py)"
+    assert table[2] in section
+    assert "- SIGKILL (default audit mode): replica 0 was killed" in section
+    assert "python benchmarks/bench_faults.py --quick" in section
+    assert run.faults_section(None, [], "bench_faults.py wrote no JSON")[2].startswith("**Problem:**")

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
 
-from tests.conftest import Engine, make_settings, started_app
+from tests.conftest import Engine, RunningServer, make_settings, start_server, started_app, stop_server
 
 pytestmark = pytest.mark.anyio
 
@@ -394,3 +398,161 @@ async def test_docs_page_works_offline(engine: Engine) -> None:
     assert not re.search(r"(?:import|fetch)\s*\(\s*[\"'](?:https?:)?//", html, flags=re.IGNORECASE)
     external = re.findall(r"https?://[^\s\"'<>]+", html)
     assert not [url for url in external if "engine.test" not in url and "localhost" not in url], external
+
+
+# ---- faults at the edge: a client that goes away, a dependency down, values that would forge log lines ----
+
+
+def metric_lines(server: RunningServer, endpoint: str) -> list[str]:
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith("http_requests_total{") and f'endpoint="{endpoint}"' in line
+    ]
+
+
+@pytest.mark.e2e
+def test_a_client_that_disconnects_mid_body_is_not_a_server_error(tmp_path: Path) -> None:
+    """Headers announcing 100,000 bytes, half of them, then the socket closes: the engine reads
+    http.disconnect. That is the client's doing: counted as 499 (not 500), no ERROR line, no traceback."""
+    server = start_server(tmp_path, SHUTDOWN_DRAIN_SECONDS="0", SLOW_REQUEST_MS="60000")
+    try:
+        port = int(server.base_url.rsplit(":", 1)[1])
+        head = (
+            f"POST {QUOTE} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"X-API-Key: {server.keys['DEMO_CLIENT_KEY']}\r\nX-Request-ID: gone-mid-body\r\n"
+            "Content-Length: 100000\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + b" " * 50_000)
+            time.sleep(0.3)  # let the engine start reading the body before the client goes
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any('status_code="499"' in line for line in metric_lines(server, QUOTE)):
+                break
+            time.sleep(0.1)
+        lines = metric_lines(server, QUOTE)
+        assert any('status_code="499"' in line for line in lines), lines
+        assert not any('status_code="500"' in line for line in lines), lines
+        log = server.log()
+        assert "Traceback" not in log, log
+        assert "level=ERROR" not in log, log
+        gone = [line for line in log.split("\n") if "request_id=gone-mid-body" in line]
+        assert len(gone) == 1, gone
+        assert gone[0].startswith('level=INFO msg="Client disconnected"'), gone
+        # The engine goes on serving.
+        client = {"X-API-Key": server.keys["DEMO_CLIENT_KEY"]}
+        ok = httpx.post(f"{server.base_url}{QUOTE}", json=GOOD_QUOTE, headers=client)
+        assert ok.status_code == 200, ok.text
+    finally:
+        stop_server(server)
+
+
+# Names that a 503 must not show: the store operations, the exception classes a dead database raises.
+INTERNAL_NAMES = (
+    "keys.get",
+    "operation",
+    "cause",
+    "sqlstate",
+    "Error",
+    "Exception",
+    "ServiceUnavailable",
+    "asyncpg",
+    "Refused",
+)
+
+
+@pytest.mark.e2e
+def test_a_503_names_the_dependency_not_internals(tmp_path: Path) -> None:
+    """A private PostgreSQL is stopped; a key the engine never saw needs the key store: 503, naming the
+    database as the dependency and nothing of how the engine reached it. /health/detailed neither."""
+    from tests.private_postgres import PrivatePostgres
+    from tests.test_postgres_engine import start_engine
+
+    with PrivatePostgres() as pg:
+        server = start_engine(
+            tmp_path,
+            {
+                "DATABASE_URL": pg.dsn,
+                "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
+                "SHUTDOWN_DRAIN_SECONDS": "0",
+                "JWT_SECRET_KEY": "jwt-" + secrets.token_hex(32),
+                "API_KEY_PEPPER": "pepper-" + secrets.token_hex(32),
+            },
+        )
+        try:
+            pg.stop("fast")
+            uncached = "bre_neverseen0001_" + secrets.token_hex(20)
+            response = httpx.get(
+                f"{server.base_url}/api/v1/rates/AAPL", headers={"X-API-Key": uncached}, timeout=30
+            )
+            assert response.status_code == 503, response.text
+            body = response.json()
+            assert body["error_code"] == "SERVICE_UNAVAILABLE"
+            assert body["error"] == "The key store (database) is unavailable", body
+            assert body["details"] == {"dependency": "database"}, body
+            for name in INTERNAL_NAMES:
+                assert name not in response.text, (name, response.text)
+            assert response.headers["retry-after"] == "1"
+
+            # What the body leaves out is logged for operators: once a second, with a count of the rest.
+            started = time.monotonic()
+            for n in range(20):
+                again = httpx.get(
+                    f"{server.base_url}/api/v1/rates/AAPL",
+                    headers={"X-API-Key": f"bre_neverseen{n:04d}_" + secrets.token_hex(20)},
+                    timeout=30,
+                )
+                assert again.status_code == 503, again.text
+            seconds = time.monotonic() - started
+            lines = [line for line in server.log().split("\n") if 'msg="Backend service error"' in line]
+            assert lines, server.log()
+            assert len(lines) <= 2 + seconds, lines  # one a second, not one per request
+            assert "service=database" in lines[0]
+            assert "operation=keys.get" in lines[0]
+            assert "cause=" in lines[0]
+
+            detailed = httpx.get(f"{server.base_url}/health/detailed", timeout=30)
+            assert detailed.status_code == 503, detailed.text
+            assert detailed.json()["dependencies"]["database"]["status"] == "unhealthy", detailed.text
+            for name in INTERNAL_NAMES:
+                assert name not in detailed.text, (name, detailed.text)
+        finally:
+            stop_server(server)
+
+
+@pytest.mark.e2e
+def test_control_characters_from_a_client_are_escaped_in_the_log(tmp_path: Path) -> None:
+    """A field name with \\r, \\n, NUL, ESC and U+2028 reaches the `Validation error` line (msgspec names the
+    unknown field): it stays one line, every control character written as an escape, none raw."""
+    server = start_server(tmp_path, SHUTDOWN_DRAIN_SECONDS="0")
+    try:
+        forged = 'x\rlevel=ERROR msg="Forged"\nlevel=ERROR msg="Forged2"\x00\x1b[2J\u2028end'
+        body = msgspec.json.encode({**GOOD_QUOTE, forged: 1})
+        response = httpx.post(
+            f"{server.base_url}{QUOTE}",
+            content=body,
+            headers={
+                "X-API-Key": server.keys["DEMO_CLIENT_KEY"],
+                "Content-Type": "application/json",
+                "X-Request-ID": "log-injection-1",
+            },
+        )
+        assert response.status_code == 400, response.text
+        deadline = time.monotonic() + 10
+        while "request_id=log-injection-1" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = server.log_path.read_bytes().decode()  # as written: read_text() would turn a raw \r into \n
+        for raw in ("\r", "\x00", "\x1b", "\u2028"):
+            assert raw not in log, (raw, log)
+        lines = [line for line in log.split("\n") if "Forged" in line]
+        assert len(lines) == 1, lines
+        line = lines[0]
+        assert line.startswith('level=WARNING msg="Validation error"'), line
+        assert "request_id=log-injection-1" in line
+        assert '\\rlevel=ERROR msg=\\"Forged\\"\\nlevel=ERROR' in line, line
+        assert "\\x00\\x1b[2J\\u2028end" in line, line
+        assert not any(line.startswith('level=ERROR msg="Forged') for line in log.split("\n"))
+    finally:
+        stop_server(server)

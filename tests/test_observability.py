@@ -543,3 +543,28 @@ def test_children_of_a_dropped_trace_are_not_made() -> None:
         assert child.is_recording()
     finished = [span.name for span in exporter.get_finished_spans()]
     assert finished == ["pricing", "POST /api/v1/calculate-locate"]
+
+
+def test_every_logged_value_is_one_line_with_controls_escaped() -> None:
+    """Any field, the message and a traceback: C0/C1 controls, DEL and U+2028/2029 escaped, never raw."""
+    import logging
+    import sys
+
+    from pricer.logs import LogfmtFormatter, fields
+
+    nasty = 'a\rb\nc\td\x00e\x1bf\x7fg\x85h\u2028i\u2029j"k\\l'
+    try:
+        raise ValueError(nasty)
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("pricer.test", logging.WARNING, __file__, 1, nasty, None, exc_info)
+    record.logfmt_fields = fields(endpoint=nasty, other=nasty, client_id="ok")["logfmt_fields"]
+    line = LogfmtFormatter().format(record)
+    assert line.splitlines() == [line]
+    for raw in ("\r", "\n", "\t", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u2029"):
+        assert raw not in line, repr(raw)
+    escaped = '"a\\rb\\nc\\td\\x00e\\x1bf\\x7fg\\x85h\\u2028i\\u2029j\\"k\\\\l"'
+    assert f"msg={escaped}" in line
+    assert f"endpoint={escaped}" in line
+    assert f"other={escaped}" in line
+    assert "exc=" in line

@@ -17,8 +17,28 @@ RATE_LIMIT_EXCEEDED = "Rate limit exceeded"
 BACKEND_SERVICE_ERROR = "Backend service error"
 VALIDATION_ERROR = "Validation error"
 SLOW_REQUEST = "Slow request"
+CLIENT_DISCONNECTED = "Client disconnected"
 
 FIELDS_ATTR = "logfmt_fields"
+
+
+# Every character that could end or forge a line, or hide text on a terminal, is written as an escape: the
+# C0 controls (\r above all: a raw one lets a client's value overwrite or fake a line), DEL, the C1 controls
+# and Unicode's line and paragraph separators. One event is always one line.
+_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))},
+    **{code: f"\\u{code:04x}" for code in (0x2028, 0x2029)},
+    ord("\\"): "\\\\",
+    ord('"'): '\\"',
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def escape(text: str) -> str:
+    """The text as it goes between a logfmt value's quotes: backslash, quote and controls escaped."""
+    return text.translate(_ESCAPES)
 
 
 def _quote(value: object) -> str:
@@ -27,10 +47,9 @@ def _quote(value: object) -> str:
     if isinstance(value, int | float):
         return str(value)
     text = str(value)
-    if text and all(ch.isalnum() or ch in "-_.:/" for ch in text):
+    if text and text.isascii() and all(ch.isalnum() or ch in "-_.:/" for ch in text):
         return text
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
+    return f'"{escape(text)}"'
 
 
 # Credentials that a client may put where they do not belong (say, a key as a field name) and that an
@@ -69,8 +88,7 @@ class LogfmtFormatter(logging.Formatter):
 
 
 def _always_quoted(value: object) -> str:
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{text}"'
+    return f'"{escape(str(value))}"'
 
 
 def fields(**values: Any) -> dict[str, Any]:

@@ -55,7 +55,7 @@ class HealthEndpoints:
                 result = DependencyHealth(
                     status="unhealthy",
                     latency_ms=round((time.perf_counter() - started) * 1000, 3),
-                    detail={"error": type(error).__name__},
+                    detail={"error": failure(error, dependency.timeout_seconds)},
                 )
             dependencies[name] = result
             rank = _RANK[result.status]
@@ -65,6 +65,14 @@ class HealthEndpoints:
         status = next(name for name, rank in _RANK.items() if rank == worst)
         body = DetailedHealth(status=status, version=__version__, dependencies=dependencies)  # type: ignore[arg-type]
         return json_response(body, status=503 if status == "unhealthy" else 200)
+
+
+def failure(error: BaseException, timeout_seconds: float | None = None) -> str:
+    """What a failed check says: that the dependency did not answer, or was unavailable; never the exception
+    class or its text (internals, and the text may name hosts)."""
+    if isinstance(error, TimeoutError):
+        return "no answer in time" if timeout_seconds is None else f"no answer within {timeout_seconds:g} s"
+    return "unavailable"
 
 
 def memory_check(backend: str) -> Check:
@@ -82,7 +90,7 @@ def limiter_check(limiter: RedisLimiter) -> Check:
             return DependencyHealth(
                 status="unhealthy",
                 latency_ms=0.0,
-                detail={"backend": "redis", "error": type(error).__name__, "rate_limits": "enforced locally"},
+                detail={"backend": "redis", "error": failure(error), "rate_limits": "enforced locally"},
             )
         status: Literal["healthy", "degraded"] = "degraded" if limiter.degraded else "healthy"
         return DependencyHealth(

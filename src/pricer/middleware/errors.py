@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
 import msgspec
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pricer.context import request_state
@@ -13,20 +16,84 @@ from pricer.errors import (
     MethodNotAllowed,
     PricerError,
     RateLimitExceeded,
+    ServiceUnavailable,
     Unauthorized,
 )
-from pricer.logs import AUTHENTICATION_ERROR, VALIDATION_ERROR, fields
+from pricer.logs import (
+    AUTHENTICATION_ERROR,
+    BACKEND_SERVICE_ERROR,
+    CLIENT_DISCONNECTED,
+    VALIDATION_ERROR,
+    fields,
+)
 from pricer.schemas import ErrorBody, ValidationProblem
 
 log = logging.getLogger("pricer.errors")
 _encoder = msgspec.json.Encoder()
 
+# nginx's "client closed request": the status recorded (metrics, logs) for a request whose client went away
+# before it was answered. It is not a server error, so the runbook's 5xx alerts do not count it; no response
+# is sent (there is no one to read it).
+CLIENT_CLOSED_REQUEST = 499
+
+# What a 503 names: the dependency, never the operation or the exception class that failed (those are
+# internals, and tell an attacker which query a request reached). The stores mark their errors with the
+# operation (`keys.get`, `quotes.add`, ...); its first word says which store of the database it was.
+_STORES = {
+    "keys": "The key store (database)",
+    "clients": "The client store (database)",
+    "quotes": "The quote store (database)",
+    "availability": "The market data store (database)",
+    "volatility": "The market data store (database)",
+    "events": "The market data store (database)",
+    "stocks": "The market data store (database)",
+}
+
+
+def _store_operation(error: PricerError) -> str | None:
+    """The store operation a server-side error came from (`keys.get`), None for other errors."""
+    if error.status < 500 or not error.details or "operation" not in error.details:
+        return None
+    return str(error.details["operation"])
+
+
+def public_view(error: PricerError) -> tuple[str, dict[str, Any] | None]:
+    """The message and details the client is answered: for a dependency's failure (503, or a store's 502 /
+    504), which dependency and nothing else; for every other error, its own."""
+    operation = _store_operation(error)
+    if isinstance(error, ServiceUnavailable) or operation is not None:
+        store = _STORES.get((operation or "").partition(".")[0], "The database")
+        state = "is unavailable" if isinstance(error, ServiceUnavailable) else "failed"
+        return f"{store} {state}", {"dependency": "database"}
+    return error.message, error.details
+
+
+class _Sampler:
+    """One log line per kind of failure per interval (a dependency down at hundreds of requests a second
+    must not write a line each); the line says how many were left out since the last one."""
+
+    def __init__(self, interval_seconds: float = 1.0) -> None:
+        self._interval = interval_seconds
+        self._last: dict[tuple[str, str], float] = {}
+        self._skipped: dict[tuple[str, str], int] = {}
+
+    def admit(self, key: tuple[str, str]) -> int | None:
+        """None: leave this one out; else log it, with the returned count of those left out before."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._skipped.pop(key, 0)
+
 
 def error_body(error: PricerError, request_id: str) -> bytes:
+    message, details = public_view(error)
     body = ErrorBody(
-        error=error.message,
+        error=message,
         error_code=error.code,
-        details=error.details,
+        details=details,
         request_id=request_id,
     )
     if isinstance(error, InvalidParameter):
@@ -46,15 +113,19 @@ def error_headers(error: PricerError) -> list[tuple[bytes, bytes]]:
         headers.append((b"allow", ", ".join(error.allowed).encode()))
     elif isinstance(error, RateLimitExceeded):
         headers.append((b"retry-after", str(error.retry_after).encode()))
+    elif isinstance(error, ServiceUnavailable):
+        headers.append((b"retry-after", b"1"))
     return headers
 
 
 class ErrorEnvelope:
     """Renders a PricerError raised below as its status and envelope, and any other exception as a
-    logged 500 INTERNAL_ERROR; never a stack trace to the client."""
+    logged 500 INTERNAL_ERROR; never a stack trace to the client. A client that went away while its body
+    was read is not an error of ours: recorded as 499, one INFO line, nothing sent."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._backend_lines = _Sampler()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,6 +138,14 @@ class ErrorEnvelope:
                 raise
             self._log(scope, error)
             await self._send_error(scope, send, error)
+        except ClientDisconnect:
+            state = request_state(scope)
+            if not state.response_started:
+                state.status = CLIENT_CLOSED_REQUEST
+            log.info(
+                CLIENT_DISCONNECTED,
+                extra=fields(endpoint=state.route_template, request_id=state.request_id),
+            )
         except Exception:
             state = request_state(scope)
             log.exception(
@@ -77,10 +156,29 @@ class ErrorEnvelope:
                 raise
             await self._send_error(scope, send, PricerError("Internal error"))
 
-    @staticmethod
-    def _log(scope: Scope, error: PricerError) -> None:
+    def _log(self, scope: Scope, error: PricerError) -> None:
         state = request_state(scope)
-        if isinstance(error, InvalidParameter):
+        operation = _store_operation(error)
+        if operation is not None:
+            # What the client's body no longer says (which operation, which cause) is for operators.
+            details = error.details or {}
+            skipped = self._backend_lines.admit((error.code, operation))
+            if skipped is not None:
+                log.error(
+                    BACKEND_SERVICE_ERROR,
+                    extra=fields(
+                        service="database",
+                        error_code=error.code,
+                        operation=operation,
+                        cause=details.get("cause"),
+                        sqlstate=details.get("sqlstate") or None,
+                        error=error.message,
+                        endpoint=state.route_template,
+                        request_id=state.request_id,
+                        suppressed=skipped or None,
+                    ),
+                )
+        elif isinstance(error, InvalidParameter):
             log.warning(
                 VALIDATION_ERROR,
                 extra=fields(
