@@ -19,7 +19,7 @@ import pytest
 from pricer.app import PricerApp, create_app
 from pricer.auth.keys import KeyHasher, Principal, make_record
 from pricer.auth.tokens import TokenService
-from pricer.middleware.authentication import AuthErrorLineBudget
+from pricer.logs import LineBudget
 from pricer.models import Scope
 from pricer.settings import DEV_API_KEY_PEPPER, DEV_JWT_SECRET_KEY, SettingsError
 from tests.conftest import Engine, make_settings, start_server, started_app, stop_server
@@ -417,11 +417,12 @@ async def test_a_flood_of_bad_keys_writes_a_bounded_log_whose_counts_add_up(tmp_
 
 async def test_the_error_line_budget_is_per_second() -> None:
     now = [100.0]
-    budget = AuthErrorLineBudget(per_second=3, clock=lambda: now[0])
-    assert [budget.take() for _ in range(5)] == [0, 0, 0, -1, -1]
+    budget = LineBudget(per_second=3, clock=lambda: now[0])
+    assert [budget.take() for _ in range(5)] == [0, 0, 0, None, None]
     now[0] = 100.99
-    assert budget.take() == -1
+    assert budget.take() is None
+    assert budget.take("other kind") == 0
     now[0] = 101.0
-    assert [budget.take() for _ in range(4)] == [3, 0, 0, -1]
+    assert [budget.take() for _ in range(4)] == [3, 0, 0, None]
     now[0] = 105.5
     assert budget.take() == 1

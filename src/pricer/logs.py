@@ -9,7 +9,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 AUTHENTICATION_ERROR = "Authentication error"
@@ -108,3 +108,30 @@ def configure_logging(level: str) -> None:
         logger.propagate = True
     # uvicorn's own access log is replaced by the engine's request logging.
     logging.getLogger("uvicorn.access").disabled = True
+
+
+class LineBudget:
+    """At most `per_second` log lines of each kind in each second of the clock. A failure repeated at
+    hundreds of requests a second (a flood of bad keys, a database down) must not write a line each: the
+    next line let through says how many of its kind were left out (`suppressed=N`)."""
+
+    def __init__(self, per_second: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_second = per_second
+        self._clock = clock
+        # kind -> [second, lines written in it, lines left out since the last one written]
+        self._kinds: dict[Hashable, list[int]] = {}
+
+    def take(self, kind: Hashable = None) -> int | None:
+        """None: leave this line out; else write it, saying how many of its kind were left out before."""
+        second = int(self._clock())
+        state = self._kinds.get(kind)
+        if state is None:
+            state = self._kinds[kind] = [second, 0, 0]
+        elif state[0] != second:
+            state[0], state[1] = second, 0
+        if state[1] >= self._per_second:
+            state[2] += 1
+            return None
+        state[1] += 1
+        suppressed, state[2] = state[2], 0
+        return suppressed

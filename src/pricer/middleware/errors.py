@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import msgspec
@@ -24,11 +23,15 @@ from pricer.logs import (
     BACKEND_SERVICE_ERROR,
     CLIENT_DISCONNECTED,
     VALIDATION_ERROR,
+    LineBudget,
     fields,
 )
 from pricer.schemas import ErrorBody, ValidationProblem
 
 log = logging.getLogger("pricer.errors")
+
+# The runbook's `Authentication error` line: at most this many a second per process.
+AUTH_ERROR_LINES_PER_SECOND = 10
 _encoder = msgspec.json.Encoder()
 
 # nginx's "client closed request": the status recorded (metrics, logs) for a request whose client went away
@@ -68,26 +71,6 @@ def public_view(error: PricerError) -> tuple[str, dict[str, Any] | None]:
     return error.message, error.details
 
 
-class _Sampler:
-    """One log line per kind of failure per interval (a dependency down at hundreds of requests a second
-    must not write a line each); the line says how many were left out since the last one."""
-
-    def __init__(self, interval_seconds: float = 1.0) -> None:
-        self._interval = interval_seconds
-        self._last: dict[tuple[str, str], float] = {}
-        self._skipped: dict[tuple[str, str], int] = {}
-
-    def admit(self, key: tuple[str, str]) -> int | None:
-        """None: leave this one out; else log it, with the returned count of those left out before."""
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            self._skipped[key] = self._skipped.get(key, 0) + 1
-            return None
-        self._last[key] = now
-        return self._skipped.pop(key, 0)
-
-
 def error_body(error: PricerError, request_id: str) -> bytes:
     message, details = public_view(error)
     body = ErrorBody(
@@ -125,7 +108,8 @@ class ErrorEnvelope:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._backend_lines = _Sampler()
+        self._backend_lines = LineBudget(per_second=1)
+        self._auth_lines = LineBudget(per_second=AUTH_ERROR_LINES_PER_SECOND)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -162,7 +146,7 @@ class ErrorEnvelope:
         if operation is not None:
             # What the client's body no longer says (which operation, which cause) is for operators.
             details = error.details or {}
-            skipped = self._backend_lines.admit((error.code, operation))
+            skipped = self._backend_lines.take((error.code, operation))
             if skipped is not None:
                 log.error(
                     BACKEND_SERVICE_ERROR,
@@ -189,14 +173,19 @@ class ErrorEnvelope:
                 ),
             )
         elif isinstance(error, Unauthorized):
-            log.error(
-                AUTHENTICATION_ERROR,
-                extra=fields(
-                    reason=error.reason,
-                    endpoint=state.route_template,
-                    request_id=state.request_id,
-                ),
-            )
+            # Every attempt is counted (authentication_attempts_total); an unauthenticated flood must not
+            # write an ERROR line each (27 MB of log per 150k requests before this budget).
+            skipped = self._auth_lines.take()
+            if skipped is not None:
+                log.error(
+                    AUTHENTICATION_ERROR,
+                    extra=fields(
+                        reason=error.reason,
+                        endpoint=state.route_template,
+                        request_id=state.request_id,
+                        suppressed=skipped or None,
+                    ),
+                )
 
     @staticmethod
     async def _send_error(scope: Scope, send: Send, error: PricerError) -> None:
