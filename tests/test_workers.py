@@ -21,7 +21,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningServer, free_port, stop_server, wait_for_health
+from tests.conftest import TEST_SECRETS, RunningServer, free_port, stop_server, wait_for_health
 from tests.pg import PG_DSN, drop_schema, new_schema_name
 from tests.test_shutdown import check_drain, run_through_sigterm
 
@@ -50,8 +50,7 @@ def start_workers(directory: Path, schema: str, **env: str) -> RunningServer:
         "DATABASE_URL": PG_DSN,
         "DATABASE_SCHEMA": schema,
         "REDIS_URL": REDIS_URL,
-        "JWT_SECRET_KEY": "test-workers-jwt-secret-0123456789abcdef",
-        "API_KEY_PEPPER": "test-workers-pepper-0123456789abcdef",
+        **TEST_SECRETS,
         "AUDIT_SPOOL_DIR": str(directory / "spool"),
         "DEMO_KEYS_FILE": "",
         "RATE_LIMIT_PER_MINUTE": "10000000",
