@@ -23,6 +23,10 @@ single quotes:
   its 200s against an exact token bucket's allowance over the same span (burst + rate x seconds) give the
   rate-limit overshoot.
 
+Before the load, each client quotes on WARM_CONNECTIONS fresh connections to each replica, so that every
+worker has its key and client cached (a key a worker first meets during a database outage gets 503: the
+engine has no fallback for it); these quotes are not counted.
+
 The fault comes after --before seconds of load and the load goes on --after seconds after the fault ends.
 Reported per scenario: requests sent, errors by kind (connection errors and timeouts, 5xx, 429), positions
 answered 200 (their quote ids), how many of them the database's audit trail holds once the run is over (waited
@@ -63,6 +67,10 @@ HUGE_LIMIT = "10000000"
 OVERSHOOT_TARGET_PERCENT = 5.0
 KEEP_ALIVE_CLIENTS = 32  # the main client's keep-alive clients, each bound to a replica until it closes
 MAX_STREAM_SECONDS = 300.0  # no stream of requests runs longer, whatever happens to a fault
+# Warm-up: quotes of each client on this many fresh connections to each replica, so that every worker of a
+# replica (WORKERS > 1: the kernel hands each new connection to one of them) has the key and client cached
+# before a fault. 16 connections all taken by one of two workers: 2^-15, about 3 in 100,000 per client.
+WARM_CONNECTIONS = 16
 SCENARIOS = (
     "redis_down",
     "pg_down_short",
@@ -116,6 +124,16 @@ def error_counts(outcomes: Sequence[Outcome]) -> dict[str, int]:
         "5xx": sum(1 for o in outcomes if o.status is not None and o.status >= 500),
         "429": sum(1 for o in outcomes if o.status == 429),
     }
+
+
+def server_errors_by_stream(outcomes: Sequence[Outcome]) -> dict[str, int]:
+    """5xx answers by stream and replica ("main@0"): which client and which replica got them."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        if o.status is not None and o.status >= 500:
+            label = f"{o.stream}@{o.replica}"
+            counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def recovery_seconds(outcomes: Sequence[Outcome], fault_end: float | None) -> float | None:
@@ -189,6 +207,7 @@ def summarize(
         "requests": len(load),
         "not_sent": not_sent,
         "errors": error_counts(load),
+        "5xx_by_stream": server_errors_by_stream(load),
         "answered_positions": len(answered),
         "audit_rows": found,
         "lost": lost_positions(answered, stored),
@@ -812,6 +831,23 @@ async def provision(url: str, admin_key: str, client_id: str, per_minute: int, b
     return str(issued["api_key"])
 
 
+async def warm_workers(url: str, key: str, body: bytes, connections: int = WARM_CONNECTIONS) -> list[int]:
+    """Quotes on `connections` fresh connections, one after the other (each closed after its answer), so
+    that every worker of the replica at `url` reads the key and the client while the database is up. One
+    keep-alive connection reaches one worker only: with WORKERS=2 the other worker met the key for the first
+    time during the outage, whenever a new connection landed on it, and answered 503. The statuses, in
+    order (a 429 of the limited client is fine: authentication and the client's limits came first)."""
+    import httpx
+
+    statuses = []
+    headers = {"X-API-Key": key, "Content-Type": "application/json", "Connection": "close"}
+    async with httpx.AsyncClient(timeout=30) as http:
+        for _ in range(connections):
+            response = await http.post(f"{url}{QUOTE_PATH}", headers=headers, content=body)
+            statuses.append(response.status_code)
+    return statuses
+
+
 async def run_scenario(
     rig: Rig, scenario: Scenario, timing: Timing, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -840,15 +876,13 @@ async def run_scenario(
             replicas, main_key, limited_key, limited_client, args.rate, args.max_in_flight, rig.pg.dsn
         )
         ctx = Context(rig, load, replicas, timing)
-        load.t0 = time.monotonic()
-        # Warm every replica's key and client caches (a cold key needs the key store): two quotes of each
-        # client on each replica, counted like the rest.
+        # Warm every worker's key and client caches (a key first used during a database outage gets 503:
+        # no fallback exists), then let the limited client's bucket refill: the warm-up is not counted.
         for replica in replicas:
-            for _ in range(2):
-                await load.request("main", main_key, load.quote_body(main_client, 0), replica=replica.index)
-            await load.request(
-                "limited", limited_key, load.quote_body(limited_client, 0), replica=replica.index
-            )
+            await warm_workers(replica.url, main_key, load.quote_body(main_client, 0))
+            await warm_workers(replica.url, limited_key, load.quote_body(limited_client, 0))
+        await asyncio.sleep(LIMITED_BURST / (LIMITED_PER_MINUTE / 60) + 1.0)
+        load.t0 = time.monotonic()
         stop = asyncio.Event()
         load.in_rotation = {r.index for r in replicas}
         probe = asyncio.create_task(load.probe(stop))
@@ -912,6 +946,8 @@ async def run_scenario(
                 f"the machine's 1-minute load average was {loadavg:.1f} on {os.cpu_count()} CPUs at the "
                 "end (other work): latencies and lags reflect that as much as the fault"
             )
+        if row["5xx_by_stream"]:
+            row["notes"].append(f"5xx by stream@replica: {row['5xx_by_stream']}")
         slow = slow_answers(load.outcomes)
         if slow is not None:
             row["slow_answers"] = slow

@@ -1044,6 +1044,7 @@ def test_summarize_a_scenario() -> None:
     assert row["requests"] == 10
     assert row["not_sent"] == 3
     assert row["errors"] == {"connection": 2, "timeout": 1, "5xx": 1, "429": 1}
+    assert row["5xx_by_stream"] == {"main@0": 1}  # which client, which replica
     assert row["answered_positions"] == 6
     assert row["audit_rows"] == 5
     assert row["lost"] == 1  # q1.0-main
