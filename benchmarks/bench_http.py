@@ -567,6 +567,7 @@ ENGINE_SETTINGS = frozenset(
         "MIN_BORROW_RATE",
         "PORT",
         "POSITIONS_LIMIT_PER_MINUTE",
+        "RATE_CACHE_STALE_SECONDS",
         "RATE_CACHE_TTL_SECONDS",
         "RATE_LIMIT_BURST",
         "RATE_LIMIT_PER_MINUTE",

@@ -1070,6 +1070,62 @@ async def test_the_fault_benchmark_warms_every_worker_before_postgresql_goes_dow
             stop_server(server)
 
 
+async def test_rates_priced_before_an_outage_stand_in_while_postgresql_is_down(tmp_path: Path) -> None:
+    """A ticker's rate expires from the rate caches RATE_CACHE_TTL_SECONDS after it was priced; when that
+    fell inside a PostgreSQL outage every quote of the ticker got 503 (about one outage of 90 s in three
+    with the default 300 s). A private PostgreSQL is stopped past the (shortened) TTL, a private
+    redis-server stays up: the rate priced before stands in (same figures), a ticker never priced gets 503,
+    and past TTL + RATE_CACHE_STALE_SECONDS the priced one gets 503 too (the bound)."""
+    from tests.redis_server import PrivateRedis
+
+    ttl, stale = 1, 8
+    with PrivatePostgres() as pg, PrivateRedis(tmp_path / "redis") as redis_server:
+        env = {
+            "DATABASE_URL": pg.dsn,
+            "REDIS_URL": redis_server.url,
+            "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
+            "SHUTDOWN_DRAIN_SECONDS": "0",
+            "RATE_CACHE_TTL_SECONDS": str(ttl),
+            "RATE_CACHE_STALE_SECONDS": str(stale),
+        }
+        cli_ok(env, "migrate")
+        demo = seed_demo(env, tmp_path)
+        server = start_engine(tmp_path, env)
+        try:
+            async with httpx.AsyncClient(timeout=15) as client:
+                issued = await issue_key(client, server, demo["DEMO_ADMIN_KEY"], "demo_client")
+
+                async def quote(ticker: str) -> httpx.Response:
+                    return await client.post(
+                        f"{server.base_url}/api/v1/calculate-locate",
+                        headers={"X-API-Key": issued["api_key"]},
+                        json={
+                            "ticker": ticker,
+                            "position_value": 1000,
+                            "loan_days": 30,
+                            "client_id": "demo_client",
+                        },
+                    )
+
+                before = await quote("AAPL")
+                assert before.status_code == 200, before.text
+                priced = time.monotonic()
+                pg.stop()
+                await asyncio.sleep(ttl + 1.0)  # the rate has expired; the key is still cached (60 s)
+                assert time.monotonic() - priced < ttl + stale - 3, "too slow to check within the window"
+                during = await quote("AAPL")
+                assert during.status_code == 200, during.text
+                assert during.json()["borrow_rate_used"] == before.json()["borrow_rate_used"]
+                never = await quote("MSFT")  # never priced by this process: no fallback
+                assert never.status_code == 503, never.text
+                await asyncio.sleep(max(0.0, priced + ttl + stale + 1.5 - time.monotonic()))
+                late = await quote("AAPL")
+                assert late.status_code == 503, late.text  # the bound
+        finally:
+            stop_server(server)
+    assert 'msg="Database unreachable: serving cached rates"' in server.log(), server.log()[-3000:]
+
+
 async def committed_transactions(dsn: str) -> int:
     """The private cluster's committed transactions (pg_stat_database; backends report them within about
     10 s of going idle, so callers wait that long first)."""

@@ -894,3 +894,32 @@ def test_borrow_cost_is_exact_on_both_sides_of_the_one_division_bound(rows: int,
     numerator = position * days * rate
     expected = (2 * numerator + divisor) // (2 * divisor)  # half up, in Python's unbounded integers
     assert fees.borrow_cost.tolist() == [expected] * rows
+
+
+def test_an_expired_rate_stands_in_within_the_stale_bound_while_changes_are_heard() -> None:
+    """RateCache.stale_rates (RATE_CACHE_STALE_SECONDS): only today's rates, all of the tickers asked, for
+    `stale` seconds past their TTL, while market-data writes are heard, and none after a write."""
+    import datetime as dt
+    from typing import Any, cast
+
+    from pricer.marketdata.service import RateCache
+
+    now, heard = [0.0], [True]
+    cache = RateCache(10.0, clock=lambda: now[0], hears_changes=lambda: heard[0])
+    today = dt.date(2026, 1, 2)
+    rate = cast("Any", object())
+    cache.store(["AAPL"], [rate], today, cache.generation)
+    now[0] = 15.0
+    assert cache.lookup(["AAPL"], today)[1] == ["AAPL"]  # expired: the database is asked first
+    assert cache.stale_rates(["AAPL"], today, 10.0) == {"AAPL": rate}
+    assert cache.stale_rates(["AAPL", "GME"], today, 10.0) is None  # GME never priced
+    assert cache.stale_rates(["AAPL"], today + dt.timedelta(days=1), 10.0) is None
+    assert cache.stale_rates(["AAPL"], today, 0.0) is None
+    heard[0] = False
+    assert cache.stale_rates(["AAPL"], today, 10.0) is None
+    heard[0] = True
+    now[0] = 20.0
+    assert cache.stale_rates(["AAPL"], today, 10.0) is None  # the bound
+    now[0] = 15.0
+    cache.invalidate()
+    assert cache.stale_rates(["AAPL"], today, 10.0) is None

@@ -168,6 +168,7 @@ def create_app(
         default_volatility_index=settings.default_volatility_index,
         event_window_days=settings.event_window_days,
         cache_ttl_seconds=settings.rate_cache_ttl_seconds,
+        cache_stale_seconds=settings.rate_cache_stale_seconds,
         metrics=metrics,
         shared_cache=shared_rates,
         hears_changes=lambda: backends.bus.connected,

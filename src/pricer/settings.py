@@ -111,6 +111,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_header_bytes: int = 64 << 10
     max_connections: int = 4096
     metrics_multiproc_dir: str | None = None
+    # Market data while PostgreSQL is down (issue 16, PostgreSQL outage): rates priced before it stand in.
+    rate_cache_stale_seconds: float = 300.0
 
     @property
     def effective_burst(self) -> int:
@@ -277,6 +279,8 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_HEADER_BYTES": ("max_header_bytes", _int_in(1024, 16 << 20)),
     "MAX_CONNECTIONS": ("max_connections", _int_in(16, 1_000_000)),
     "METRICS_MULTIPROC_DIR": ("metrics_multiproc_dir", _existing_directory),
+    # Market data while PostgreSQL is down (issue 16, PostgreSQL outage).
+    "RATE_CACHE_STALE_SECONDS": ("rate_cache_stale_seconds", _float_in(0, 86_400)),
 }
 
 

@@ -7,6 +7,7 @@ else the floor (`fallback`). A ticker is known when it has a stock record or a r
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
@@ -14,7 +15,9 @@ from typing import Final, cast
 
 import numpy as np
 
+from pricer.errors import ServiceUnavailable
 from pricer.invalidation import InvalidationBus
+from pricer.logs import fields
 from pricer.marketdata.shared_cache import SharedRateCache
 from pricer.models import (
     AvailabilitySnapshot,
@@ -34,6 +37,8 @@ from pricer.pricing.core import (
 )
 from pricer.quotes import TickerRate
 from pricer.stores.protocols import Stores
+
+log = logging.getLogger("pricer.marketdata")
 
 _STATUS_CODES = {BorrowStatus(name): code for code, name in enumerate(STATUS_NAMES)}
 _STATUSES = [BorrowStatus(name) for name in STATUS_NAMES]
@@ -69,7 +74,8 @@ class RateCache:
     """Adjusted rates by ticker for the current UTC date (the event window moves with the date).
 
     Entries expire after `ttl` seconds and all of them at once on `invalidate()` (any market-data write).
-    A rate computed while a write happened is not stored (its generation is stale)."""
+    A rate computed while a write happened is not stored (its generation is stale). An expired entry is
+    kept: while the database cannot be reached it may stand in for `stale` more seconds (`stale_rates`)."""
 
     def __init__(
         self,
@@ -102,6 +108,22 @@ class RateCache:
                 missing.append(ticker)
         return found, missing
 
+    def stale_rates(
+        self, tickers: Sequence[str], today: dt.date, stale: float
+    ) -> dict[str, TickerRate | None] | None:
+        """The last rates of `tickers` when every one expired less than `stale` seconds ago (today's), and
+        changes are heard (a market-data write elsewhere empties the cache); else None."""
+        if stale <= 0 or not self._hears_changes():
+            return None
+        now = self._clock()
+        found: dict[str, TickerRate | None] = {}
+        for ticker in tickers:
+            entry = self._entries.get(ticker)
+            if entry is None or entry[1] != today or now - entry[2] >= stale:
+                return None
+            found[ticker] = entry[0]
+        return found
+
     def store(
         self, tickers: Sequence[str], rates: Sequence[TickerRate | None], today: dt.date, generation: int
     ) -> None:
@@ -123,6 +145,7 @@ class MarketData:
         default_volatility_index: str,
         event_window_days: int,
         cache_ttl_seconds: float = 0.0,
+        cache_stale_seconds: float = 0.0,
         metrics: Metrics | None = None,
         shared_cache: SharedRateCache | None = None,
         hears_changes: Callable[[], bool] = lambda: True,
@@ -132,6 +155,8 @@ class MarketData:
         self._cache = (
             RateCache(cache_ttl_seconds, hears_changes=hears_changes) if cache_ttl_seconds > 0 else None
         )
+        self._stale = cache_stale_seconds
+        self._serving_stale = False
         self._metrics = metrics
         self._shared = shared_cache
         self._default_volatility = VolatilityReading(
@@ -169,8 +194,24 @@ class MarketData:
             self._metrics.cache_hits += len(tickers) - len(missing)
             self._metrics.cache_misses += len(missing)
         if missing:
-            by_ticker = await self._shared_or_computed(missing, now)
-            cache.store(missing, [by_ticker[ticker] for ticker in missing], today, generation)
+            try:
+                by_ticker = await self._shared_or_computed(missing, now)
+            except ServiceUnavailable:
+                # Stale-if-error: rates this process priced stand in for a while (RATE_CACHE_STALE_SECONDS);
+                # a ticker it never priced has no fallback (503).
+                stale = cache.stale_rates(missing, today, self._stale)
+                if stale is None:
+                    raise
+                if not self._serving_stale:
+                    self._serving_stale = True
+                    log.warning(
+                        "Database unreachable: serving cached rates",
+                        extra=fields(cache="rates", stale_seconds=self._stale),
+                    )
+                by_ticker = stale
+            else:
+                self._serving_stale = False
+                cache.store(missing, [by_ticker[ticker] for ticker in missing], today, generation)
             return [
                 by_ticker[ticker] if hit is _MISS else cast("TickerRate | None", hit)
                 for ticker, hit in zip(tickers, found, strict=True)
