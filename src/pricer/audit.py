@@ -50,6 +50,7 @@ import os
 import secrets
 import socket
 import struct
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -61,7 +62,7 @@ import msgspec
 
 from pricer.errors import InvalidParameter, ServiceUnavailable
 from pricer.logs import fields
-from pricer.quotes import AuditRecord, PricedBatch, RowValues, SingleQuote, TickerRate
+from pricer.quotes import QUOTE_ID_LENGTH, AuditRecord, PricedBatch, RowValues, SingleQuote, TickerRate
 from pricer.schemas import FeeScheduleView, QuoteResponse
 from pricer.settings import AuditDurability as Durability
 from pricer.stores.memory import MemoryQuoteStore
@@ -82,6 +83,8 @@ LOCK_FILE = "lock"
 REPLAY_CHUNK = 64
 JOURNAL_SEGMENT_BYTES = 16 << 20
 ADOPT_SECONDS = 5.0
+POISON_ATTEMPTS = 3  # writes failing while the database answers a probe, before the record is looked for
+_PROBE_QUOTE_ID = "0" * QUOTE_ID_LENGTH
 
 
 class QuoteSink(Protocol):
@@ -270,10 +273,13 @@ _datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
 def _append_file(path: Path, data: bytes) -> None:
+    created = not path.exists()
     with path.open("ab") as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
+    if created:
+        _sync_directory(path.parent)  # the new name must survive a power loss, not only its bytes
 
 
 def _read(path: Path) -> bytes | None:
@@ -333,10 +339,10 @@ class Adopted:
     def remove(self) -> None:
         """Remove the (replayed) directory, then let go of its lock."""
         for path in (*_record_files(self.directory), self.directory / LOCK_FILE):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 path.unlink()
         with contextlib.suppress(OSError):
-            self.directory.rmdir()
+            self.directory.rmdir()  # not empty: a file that could not be set aside; adopted again later
         self.release()
 
     def release(self) -> None:
@@ -361,13 +367,19 @@ class Spool:
         self.quarantine_path = root / f"quarantine-{self.name}.bin"
         self.dead_letter_path = root / f"dead-letter-{self.name}.bin"
         self._lock_fd: int | None = None
+        self._opening = threading.Lock()
         self._spool: _Appender | None = None
-        self._size = 0  # bytes of records in this process's spool
+        self._size = 0  # bytes appended to the segment appended to now
+        self._backlog: list[Path] = []  # closed segments handed out for replay, not yet replayed
+        self._unadoptable: set[str] = set()  # other directories found unadoptable (logged once)
 
     def open(self) -> None:
         """Make and lock this process's directory (once)."""
-        if self._lock_fd is not None:
-            return
+        with self._opening:  # the journal's thread may make it too
+            if self._lock_fd is None:
+                self._open()
+
+    def _open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".{self.name}"
         staging.mkdir()
@@ -406,19 +418,27 @@ class Spool:
         """The records of this process's spool (what a replay would write)."""
         return [batch for path in self.files() for batch in scan(path.read_bytes()).batches]
 
-    def clear(self) -> None:
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-        for path in self.files():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        self._size = 0
-        self._segment += 1
+    def backlog(self) -> list[Path]:
+        """The segments to replay, oldest first. The segment appended to now is closed first, so that
+        records spooled while the replay runs go to a new one (replayed next time), never into a file
+        being replayed and deleted."""
+        if self._size:
+            if self._spool is not None:
+                self._spool.close()
+                self._spool = None
+            self._segment += 1
+            self._size = 0
+            self._backlog = self.files()
+        return list(self._backlog)
+
+    def replayed(self, path: Path) -> None:
+        """A backlog segment is in the database (or set aside): it is no longer pending."""
+        with contextlib.suppress(ValueError):
+            self._backlog.remove(path)
 
     @property
     def pending(self) -> bool:
-        return self._size > 0
+        return self._size > 0 or bool(self._backlog)
 
     def orphans(self) -> Iterator[Adopted]:
         """The other processes' directories whose lock this process can take: their owner is gone."""
@@ -430,24 +450,46 @@ class Spool:
         except FileNotFoundError:
             return
         for name in names:
-            if not name.startswith(PROCESS_PREFIX) or name == self.name:
+            staging = name.startswith(f".{PROCESS_PREFIX}")
+            if not (staging or name.startswith(PROCESS_PREFIX)) or name == self.name:
                 continue
             directory = self.root / name
             try:
-                fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                adopted = self._adopt(directory, staging=staging)
             except OSError as error:
-                os.close(fd)
-                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    continue  # alive
-                raise
-            if not directory.exists():  # removed by its adopter between our listing and our lock
-                os.close(fd)
+                # One directory that cannot be opened or locked (another uid's lock, an I/O error, a
+                # file where a directory belongs) must not stop the others from being adopted.
+                if name not in self._unadoptable:
+                    self._unadoptable.add(name)
+                    log.error(
+                        "Audit spool directory cannot be adopted; left in place",
+                        extra=fields(spool=str(directory), error=type(error).__name__),
+                    )
                 continue
-            yield Adopted(directory, fd)
+            if adopted is not None:
+                yield adopted
+
+    def _adopt(self, directory: Path, *, staging: bool) -> Adopted | None:
+        """`directory` under its lock, when its owner is gone. A staging (dot) directory is adopted only
+        when it holds records: the earlier version's spool moved in by an adopter that crashed before its
+        second rename (a staging directory of `open` never holds any, and may be being made now)."""
+        if staging and not _record_files(directory):
+            return None
+        try:
+            fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None  # alive
+            raise
+        if not directory.exists():  # removed by its adopter between our listing and our lock
+            os.close(fd)
+            return None
+        return Adopted(directory, fd)
 
     def _adopt_legacy(self) -> Adopted | None:
         """An earlier version's `audit-spool.bin` (left by a stop during an outage, before an upgrade): moved
@@ -534,8 +576,10 @@ class Journal:
         while self._waiting:
             waiting, self._waiting = self._waiting, []
             try:
-                file, segment = self._current()
-                await loop.run_in_executor(self._executor, file.append, b"".join(w[1] for w in waiting))
+                segment = self._rotate()
+                payload = b"".join(w[1] for w in waiting)
+                # Opening a segment fsyncs the directory: on the journal's thread too, not on the loop.
+                await loop.run_in_executor(self._executor, self._append, payload)
             except Exception as error:
                 # Nothing of this write is acknowledged: the requests fail (503) rather than answer a
                 # quote that is not on disk.
@@ -554,16 +598,22 @@ class Journal:
                 if not future.done():
                     future.set_result(None)
 
-    def _current(self) -> tuple[_Appender, int]:
+    def _rotate(self) -> int:
+        """The segment the next append goes to (on the loop: the segment counts are the loop's)."""
         if self._file is not None and self._file.size >= self._segment_bytes:
             self._file.close()
             self._file = None
             self._delete_if_done(self._segment)
             self._segment += 1
+        return self._segment
+
+    def _append(self, payload: bytes) -> None:
+        """On the journal's thread: append to the current segment, made (and its directory synced) first
+        if need be."""
         if self._file is None:
             self._spool.open()
             self._file = _Appender(self._spool.directory / f"{JOURNAL_PREFIX}{self._segment:012d}.bin")
-        return self._file, self._segment
+        self._file.append(payload)
 
     def done(self, segments: Sequence[int]) -> None:
         for segment in segments:
@@ -638,6 +688,11 @@ class AuditTrail:
             if durability is Durability.DISK
             else None
         )
+        # Disk reads, appends and fsyncs of the spool run on this thread, never on the loop.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-spool")
+        self._unreplayable: set[Path] = set()  # files that could be neither replayed nor set aside
+        self._writes_ok = 0  # successful writes so far
+        self._failing: dict[str, int] = {}  # batch id -> _writes_ok when its write first kept failing
         self.database_up = True
         self.written_rows = 0
         self.spooled_rows = 0
@@ -648,7 +703,6 @@ class AuditTrail:
     # ---- QuoteStore ---------------------------------------------------------------------------
 
     async def add(self, batch: PricedBatch) -> None:
-        await self._recent.add(batch)
         # A single quote waits for its write in its compact form: the batch, its arrays and its response
         # are freed now, by the request that made them.
         record: AuditRecord = batch.single_quote() or batch
@@ -659,6 +713,8 @@ class AuditTrail:
             self._enqueue([record], -1)
         else:
             await self.journal.submit(record)  # on disk (fsynced) before the response
+        # Readable here only once accepted: a quote the journal refused (503) is never served.
+        await self._recent.add(batch)
 
     def _enqueue(self, records: list[AuditRecord], segment: int) -> None:
         for record in records:
@@ -697,6 +753,12 @@ class AuditTrail:
         while not self._closing:
             try:
                 await self._replay()
+            except Exception:
+                # Apart from the writes, so that a spool that cannot be replayed never stops the queue from
+                # being written: new records keep reaching the database (or the spool).
+                log.exception("Audit spool replay error")
+                self._next_attempt = loop.time() + self._retry_seconds
+            try:
                 if not self._queue:
                     # Sleep until records come, the next attempt at the database is due (with a backlog),
                     # or it is time to look for dead processes' spools.
@@ -742,21 +804,23 @@ class AuditTrail:
             self.journal.done(segments)
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._queue:
             batches, segments, rows = self._take()
-            # With a backlog in the spool (the database away, or back and not replayed yet), or the database
-            # found away and its next attempt not due, new records go straight to the spool: nothing waits in
-            # memory for the next attempt (a SIGKILL would lose it).
-            direct = self._spool.pending or (
-                not self.database_up and asyncio.get_running_loop().time() < self._next_attempt
-            )
-            if not direct and await self._write(batches):
-                self.written_rows += rows
-                self._release(rows, segments)
-                continue
             try:
-                self._spool.append(batches)
-            except OSError:
+                # With a backlog in the spool (the database away, or back and not replayed yet), or the
+                # database found away and its next attempt not due, new records go straight to the spool:
+                # nothing waits in memory for the next attempt (a SIGKILL would lose it).
+                direct = self._spool.pending or (not self.database_up and loop.time() < self._next_attempt)
+                if not direct and await self._write(batches):
+                    self.written_rows += rows
+                    self._release(rows, segments)
+                    continue
+                # Encoded, appended and fsynced on the spool's thread: the loop is not held meanwhile.
+                await loop.run_in_executor(self._io, self._spool.append, batches)
+            except BaseException:
+                # Whatever failed (the spool, the dead-letter file), these records are known to be
+                # nowhere else: back to the front of the queue, retried after the interval.
                 self._queue.extendleft(reversed(list(zip(batches, segments, strict=True))))
                 raise
             self.spooled_rows += rows
@@ -764,22 +828,58 @@ class AuditTrail:
 
     async def _write(self, batches: Sequence[AuditRecord]) -> bool:
         """Write to the database: True once done (records it refuses for good are dead-lettered), False
-        when it cannot be reached (the next attempt is then due after the retry interval)."""
+        when it cannot be reached (the next attempt is then due after the retry interval).
+
+        A server error that is not a refusal (SQLSTATE 54000, XX000...) may be the database failing or one
+        record that makes it fail every time. A probe query tells them apart: a write that fails
+        POISON_ATTEMPTS times while the database answers the probe is cut in halves until the record is
+        found, and that record is dead-lettered once another write has succeeded since it first failed
+        (if none has, the database itself refuses writes -- read-only after a failover? -- and everything
+        is kept)."""
+        error = await self._attempt(batches)
+        if error is None:
+            return True
+        if not _refused(error):
+            for attempt in range(POISON_ATTEMPTS):
+                probe = await self._probe()
+                if probe is not None:
+                    self._database_down(probe)
+                    return False
+                if attempt == POISON_ATTEMPTS - 1:
+                    break
+                error = await self._attempt(batches)  # a transient error passes on a retry
+                if error is None:
+                    return True
+            if len(self._failing) > 65_536:
+                self._failing.clear()
+            for batch in batches:
+                self._failing.setdefault(batch.batch_id, self._writes_ok)
+            if len(batches) == 1 and self._failing[batches[0].batch_id] == self._writes_ok:
+                self._database_down(error)
+                return False
+        if len(batches) == 1:
+            self._dead_letter(batches[0], error)
+            self._failing.pop(batches[0].batch_id, None)
+            return True
+        middle = len(batches) // 2  # find the refused ones
+        return await self._write(batches[:middle]) and await self._write(batches[middle:])
+
+    async def _attempt(self, batches: Sequence[AuditRecord]) -> Exception | None:
         try:
             await self._sink.write(batches)
         except Exception as error:
-            if not _refused(error):
-                self._database_down(error)
-                return False
-            if len(batches) == 1:
-                self._dead_letter(batches[0], error)
-                return True
-            for batch in batches:  # find the refused ones
-                if not await self._write([batch]):
-                    return False
-            return True
+            return error
         self.database_up = True
-        return True
+        self._writes_ok += 1
+        return None
+
+    async def _probe(self) -> Exception | None:
+        """A cheap query (a quote id no batch has): None when the database answers, else its error."""
+        try:
+            await self._sink.get(_PROBE_QUOTE_ID)
+        except Exception as error:
+            return error
+        return None
 
     def _dead_letter(self, record: AuditRecord, error: Exception) -> None:
         self._spool.open()
@@ -803,49 +903,78 @@ class AuditTrail:
             self.adopted_spools += 1
             log.info("Audit spool of a stopped process adopted", extra=fields(spool=str(adopted.directory)))
 
-    async def _replay(self, *, now: bool = False) -> None:
-        """Replay this process's spool and the adopted ones, when an attempt is due."""
+    async def _replay(self, *, now: bool = False) -> bool:
+        """Replay this process's spool and the adopted ones, when an attempt is due; False when the
+        database was found away."""
         loop = asyncio.get_running_loop()
         if now or loop.time() >= self._next_scan:
             self._adopt_orphans()
         if not self.spool_pending or (not now and loop.time() < self._next_attempt):
-            return
+            return True
+        # A cheap query first: during an outage no segment is read only to find the database away.
+        probe = await self._probe()
+        if probe is not None:
+            self._database_down(probe)
+            return False
         done = True
-        if self._spool.pending:
-            for path in self._spool.files():
+        for path in self._spool.backlog():
+            if path not in self._unreplayable:
                 done = await self._replay_file(path)
                 if not done:
                     break
-                if path != self._spool.path:  # the one appended to now goes with clear()
-                    path.unlink()
-            if done:
-                self._spool.clear()
+            self._spool.replayed(path)
         while done and self._adopted:
             adopted = self._adopted[0]
             for path in adopted.files():
+                if path in self._unreplayable:
+                    continue
                 done = await self._replay_file(path)
                 if not done:
                     break
-                path.unlink()
             if done:
                 adopted.remove()
                 self._adopted.pop(0)
         if not done:
             self._next_attempt = loop.time() + self._retry_seconds
+        return done
 
     async def _replay_file(self, path: Path) -> bool:
-        """Write every readable record of a spool or journal file; quarantine what cannot be read. False
-        when the database is away (the file stays as it is)."""
-        data = _read(path)
-        if data is None:
+        """Write every readable record of a spool or journal file, then delete it; quarantine what cannot
+        be read. False when the database is away (the file stays as it is). A file that cannot be read
+        or finished for another reason (an I/O error, a full disk for the dead-letter file) is set aside
+        whole, so that the rest of the trail goes on."""
+        loop = asyncio.get_running_loop()
+        try:
+            # Read and decoded on the spool's thread (up to a whole segment): the loop is not held.
+            data = await loop.run_in_executor(self._io, _read, path)
+            if data is None:
+                return True
+            decode = scan_legacy if path.name == LEGACY_FILE else scan
+            found = await loop.run_in_executor(self._io, decode, data)
+        except Exception as error:
+            self._set_aside(path, error, replayed=0)
             return True
-        found = scan_legacy(data) if path.name == LEGACY_FILE else scan(data)
         batches = found.batches
         for start in range(0, len(batches), REPLAY_CHUNK):
-            if not await self._write(batches[start : start + REPLAY_CHUNK]):
+            try:
+                written = await self._write(batches[start : start + REPLAY_CHUNK])
+            except Exception as error:
+                self._set_aside(path, error, replayed=start)
+                return True
+            if not written:
                 return False
-        if found.unreadable_bytes:
-            self._quarantine(path, data, found)
+            if self._queue:
+                # New records do not wait in memory for the whole replay (several segments, adopted
+                # directories): between chunks they go to the database or the spool.
+                await self._drain()
+        try:
+            if found.unreadable_bytes:
+                self._quarantine(path, data, found)
+            with contextlib.suppress(FileNotFoundError):
+                await loop.run_in_executor(self._io, path.unlink)
+        except Exception as error:
+            self._set_aside(path, error, replayed=len(batches))
+            return True
         log.info(
             "Audit spool replayed",
             extra=fields(
@@ -856,6 +985,27 @@ class AuditTrail:
             ),
         )
         return True
+
+    def _set_aside(self, path: Path, error: Exception, *, replayed: int) -> None:
+        """Rename a file that cannot be replayed into quarantine beside the spool directories (kept whole
+        for the operator; a replay of it adds nothing twice), and go on without it."""
+        target: Path | None = self._spool.root / f"quarantine-{path.parent.name}-{path.name}"
+        assert target is not None
+        try:
+            os.rename(path, target)
+            _sync_directory(target.parent)
+        except OSError:
+            self._unreplayable.add(path)  # skipped from now on; stays where it is
+            target = None
+        log.error(
+            "Audit spool file cannot be replayed; set aside, the rest of the trail goes on",
+            extra=fields(
+                path=str(path),
+                error=type(error).__name__,
+                replayed_batches=replayed,
+                quarantine=str(target) if target else "left in place",
+            ),
+        )
 
     def _quarantine(self, path: Path, data: bytes, found: Scan) -> None:
         ranges = [*found.damaged, *([found.torn] if found.torn else [])]
@@ -893,12 +1043,16 @@ class AuditTrail:
             await self.journal.flush()
         self._spool.open()
         try:
-            await self._replay(now=True)
+            # Records drained into the spool during a replay land in a new segment: a few rounds.
+            for _ in range(3):
+                if not await self._replay(now=True) or not self.spool_pending:
+                    break
         except Exception:
-            log.exception("Audit writer error")  # the queue still goes to the database or the spool
+            log.exception("Audit spool replay error")  # the queue still goes to the database or the spool
         await self._drain()
         if self.journal is not None:
             self.journal.close()
+        self._io.shutdown(wait=True)
         for adopted in self._adopted:
             adopted.release()
         self._adopted.clear()
