@@ -984,7 +984,7 @@ async def test_records_are_requeued_when_the_dead_letter_file_cannot_be_written(
         assert [b.batch_id for b in letters.batches] == [refused.batch_id]
 
 
-@pytest.mark.parametrize("path", ["queue", "spool"])
+@pytest.mark.parametrize("path", ["queue", "spool", "alone"])
 async def test_a_record_that_fails_with_a_server_error_every_time_is_dead_lettered(
     tmp_path: Path, path: str
 ) -> None:
@@ -1000,6 +1000,14 @@ async def test_a_record_that_fails_with_a_server_error_every_time_is_dead_letter
                 await trail.add(batch)
         trail.start()
         try:
+            if path == "alone":  # written on its own first: nothing tells it from a database that fails
+                await trail.add(poison)
+                await eventually(lambda: trail.spool_pending, what="kept (spooled)")
+                assert not trail.database_up
+                await asyncio.sleep(0.2)  # retried: still kept, not dead-lettered
+                assert not trail.spool.dead_letter_path.exists()
+                await trail.add(good[0])  # a write that succeeds beside it settles it
+                await trail.add(good[1])
             await eventually(
                 lambda: trail.queue_depth == 0 and not trail.spool_pending, what="past the poison record"
             )

@@ -23,13 +23,20 @@ Every file is a sequence of frames: magic, payload length, CRC32 of the payload,
 skipped by resynchronising on the next valid one, and the exact bytes that could not be read are copied
 to a quarantine file beside the spool directories and logged at ERROR with their counts. A record the
 database refuses for good (a value beyond a column: not a connection error) goes to a dead-letter file,
-with an ERROR line, and the rest goes on.
+with an ERROR line, and the rest goes on; so does a record the database fails on with a server error
+every time while it answers a probe query (SQLSTATE 54000, XX000: found by cutting the write in halves).
+A file that cannot be replayed for another reason (an I/O error, no room for its quarantine copy) is
+renamed whole into quarantine, with an ERROR line, and skipped. The replay runs apart from the writes:
+nothing it meets stops new records from being written. Reading, decoding and appending spool files and
+opening journal segments run on threads (a 64 MiB segment takes about a second to decode); before a replay
+reads anything, a probe query checks that the database is back.
 
 Durability (`AUDIT_DURABILITY`):
 * `memory` (default): the record waits in memory for the writer's group commit. A SIGKILL (OOM kill,
   node loss) loses what was queued and not yet written or spooled: the quotes answered during the last
   linger (20 ms) plus the write in flight (a few ms to tens of ms under load; while the database is down,
-  the linger plus one spool append). A graceful stop (SIGTERM) loses nothing.
+  the linger plus one spool append; while a backlog replays, plus the replay's chunk in flight: new
+  records are drained between chunks of REPLAY_CHUNK records). A graceful stop (SIGTERM) loses nothing.
 * `disk`: before `add` returns (so before the response), the record is appended to this process's
   journal and fsynced. The fsync runs on a thread of its own and is group-committed: one fsync serves
   every record that arrived while the previous one ran. The database write then goes on from memory as
@@ -442,7 +449,14 @@ class Spool:
 
     def orphans(self) -> Iterator[Adopted]:
         """The other processes' directories whose lock this process can take: their owner is gone."""
-        legacy = self._adopt_legacy()
+        try:
+            legacy = self._adopt_legacy()
+        except OSError as error:
+            legacy = None
+            log.error(
+                "Audit spool of an earlier version cannot be adopted; left in place",
+                extra=fields(spool=str(self.root / LEGACY_FILE), error=type(error).__name__),
+            )
         if legacy is not None:
             yield legacy
         try:
@@ -692,6 +706,7 @@ class AuditTrail:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-spool")
         self._unreplayable: set[Path] = set()  # files that could be neither replayed nor set aside
         self._writes_ok = 0  # successful writes so far
+        self._unproven = False  # the last failed write kept a record that only fails, the database up
         self._failing: dict[str, int] = {}  # batch id -> _writes_ok when its write first kept failing
         self.database_up = True
         self.written_rows = 0
@@ -745,7 +760,10 @@ class AuditTrail:
 
     def start(self) -> None:
         self._spool.open()
-        self._adopt_orphans()  # at once: what dead processes left is pending from the start
+        try:
+            self._adopt_orphans()  # at once: what dead processes left is pending from the start
+        except OSError:
+            log.exception("Audit spool replay error")  # the writer tries again at its next scan
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -833,9 +851,27 @@ class AuditTrail:
         A server error that is not a refusal (SQLSTATE 54000, XX000...) may be the database failing or one
         record that makes it fail every time. A probe query tells them apart: a write that fails
         POISON_ATTEMPTS times while the database answers the probe is cut in halves until the record is
-        found, and that record is dead-lettered once another write has succeeded since it first failed
-        (if none has, the database itself refuses writes -- read-only after a failover? -- and everything
-        is kept)."""
+        found, and that record is dead-lettered if another write has succeeded since it first failed (if
+        none has, the database itself may refuse writes -- read-only after a failover? -- and everything
+        is kept; the next write with other records in it settles it)."""
+        suspects: list[tuple[AuditRecord, Exception]] = []
+        if not await self._write_part(batches, suspects):
+            return False
+        for record, error in suspects:
+            if self._failing.get(record.batch_id, self._writes_ok) >= self._writes_ok:
+                self._unproven = True  # a replay goes on with its other files, which may settle it
+                self._database_down(error)
+                return False
+        for record, error in suspects:
+            self._dead_letter(record, error)
+            self._failing.pop(record.batch_id, None)
+        return True
+
+    async def _write_part(
+        self, batches: Sequence[AuditRecord], suspects: list[tuple[AuditRecord, Exception]]
+    ) -> bool:
+        """`_write` of a part: refused records dead-lettered, records failing with a server error every
+        time added to `suspects`; False when the database is away."""
         error = await self._attempt(batches)
         if error is None:
             return True
@@ -854,15 +890,16 @@ class AuditTrail:
                 self._failing.clear()
             for batch in batches:
                 self._failing.setdefault(batch.batch_id, self._writes_ok)
-            if len(batches) == 1 and self._failing[batches[0].batch_id] == self._writes_ok:
-                self._database_down(error)
-                return False
-        if len(batches) == 1:
+            if len(batches) == 1:
+                suspects.append((batches[0], error))
+                return True
+        elif len(batches) == 1:
             self._dead_letter(batches[0], error)
-            self._failing.pop(batches[0].batch_id, None)
             return True
-        middle = len(batches) // 2  # find the refused ones
-        return await self._write(batches[:middle]) and await self._write(batches[middle:])
+        middle = len(batches) // 2  # find the failing ones
+        return await self._write_part(batches[:middle], suspects) and await self._write_part(
+            batches[middle:], suspects
+        )
 
     async def _attempt(self, batches: Sequence[AuditRecord]) -> Exception | None:
         try:
@@ -916,27 +953,32 @@ class AuditTrail:
         if probe is not None:
             self._database_down(probe)
             return False
-        done = True
+        # A file is kept (and the rest goes on) when its write failed on a record that fails every time
+        # while nothing else was written since: the writes of the other files tell whether it is that
+        # record (dead-lettered next time) or the database.
+        kept = False
         for path in self._spool.backlog():
-            if path not in self._unreplayable:
-                done = await self._replay_file(path)
-                if not done:
-                    break
+            if path not in self._unreplayable and not await self._replay_file(path):
+                if not self._unproven:
+                    return self._retry_later()
+                kept = True
+                continue
             self._spool.replayed(path)
-        while done and self._adopted:
-            adopted = self._adopted[0]
+        for adopted in list(self._adopted):
+            complete = True
             for path in adopted.files():
-                if path in self._unreplayable:
-                    continue
-                done = await self._replay_file(path)
-                if not done:
-                    break
-            if done:
+                if path not in self._unreplayable and not await self._replay_file(path):
+                    if not self._unproven:
+                        return self._retry_later()
+                    kept, complete = True, False
+            if complete:
                 adopted.remove()
-                self._adopted.pop(0)
-        if not done:
-            self._next_attempt = loop.time() + self._retry_seconds
-        return done
+                self._adopted.remove(adopted)
+        return self._retry_later() if kept else True
+
+    def _retry_later(self) -> bool:
+        self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
+        return False
 
     async def _replay_file(self, path: Path) -> bool:
         """Write every readable record of a spool or journal file, then delete it; quarantine what cannot
@@ -956,6 +998,7 @@ class AuditTrail:
             return True
         batches = found.batches
         for start in range(0, len(batches), REPLAY_CHUNK):
+            self._unproven = False
             try:
                 written = await self._write(batches[start : start + REPLAY_CHUNK])
             except Exception as error:
