@@ -1055,3 +1055,39 @@ async def test_disk_mode_a_quote_the_journal_refused_is_not_served(tmp_path: Pat
             await trail.add(batch)
         assert await trail.get(batch.quote_id(0)) is None  # the client got a 503 for it
         await trail.close()
+
+
+async def test_disk_mode_spools_without_a_second_fsync_and_loses_nothing(tmp_path: Path) -> None:
+    """In `disk` mode a spooled record is in the journal (fsynced) already: the spool append does not
+    fsync again; the spool is flushed before a journal segment goes."""
+    async with quote_database() as (dsn, schema, pool):
+        away = DeferredPool(dsn, schema=schema, max_size=2)
+        trail = trail_on(
+            PgQuoteStore(away), tmp_path / "spool", durability=Durability.DISK, journal_segment_bytes=2048
+        )
+        trail.start()
+        try:
+            batches = [make_batch(1 + i % 3, seed=i) for i in range(60)]
+            for index, batch in enumerate(batches):
+                await trail.add(batch)
+                if index % 6 == 0:
+                    await asyncio.sleep(0.03)  # several appends, several journal segments
+            total = sum(batch.size for batch in batches)
+            await eventually(lambda: trail.spooled_rows == total, what="spooled")
+            assert trail.spool.syncs == 0
+            await away.open()
+            await eventually(lambda: not trail.spool_pending, what="replayed")
+        finally:
+            try:
+                await trail.close()
+            finally:
+                await away.close()
+        await assert_exactly_once(pool, batches)
+        assert not list((tmp_path / "spool").iterdir())
+
+        still_away = DeferredPool(dsn, schema=schema, max_size=1)
+        memory = trail_on(PgQuoteStore(still_away), tmp_path / "memory")
+        await memory.add(make_batch(1, seed=1_000))
+        await memory.close()  # to the spool, fsynced: its only copy
+        await still_away.close()
+        assert memory.spool.syncs == 1

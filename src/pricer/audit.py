@@ -41,7 +41,8 @@ Durability (`AUDIT_DURABILITY`):
   journal and fsynced. The fsync runs on a thread of its own and is group-committed: one fsync serves
   every record that arrived while the previous one ran. The database write then goes on from memory as
   in `memory` mode; journal segments are rotated, and deleted once every record in them is in the
-  database (or in the spool). A process killed at any point loses nothing it answered: the journal is
+  database (or in the spool: spooled without an fsync of its own, the spool flushed before a journal
+  segment is deleted). A process killed at any point loses nothing it answered: the journal is
   replayed, idempotently, by whichever process adopts its directory.
 """
 
@@ -52,6 +53,7 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -61,7 +63,7 @@ import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -247,24 +249,40 @@ class _Appender:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         self.size = os.fstat(self._fd).st_size
+        self.unsynced = False  # appended with sync=False since the last fsync
+        self.syncs = 0
         _sync_directory(path.parent)  # the new name must survive a power loss, not only its bytes
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes, *, sync: bool = True) -> None:
+        """`sync=False`: the data is durable elsewhere already (the journal); `sync` (or `close`) flushes
+        it before that copy may go."""
         try:
             written = 0
             with memoryview(data) as view:
                 while written < len(data):
                     written += os.pwrite(self._fd, view[written:], self.size + written)
-            _datasync(self._fd)
+            if sync:
+                _datasync(self._fd)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self.size)
             raise
         self.size += len(data)
+        self.unsynced = not sync
+        self.syncs += sync
+
+    def sync(self) -> None:
+        if self.unsynced:
+            _datasync(self._fd)
+            self.unsynced = False
+            self.syncs += 1
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        try:
+            self.sync()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
 
 
 def _sync_directory(path: Path) -> None:
@@ -377,6 +395,7 @@ class Spool:
         self._opening = threading.Lock()
         self._spool: _Appender | None = None
         self._size = 0  # bytes appended to the segment appended to now
+        self.syncs = 0  # appends fsynced
         self._backlog: list[Path] = []  # closed segments handed out for replay, not yet replayed
         self._unadoptable: set[str] = set()  # other directories found unadoptable (logged once)
 
@@ -400,7 +419,9 @@ class Spool:
             raise
         self._lock_fd = fd
 
-    def append(self, batches: Sequence[AuditRecord]) -> None:
+    def append(self, batches: Sequence[AuditRecord], *, sync: bool = True) -> None:
+        """Append (and fsync, unless `sync=False`: `disk` mode's records are in the journal already, and
+        `sync` runs before a journal segment is deleted)."""
         payload = b"".join(encode_record(batch) for batch in batches)
         if self._spool is not None and self._spool.size >= self._segment_bytes:
             self._spool.close()
@@ -409,8 +430,14 @@ class Spool:
         if self._spool is None:
             self.open()
             self._spool = _Appender(self.path)
-        self._spool.append(payload)
+        self._spool.append(payload, sync=sync)
+        self.syncs += sync
         self._size += len(payload)
+
+    def sync(self) -> None:
+        """Flush appends made with `sync=False` (a closed segment was flushed when it was closed)."""
+        if self._spool is not None:
+            self._spool.sync()
 
     @property
     def path(self) -> Path:
@@ -565,9 +592,11 @@ class Journal:
         on_durable: Callable[[list[AuditRecord], int], None],
         *,
         segment_bytes: int = JOURNAL_SEGMENT_BYTES,
+        remove: Callable[[Path], None] | None = None,
     ) -> None:
         self._spool = spool
         self._on_durable = on_durable
+        self._remove = remove or _remove
         self._segment_bytes = segment_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-journal")
         self._waiting: list[tuple[AuditRecord, bytes, asyncio.Future[None]]] = []
@@ -640,8 +669,7 @@ class Journal:
     def _delete_if_done(self, segment: int) -> None:
         if self._open.get(segment, 0) == 0:
             self._open.pop(segment, None)
-            with contextlib.suppress(FileNotFoundError):
-                (self._spool.directory / f"{JOURNAL_PREFIX}{segment:012d}.bin").unlink()
+            self._remove(self._spool.directory / f"{JOURNAL_PREFIX}{segment:012d}.bin")
 
     async def flush(self) -> None:
         """Wait until everything submitted is on disk (and queued for the database)."""
@@ -655,6 +683,11 @@ class Journal:
             self._file = None
             self._delete_if_done(self._segment)
         self._executor.shutdown(wait=True)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _refused(error: Exception) -> bool:
@@ -698,7 +731,9 @@ class AuditTrail:
         self._adopted: list[Adopted] = []
         self.durability = durability
         self.journal = (
-            Journal(spool, self._enqueue, segment_bytes=journal_segment_bytes)
+            Journal(
+                spool, self._enqueue, segment_bytes=journal_segment_bytes, remove=self._remove_journal_segment
+            )
             if durability is Durability.DISK
             else None
         )
@@ -835,7 +870,10 @@ class AuditTrail:
                     self._release(rows, segments)
                     continue
                 # Encoded, appended and fsynced on the spool's thread: the loop is not held meanwhile.
-                await loop.run_in_executor(self._io, self._spool.append, batches)
+                # In `disk` mode without an fsync of its own: the records are in the journal, whose
+                # segment is deleted only after the spool is flushed (_remove_journal_segment).
+                append = functools.partial(self._spool.append, batches, sync=self.journal is None)
+                await loop.run_in_executor(self._io, append)
             except BaseException:
                 # Whatever failed (the spool, the dead-letter file), these records are known to be
                 # nowhere else: back to the front of the queue, retried after the interval.
@@ -918,6 +956,23 @@ class AuditTrail:
             return error
         return None
 
+    def _remove_journal_segment(self, path: Path) -> None:
+        """`disk` mode: a journal segment whose records are all in the database or the spool is deleted
+        on the spool's thread, after the appends already submitted there and a flush of the spool."""
+
+        def remove() -> None:
+            self._spool.sync()
+            _remove(path)
+
+        def failed(future: Future[None]) -> None:
+            if (error := future.exception()) is not None:
+                # Kept: the next process to adopt this directory replays it (idempotently).
+                log.error(
+                    "Audit journal segment kept", extra=fields(path=str(path), error=type(error).__name__)
+                )
+
+        self._io.submit(remove).add_done_callback(failed)
+
     def _dead_letter(self, record: AuditRecord, error: Exception) -> None:
         self._spool.open()
         _append_file(self._spool.dead_letter_path, encode_record(record))
@@ -957,7 +1012,8 @@ class AuditTrail:
         # while nothing else was written since: the writes of the other files tell whether it is that
         # record (dead-lettered next time) or the database.
         kept = False
-        for path in self._spool.backlog():
+        # Closing the segment appended to now may flush it: on the spool's thread.
+        for path in await loop.run_in_executor(self._io, self._spool.backlog):
             if path not in self._unreplayable and not await self._replay_file(path):
                 if not self._unproven:
                     return self._retry_later()
