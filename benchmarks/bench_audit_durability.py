@@ -47,10 +47,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# With a database the engine refuses the published development secrets: random ones for this run.
+RUN_SECRETS = {"API_KEY_PEPPER": secrets.token_urlsafe(32), "JWT_SECRET_KEY": secrets.token_urlsafe(48)}
+
+
 def env_for(dsn: str, schema: str, spool: Path, durability: str) -> dict[str, str]:
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_", "AUDIT_"))}
     return {
         **inherited,
+        **RUN_SECRETS,
         "DATABASE_URL": dsn,
         "DATABASE_SCHEMA": schema,
         "AUDIT_SPOOL_DIR": str(spool),

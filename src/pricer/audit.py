@@ -23,18 +23,26 @@ Every file is a sequence of frames: magic, payload length, CRC32 of the payload,
 skipped by resynchronising on the next valid one, and the exact bytes that could not be read are copied
 to a quarantine file beside the spool directories and logged at ERROR with their counts. A record the
 database refuses for good (a value beyond a column: not a connection error) goes to a dead-letter file,
-with an ERROR line, and the rest goes on.
+with an ERROR line, and the rest goes on; so does a record the database fails on with a server error
+every time while it answers a probe query (SQLSTATE 54000, XX000: found by cutting the write in halves).
+A file that cannot be replayed for another reason (an I/O error, no room for its quarantine copy) is
+renamed whole into quarantine, with an ERROR line, and skipped. The replay runs apart from the writes:
+nothing it meets stops new records from being written. Reading, decoding and appending spool files and
+opening journal segments run on threads (a 64 MiB segment takes about a second to decode); before a replay
+reads anything, a probe query checks that the database is back.
 
 Durability (`AUDIT_DURABILITY`):
 * `memory` (default): the record waits in memory for the writer's group commit. A SIGKILL (OOM kill,
   node loss) loses what was queued and not yet written or spooled: the quotes answered during the last
   linger (20 ms) plus the write in flight (a few ms to tens of ms under load; while the database is down,
-  the linger plus one spool append). A graceful stop (SIGTERM) loses nothing.
+  the linger plus one spool append; while a backlog replays, plus the replay's chunk in flight: new
+  records are drained between chunks of REPLAY_CHUNK records). A graceful stop (SIGTERM) loses nothing.
 * `disk`: before `add` returns (so before the response), the record is appended to this process's
   journal and fsynced. The fsync runs on a thread of its own and is group-committed: one fsync serves
   every record that arrived while the previous one ran. The database write then goes on from memory as
   in `memory` mode; journal segments are rotated, and deleted once every record in them is in the
-  database (or in the spool). A process killed at any point loses nothing it answered: the journal is
+  database (or in the spool: spooled without an fsync of its own, the spool flushed before a journal
+  segment is deleted). A process killed at any point loses nothing it answered: the journal is
   replayed, idempotently, by whichever process adopts its directory.
 """
 
@@ -42,46 +50,58 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import errno
-import fcntl
+import functools
 import logging
 import os
-import secrets
-import socket
-import struct
-import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
-import msgspec
-
-from pricer.errors import InvalidParameter, ServiceUnavailable
+from pricer.audit_spool import (
+    JOURNAL_SEGMENT_BYTES,
+    LEGACY_FILE,
+    LOCK_FILE,
+    Adopted,
+    Journal,
+    Scan,
+    Spool,
+    SpooledBatch,
+    append_file,
+    encode_record,
+    read_file,
+    remove_file,
+    scan,
+    scan_legacy,
+    sync_directory,
+)
+from pricer.errors import InvalidParameter
 from pricer.logs import fields
-from pricer.quotes import AuditRecord, PricedBatch, RowValues, SingleQuote, TickerRate
-from pricer.schemas import FeeScheduleView, QuoteResponse
+from pricer.quotes import QUOTE_ID_LENGTH, AuditRecord, PricedBatch
+from pricer.schemas import QuoteResponse
 from pricer.settings import AuditDurability as Durability
 from pricer.stores.memory import MemoryQuoteStore
+
+# Imported from here by the server, the benchmarks and the tests.
+__all__ = [
+    "LOCK_FILE",
+    "REPLAY_CHUNK",
+    "AuditTrail",
+    "QuoteSink",
+    "Spool",
+    "SpooledBatch",
+    "encode_record",
+    "scan",
+]
 
 log = logging.getLogger("pricer.audit")
 
 
-# magic, payload length, CRC32 of the payload
-_HEADER = struct.Struct(">4sII")
-MAGIC = b"PRA\x01"
-_MAX_PAYLOAD = 1 << 31
-PROCESS_PREFIX = "proc-"
-SPOOL_PREFIX = "spool-"
-SPOOL_SEGMENT_BYTES = 64 << 20
-LEGACY_FILE = "audit-spool.bin"  # the one shared spool file of earlier versions, adopted on upgrade
-JOURNAL_PREFIX = "journal-"
-LOCK_FILE = "lock"
 REPLAY_CHUNK = 64
-JOURNAL_SEGMENT_BYTES = 16 << 20
 ADOPT_SECONDS = 5.0
+POISON_ATTEMPTS = 3  # writes failing while the database answers a probe, before the record is looked for
+_PROBE_QUOTE_ID = "0" * QUOTE_ID_LENGTH
 
 
 class QuoteSink(Protocol):
@@ -90,507 +110,6 @@ class QuoteSink(Protocol):
     async def write(self, batches: Sequence[AuditRecord]) -> None: ...
 
     async def get(self, quote_id: str) -> QuoteResponse | None: ...
-
-
-class SpooledBatch(msgspec.Struct, array_like=True):
-    batch_id: str
-    calculated_at: dt.datetime
-    request_id: str
-    client_id: str
-    key_id: str | None
-    fee_schedule: FeeScheduleView
-    rates: list[TickerRate]
-    rate_index: list[int]
-    input_index: list[int]
-    position_cents: list[int]
-    loan_days: list[int]
-    borrow_cost: list[int]
-    markup: list[int]
-    transaction_fees: list[int]
-    total_fee: list[int]
-
-    @classmethod
-    def of(cls, record: AuditRecord) -> SpooledBatch:
-        batch = record.batch() if isinstance(record, SingleQuote) else record
-        return cls(
-            batch_id=batch.batch_id,
-            calculated_at=batch.calculated_at,
-            request_id=batch.request_id,
-            client_id=batch.client_id,
-            key_id=batch.key_id,
-            fee_schedule=batch.fee_schedule,
-            rates=batch.rates,
-            rate_index=batch.rate_index.tolist(),
-            input_index=batch.input_index.tolist(),
-            position_cents=batch.position_cents.tolist(),
-            loan_days=batch.loan_days.tolist(),
-            borrow_cost=batch.borrow_cost.tolist(),
-            markup=batch.markup.tolist(),
-            transaction_fees=batch.transaction_fees.tolist(),
-            total_fee=batch.total_fee.tolist(),
-        )
-
-    def batch(self) -> PricedBatch:
-        return PricedBatch.from_columns(
-            batch_id=self.batch_id,
-            calculated_at=self.calculated_at,
-            request_id=self.request_id,
-            client_id=self.client_id,
-            key_id=self.key_id,
-            fee_schedule=self.fee_schedule,
-            rates=self.rates,
-            columns={name: getattr(self, name) for name in RowValues._fields},
-        )
-
-
-# ---- framing -----------------------------------------------------------------------------------------
-
-
-def frame(payload: bytes) -> bytes:
-    return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(SpooledBatch)
-
-
-def encode_record(record: AuditRecord) -> bytes:
-    """The framed spool record of one batch or single quote."""
-    return frame(_ENCODER.encode(SpooledBatch.of(record)))
-
-
-def _frame_end(data: bytes, view: memoryview, offset: int) -> int:
-    """Where the whole, intact frame starting at `offset` ends; 0 when none starts there; -1 when one starts
-    there but the data ends before it does (a torn tail)."""
-    if len(data) - offset < _HEADER.size:
-        return -1 if MAGIC.startswith(data[offset : offset + len(MAGIC)]) else 0
-    magic, length, crc = _HEADER.unpack_from(data, offset)
-    if magic != MAGIC or length > _MAX_PAYLOAD:
-        return 0
-    end: int = offset + _HEADER.size + length
-    if end > len(data):
-        return -1
-    if zlib.crc32(view[offset + _HEADER.size : end]) != crc:
-        return 0
-    return end
-
-
-def _next_frame(data: bytes, view: memoryview, start: int) -> int | None:
-    position = start
-    while (position := data.find(MAGIC, position)) >= 0:
-        if _frame_end(data, view, position) > 0:
-            return position
-        position += 1
-    return None
-
-
-class Scan(NamedTuple):
-    """What a spool file holds: the records read, and the byte ranges that could not be."""
-
-    batches: list[PricedBatch]
-    damaged: list[tuple[int, int]]  # (start, end): skipped in the middle, or undecodable
-    torn: tuple[int, int] | None  # a frame cut short at the end of the file
-    end: int  # where the last intact frame ends
-
-    @property
-    def unreadable_bytes(self) -> int:
-        torn = self.torn[1] - self.torn[0] if self.torn else 0
-        return torn + sum(end - start for start, end in self.damaged)
-
-
-def scan(data: bytes) -> Scan:
-    """Every intact record of `data`, resynchronising on the next valid frame after damage."""
-    view = memoryview(data)
-    batches: list[PricedBatch] = []
-    damaged: list[tuple[int, int]] = []
-    torn: tuple[int, int] | None = None
-    offset = last = 0
-    try:
-        while offset < len(data):
-            end = _frame_end(data, view, offset)
-            if end > 0:
-                try:
-                    batches.append(_DECODER.decode(view[offset + _HEADER.size : end]).batch())
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                    damaged.append((offset, end))  # intact bytes this version cannot read
-                offset = last = end
-                continue
-            following = _next_frame(data, view, offset + 1)
-            if following is None:
-                if end < 0:
-                    torn = (offset, len(data))
-                else:
-                    damaged.append((offset, len(data)))
-                break
-            damaged.append((offset, following))
-            offset = following
-    finally:
-        view.release()
-    return Scan(batches, damaged, torn, last)
-
-
-class _Appender:
-    """One append-only file of frames. An append is fsynced before it returns; a failed one is cut off, so
-    that the next starts where the last whole frame ends."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        self.size = os.fstat(self._fd).st_size
-        _sync_directory(path.parent)  # the new name must survive a power loss, not only its bytes
-
-    def append(self, data: bytes) -> None:
-        try:
-            written = 0
-            with memoryview(data) as view:
-                while written < len(data):
-                    written += os.pwrite(self._fd, view[written:], self.size + written)
-            _datasync(self._fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self.size)
-            raise
-        self.size += len(data)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-
-
-def _sync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# fdatasync flushes the data and the new size, not the times: about a quarter less CPU than fsync.
-_datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
-
-
-def _append_file(path: Path, data: bytes) -> None:
-    with path.open("ab") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def _record_files(directory: Path) -> list[Path]:
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return []
-    return [
-        directory / name
-        for name in names
-        if name == LEGACY_FILE or name.startswith((SPOOL_PREFIX, JOURNAL_PREFIX))
-    ]
-
-
-_LEGACY_LENGTH = struct.Struct(">I")
-
-
-def scan_legacy(data: bytes) -> Scan:
-    """The spool format before per-process directories: length-prefixed records, no magic or checksum,
-    so nothing can be read past the first bad record (the rest is reported as damaged)."""
-    batches: list[PricedBatch] = []
-    offset = 0
-    while offset + _LEGACY_LENGTH.size <= len(data):
-        (length,) = _LEGACY_LENGTH.unpack_from(data, offset)
-        start = offset + _LEGACY_LENGTH.size
-        if start + length > len(data):
-            break
-        try:
-            batches.append(_DECODER.decode(data[start : start + length]).batch())
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            break
-        offset = start + length
-    damaged = [(offset, len(data))] if offset < len(data) else []
-    return Scan(batches, damaged, None, offset)
-
-
-# ---- spool directories ---------------------------------------------------------------------------------
-
-
-class Adopted:
-    """Another (dead) process's spool directory, held under its lock until replayed and removed."""
-
-    def __init__(self, directory: Path, lock_fd: int) -> None:
-        self.directory = directory
-        self._lock_fd: int | None = lock_fd
-
-    def files(self) -> list[Path]:
-        return _record_files(self.directory)
-
-    def remove(self) -> None:
-        """Remove the (replayed) directory, then let go of its lock."""
-        for path in (*_record_files(self.directory), self.directory / LOCK_FILE):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        with contextlib.suppress(OSError):
-            self.directory.rmdir()
-        self.release()
-
-    def release(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-
-class Spool:
-    """This process's spool directory under `root` (AUDIT_SPOOL_DIR), held under an exclusive flock.
-
-    It holds the outage spool (`spool-<n>.bin` segments, so that a replay holds at most one segment in
-    memory) and, in `disk` mode, the journal segments. Made when first needed; `release` (graceful stop)
-    removes it when nothing is left in it."""
-
-    def __init__(self, root: Path, *, segment_bytes: int = SPOOL_SEGMENT_BYTES) -> None:
-        self.root = root
-        self.name = f"{PROCESS_PREFIX}{_safe(socket.gethostname())}-{os.getpid()}-{secrets.token_hex(4)}"
-        self.directory = root / self.name
-        self._segment_bytes = segment_bytes
-        self._segment = 0
-        self.quarantine_path = root / f"quarantine-{self.name}.bin"
-        self.dead_letter_path = root / f"dead-letter-{self.name}.bin"
-        self._lock_fd: int | None = None
-        self._spool: _Appender | None = None
-        self._size = 0  # bytes of records in this process's spool
-
-    def open(self) -> None:
-        """Make and lock this process's directory (once)."""
-        if self._lock_fd is not None:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".{self.name}"
-        staging.mkdir()
-        fd = os.open(staging / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(staging, self.directory)
-            _sync_directory(self.root)
-        except OSError:
-            os.close(fd)
-            raise
-        self._lock_fd = fd
-
-    def append(self, batches: Sequence[AuditRecord]) -> None:
-        payload = b"".join(encode_record(batch) for batch in batches)
-        if self._spool is not None and self._spool.size >= self._segment_bytes:
-            self._spool.close()
-            self._spool = None
-            self._segment += 1
-        if self._spool is None:
-            self.open()
-            self._spool = _Appender(self.path)
-        self._spool.append(payload)
-        self._size += len(payload)
-
-    @property
-    def path(self) -> Path:
-        """The spool segment appended to now."""
-        return self.directory / f"{SPOOL_PREFIX}{self._segment:012d}.bin"
-
-    def files(self) -> list[Path]:
-        """This process's spool segments, oldest first."""
-        return [path for path in _record_files(self.directory) if path.name.startswith(SPOOL_PREFIX)]
-
-    def read(self) -> list[PricedBatch]:
-        """The records of this process's spool (what a replay would write)."""
-        return [batch for path in self.files() for batch in scan(path.read_bytes()).batches]
-
-    def clear(self) -> None:
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-        for path in self.files():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        self._size = 0
-        self._segment += 1
-
-    @property
-    def pending(self) -> bool:
-        return self._size > 0
-
-    def orphans(self) -> Iterator[Adopted]:
-        """The other processes' directories whose lock this process can take: their owner is gone."""
-        legacy = self._adopt_legacy()
-        if legacy is not None:
-            yield legacy
-        try:
-            names = sorted(os.listdir(self.root))
-        except FileNotFoundError:
-            return
-        for name in names:
-            if not name.startswith(PROCESS_PREFIX) or name == self.name:
-                continue
-            directory = self.root / name
-            try:
-                fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as error:
-                os.close(fd)
-                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    continue  # alive
-                raise
-            if not directory.exists():  # removed by its adopter between our listing and our lock
-                os.close(fd)
-                continue
-            yield Adopted(directory, fd)
-
-    def _adopt_legacy(self) -> Adopted | None:
-        """An earlier version's `audit-spool.bin` (left by a stop during an outage, before an upgrade): moved
-        into a directory of its own (one atomic rename: two adopters cannot both take it), then replayed as
-        any dead process's directory."""
-        legacy = self.root / LEGACY_FILE
-        if not legacy.exists():
-            return None
-        name = f"{PROCESS_PREFIX}legacy-{secrets.token_hex(6)}"
-        staging = self.root / f".{name}"
-        staging.mkdir()
-        fd = os.open(staging / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        try:
-            os.rename(legacy, staging / LEGACY_FILE)
-        except FileNotFoundError:  # another process took it first
-            os.close(fd)
-            (staging / LOCK_FILE).unlink()
-            staging.rmdir()
-            return None
-        os.rename(staging, self.root / name)
-        _sync_directory(self.root)
-        log.warning("Audit spool of an earlier version adopted", extra=fields(spool=str(self.root / name)))
-        return Adopted(self.root / name, fd)
-
-    def release(self, *, remove: bool = True) -> None:
-        """Close the files and let go of the lock; the directory is removed first when nothing is left in
-        it (else the next process to start adopts it)."""
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-        if self._lock_fd is None:
-            return
-        if remove and not _record_files(self.directory):
-            with contextlib.suppress(FileNotFoundError):
-                (self.directory / LOCK_FILE).unlink()
-            with contextlib.suppress(OSError):
-                self.directory.rmdir()
-        os.close(self._lock_fd)
-        self._lock_fd = None
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-_" else "_" for c in name)[:64] or "host"
-
-
-class Journal:
-    """`disk` durability: this process's write-ahead journal, segment by segment, group-committed.
-
-    `submit` hands a record over; a thread of its own appends everything submitted meanwhile in one write
-    and one fsync, then gives the records to `on_durable` (the writer's queue) with their segment, and only
-    then resolves the submitters' futures. A request cancelled while it waits therefore still has its record
-    written to the database. `done` counts records of a segment that reached the database (or the spool);
-    a full segment whose records are all done is deleted."""
-
-    def __init__(
-        self,
-        spool: Spool,
-        on_durable: Callable[[list[AuditRecord], int], None],
-        *,
-        segment_bytes: int = JOURNAL_SEGMENT_BYTES,
-    ) -> None:
-        self._spool = spool
-        self._on_durable = on_durable
-        self._segment_bytes = segment_bytes
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-journal")
-        self._waiting: list[tuple[AuditRecord, bytes, asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self._segment = 0
-        self._file: _Appender | None = None
-        self._open: dict[int, int] = {}  # segment -> records not yet done
-        self.fsyncs = 0
-
-    def submit(self, record: AuditRecord) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((record, encode_record(record), future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush())
-        return future
-
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting:
-            waiting, self._waiting = self._waiting, []
-            try:
-                file, segment = self._current()
-                await loop.run_in_executor(self._executor, file.append, b"".join(w[1] for w in waiting))
-            except Exception as error:
-                # Nothing of this write is acknowledged: the requests fail (503) rather than answer a
-                # quote that is not on disk.
-                log.error(
-                    "Audit journal write failed",
-                    extra=fields(path=str(self._spool.directory), error=type(error).__name__),
-                )
-                for _, _, future in waiting:
-                    if not future.done():
-                        future.set_exception(ServiceUnavailable("The audit journal is unavailable"))
-                continue
-            self.fsyncs += 1
-            self._open[segment] = self._open.get(segment, 0) + len(waiting)
-            self._on_durable([w[0] for w in waiting], segment)
-            for _, _, future in waiting:
-                if not future.done():
-                    future.set_result(None)
-
-    def _current(self) -> tuple[_Appender, int]:
-        if self._file is not None and self._file.size >= self._segment_bytes:
-            self._file.close()
-            self._file = None
-            self._delete_if_done(self._segment)
-            self._segment += 1
-        if self._file is None:
-            self._spool.open()
-            self._file = _Appender(self._spool.directory / f"{JOURNAL_PREFIX}{self._segment:012d}.bin")
-        return self._file, self._segment
-
-    def done(self, segments: Sequence[int]) -> None:
-        for segment in segments:
-            if segment < 0:
-                continue
-            self._open[segment] -= 1
-            if segment != self._segment or self._file is None:
-                self._delete_if_done(segment)
-
-    def _delete_if_done(self, segment: int) -> None:
-        if self._open.get(segment, 0) == 0:
-            self._open.pop(segment, None)
-            with contextlib.suppress(FileNotFoundError):
-                (self._spool.directory / f"{JOURNAL_PREFIX}{segment:012d}.bin").unlink()
-
-    async def flush(self) -> None:
-        """Wait until everything submitted is on disk (and queued for the database)."""
-        while self._flusher is not None and not self._flusher.done():
-            await self._flusher
-
-    def close(self) -> None:
-        """After the final drain: close the current segment, deleting it when every record is done."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self._delete_if_done(self._segment)
-        self._executor.shutdown(wait=True)
 
 
 def _refused(error: Exception) -> bool:
@@ -634,10 +153,18 @@ class AuditTrail:
         self._adopted: list[Adopted] = []
         self.durability = durability
         self.journal = (
-            Journal(spool, self._enqueue, segment_bytes=journal_segment_bytes)
+            Journal(
+                spool, self._enqueue, segment_bytes=journal_segment_bytes, remove=self._remove_journal_segment
+            )
             if durability is Durability.DISK
             else None
         )
+        # Disk reads, appends and fsyncs of the spool run on this thread, never on the loop.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-spool")
+        self._unreplayable: set[Path] = set()  # files that could be neither replayed nor set aside
+        self._writes_ok = 0  # successful writes so far
+        self._unproven = False  # the last failed write kept a record that only fails, the database up
+        self._failing: dict[str, int] = {}  # batch id -> _writes_ok when its write first kept failing
         self.database_up = True
         self.written_rows = 0
         self.spooled_rows = 0
@@ -648,7 +175,6 @@ class AuditTrail:
     # ---- QuoteStore ---------------------------------------------------------------------------
 
     async def add(self, batch: PricedBatch) -> None:
-        await self._recent.add(batch)
         # A single quote waits for its write in its compact form: the batch, its arrays and its response
         # are freed now, by the request that made them.
         record: AuditRecord = batch.single_quote() or batch
@@ -659,6 +185,8 @@ class AuditTrail:
             self._enqueue([record], -1)
         else:
             await self.journal.submit(record)  # on disk (fsynced) before the response
+        # Readable here only once accepted: a quote the journal refused (503) is never served.
+        await self._recent.add(batch)
 
     def _enqueue(self, records: list[AuditRecord], segment: int) -> None:
         for record in records:
@@ -689,7 +217,10 @@ class AuditTrail:
 
     def start(self) -> None:
         self._spool.open()
-        self._adopt_orphans()  # at once: what dead processes left is pending from the start
+        try:
+            self._adopt_orphans()  # at once: what dead processes left is pending from the start
+        except OSError:
+            log.exception("Audit spool replay error")  # the writer tries again at its next scan
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -697,6 +228,12 @@ class AuditTrail:
         while not self._closing:
             try:
                 await self._replay()
+            except Exception:
+                # Apart from the writes, so that a spool that cannot be replayed never stops the queue from
+                # being written: new records keep reaching the database (or the spool).
+                log.exception("Audit spool replay error")
+                self._next_attempt = loop.time() + self._retry_seconds
+            try:
                 if not self._queue:
                     # Sleep until records come, the next attempt at the database is due (with a backlog),
                     # or it is time to look for dead processes' spools.
@@ -742,21 +279,26 @@ class AuditTrail:
             self.journal.done(segments)
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._queue:
             batches, segments, rows = self._take()
-            # With a backlog in the spool (the database away, or back and not replayed yet), or the database
-            # found away and its next attempt not due, new records go straight to the spool: nothing waits in
-            # memory for the next attempt (a SIGKILL would lose it).
-            direct = self._spool.pending or (
-                not self.database_up and asyncio.get_running_loop().time() < self._next_attempt
-            )
-            if not direct and await self._write(batches):
-                self.written_rows += rows
-                self._release(rows, segments)
-                continue
             try:
-                self._spool.append(batches)
-            except OSError:
+                # With a backlog in the spool (the database away, or back and not replayed yet), or the
+                # database found away and its next attempt not due, new records go straight to the spool:
+                # nothing waits in memory for the next attempt (a SIGKILL would lose it).
+                direct = self._spool.pending or (not self.database_up and loop.time() < self._next_attempt)
+                if not direct and await self._write(batches):
+                    self.written_rows += rows
+                    self._release(rows, segments)
+                    continue
+                # Encoded, appended and fsynced on the spool's thread: the loop is not held meanwhile.
+                # In `disk` mode without an fsync of its own: the records are in the journal, whose
+                # segment is deleted only after the spool is flushed (_remove_journal_segment).
+                append = functools.partial(self._spool.append, batches, sync=self.journal is None)
+                await loop.run_in_executor(self._io, append)
+            except BaseException:
+                # Whatever failed (the spool, the dead-letter file), these records are known to be
+                # nowhere else: back to the front of the queue, retried after the interval.
                 self._queue.extendleft(reversed(list(zip(batches, segments, strict=True))))
                 raise
             self.spooled_rows += rows
@@ -764,26 +306,98 @@ class AuditTrail:
 
     async def _write(self, batches: Sequence[AuditRecord]) -> bool:
         """Write to the database: True once done (records it refuses for good are dead-lettered), False
-        when it cannot be reached (the next attempt is then due after the retry interval)."""
+        when it cannot be reached (the next attempt is then due after the retry interval).
+
+        A server error that is not a refusal (SQLSTATE 54000, XX000...) may be the database failing or one
+        record that makes it fail every time. A probe query tells them apart: a write that fails
+        POISON_ATTEMPTS times while the database answers the probe is cut in halves until the record is
+        found, and that record is dead-lettered if another write has succeeded since it first failed (if
+        none has, the database itself may refuse writes -- read-only after a failover? -- and everything
+        is kept; the next write with other records in it settles it)."""
+        suspects: list[tuple[AuditRecord, Exception]] = []
+        if not await self._write_part(batches, suspects):
+            return False
+        for record, error in suspects:
+            if self._failing.get(record.batch_id, self._writes_ok) >= self._writes_ok:
+                self._unproven = True  # a replay goes on with its other files, which may settle it
+                self._database_down(error)
+                return False
+        for record, error in suspects:
+            self._dead_letter(record, error)
+            self._failing.pop(record.batch_id, None)
+        return True
+
+    async def _write_part(
+        self, batches: Sequence[AuditRecord], suspects: list[tuple[AuditRecord, Exception]]
+    ) -> bool:
+        """`_write` of a part: refused records dead-lettered, records failing with a server error every
+        time added to `suspects`; False when the database is away."""
+        error = await self._attempt(batches)
+        if error is None:
+            return True
+        if not _refused(error):
+            for attempt in range(POISON_ATTEMPTS):
+                probe = await self._probe()
+                if probe is not None:
+                    self._database_down(probe)
+                    return False
+                if attempt == POISON_ATTEMPTS - 1:
+                    break
+                error = await self._attempt(batches)  # a transient error passes on a retry
+                if error is None:
+                    return True
+            if len(self._failing) > 65_536:
+                self._failing.clear()
+            for batch in batches:
+                self._failing.setdefault(batch.batch_id, self._writes_ok)
+            if len(batches) == 1:
+                suspects.append((batches[0], error))
+                return True
+        elif len(batches) == 1:
+            self._dead_letter(batches[0], error)
+            return True
+        middle = len(batches) // 2  # find the failing ones
+        return await self._write_part(batches[:middle], suspects) and await self._write_part(
+            batches[middle:], suspects
+        )
+
+    async def _attempt(self, batches: Sequence[AuditRecord]) -> Exception | None:
         try:
             await self._sink.write(batches)
         except Exception as error:
-            if not _refused(error):
-                self._database_down(error)
-                return False
-            if len(batches) == 1:
-                self._dead_letter(batches[0], error)
-                return True
-            for batch in batches:  # find the refused ones
-                if not await self._write([batch]):
-                    return False
-            return True
+            return error
         self.database_up = True
-        return True
+        self._writes_ok += 1
+        return None
+
+    async def _probe(self) -> Exception | None:
+        """A cheap query (a quote id no batch has): None when the database answers, else its error."""
+        try:
+            await self._sink.get(_PROBE_QUOTE_ID)
+        except Exception as error:
+            return error
+        return None
+
+    def _remove_journal_segment(self, path: Path) -> None:
+        """`disk` mode: a journal segment whose records are all in the database or the spool is deleted
+        on the spool's thread, after the appends already submitted there and a flush of the spool."""
+
+        def remove() -> None:
+            self._spool.sync()
+            remove_file(path)
+
+        def failed(future: Future[None]) -> None:
+            if (error := future.exception()) is not None:
+                # Kept: the next process to adopt this directory replays it (idempotently).
+                log.error(
+                    "Audit journal segment kept", extra=fields(path=str(path), error=type(error).__name__)
+                )
+
+        self._io.submit(remove).add_done_callback(failed)
 
     def _dead_letter(self, record: AuditRecord, error: Exception) -> None:
         self._spool.open()
-        _append_file(self._spool.dead_letter_path, encode_record(record))
+        append_file(self._spool.dead_letter_path, encode_record(record))
         self.dead_lettered_rows += record.size
         log.error(
             "Audit record refused by the database; moved to the dead-letter file",
@@ -803,49 +417,85 @@ class AuditTrail:
             self.adopted_spools += 1
             log.info("Audit spool of a stopped process adopted", extra=fields(spool=str(adopted.directory)))
 
-    async def _replay(self, *, now: bool = False) -> None:
-        """Replay this process's spool and the adopted ones, when an attempt is due."""
+    async def _replay(self, *, now: bool = False) -> bool:
+        """Replay this process's spool and the adopted ones, when an attempt is due; False when the
+        database was found away."""
         loop = asyncio.get_running_loop()
         if now or loop.time() >= self._next_scan:
             self._adopt_orphans()
         if not self.spool_pending or (not now and loop.time() < self._next_attempt):
-            return
-        done = True
-        if self._spool.pending:
-            for path in self._spool.files():
-                done = await self._replay_file(path)
-                if not done:
-                    break
-                if path != self._spool.path:  # the one appended to now goes with clear()
-                    path.unlink()
-            if done:
-                self._spool.clear()
-        while done and self._adopted:
-            adopted = self._adopted[0]
+            return True
+        # A cheap query first: during an outage no segment is read only to find the database away.
+        probe = await self._probe()
+        if probe is not None:
+            self._database_down(probe)
+            return False
+        # A file is kept (and the rest goes on) when its write failed on a record that fails every time
+        # while nothing else was written since: the writes of the other files tell whether it is that
+        # record (dead-lettered next time) or the database.
+        kept = False
+        # Closing the segment appended to now may flush it: on the spool's thread.
+        for path in await loop.run_in_executor(self._io, self._spool.backlog):
+            if path not in self._unreplayable and not await self._replay_file(path):
+                if not self._unproven:
+                    return self._retry_later()
+                kept = True
+                continue
+            self._spool.replayed(path)
+        for adopted in list(self._adopted):
+            complete = True
             for path in adopted.files():
-                done = await self._replay_file(path)
-                if not done:
-                    break
-                path.unlink()
-            if done:
+                if path not in self._unreplayable and not await self._replay_file(path):
+                    if not self._unproven:
+                        return self._retry_later()
+                    kept, complete = True, False
+            if complete:
                 adopted.remove()
-                self._adopted.pop(0)
-        if not done:
-            self._next_attempt = loop.time() + self._retry_seconds
+                self._adopted.remove(adopted)
+        return self._retry_later() if kept else True
+
+    def _retry_later(self) -> bool:
+        self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
+        return False
 
     async def _replay_file(self, path: Path) -> bool:
-        """Write every readable record of a spool or journal file; quarantine what cannot be read. False
-        when the database is away (the file stays as it is)."""
-        data = _read(path)
-        if data is None:
+        """Write every readable record of a spool or journal file, then delete it; quarantine what cannot
+        be read. False when the database is away (the file stays as it is). A file that cannot be read
+        or finished for another reason (an I/O error, a full disk for the dead-letter file) is set aside
+        whole, so that the rest of the trail goes on."""
+        loop = asyncio.get_running_loop()
+        try:
+            # Read and decoded on the spool's thread (up to a whole segment): the loop is not held.
+            data = await loop.run_in_executor(self._io, read_file, path)
+            if data is None:
+                return True
+            decode = scan_legacy if path.name == LEGACY_FILE else scan
+            found = await loop.run_in_executor(self._io, decode, data)
+        except Exception as error:
+            self._set_aside(path, error, replayed=0)
             return True
-        found = scan_legacy(data) if path.name == LEGACY_FILE else scan(data)
         batches = found.batches
         for start in range(0, len(batches), REPLAY_CHUNK):
-            if not await self._write(batches[start : start + REPLAY_CHUNK]):
+            self._unproven = False
+            try:
+                written = await self._write(batches[start : start + REPLAY_CHUNK])
+            except Exception as error:
+                self._set_aside(path, error, replayed=start)
+                return True
+            if not written:
                 return False
-        if found.unreadable_bytes:
-            self._quarantine(path, data, found)
+            if self._queue:
+                # New records do not wait in memory for the whole replay (several segments, adopted
+                # directories): between chunks they go to the database or the spool.
+                await self._drain()
+        try:
+            if found.unreadable_bytes:
+                self._quarantine(path, data, found)
+            with contextlib.suppress(FileNotFoundError):
+                await loop.run_in_executor(self._io, path.unlink)
+        except Exception as error:
+            self._set_aside(path, error, replayed=len(batches))
+            return True
         log.info(
             "Audit spool replayed",
             extra=fields(
@@ -857,9 +507,30 @@ class AuditTrail:
         )
         return True
 
+    def _set_aside(self, path: Path, error: Exception, *, replayed: int) -> None:
+        """Rename a file that cannot be replayed into quarantine beside the spool directories (kept whole
+        for the operator; a replay of it adds nothing twice), and go on without it."""
+        target: Path | None = self._spool.root / f"quarantine-{path.parent.name}-{path.name}"
+        assert target is not None
+        try:
+            os.rename(path, target)
+            sync_directory(target.parent)
+        except OSError:
+            self._unreplayable.add(path)  # skipped from now on; stays where it is
+            target = None
+        log.error(
+            "Audit spool file cannot be replayed; set aside, the rest of the trail goes on",
+            extra=fields(
+                path=str(path),
+                error=type(error).__name__,
+                replayed_batches=replayed,
+                quarantine=str(target) if target else "left in place",
+            ),
+        )
+
     def _quarantine(self, path: Path, data: bytes, found: Scan) -> None:
         ranges = [*found.damaged, *([found.torn] if found.torn else [])]
-        _append_file(self._spool.quarantine_path, b"".join(data[start:end] for start, end in ranges))
+        append_file(self._spool.quarantine_path, b"".join(data[start:end] for start, end in ranges))
         self.unreadable_bytes += found.unreadable_bytes
         log.error(
             "Audit spool bytes unreadable; quarantined, the records around them replayed",
@@ -893,12 +564,16 @@ class AuditTrail:
             await self.journal.flush()
         self._spool.open()
         try:
-            await self._replay(now=True)
+            # Records drained into the spool during a replay land in a new segment: a few rounds.
+            for _ in range(3):
+                if not await self._replay(now=True) or not self.spool_pending:
+                    break
         except Exception:
-            log.exception("Audit writer error")  # the queue still goes to the database or the spool
+            log.exception("Audit spool replay error")  # the queue still goes to the database or the spool
         await self._drain()
         if self.journal is not None:
             self.journal.close()
+        self._io.shutdown(wait=True)
         for adopted in self._adopted:
             adopted.release()
         self._adopted.clear()
