@@ -39,6 +39,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
+from pricer.context import BODY_TIMED_OUT_KEY
 from pricer.ids import random_hex
 from pricer.logs import fields
 from pricer.schemas import ErrorBody
@@ -263,6 +264,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if not cycle.response_started:
             self.transport.write(_error_response(408, "REQUEST_TIMEOUT", "request body stalled"))
+            # So that metrics and logs record the 408 the client got, not a client that went away.
+            cycle.scope[BODY_TIMED_OUT_KEY] = True  # type: ignore[literal-required]
         # The application sees the client gone (its receive() answers http.disconnect).
         cycle.disconnected = True
         cycle.message_event.set()
