@@ -132,14 +132,16 @@ class RedisBus:
                 pinged_at = heard_at = self._clock()  # silence counts from the subscription
                 while True:
                     now = self._clock()
-                    if now - heard_at >= self._silence:
-                        raise RedisConnectionError("no answer on the subscription")
                     if now - pinged_at >= self._ping:
                         await pubsub.ping()  # the PONG arrives as a message
                         pinged_at = now
                     wait = min(pinged_at + self._ping, heard_at + self._silence) - now
                     message = await pubsub.get_message(timeout=max(0.01, wait))
                     if message is None:
+                        # Judged after a read found nothing, not before: a late event loop (this
+                        # process busy) reads the PONG waiting for it instead of taking Redis for dead.
+                        if self._clock() - heard_at >= self._silence:
+                            raise RedisConnectionError("no answer on the subscription")
                         continue
                     heard_at = self._heard_at = self._clock()
                     kind = message.get("type")
