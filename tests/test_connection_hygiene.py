@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pricer.settings import SettingsError, load_settings
 from tests.conftest import RunningServer, start_server, stop_server
@@ -156,6 +157,44 @@ def test_a_stalled_body_gets_408(tmp_path: Path) -> None:
         assert b"connection: close" in response.lower()
         # The server goes on serving.
         assert httpx.get(f"{running.base_url}/health", timeout=5).status_code == 200
+
+
+def locate_counts(running: RunningServer) -> dict[str, float]:
+    """http_requests_total of POST /api/v1/calculate-locate by status code."""
+    text = httpx.get(f"{running.base_url}/metrics", timeout=10).text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "http_requests_total" and labels.get("endpoint") == "/api/v1/calculate-locate":
+                counts[labels["status_code"]] = counts.get(labels["status_code"], 0) + sample.value
+    return counts
+
+
+def test_a_stalled_body_is_counted_and_logged_as_the_408_it_got(tmp_path: Path) -> None:
+    """The 408 is written by the server protocol; the application only sees the client gone. Metrics and
+    the log line must say 408 (what the client got), not 499 (a client that went away)."""
+    running = start_server(tmp_path, BODY_READ_TIMEOUT_SECONDS="1", LOG_LEVEL="INFO")
+    try:
+        key = running.keys["DEMO_CLIENT_KEY"]
+        with socket.create_connection(address(running), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/v1/calculate-locate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"X-API-Key: {key}\r\nContent-Length: 200\r\n\r\n".encode()
+                + b'{"ticker": "AAPL", '
+            )
+            response = read_response(sock, time.monotonic() + 15)
+        assert status_of(response) == 408, response[:300]
+        deadline = time.monotonic() + 10
+        while (counts := locate_counts(running)).get("408") != 1:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.1)
+        assert "499" not in counts, counts
+        log = running.log()
+        assert 'msg="Request body timed out"' in log, log
+        assert "Client disconnected" not in log, log
+    finally:
+        stop_server(running)
 
 
 def test_requests_past_the_connection_cap_get_503_and_the_file_limit_is_raised(tmp_path: Path) -> None:

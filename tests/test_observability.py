@@ -22,9 +22,11 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
 
 import pricer
 from pricer.app import PricerApp, create_app
+from pricer.observability.metrics import Metrics
 from tests.conftest import Engine, RunningServer, make_settings, start_server, stop_server
 from tests.pg import pg_schema
 
@@ -568,3 +570,35 @@ def test_every_logged_value_is_one_line_with_controls_escaped() -> None:
     assert f"endpoint={escaped}" in line
     assert f"other={escaped}" in line
     assert "exc=" in line
+
+
+def _requests_total(metrics: Metrics) -> float:
+    families = text_string_to_metric_families(metrics.exposition().decode())
+    return sum(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "http_requests_total"
+    )
+
+
+def test_a_worker_that_reuses_a_dead_workers_pid_keeps_its_counts(tmp_path: Path) -> None:
+    """With WORKERS > 1 a worker killed outright is replaced, and the replacement may get the dead
+    worker's pid (both live in this process here: the same pid). Its metrics file must not overwrite the
+    dead worker's last publication, or the sums over workers go backwards (rate() sees a reset)."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    dead = Metrics(shared_dir=str(shared))
+    replacement = None
+    try:
+        for _ in range(5):
+            dead.observe_request("GET", "/health", 200, 0.001)
+        assert _requests_total(dead) == 5  # published: the dead worker's last word
+        replacement = Metrics(shared_dir=str(shared))
+        replacement.observe_request("GET", "/health", 200, 0.001)
+        assert _requests_total(replacement) == 6
+        assert len(list(shared.glob("worker-*.msgpack"))) == 2
+    finally:
+        dead.shutdown()
+        if replacement is not None:
+            replacement.shutdown()

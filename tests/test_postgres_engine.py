@@ -42,6 +42,7 @@ from pricer.stores.postgres import quote_identifier
 from tests.conftest import TEST_SECRETS, RunningServer, free_port, stop_server, wait_for_health
 from tests.pg import PG_DSN, drop_schema, new_schema_name
 from tests.private_postgres import PrivatePostgres
+from tests.redis_server import PrivateRedis
 from tests.shared_data import SHARED_DATA
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -1124,6 +1125,62 @@ async def test_rates_priced_before_an_outage_stand_in_while_postgresql_is_down(t
         finally:
             stop_server(server)
     assert 'msg="Database unreachable: serving cached rates"' in server.log(), server.log()[-3000:]
+
+
+async def test_a_stale_key_is_refused_once_the_bus_has_gone_silent(tmp_path: Path) -> None:
+    """Stale-if-error serves a cached key past its TTL only while the invalidation bus can still bring
+    revocations. PostgreSQL is stopped, then the private Redis is SIGSTOPped (the subscription's TCP
+    connection stays up, nothing is answered: a partition without a reset). The bus must notice the
+    silence within seconds and the cached key be refused (503), not served for TTL + stale (here 31 s)."""
+    ttl, stale = 1, 30
+    with PrivatePostgres() as pg, PrivateRedis(tmp_path / "redis") as bus_redis:
+        env = {
+            "DATABASE_URL": pg.dsn,
+            "REDIS_URL": bus_redis.url,
+            "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
+            "SHUTDOWN_DRAIN_SECONDS": "0",
+            "KEY_CACHE_TTL_SECONDS": str(ttl),
+            "KEY_CACHE_STALE_SECONDS": str(stale),
+        }
+        cli_ok(env, "migrate")
+        demo = seed_demo(env, tmp_path)
+        server = start_engine(tmp_path, env)
+        try:
+            async with httpx.AsyncClient(timeout=15) as client:
+                cached = await issue_key(client, server, demo["DEMO_ADMIN_KEY"], "demo_client")
+
+                async def rates() -> int:
+                    response = await client.get(
+                        f"{server.base_url}/api/v1/rates/AAPL", headers={"X-API-Key": cached["api_key"]}
+                    )
+                    return response.status_code
+
+                assert await rates() == 200
+                pg.stop()
+                await asyncio.sleep(ttl + 1.0)
+                assert await rates() == 200  # past the TTL, the bus alive: the last known record stands in
+                bus_redis.pause()
+                paused = time.monotonic()
+                try:
+                    status = 200
+                    while status == 200:  # bounded: fails past 12 s (old code: 200 until TTL + stale)
+                        assert time.monotonic() - paused < 12, "the stale key was still served"
+                        await asyncio.sleep(0.25)
+                        status = await rates()
+                    assert status == 503, status
+                    await asyncio.sleep(1.0)
+                    assert await rates() == 503  # and stays refused while the bus is deaf
+                finally:
+                    bus_redis.resume()
+                pg.start()
+                for _ in range(150):  # within 30 s
+                    status = await rates()
+                    if status == 200:
+                        break
+                    await asyncio.sleep(0.2)
+                assert status == 200
+        finally:
+            stop_server(server)
 
 
 async def committed_transactions(dsn: str) -> int:

@@ -27,7 +27,7 @@ from pricer.app import PricerApp
 from pricer.backends import build_limiter, redis_client
 from pricer.ratelimit.buckets import BucketSpec, Decision
 from pricer.ratelimit.redis import BUCKET_SCRIPT, EPOCH_KEY, RedisLimiter
-from tests.conftest import free_port, make_settings, started_app
+from tests.conftest import TEST_SECRETS, free_port, make_settings, started_app
 from tests.redis_server import DelayProxy, PrivateRedis
 
 pytestmark = pytest.mark.anyio
@@ -364,6 +364,64 @@ async def test_the_share_is_never_more_than_its_fraction() -> None:
         assert decisions[0].spec == BucketSpec("ratelimit:thirds", per_minute=6, capacity=6)
         assert sum(d.allowed for d in decisions) == 6
     finally:
+        await limiter.close()
+
+
+async def test_each_worker_decides_locally_on_its_part_of_the_replica_share() -> None:
+    """With WORKERS=2 each worker has its own limiter and decides locally on its own: each enforces
+    1 / (EXPECTED_REPLICAS x WORKERS) of a limit, so the replica as a whole stays within its share."""
+    settings = make_settings(
+        **TEST_SECRETS,
+        DATABASE_URL="postgresql://postgres@127.0.0.1:5432/test",
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens: every decision is local
+        EXPECTED_REPLICAS="3",
+        WORKERS="2",
+    )
+    limiter = build_limiter(settings, quick_client(settings.redis_url or ""))
+    assert isinstance(limiter, RedisLimiter)
+    try:
+        spec = BucketSpec("ratelimit:workers", per_minute=120, capacity=60)
+        decisions = [await limiter.acquire(spec) for _ in range(30)]
+        assert all(d.local for d in decisions)
+        # A sixth of the limit per worker; two workers grant 20, a third of the burst.
+        assert decisions[0].spec == BucketSpec("ratelimit:workers", per_minute=20, capacity=10)
+        assert sum(d.allowed for d in decisions) == 10
+    finally:
+        await limiter.close()
+
+
+async def test_a_debt_is_charged_to_a_bucket_that_expired_meanwhile(tmp_path: Path) -> None:
+    """Redis is away for a while and comes back with its data (the epoch is old) but without the
+    client's bucket, which expired meanwhile: what this replica granted locally is still charged, so
+    the bucket does not start full and the outage adds no grants beyond the share."""
+    clock = FakeClock()
+    server = PrivateRedis(tmp_path / "redis").start()
+    limiter = RedisLimiter(quick_client(server.url), expected_replicas=1, budget_seconds=2.0, clock=clock)
+    try:
+        spec = BucketSpec("ratelimit:expired", per_minute=60, capacity=10)
+
+        def old_epoch() -> None:
+            with server.client() as direct:
+                seconds, micros = direct.time()
+                direct.set(EPOCH_KEY, str((seconds - 3600) * 1_000_000 + micros))
+
+        old_epoch()
+        await shared_until_empty(limiter, spec, 2)  # 8 tokens left
+        server.kill()
+        during = [await limiter.acquire(spec) for _ in range(5)]
+        assert all(d.local for d in during)
+        assert all(d.allowed for d in during)  # 5 granted locally: owed to Redis
+        server.start()
+        old_epoch()  # as a Redis that kept its data would: the epoch survived, the bucket expired
+        assert state_of(server, spec.key) is None
+        clock.advance(2.0)  # past the cool-down
+        after = await limiter.acquire(spec)
+        assert not after.local
+        assert after.allowed
+        # A full bucket (10) less the 5 owed, less this decision; the old script charged nothing: 9.
+        assert tokens_in(server, spec.key) == pytest.approx(4.0, abs=0.01)
+    finally:
+        server.kill()
         await limiter.close()
 
 

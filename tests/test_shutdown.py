@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,9 +250,10 @@ def run_through_sigterm(
     *,
     drain_seconds: float,
     clients: int = 6,
+    stop_with: Callable[[RunningServer], None] | None = None,
 ) -> tuple[list[Exchange], list[Outcome], float, int, float]:
-    """Keep-alive load, then SIGTERM to the server process; returns the exchanges, the /health polls,
-    the time of the signal, the exit status and the time of the exit."""
+    """Keep-alive load, then SIGTERM to the server process (or what `stop_with` sends); returns the
+    exchanges, the /health polls, the time of the signal, the exit status and the time of the exit."""
     exchanges = Exchanges()
     stop = threading.Event()
     deadline = time.monotonic() + EXIT_DEADLINE + 10
@@ -266,7 +268,10 @@ def run_through_sigterm(
             thread.start()
         time.sleep(1.0)  # steady traffic first
         sigterm_at = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
+        if stop_with is None:
+            server.process.send_signal(signal.SIGTERM)
+        else:
+            stop_with(server)
         polls = poll_health(server, until=sigterm_at + EXIT_DEADLINE)
         try:
             returncode = server.process.wait(timeout=max(0.1, sigterm_at + EXIT_DEADLINE - time.monotonic()))
@@ -362,3 +367,75 @@ def test_a_keepalive_connection_idle_through_the_drain_is_answered_not_reset(tmp
     finally:
         pooled.close()
         stop_server(server)
+
+
+# ---- signals repeated or mixed during the drain (issue 16 review, finding 8) -----------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_repeated_stop_signal_does_not_cut_the_drain_short(tmp_path: Path, sig: signal.Signals) -> None:
+    """The same stop delivered twice (an init that signals the process group, such as `tini -g`, and a
+    forward; Ctrl+C reaching the whole group): the second is ignored, the drain runs its full length,
+    no connection fails, the lifespan shutdown runs and the exit status is 0."""
+    server = start_server(
+        tmp_path,
+        SHUTDOWN_DRAIN_SECONDS=str(DRAIN_SECONDS),
+        RATE_LIMIT_PER_MINUTE="10000000",
+        LOG_LEVEL="INFO",
+    )
+
+    def twice(running: RunningServer) -> None:
+        running.process.send_signal(sig)
+        time.sleep(0.2)
+        running.process.send_signal(sig)
+
+    exchanges, polls, sigterm_at, returncode, exited_at = run_through_sigterm(
+        server, ("GET", "/openapi.json", None, {}), drain_seconds=DRAIN_SECONDS, stop_with=twice
+    )
+    log = server.log()
+    check_drain(exchanges, polls, sigterm_at, DRAIN_SECONDS)
+    assert exited_at - sigterm_at >= DRAIN_SECONDS, log
+    assert returncode == 0, f"{returncode}\n{log}"
+    assert "Stop signal repeated: ignored" in log, log
+    assert "Application shutdown complete." in log, log
+    assert "Traceback" not in log, log
+
+
+def test_the_other_stop_signal_ends_the_drain_but_not_the_graceful_shutdown(tmp_path: Path) -> None:
+    """SIGINT starts the drain, SIGTERM ends it early: the listener closes at once, yet a request still
+    in flight (its body stalled) is answered (408 at the body timeout, later than the drain would have
+    ended) and the lifespan shutdown runs. The drain's timer must not fire into that shutdown as a
+    second SIGINT (uvicorn's force exit, which skips the lifespan shutdown)."""
+    server = start_server(
+        tmp_path,
+        SHUTDOWN_DRAIN_SECONDS=str(DRAIN_SECONDS),
+        BODY_READ_TIMEOUT_SECONDS="5",
+        LOG_LEVEL="INFO",
+    )
+    host, port = server.base_url.removeprefix("http://").split(":")
+    stalled = socket.create_connection((host, int(port)), timeout=20)
+    try:
+        stalled.sendall(
+            b"POST /api/v1/calculate-locate HTTP/1.1\r\nHost: engine\r\nContent-Type: application/json\r\n"
+            + f"X-API-Key: {server.keys['DEMO_CLIENT_KEY']}\r\nContent-Length: 200\r\n\r\n".encode()
+            + b'{"ticker": "AAPL"'
+        )
+        time.sleep(0.3)  # the request is in the application, waiting for the rest of its body
+        signalled_at = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        answer = b""
+        while chunk := stalled.recv(65536):
+            answer += chunk
+        returncode = server.process.wait(timeout=EXIT_DEADLINE)
+        exited_at = time.monotonic()
+    finally:
+        stalled.close()
+        stop_server(server)
+    log = server.log()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert exited_at - signalled_at > DRAIN_SECONDS, "the shutdown did not wait for the request in flight"
+    assert "Drain ended early by a second signal" in log, log
+    assert "Application shutdown complete." in log, log
+    assert returncode == 0, f"{returncode}\n{log}"

@@ -185,3 +185,29 @@ def test_sigterm_drains_every_worker_then_the_parent_exits_zero(tmp_path: Path, 
     assert "Traceback" not in log, log
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_sigterm_to_every_process_still_drains_every_worker(tmp_path: Path, schema: str) -> None:
+    """An init that signals the whole process group (`tini -g`, dumb-init): each worker gets SIGTERM
+    directly and again from the parent's forward. The repeat is ignored: every worker drains in full."""
+    server = start_workers(tmp_path, schema, SHUTDOWN_DRAIN_SECONDS=str(DRAIN_SECONDS))
+    workers = worker_pids(server.process.pid)
+    assert len(workers) == 2, workers
+
+    def to_the_group(running: RunningServer) -> None:
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        # Apart, so that the kernel does not merge the two deliveries into one pending signal.
+        time.sleep(0.2)
+        os.kill(running.process.pid, signal.SIGTERM)
+
+    exchanges, polls, sigterm_at, returncode, exited_at = run_through_sigterm(
+        server, ("GET", ENDPOINT, None, {}), drain_seconds=DRAIN_SECONDS, stop_with=to_the_group
+    )
+    log = server.log()
+    check_drain(exchanges, polls, sigterm_at, DRAIN_SECONDS)
+    assert returncode == 0, f"{returncode}\n{log}"
+    assert exited_at - sigterm_at >= DRAIN_SECONDS, log
+    assert log.count("Draining before shutdown") == 2, log
+    assert log.count("Application shutdown complete.") == 2, log
+    assert "Traceback" not in log, log

@@ -55,7 +55,9 @@ def build_limiter(settings: Settings, client: aioredis.Redis | None = None) -> R
     if settings.redis_url is None:
         return MemoryLimiter()
     return RedisLimiter(
-        client or redis_client(settings.redis_url), expected_replicas=settings.expected_replicas
+        client or redis_client(settings.redis_url),
+        expected_replicas=settings.expected_replicas,
+        workers=settings.workers,  # every worker decides locally on its own: each gets its part of the share
     )
 
 

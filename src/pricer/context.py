@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from pricer.routing import ApiRoute
 
 STATE_KEY = "pricer.state"
+# Set in the scope by the HTTP protocol when it gave up on a stalled request body and answered 408 itself
+# (the application only sees the client gone): the error edge then records 408, not 499.
+BODY_TIMED_OUT_KEY = "pricer.body_timed_out"
 
 
 class RequestState:

@@ -4,6 +4,13 @@ A replica that takes a write invalidates its own caches before the call returns 
 message; every other replica drops the same entries when the message arrives (Redis pub/sub, well
 within a second). While a replica is not subscribed it cannot hear messages, so its caches must not
 trust entries for long: `connected` tells them.
+
+`connected` means "heard from Redis lately", not "a connection object exists": a subscription whose
+connection died silently (a partition without a reset, a hung Redis) keeps its socket open and simply
+receives nothing, and a read that times out returns no message rather than an error. So the listener
+pings Redis on the subscription every `ping_seconds` and counts any message or PONG as news; silent for
+`silence_seconds`, the bus is not connected (caches stop trusting entries, stale-if-error stops) and the
+subscription is dropped and made again (which clears every cache: messages may have been missed).
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from pricer.logs import fields
@@ -63,17 +72,29 @@ class LocalBus:
 
 
 class RedisBus:
-    def __init__(self, client: aioredis.Redis, *, reconnect_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        reconnect_seconds: float = 0.5,
+        ping_seconds: float = 1.0,
+        silence_seconds: float = 2.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._redis = client
         self._handlers: list[Handler] = []
         self._reconnect = reconnect_seconds
+        self._ping = ping_seconds
+        self._silence = max(silence_seconds, ping_seconds)
+        self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._connected = False
+        self._heard_at = -float("inf")  # when Redis last answered on the subscription
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self._connected and self._clock() - self._heard_at < self._silence
 
     def subscribe(self, handler: Handler) -> None:
         self._handlers.append(handler)
@@ -104,16 +125,32 @@ class RedisBus:
 
     async def _listen(self) -> None:
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            # Subscribe confirmations are wanted: sending SUBSCRIBE proves nothing, its answer does.
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
             try:
                 await pubsub.subscribe(CHANNEL)
-                self._connected = True
-                self._subscribed.set()
-                # Anything published while we were away is lost: start from a clean slate.
-                self._deliver("*", "*")
+                pinged_at = heard_at = self._clock()  # silence counts from the subscription
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
+                    now = self._clock()
+                    if now - pinged_at >= self._ping:
+                        await pubsub.ping()  # the PONG arrives as a message
+                        pinged_at = now
+                    wait = min(pinged_at + self._ping, heard_at + self._silence) - now
+                    message = await pubsub.get_message(timeout=max(0.01, wait))
+                    if message is None:
+                        # Judged after a read found nothing, not before: a late event loop (this
+                        # process busy) reads the PONG waiting for it instead of taking Redis for dead.
+                        if self._clock() - heard_at >= self._silence:
+                            raise RedisConnectionError("no answer on the subscription")
+                        continue
+                    heard_at = self._heard_at = self._clock()
+                    kind = message.get("type")
+                    if kind == "subscribe" and not self._connected:
+                        self._connected = True
+                        self._subscribed.set()
+                        # Anything published while we were away is lost: start from a clean slate.
+                        self._deliver("*", "*")
+                    elif kind == "message":
                         data = message["data"]
                         text = data.decode() if isinstance(data, bytes) else str(data)
                         topic, _, key = text.partition("\n")

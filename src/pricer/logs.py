@@ -18,6 +18,7 @@ BACKEND_SERVICE_ERROR = "Backend service error"
 VALIDATION_ERROR = "Validation error"
 SLOW_REQUEST = "Slow request"
 CLIENT_DISCONNECTED = "Client disconnected"
+BODY_TIMED_OUT = "Request body timed out"
 
 FIELDS_ATTR = "logfmt_fields"
 

@@ -9,7 +9,7 @@ import msgspec
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pricer.context import request_state
+from pricer.context import BODY_TIMED_OUT_KEY, request_state
 from pricer.errors import (
     InvalidParameter,
     MethodNotAllowed,
@@ -21,6 +21,7 @@ from pricer.errors import (
 from pricer.logs import (
     AUTHENTICATION_ERROR,
     BACKEND_SERVICE_ERROR,
+    BODY_TIMED_OUT,
     CLIENT_DISCONNECTED,
     VALIDATION_ERROR,
     LineBudget,
@@ -38,6 +39,8 @@ _encoder = msgspec.json.Encoder()
 # before it was answered. It is not a server error, so the runbook's 5xx alerts do not count it; no response
 # is sent (there is no one to read it).
 CLIENT_CLOSED_REQUEST = 499
+# What the server itself answered a request whose body stalled (the protocol wrote it; see server.py).
+REQUEST_TIMEOUT = 408
 
 # What a 503 names: the dependency, never the operation or the exception class that failed (those are
 # internals, and tell an attacker which query a request reached). The stores mark their errors with the
@@ -104,7 +107,8 @@ def error_headers(error: PricerError) -> list[tuple[bytes, bytes]]:
 class ErrorEnvelope:
     """Renders a PricerError raised below as its status and envelope, and any other exception as a
     logged 500 INTERNAL_ERROR; never a stack trace to the client. A client that went away while its body
-    was read is not an error of ours: recorded as 499, one INFO line, nothing sent."""
+    was read is not an error of ours: recorded as 499, one INFO line, nothing sent. A body that stalled
+    until the server gave up is recorded as the 408 the server answered."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -124,10 +128,11 @@ class ErrorEnvelope:
             await self._send_error(scope, send, error)
         except ClientDisconnect:
             state = request_state(scope)
+            timed_out = bool(scope.get(BODY_TIMED_OUT_KEY))
             if not state.response_started:
-                state.status = CLIENT_CLOSED_REQUEST
+                state.status = REQUEST_TIMEOUT if timed_out else CLIENT_CLOSED_REQUEST
             log.info(
-                CLIENT_DISCONNECTED,
+                BODY_TIMED_OUT if timed_out else CLIENT_DISCONNECTED,
                 extra=fields(endpoint=state.route_template, request_id=state.request_id),
             )
         except Exception:

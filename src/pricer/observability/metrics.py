@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 from bisect import bisect_left
 from collections import defaultdict
@@ -431,12 +432,15 @@ class _Totals:
 
 
 class SharedMetricsDirectory:
-    """Per-process snapshot files in one directory (`worker-<pid>.msgpack`), replaced atomically."""
+    """Per-process snapshot files in one directory (`worker-<pid>-<random token>.msgpack`), replaced
+    atomically. The token makes each process's file its own: a worker that replaces a dead one may get
+    its pid, and must not overwrite the dead worker's last counts (the sums would go backwards)."""
 
     def __init__(self, directory: str) -> None:
         self._directory = Path(directory)
-        self._path = self._directory / f"worker-{os.getpid()}.msgpack"
-        self._temporary = self._directory / f".worker-{os.getpid()}.tmp"
+        name = f"worker-{os.getpid()}-{secrets.token_hex(8)}"
+        self._path = self._directory / f"{name}.msgpack"
+        self._temporary = self._directory / f".{name}.tmp"
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(MetricsSnapshot)
 

@@ -17,12 +17,13 @@
   budgets: a reply a few ms late, Redis waiting for a CPU, is not an outage), or one unanswered for
   `stall_limit_seconds` open the circuit breaker: the replica reports itself degraded and decides locally
   for a cool-down before it tries Redis again.
-* Local decisions enforce this replica's share (1 / expected replicas, rounded down, at least one token)
-  of each limit, starting from what Redis last said of the bucket (every shared decision leaves its result,
-  scaled to the share, in the local bucket), not from a full bucket. What is granted locally is owed to
-  Redis and charged with the key's next shared decision; a key Redis lost (it restarted: `EPOCH_KEY` is
-  younger than the bucket's refill time) starts from this replica's estimate instead of a full bucket. So
-  neither a false alarm nor a Redis restart hands out a burst of extra grants.
+* Local decisions enforce this process's share (1 / (expected replicas x workers per replica), rounded
+  down, at least one token: every worker of a replica decides locally on its own) of each limit, starting
+  from what Redis last said of the bucket (every shared decision leaves its result, scaled to the share, in
+  the local bucket), not from a full bucket. What is granted locally is owed to Redis and charged with the
+  key's next shared decision (also when the bucket expired in Redis meanwhile); a key Redis lost (it
+  restarted: `EPOCH_KEY` is younger than the bucket's refill time) starts from this replica's estimate
+  instead of a full bucket. So neither a false alarm nor a Redis restart hands out a burst of extra grants.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ EPOCH_KEY = "ratelimit:~epoch"
 
 # KEYS: the epoch key, then bucket keys; ARGV: per bucket (limit per minute, capacity, cost), then any
 # number of (bucket index, debt, seed): `debt`, tokens granted locally meanwhile, charged first (not below
-# zero); `seed`, the caller's estimate of the tokens of a bucket Redis lost (negative: none). Returns the
-# age of Redis's data in microseconds, then per bucket (allowed, tokens).
+# zero), also to a bucket that expired meanwhile (it refilled in Redis while this replica granted);
+# `seed`, the caller's estimate of the tokens of a bucket Redis lost (negative: none), which already counts
+# what the caller granted locally, so a seeded bucket is not charged the debt again. Returns the age of
+# Redis's data in microseconds, then per bucket (allowed, tokens).
 BUCKET_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -76,6 +79,7 @@ for i = 1, count do
   local cost = tonumber(ARGV[i * 3])
   local tokens = capacity
   local state = redis.call('GET', key)
+  local seeded = false
   if state then
     local sep = string.find(state, ':', 1, true)
     if sep then
@@ -87,10 +91,11 @@ for i = 1, count do
         tokens = math.min(capacity, stored + elapsed * rate / 1000000)
       end
     end
-    if debts[i] then tokens = math.max(0, tokens - debts[i]) end
   elseif seeds[i] and seeds[i] >= 0 and now - epoch < (capacity / rate + 1) * 1000000 then
     tokens = math.min(capacity, seeds[i])
+    seeded = true
   end
+  if debts[i] and not seeded then tokens = math.max(0, tokens - debts[i]) end
   local allowed = 0
   if tokens >= cost then
     tokens = tokens - cost
@@ -129,6 +134,7 @@ class RedisLimiter:
         client: aioredis.Redis,
         *,
         expected_replicas: int,
+        workers: int = 1,
         budget_seconds: float = 0.005,
         cooldown_seconds: float = 1.0,
         stall_limit_seconds: float = 0.25,
@@ -141,15 +147,15 @@ class RedisLimiter:
         self._redis = client
         self._script = client.register_script(BUCKET_SCRIPT)
         self._connection: AbstractConnection | None = None
-        self._replicas = max(1, expected_replicas)
+        # Each worker of each replica decides locally on its own: its share is one of this many.
+        self._deciders = max(1, expected_replicas) * max(1, workers)
         self._budget = budget_seconds
         self._lag_tolerance = budget_seconds / 2
         self._cooldown = cooldown_seconds
-        self._stall_limit = max(stall_limit_seconds, budget_seconds)
         self._trip_after = max(1, trip_after)
         # An overdue call still unanswered this long counts toward opening the breaker.
         self._slow = max(budget_seconds, 4 * budget_seconds if slow_seconds is None else slow_seconds)
-        self._stall_limit = max(self._stall_limit, self._slow)
+        self._stall_limit = max(stall_limit_seconds, self._slow)
         self._max_batch = max_batch
         self._linger = linger_seconds
         self._last_flush = float("-inf")
@@ -406,15 +412,15 @@ class RedisLimiter:
         self._open_until = self._clock() + self._cooldown
 
     def _share_of(self, spec: BucketSpec) -> tuple[BucketSpec, float, tuple[bytes, bytes]]:
-        """This replica's share of a limit (never more than 1 / expected replicas of the rate and of the
-        burst, but at least one token), the factor from the shared bucket's tokens to the share's, and the
-        limit as the script's arguments."""
+        """This process's share of a limit (never more than 1 / (expected replicas x workers) of the rate
+        and of the burst, but at least one token), the factor from the shared bucket's tokens to the
+        share's, and the limit as the script's arguments."""
         cached = self._shares.get(spec)
         if cached is None:
             share = BucketSpec(
                 key=spec.key,
-                per_minute=max(1, spec.per_minute // self._replicas),
-                capacity=max(1, spec.capacity // self._replicas),
+                per_minute=max(1, spec.per_minute // self._deciders),
+                capacity=max(1, spec.capacity // self._deciders),
             )
             cached = (
                 share,
