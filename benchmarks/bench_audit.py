@@ -52,7 +52,9 @@ from pricer.models import BorrowStatus, FeeType, RateSource
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
 from pricer.schemas import FeeScheduleView
 from pricer.stores.migrate import migrate
-from pricer.stores.postgres import PgQuoteStore, connect_stores, quote_identifier
+from pricer.stores.postgres.assembly import connect_stores
+from pricer.stores.postgres.audit import PgQuoteStore
+from pricer.stores.postgres.common import quote_identifier
 
 METHODS = ("store", "audit", "executemany")
 TARGET_ROWS_PER_S = 200_000

@@ -20,7 +20,9 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 from pricer.stores.migrate import migrate
-from pricer.stores.postgres import DEFAULT_REFRESH_SECONDS, connect_stores, quote_identifier
+from pricer.stores.postgres.assembly import connect_stores
+from pricer.stores.postgres.common import quote_identifier
+from pricer.stores.postgres.marketdata import DEFAULT_REFRESH_SECONDS
 from pricer.stores.protocols import Stores
 
 PG_DSN: str = os.environ.get("PRICER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -48,7 +48,8 @@ from pricer.schemas import FeeScheduleView, QuoteResponse
 from pricer.settings import AuditDurability as Durability
 from pricer.stores.migrate import migrate
 from pricer.stores.pool import DeferredPool
-from pricer.stores.postgres import PgQuoteStore, quote_identifier
+from pricer.stores.postgres.audit import PgQuoteStore
+from pricer.stores.postgres.common import quote_identifier
 from tests.pg import pg_schema
 
 pytestmark = pytest.mark.anyio

@@ -38,7 +38,7 @@ import pytest
 import redis
 
 from pricer.stores.migrate import migrations
-from pricer.stores.postgres import quote_identifier
+from pricer.stores.postgres.common import quote_identifier
 from tests.conftest import TEST_SECRETS, RunningServer, free_port, stop_server, wait_for_health
 from tests.pg import PG_DSN, drop_schema, new_schema_name
 from tests.private_postgres import PrivatePostgres

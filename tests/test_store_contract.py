@@ -46,17 +46,13 @@ from pricer.models import (
 )
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
 from pricer.schemas import FeeScheduleView
-from pricer.stores import postgres as postgres_module
 from pricer.stores.cached import MAX_UNKNOWN_ENTRIES, CachedKeyStore
 from pricer.stores.memory import memory_stores
 from pricer.stores.migrate import migrate, migration_lock_key, migrations, pending_migrations
-from pricer.stores.postgres import (
-    PgAvailabilityStore,
-    PgQuoteStore,
-    PgVolatilityStore,
-    connect_stores,
-    postgres_stores,
-)
+from pricer.stores.postgres import audit as postgres_audit
+from pricer.stores.postgres.assembly import connect_stores, postgres_stores
+from pricer.stores.postgres.audit import PgQuoteStore
+from pricer.stores.postgres.marketdata import PgAvailabilityStore, PgVolatilityStore
 from pricer.stores.protocols import Stores
 from tests.pg import pg_schema, pg_stores
 from tests.shared_data import SHARED_DATA
@@ -690,7 +686,7 @@ async def test_a_write_of_single_quotes_only(statement_limit: int, monkeypatch: 
     """Single quotes alone go as one statement (up to SINGLE_STATEMENT_QUOTES), more of them by COPY:
     either way each is stored once, with its exact figures, and concurrent writers of the same quotes
     (replicas replaying one spool) add nothing twice."""
-    monkeypatch.setattr(postgres_module, "SINGLE_STATEMENT_QUOTES", statement_limit)
+    monkeypatch.setattr(postgres_audit, "SINGLE_STATEMENT_QUOTES", statement_limit)
     singles = [make_batch(1, rates=[MIXED_RATES[i % len(MIXED_RATES)]], seed=i) for i in range(30)]
     records = [batch.single_quote() for batch in singles]
     async with pg_stores() as (stores, pool, _dsn, _schema):
@@ -912,7 +908,7 @@ def _numeric_value(sign: int, digits: Sequence[int]) -> Decimal:
 
 @given(st.lists(st.integers(min_value=-(10**18) + 1, max_value=10**18 - 1), min_size=1, max_size=20))
 def test_money_goes_to_copy_as_its_exact_numeric(cents: list[int]) -> None:
-    from pricer.stores.postgres import _money_digits
+    from pricer.stores.postgres.copy_rows import _money_digits
 
     signs, digits = _money_digits(np.array(cents, dtype=np.int64))
     for amount, sign, row in zip(cents, signs.tolist(), digits.tolist(), strict=True):
@@ -921,7 +917,7 @@ def test_money_goes_to_copy_as_its_exact_numeric(cents: list[int]) -> None:
 
 
 def test_money_beyond_the_audit_columns_is_refused_before_writing() -> None:
-    from pricer.stores.postgres import _money_digits
+    from pricer.stores.postgres.copy_rows import _money_digits
 
     for cents in (10**18, -(10**18), np.iinfo(np.int64).max):
         with pytest.raises(ValueError, match="beyond what the audit trail holds"):

@@ -96,7 +96,7 @@ def build_backends(settings: Settings, stores: Stores | None = None) -> Backends
 
 def _use_postgres(backends: Backends, settings: Settings) -> None:
     from pricer.stores.migrate import migrate
-    from pricer.stores.postgres import postgres_stores
+    from pricer.stores.postgres.assembly import postgres_stores
 
     assert settings.database_url is not None
     pool = DeferredPool(

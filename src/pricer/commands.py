@@ -28,7 +28,7 @@ def _utc_now() -> dt.datetime:
 
 async def with_database(settings: Settings, work: Callable[[Stores, InvalidationBus], Awaitable[int]]) -> int:
     from pricer.backends import redis_client
-    from pricer.stores.postgres import connect_stores
+    from pricer.stores.postgres.assembly import connect_stores
 
     assert settings.database_url is not None
     stores, pool = await connect_stores(

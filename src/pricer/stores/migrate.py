@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 from pricer.errors import PricerError
-from pricer.stores.postgres import quote_identifier, translate_errors, valid_schema_name
+from pricer.stores.postgres.common import quote_identifier, translate_errors, valid_schema_name
 
 __all__ = [
     "Migration",

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 from pricer.errors import ServiceUnavailable
-from pricer.stores.postgres import keep_session, quote_identifier, translate_errors, valid_schema_name
+from pricer.stores.postgres.common import keep_session, quote_identifier, translate_errors, valid_schema_name
 
 
 class DeferredPool:
