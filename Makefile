@@ -2,17 +2,25 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The engine alone (what `make serve` needs), and the test and dev tools on top of it (what `make test` needs).
+SERVE_STAMP := $(VENV)/.installed-engine
 STAMP := $(VENV)/.installed
 
 .PHONY: serve test lint typecheck check bench tools
 
-$(STAMP): pyproject.toml
+$(SERVE_STAMP): pyproject.toml
+	@echo "make: installing the engine into $(VENV) (first run only; about a minute)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	$(BIN)/python -m pip install --progress-bar off --upgrade pip
+	$(BIN)/python -m pip install --progress-bar off -e .
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP) pyproject.toml
+	@echo "make: installing the test and development tools into $(VENV) (first run only)"
+	$(BIN)/python -m pip install --progress-bar off -e '.[test,dev]'
 	touch $(STAMP)
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(BIN)/pricer serve
 
 test: $(STAMP) tools

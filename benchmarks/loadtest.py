@@ -7,13 +7,14 @@ benchmarks/.build/): a Python generator saturates long before this service does.
 generator's and (with --server-pid) the server's CPU, and says which one was the bottleneck.
 
     # serve the engine (make serve) and take its demo key from the keys file it writes
-    python benchmarks/loadtest.py run --url http://127.0.0.1:8000 --keys-file demo-keys.env \\
+    .venv/bin/python benchmarks/loadtest.py run --url http://127.0.0.1:8000 --keys-file .demo-keys.env \\
         --scenario single-post --mode open --rate 3000 --duration 20 --warmup 5 --json a.json --plot a.png
-    python benchmarks/loadtest.py run ... --mode closed --connections 32   # capacity
-    python benchmarks/loadtest.py run ... --rate half                      # capacity, then 50 % of it
-    python benchmarks/loadtest.py plot a.json b.json --out ab.png          # A/B percentile plot
-    python benchmarks/loadtest.py provision --url ... --clients 50 --out keys.txt   # PRICER_ADMIN_KEY
-    python benchmarks/loadtest.py scenarios                                # what there is
+    .venv/bin/python benchmarks/loadtest.py run ... --mode closed --connections 32   # capacity
+    .venv/bin/python benchmarks/loadtest.py run ... --rate half              # capacity, then 50 % of it
+    .venv/bin/python benchmarks/loadtest.py plot a.json b.json --out ab.png          # A/B percentile plot
+    .venv/bin/python benchmarks/loadtest.py provision --url ... --clients 50 --out keys.txt  # admin key:
+    #   PRICER_ADMIN_KEY
+    .venv/bin/python benchmarks/loadtest.py scenarios                                # what there is
 
 Keys come from --keys-file (lines `client_id key`, or the engine's demo keys file) or PRICER_API_KEY and
 PRICER_CLIENT_ID, never from code. Exit status: 0 valid run, 1 invalid (unexpected statuses, socket
