@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from pricer.errors import DataFileError
 from pricer.marketdata.loaders import parse_availability
 from pricer.tickers import normalize_ticker
-from tests.conftest import Engine
+from tests.conftest import Engine, start_server, stop_server
 from tests.test_loaders import LOADED_AT, synthetic_ibkr
 
 pytestmark = pytest.mark.anyio
@@ -99,3 +102,60 @@ def test_non_ascii_symbol_in_an_availability_file_is_a_damaged_row() -> None:
         with pytest.raises(DataFileError) as caught:
             parse_availability(synthetic_ibkr([f"{symbol}|USD|N|1|X|0|1|1|"]), loaded_at=LOADED_AT)
         assert "line 3" in str(caught.value.args) + str(vars(caught.value)), vars(caught.value)
+
+
+# ---- HEAD (item 3): HEAD answers as GET does, without a body; 405's Allow lists exactly what is answered
+
+
+def quote_query() -> dict[str, str]:
+    return {"ticker": "AAPL", "position_value": "100000", "loan_days": "30", "client_id": "demo_client"}
+
+
+async def test_head_quote_answers_like_get(engine: Engine) -> None:
+    got = await engine.client.get(QUOTE, params=quote_query(), headers=engine.as_client())
+    head = await engine.client.head(QUOTE, params=quote_query(), headers=engine.as_client())
+    assert got.status_code == 200, got.text
+    assert head.status_code == 200, head.headers
+    assert head.headers["content-type"] == got.headers["content-type"]
+    bad = await engine.client.head(QUOTE, params={**quote_query(), "ticker": "ß"}, headers=engine.as_client())
+    assert bad.status_code == 400  # validated as the GET form is, not as a body
+
+
+async def test_allow_lists_head_only_where_head_is_answered(engine: Engine) -> None:
+    for path, allowed in ((QUOTE, {"GET", "HEAD", "POST"}), ("/health", {"GET", "HEAD"}), (BATCH, {"POST"})):
+        response = await engine.client.request("PATCH", path, headers=engine.as_client())
+        assert response.status_code == 405, response.text
+        listed = {method.strip() for method in response.headers["allow"].split(",")}
+        assert listed == allowed, (path, listed)
+        for method in listed - {"POST"}:
+            answered = await engine.client.request(
+                method, path, params=quote_query(), headers=engine.as_client()
+            )
+            assert answered.status_code == 200, (path, method, answered.headers)
+
+
+def test_head_over_a_real_server_has_no_body(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        headers = {"X-API-Key": server.keys["DEMO_CLIENT_KEY"]}
+        for path, params in (("/health", {}), (QUOTE, quote_query())):
+            got = httpx.get(server.base_url + path, params=params, headers=headers, timeout=10)
+            with socket.create_connection(
+                ("127.0.0.1", int(server.base_url.rsplit(":", 1)[1])), timeout=10
+            ) as raw:
+                target = str(httpx.URL(path, params=params))
+                raw.sendall(
+                    f"HEAD {target} HTTP/1.1\r\nHost: x\r\nX-API-Key: {headers['X-API-Key']}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
+                answer = b""
+                while chunk := raw.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), (path, head)
+            assert body == b"", (path, body)
+            length = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+            assert got.status_code == 200
+            assert int(length.split(b":")[1]) > 0
+    finally:
+        stop_server(server)
