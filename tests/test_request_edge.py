@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from pricer.errors import DataFileError
@@ -159,3 +160,45 @@ def test_head_over_a_real_server_has_no_body(tmp_path: Path) -> None:
             assert int(length.split(b":")[1]) > 0
     finally:
         stop_server(server)
+
+
+# ---- Accept (item 4): media ranges with q-values, not a substring test
+
+BATCH_ROWS = [{"ticker": "AAPL", "position_value": 10, "loan_days": 1}]
+
+
+@pytest.mark.parametrize(
+    ("accept", "body_msgpack", "answer_msgpack"),
+    [
+        ("application/json, application/msgpack;q=0", False, False),
+        ("application/msgpack;q=0", False, False),
+        ("application/msgpack;q=0, application/json;q=0.1", True, False),
+        ("application/json;q=0.5, application/msgpack", False, True),
+        ("application/json;q=0, */*", False, True),
+        ("application/msgpack;q=0.9, application/json", False, False),
+        ("application/json", True, False),
+        ("application/x-msgpack", False, True),
+        ("application/msgpack-like, application/json", False, False),
+        ("text/plain, application/vnd.msgpack+json", False, False),
+        ("application/msgpack;q=2, application/json;q=0.5", False, False),  # an invalid q is ignored
+        ("*/*", False, False),
+        ("*/*", True, True),
+        (None, False, False),
+        (None, True, True),
+    ],
+)
+async def test_batch_accept_negotiation(
+    engine: Engine, accept: str | None, body_msgpack: bool, answer_msgpack: bool
+) -> None:
+    payload = {"client_id": "demo_client", "positions": BATCH_ROWS}
+    headers = {**engine.as_client(), **({"Accept": accept} if accept is not None else {})}
+    if body_msgpack:
+        headers["Content-Type"] = "application/msgpack"
+        response = await engine.client.post(BATCH, content=msgspec.msgpack.encode(payload), headers=headers)
+    else:
+        response = await engine.client.post(BATCH, json=payload, headers=headers)
+    assert response.status_code == 200, response.text
+    expected = "application/msgpack" if answer_msgpack else "application/json"
+    assert response.headers["content-type"] == expected, accept
+    decode = msgspec.msgpack.decode if answer_msgpack else msgspec.json.decode
+    assert decode(response.content)["priced"] == 1

@@ -158,7 +158,7 @@ class QuoteEndpoints:
             quotes=batch.batch_quotes(),
             errors=errors,
         )
-        if media == MSGPACK or wants_msgpack(request.headers.get("accept")):
+        if wants_msgpack(request.headers.get("accept"), default=media == MSGPACK):
             return msgpack_response(response)
         return json_response(response)
 
