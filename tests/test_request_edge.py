@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,64 @@ async def test_batch_accept_negotiation(
     assert response.headers["content-type"] == expected, accept
     decode = msgspec.msgpack.decode if answer_msgpack else msgspec.json.decode
     assert decode(response.content)["priced"] == 1
+
+
+# ---- Content-Encoding (item 5): 415 naming the header, never decoded
+
+
+def concrete(path: str) -> str:
+    """A route template with each parameter filled by a valid value."""
+    values = {"ticker": "AAPL", "client_id": "demo_client", "key_id": "abcdefgh", "quote_id": "q1"}
+    for name, value in values.items():
+        path = path.replace(f"{{{name}}}", value)
+    assert "{" not in path, path
+    return path
+
+
+async def test_every_route_with_a_body_refuses_an_encoded_body(engine: Engine) -> None:
+    body = gzip.compress(msgspec.json.encode(quote()))
+    checked = []
+    for route in engine.app.routes:
+        for method in sorted((route.methods or set()) - {"GET", "HEAD"}):
+            path = concrete(route.path)
+            for coding in ("gzip", "br", "deflate, identity", "GZIP"):
+                response = await engine.client.request(
+                    method,
+                    path,
+                    content=body,
+                    headers={
+                        **engine.as_admin(),
+                        "Content-Type": "application/json",
+                        "Content-Encoding": coding,
+                    },
+                )
+                assert response.status_code == 415, (method, path, coding, response.text)
+                answer = response.json()
+                assert answer["error_code"] == "UNSUPPORTED_MEDIA_TYPE"
+                assert "Content-Encoding" in answer["error"]
+                assert answer["details"]["allowed"] == ["identity"]
+            checked.append((method, route.path))
+    assert ("POST", QUOTE) in checked
+    assert ("POST", BATCH) in checked
+    assert ("PUT", "/api/v1/admin/stocks/{ticker}") in checked
+
+
+async def test_a_plain_body_labelled_br_is_415_and_identity_is_priced(engine: Engine) -> None:
+    plain = msgspec.json.encode(quote())
+    headers = {**engine.as_client(), "Content-Type": "application/json"}
+    labelled = await engine.client.post(QUOTE, content=plain, headers={**headers, "Content-Encoding": "br"})
+    assert labelled.status_code == 415, labelled.text
+    assert labelled.json()["details"] == {"content_encoding": "br", "allowed": ["identity"]}
+    gzipped = await engine.client.post(
+        QUOTE, content=gzip.compress(plain), headers={**headers, "Content-Encoding": "gzip"}
+    )
+    assert gzipped.status_code == 415, gzipped.text
+    assert gzipped.json()["details"] == {"content_encoding": "gzip", "allowed": ["identity"]}
+    identity = await engine.client.post(
+        QUOTE, content=plain, headers={**headers, "Content-Encoding": "identity"}
+    )
+    assert identity.status_code == 200, identity.text
+    get = await engine.client.get(
+        QUOTE, params=quote_query(), headers={**headers, "Content-Encoding": "gzip"}
+    )
+    assert get.status_code == 200, get.text  # no body, nothing encoded
