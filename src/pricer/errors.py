@@ -128,10 +128,12 @@ class UnsupportedMediaType(PricerError):
     status = 415
     code = "UNSUPPORTED_MEDIA_TYPE"
 
-    def __init__(self, got: str, allowed: Sequence[str]) -> None:
+    def __init__(self, got: str, allowed: Sequence[str], *, header: str = "Content-Type") -> None:
+        # The header is named in the message and as the key of the details (`content_type`, or
+        # `content_encoding` for a body sent compressed).
         super().__init__(
-            f"Unsupported Content-Type {got!r}; use one of {', '.join(allowed)}",
-            details={"content_type": got, "allowed": list(allowed)},
+            f"Unsupported {header} {got!r}; use one of {', '.join(allowed)}",
+            details={header.lower().replace("-", "_"): got, "allowed": list(allowed)},
         )
 
 

@@ -13,8 +13,15 @@ _TICKER = re.compile(r"[A-Z0-9]+(?:[.\- /][A-Z0-9]+)?")
 
 
 def normalize_ticker(raw: str) -> str | None:
-    """The canonical form of `raw`, or None when it is not a ticker."""
-    text = raw.strip().upper()
+    """The canonical form of `raw`, or None when it is not a ticker.
+
+    The ASCII check comes before upper-casing: Unicode case mapping folds `ß` to `SS`, `ﬀ` to `FF` and `ı` to
+    `I`, so upper-casing first would price and audit a non-ticker as another, real ticker.
+    """
+    text = raw.strip()
+    if not text.isascii():
+        return None
+    text = text.upper()
     if not text or len(text) > MAX_TICKER_LENGTH or _TICKER.fullmatch(text) is None:
         return None
     for separator in "- /":

@@ -40,5 +40,39 @@ def msgpack_response(body: Any, status: int = 200) -> Response:
     return EncodedResponse(_msgpack_encoder.encode(body), status, b"application/msgpack")
 
 
-def wants_msgpack(accept: str | None) -> bool:
-    return accept is not None and "msgpack" in accept
+def _quality(accept: str, full: tuple[str, ...]) -> float:
+    """The q-value `accept` gives to a media type named by any of `full` (`type/subtype`, lower case): the
+    q of the most specific range that matches (`type/subtype`, then `type/*`, then `*/*`), 0 when none does.
+    A range with a q-value that is not a number from 0 to 1 is ignored (RFC 9110 §12.5.1)."""
+    kind = full[0].partition("/")[0]
+    best_rank, best_q = -1, 0.0
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        media = media.lower()
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = -1.0
+        if not 0.0 <= q <= 1.0:
+            continue
+        rank = 2 if media in full else 1 if media == f"{kind}/*" else 0 if media == "*/*" else -1
+        if rank > best_rank:
+            best_rank, best_q = rank, q
+    return best_q
+
+
+def wants_msgpack(accept: str | None, *, default: bool = False) -> bool:
+    """Whether to answer msgpack rather than JSON: media ranges are parsed with their q-values (no substring
+    test, so `application/msgpack;q=0` refuses msgpack). msgpack when its q is higher than JSON's, JSON when
+    lower; on a tie (no Accept, `*/*`, equal q, neither acceptable) `default`: the request body's own type."""
+    if accept is None or not accept.strip():
+        return default
+    msgpack = _quality(accept, ("application/msgpack", "application/x-msgpack"))
+    json = _quality(accept, ("application/json",))
+    if msgpack != json:
+        return msgpack > json
+    return default

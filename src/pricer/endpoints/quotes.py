@@ -44,7 +44,9 @@ class QuoteEndpoints:
     # ---- single -----------------------------------------------------------------------------
 
     async def calculate_locate(self, request: Request) -> Response:
-        if request.method == "GET":
+        # HEAD is GET without the body (the route lists it in Allow; the server leaves the body out), so it
+        # reads the query, not a request body.
+        if request.method in ("GET", "HEAD"):
             location = "query"
             quote = self._single.convert_query(request.query_params)
         else:
@@ -156,7 +158,7 @@ class QuoteEndpoints:
             quotes=batch.batch_quotes(),
             errors=errors,
         )
-        if media == MSGPACK or wants_msgpack(request.headers.get("accept")):
+        if wants_msgpack(request.headers.get("accept"), default=media == MSGPACK):
             return msgpack_response(response)
         return json_response(response)
 

@@ -1,12 +1,30 @@
 """Body size limit, checked while streaming: 413 before an oversized body is read whole, with or
-without Content-Length (chunked bodies too)."""
+without Content-Length (chunked bodies too). A body sent with a Content-Encoding other than `identity` is
+415 before it is read: bodies are never decoded (so no decompression bomb), and reading a gzip body as JSON
+would only give a misleading 400."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pricer.context import request_state
-from pricer.errors import InvalidParameter, PayloadTooLarge
+from pricer.errors import InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+
+# Methods whose requests carry no body here: their Content-Encoding, if any, describes nothing read.
+_WITHOUT_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _refuse_encoded_body(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """415 naming Content-Encoding when any coding listed (in any of its headers) is not `identity`."""
+    for name, value in headers:
+        if name != b"content-encoding":
+            continue
+        codings = [coding.strip() for coding in value.decode("latin-1").split(",")]
+        refused = [coding for coding in codings if coding and coding.lower() != "identity"]
+        if refused:
+            raise UnsupportedMediaType(", ".join(refused), ["identity"], header="Content-Encoding")
 
 
 class BodyLimit:
@@ -19,6 +37,8 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = route.body_limit
+        if scope["method"] not in _WITHOUT_BODY:
+            _refuse_encoded_body(scope["headers"])
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
