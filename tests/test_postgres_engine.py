@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -39,7 +40,14 @@ import redis
 
 from pricer.stores.migrate import migrations
 from pricer.stores.postgres.common import quote_identifier
-from tests.conftest import TEST_SECRETS, RunningServer, free_port, stop_server, wait_for_health
+from tests.conftest import (
+    TEST_SECRETS,
+    RunningServer,
+    free_port,
+    start_server,
+    stop_server,
+    wait_for_health,
+)
 from tests.pg import PG_DSN, drop_schema, new_schema_name
 from tests.private_postgres import PrivatePostgres
 from tests.redis_server import PrivateRedis
@@ -844,15 +852,15 @@ async def test_load_the_real_files_and_refuse_damaged_ones(
     empty = await market_state(env)
 
     ibkr = SHARED_DATA / "ibkr_usa_2022-08-06.txt"
-    loaded = cli_ok(env, "load", "ibkr", str(ibkr))
+    loaded = json.loads(cli_ok(env, "load", "ibkr", str(ibkr)))
     data_rows = sum(1 for line in ibkr.read_bytes().splitlines() if line and not line.startswith(b"#"))
-    assert f"'rows': {data_rows}" in loaded, loaded
-    assert "'in_force': True" in loaded
+    assert loaded["rows"] == data_rows, loaded
+    assert loaded["in_force"] is True
     vix = SHARED_DATA / "VIX_History.csv"
     cli_ok(env, "load", "vix", str(vix))
     earnings = SHARED_DATA / "alphavantage_earnings_calendar_2024-06-21.csv"
-    loaded_events = cli_ok(env, "load", "earnings", str(earnings))
-    assert "'rows': " in loaded_events
+    loaded_events = json.loads(cli_ok(env, "load", "earnings", str(earnings)))
+    assert loaded_events["rows"] > 0
 
     state = await market_state(env)
     assert empty == {"snapshots": [], "rows": 0, "readings": [], "events": []}
@@ -891,8 +899,45 @@ async def test_load_the_real_files_and_refuse_damaged_ones(
         assert await market_state(env) == state, f"a damaged {kind} file changed the data"
 
     # A newer file loaded after them is in force; an older one is kept but not in force.
-    older = cli_ok(env, "load", "ibkr", str(SHARED_DATA / "ibkr_usa_2021-06-14.txt"))
-    assert "'in_force': False" in older
+    older = json.loads(cli_ok(env, "load", "ibkr", str(SHARED_DATA / "ibkr_usa_2021-06-14.txt")))
+    assert older["in_force"] is False
+
+
+def shape(value: Any) -> Any:
+    """The keys of a JSON document, recursively (its values aside)."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    return type(value).__name__
+
+
+async def test_load_prints_the_same_json_embedded_and_with_a_database(
+    fresh_schema: dict[str, str], tmp_path: Path
+) -> None:
+    """`pricer load` prints the admin endpoint's JSON in both modes: same keys, same rows, UTC as `Z`;
+    a VIX history reports the data rows it read (9,241 in the shared file), like the other loaders."""
+    cli_ok(fresh_schema, "migrate")
+    files = {
+        "ibkr": SHARED_DATA / "ibkr_usa_2022-08-06.txt",
+        "vix": SHARED_DATA / "VIX_History.csv",
+        "earnings": SHARED_DATA / "alphavantage_earnings_calendar_2024-06-21.csv",
+    }
+    server = start_server(tmp_path)
+    try:
+        admin = ["--url", server.base_url, "--key", server.keys["DEMO_ADMIN_KEY"]]
+        embedded = {kind: cli_ok({}, "load", kind, str(path), *admin) for kind, path in files.items()}
+    finally:
+        stop_server(server)
+    database = {kind: cli_ok(fresh_schema, "load", kind, str(path)) for kind, path in files.items()}
+
+    for kind in files:
+        assert "+00:00" not in embedded[kind] + database[kind], (embedded[kind], database[kind])
+        over_http, direct = json.loads(embedded[kind]), json.loads(database[kind])
+        assert shape(over_http) == shape(direct), (kind, over_http, direct)
+        assert over_http == direct, kind  # same files, same answer (the server's demo data is older)
+    vix = json.loads(database["vix"])
+    assert vix["rows"] == 9241 == len(files["vix"].read_text().strip().splitlines()) - 1
+    assert vix["detail"]["as_of"] == "2026-07-31T00:00:00Z"
+    assert json.loads(database["ibkr"])["as_of"].endswith("Z")
 
 
 # ---- e. keys: the bootstrap admin key, availability while PostgreSQL is down, floods -----------------

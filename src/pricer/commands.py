@@ -7,16 +7,25 @@ drop its cached rates (Redis pub/sub, with REDIS_URL).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+
+import msgspec
 
 from pricer.auth.keys import KeyHasher, KeyVerifier, make_record, new_key, parse_key
 from pricer.errors import PricerError, Unauthorized
 from pricer.invalidation import InvalidationBus, LocalBus, RedisBus
-from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix
+from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix_history
 from pricer.marketdata.service import MarketDataWriter
 from pricer.models import Scope
+from pricer.schemas import (
+    AvailabilityUploadResponse,
+    LoadResult,
+    earnings_load_result,
+    utc_text,
+    vix_load_result,
+)
 from pricer.settings import Settings
 from pricer.stores.cached import KEY_TOPIC
 from pricer.stores.protocols import Stores
@@ -89,7 +98,7 @@ async def create_key(settings: Settings, client_id: str, scopes: list[Scope], ex
         await stores.keys.put(record)
         print(
             f"key_id:     {key_id}\nclient_id:  {client_id}\nscopes:     {','.join(sorted(scopes))}\n"
-            f"expires_at: {record.expires_at.isoformat()}\napi_key:    {key}\n"
+            f"expires_at: {utc_text(record.expires_at)}\napi_key:    {key}\n"
             "(the api_key is shown only now; only its HMAC is stored)"
         )
         return 0
@@ -106,7 +115,7 @@ async def list_keys(settings: Settings, client_id: str | None) -> int:
             state = "revoked" if record.revoked_at else ("expired" if record.expires_at <= now else "active")
             print(
                 f"{record.key_id:<18}{record.client_id:<22}{','.join(sorted(record.scopes)):<24}"
-                f"{record.expires_at.isoformat(timespec='seconds'):<27}{state}"
+                f"{utc_text(record.expires_at.replace(microsecond=0)):<27}{state}"
             )
         return 0
 
@@ -133,9 +142,9 @@ async def show_key(settings: Settings, key_or_id: str) -> int:
                 verdict = f"refused ({error.reason})"
         print(
             f"key_id:     {record.key_id}\nclient_id:  {record.client_id}\n"
-            f"scopes:     {','.join(sorted(record.scopes))}\ncreated_at: {record.created_at.isoformat()}\n"
-            f"expires_at: {record.expires_at.isoformat()}\n"
-            f"revoked_at: {record.revoked_at.isoformat() if record.revoked_at else '-'}\n"
+            f"scopes:     {','.join(sorted(record.scopes))}\ncreated_at: {utc_text(record.created_at)}\n"
+            f"expires_at: {utc_text(record.expires_at)}\n"
+            f"revoked_at: {utc_text(record.revoked_at) if record.revoked_at else '-'}\n"
             f"secret:     {verdict}"
         )
         return 0
@@ -171,28 +180,23 @@ async def load_into_database(settings: Settings, kind: str, content: bytes) -> i
                 market_topic=MARKET_TOPIC,
             )
         writer = MarketDataWriter(stores, bus, shared)
-        result: dict[str, Any]
+        # The same response structs as the admin endpoints, so `pricer load` prints the same JSON either way.
+        result: AvailabilityUploadResponse | LoadResult
         if kind == "ibkr":
             snapshot = parse_availability(content, loaded_at=_utc_now())
             in_force = await writer.add_availability(snapshot)
-            result = {
-                "rows": len(snapshot.entries),
-                "as_of": snapshot.as_of.isoformat(),
-                "in_force": in_force,
-            }
+            result = AvailabilityUploadResponse(
+                rows=len(snapshot.entries), as_of=snapshot.as_of, in_force=in_force
+            )
         elif kind == "vix":
-            reading = parse_vix(content)
-            await writer.add_volatility(reading)
-            result = {"value": reading.value, "as_of": reading.as_of.isoformat()}
+            history = parse_vix_history(content)
+            await writer.add_volatility(history.reading)
+            result = vix_load_result(history.reading.value, history.reading.as_of, history.rows)
         else:
             calendar = parse_earnings(content)
             await writer.replace_events_many(calendar.events)
-            result = {
-                "rows": calendar.rows,
-                "tickers": len(calendar.events),
-                "skipped_symbols": len(calendar.skipped),
-            }
-        print(result)
+            result = earnings_load_result(calendar.rows, len(calendar.events), len(calendar.skipped))
+        print(json.dumps(json.loads(msgspec.json.encode(result)), indent=2))
         return 0
 
     try:

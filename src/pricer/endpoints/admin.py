@@ -13,7 +13,7 @@ from pricer.auth.keys import KeyHasher, make_record, new_key
 from pricer.endpoints.common import json_response, utc_now
 from pricer.errors import ClientNotFound, InvalidParameter, NotFound, UnsupportedMediaType
 from pricer.logs import fields
-from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix
+from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix_history
 from pricer.marketdata.service import MarketDataWriter
 from pricer.middleware.authentication import current_principal
 from pricer.models import Client, FeeType, MarketEvent, Stock, VolatilityReading
@@ -25,11 +25,13 @@ from pricer.schemas import (
     EventsView,
     IssuedKey,
     KeyBody,
-    LoadResult,
     StockBody,
     StockView,
     VolatilityBody,
     VolatilityView,
+    earnings_load_result,
+    utc_text,
+    vix_load_result,
 )
 from pricer.stores.protocols import Stores
 from pricer.validation import Decoder, require_places, require_ticker
@@ -140,7 +142,7 @@ class AdminEndpoints:
         snapshot = parse_availability(await request.body(), loaded_at=utc_now())
         in_force = await self._writer.add_availability(snapshot)
         self._audit(
-            request, "availability.upload", rows=len(snapshot.entries), as_of=snapshot.as_of.isoformat()
+            request, "availability.upload", rows=len(snapshot.entries), as_of=utc_text(snapshot.as_of)
         )
         return json_response(
             AvailabilityUploadResponse(rows=len(snapshot.entries), as_of=snapshot.as_of, in_force=in_force)
@@ -148,27 +150,24 @@ class AdminEndpoints:
 
     async def upload_vix(self, request: Request) -> Response:
         _require_text(request)
-        reading = parse_vix(await request.body())
+        history = parse_vix_history(await request.body())
+        reading = history.reading
         await self._writer.add_volatility(reading)
-        self._audit(request, "volatility.vix_file", value=reading.value, as_of=reading.as_of.isoformat())
-        return json_response(
-            LoadResult(
-                kind="vix", rows=1, detail={"value": reading.value, "as_of": reading.as_of.isoformat()}
-            )
+        self._audit(
+            request,
+            "volatility.vix_file",
+            value=reading.value,
+            as_of=utc_text(reading.as_of),
+            rows=history.rows,
         )
+        return json_response(vix_load_result(reading.value, reading.as_of, history.rows))
 
     async def upload_earnings(self, request: Request) -> Response:
         _require_text(request)
         calendar = parse_earnings(await request.body())
         await self._writer.replace_events_many(calendar.events)
         self._audit(request, "events.earnings_file", rows=calendar.rows, tickers=len(calendar.events))
-        return json_response(
-            LoadResult(
-                kind="earnings",
-                rows=calendar.rows,
-                detail={"tickers": len(calendar.events), "skipped_symbols": len(calendar.skipped)},
-            )
-        )
+        return json_response(earnings_load_result(calendar.rows, len(calendar.events), len(calendar.skipped)))
 
     async def put_volatility(self, request: Request) -> Response:
         body = self._volatility.decode(await request.body(), self._volatility.media_type(request))

@@ -15,7 +15,7 @@ from pricer import __version__
 from pricer.endpoints.common import json_response, utc_now
 from pricer.marketdata.service import MarketData
 from pricer.ratelimit.redis import RedisLimiter
-from pricer.schemas import DependencyHealth, DetailedHealth, Health
+from pricer.schemas import DependencyHealth, DetailedHealth, Health, utc_text
 
 Check = Callable[[], Awaitable[DependencyHealth]]
 
@@ -125,7 +125,7 @@ def market_data_check(market: MarketData, stale_after_hours: float) -> Check:
             status="healthy" if age_hours <= stale_after_hours else "degraded",
             latency_ms=latency,
             detail={
-                "availability_as_of": snapshot.as_of.isoformat(),
+                "availability_as_of": utc_text(snapshot.as_of),
                 "age_hours": round(age_hours, 2),
                 "rows": len(snapshot.entries),
             },
