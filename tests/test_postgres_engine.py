@@ -844,6 +844,61 @@ def damaged_copy(source: Path, target: Path, mutate: Any) -> Path:
     return target
 
 
+def test_clients_put_and_list_then_a_key_without_the_admin_api(
+    fresh_schema: dict[str, str], tmp_path: Path
+) -> None:
+    """`pricer clients put` checks what the admin API's ClientBody checks and stores the client where the
+    engine reads it, so `pricer keys create` needs no HTTP admin API; `pricer clients list` shows it."""
+    env = fresh_schema
+    cli_ok(env, "migrate")
+    for refused in (
+        ["acme-fund"],  # a new client needs the markup and the fee
+        ["acme-fund", "--markup", "5.123456", "--fee-type", "FLAT", "--fee", "2"],  # 4 decimals at most
+        ["acme-fund", "--markup", "5", "--fee-type", "PERCENTAGE", "--fee", "101"],
+        ["acme-fund", "--markup", "5", "--fee-type", "FLAT", "--fee", "2.005"],
+        ["acme-fund", "--markup", "5", "--fee-type", "FLAT", "--fee", "2", "--day-count", "300"],
+        ["a!", "--markup", "5", "--fee-type", "FLAT", "--fee", "2"],
+    ):
+        result = cli(env, "clients", "put", *refused)
+        assert result.returncode == 2, (refused, result.stdout, result.stderr)
+        assert result.stderr.startswith("pricer: invalid client: "), result.stderr
+        assert "Traceback" not in result.stderr
+    assert cli(env, "keys", "create", "acme-fund").returncode == 1  # no such client yet
+
+    created = cli_ok(
+        env, "clients", "put", "acme-fund", "--markup", "7.5", "--fee-type", "FLAT", "--fee", "2.50",
+        "--day-count", "360", "--per-minute", "600", "--burst", "20",
+    )  # fmt: skip
+    assert created.startswith("created acme-fund\n"), created
+    view = json.loads(created.split("\n", 1)[1])
+    assert view["markup_percentage"] == 7.5
+    assert view["transaction_amount"] == 2.5
+    assert (view["day_count"], view["rate_limit_per_minute"], view["burst"]) == (360, 600, 20)
+    changed = cli_ok(env, "clients", "put", "acme-fund", "--markup", "8")  # the rest is kept
+    assert changed.startswith("updated acme-fund\n"), changed
+    assert json.loads(changed.split("\n", 1)[1])["transaction_amount"] == 2.5
+    listing = cli_ok(env, "clients", "list").splitlines()
+    assert listing[0].startswith("client_id")
+    assert listing[1].split()[:3] == ["acme-fund", "8.0", "FLAT"]
+
+    issued = cli_ok(env, "keys", "create", "acme-fund")
+    api_key = re.search(r"api_key:\s+(\S+)", issued)
+    assert api_key is not None, issued
+    seed_demo(env, tmp_path)  # the market data to price against
+    server = start_engine(tmp_path, env)
+    try:
+        quote = httpx.post(
+            f"{server.base_url}/api/v1/calculate-locate",
+            json={"ticker": "GME", "position_value": 100000, "loan_days": 30, "client_id": "acme-fund"},
+            headers={"X-API-Key": api_key.group(1)},
+            timeout=10,
+        )
+    finally:
+        stop_server(server)
+    assert quote.status_code == 200, quote.text  # the engine knows the key and its client
+    assert quote.json()["client_id"] == "acme-fund", quote.text
+
+
 async def test_load_the_real_files_and_refuse_damaged_ones(
     fresh_schema: dict[str, str], tmp_path: Path
 ) -> None:

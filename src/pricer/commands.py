@@ -10,24 +10,26 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
 from pricer.auth.keys import KeyHasher, KeyVerifier, make_record, new_key, parse_key
-from pricer.errors import PricerError, Unauthorized
+from pricer.errors import InvalidParameter, PricerError, Unauthorized
 from pricer.invalidation import InvalidationBus, LocalBus, RedisBus
 from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix_history
 from pricer.marketdata.service import MarketDataWriter
 from pricer.models import Scope
 from pricer.schemas import (
     AvailabilityUploadResponse,
+    ClientBody,
     LoadResult,
     earnings_load_result,
     utc_text,
     vix_load_result,
 )
 from pricer.settings import Settings
-from pricer.stores.cached import KEY_TOPIC
+from pricer.stores.cached import CLIENT_TOPIC, KEY_TOPIC
 from pricer.stores.protocols import Stores
 
 
@@ -77,11 +79,87 @@ async def check_database(settings: Settings) -> int:
         return 1
 
 
+async def put_client(settings: Settings, client_id: str, options: dict[str, Any]) -> int:
+    """Create or change a client, checked as the admin endpoint's ClientBody is; the options not given keep
+    the stored client's values (a new client needs --markup, --fee-type and --fee). Prints its ClientView."""
+    from pricer.endpoints.admin import client_from_body, client_view
+
+    async def work(stores: Stores, bus: InvalidationBus) -> int:
+        stored = await stores.clients.get(client_id)
+        fields: dict[str, Any] = {}
+        if stored is not None:
+            fields = {
+                "markup_percentage": stored.markup_percentage,
+                "transaction_fee_type": str(stored.transaction_fee_type),
+                "transaction_amount": stored.transaction_amount,
+                "day_count": stored.day_count,
+                "active": stored.active,
+                "rate_limit_per_minute": stored.rate_limit_per_minute,
+                "burst": stored.burst,
+            }
+        fields.update({name: value for name, value in options.items() if value is not None})
+        try:
+            body = msgspec.convert(fields, ClientBody)
+        except msgspec.ValidationError as error:
+            print(f"pricer: invalid client: {_option_names(str(error))}", file=sys.stderr)
+            return 2
+        try:
+            client = client_from_body(client_id, body, _utc_now())
+        except InvalidParameter as error:
+            print(f"pricer: invalid client: {_option_names(error.message)}", file=sys.stderr)
+            return 2
+        created = await stores.clients.put(client)
+        await bus.publish(CLIENT_TOPIC, client_id)  # every replica drops its cached copy
+        view = client_view(
+            client, default_rate=settings.rate_limit_per_minute, default_burst=settings.effective_burst
+        )
+        print(("created " if created else "updated ") + client_id)
+        print(json.dumps(json.loads(msgspec.json.encode(view)), indent=2))
+        return 0
+
+    return await with_database(settings, work)
+
+
+# The CLI's option for each ClientBody field, so that an error names what the operator typed.
+CLIENT_OPTIONS = {
+    "markup_percentage": "--markup",
+    "transaction_fee_type": "--fee-type",
+    "transaction_amount": "--fee",
+    "day_count": "--day-count",
+    "rate_limit_per_minute": "--per-minute",
+    "burst": "--burst",
+}
+
+
+def _option_names(message: str) -> str:
+    for field, option in CLIENT_OPTIONS.items():
+        message = message.replace(f"`$.{field}`", option).replace(field, option)
+    return message
+
+
+async def list_clients(settings: Settings) -> int:
+    async def work(stores: Stores, _bus: InvalidationBus) -> int:
+        print(
+            f"{'client_id':<22}{'markup':>10}  {'fee_type':<11}{'fee':>14}{'days':>6}{'per_min':>10}"
+            f"{'burst':>8}  state"
+        )
+        for client in await stores.clients.list():
+            print(
+                f"{client.client_id:<22}{client.markup_percentage:>10}  {client.transaction_fee_type!s:<11}"
+                f"{client.transaction_amount:>14}{client.day_count:>6}"
+                f"{client.rate_limit_per_minute or settings.rate_limit_per_minute:>10}"
+                f"{client.burst or settings.effective_burst:>8}  {'active' if client.active else 'inactive'}"
+            )
+        return 0
+
+    return await with_database(settings, work)
+
+
 async def create_key(settings: Settings, client_id: str, scopes: list[Scope], expires_in_days: int) -> int:
     async def work(stores: Stores, _bus: InvalidationBus) -> int:
         if await stores.clients.get(client_id) is None:
             print(
-                f"pricer: unknown client {client_id!r}: create it first (PUT /api/v1/admin/clients/...)",
+                f"pricer: unknown client {client_id!r}: create it first (pricer clients put {client_id} ...)",
                 file=sys.stderr,
             )
             return 1
