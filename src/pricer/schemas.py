@@ -303,9 +303,12 @@ class Health(msgspec.Struct):
 
 
 class DependencyHealth(msgspec.Struct, omit_defaults=True):
+    """One dependency's health; `reason` says in a sentence why it is not healthy (never a host or secret)."""
+
     status: Literal["healthy", "degraded", "unhealthy"]
     latency_ms: float
     detail: dict[str, Any] | None = None
+    reason: str | None = None
 
 
 class DetailedHealth(msgspec.Struct):
