@@ -589,7 +589,7 @@ async def test_a_cli_market_data_load_reaches_both_replicas_within_a_second(clus
         )
         returned = time.monotonic()
         assert loaded.returncode == 0, loaded.stderr
-        assert "'in_force': True" in loaded.stdout
+        assert json.loads(loaded.stdout)["in_force"] is True
         delays = await asyncio.gather(
             *(
                 first_change(
