@@ -13,10 +13,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from pricer.app import PricerApp, create_app
 from pricer.demo import DemoKeys
 from pricer.settings import Settings, load_settings
+
+# Property tests run on busy 2-core CI machines, where one example can exceed hypothesis's default 200 ms
+# deadline for reasons unrelated to the code under test (a flaky failure, not a finding). The "ci" profile
+# drops the deadline and the too-slow health check for every test; each test keeps its own max_examples (an
+# @settings inherits the fields it does not set from the loaded profile). HYPOTHESIS_PROFILE=default restores
+# hypothesis's own defaults, e.g. to look for a slow example on purpose.
+hypothesis_settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import httpx
 import msgspec
 import pytest
 
-from tests.conftest import RunningServer, free_port, stop_server, wait_for_health
+from tests.conftest import RunningServer, free_port, start_server, stop_server, wait_for_health
 from tests.shared_data import SHARED_DATA
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -203,3 +203,38 @@ async def test_cli_load_reports_a_refusal_of_a_large_file(tmp_path: Path) -> Non
         assert "401" in err, err
     finally:
         stop_server(server)
+
+
+def test_a_second_serve_on_a_busy_port_leaves_the_first_ones_demo_keys(tmp_path: Path) -> None:
+    """A second `pricer serve` on the port of a running one stops before its start-up: it writes no demo
+    keys over the running server's file (whose key keeps working) and says in one line which port is busy."""
+    first = start_server(tmp_path)
+    try:
+        keys_file = tmp_path / "demo-keys.env"
+        before = keys_file.read_text()
+        port = first.base_url.rsplit(":", 1)[1]
+        environment = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("PRICER_", "DATABASE_", "REDIS_"))},
+            "HOST": "127.0.0.1",
+            "PORT": port,
+            "DEMO_KEYS_FILE": str(keys_file),
+        }
+        second = subprocess.run(
+            [sys.executable, "-m", "pricer", "serve"],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode != 0, (second.stdout, second.stderr)
+        said = [line for line in second.stderr.splitlines() if line.startswith("pricer: ")]
+        assert len(said) == 1, second.stderr
+        assert said[0].startswith(f"pricer: cannot listen on 127.0.0.1:{port}: "), said
+        assert "DEMO_CLIENT_KEY" not in second.stdout + second.stderr  # no keys were seeded or printed
+        assert keys_file.read_text() == before
+        client_key = first.keys["DEMO_CLIENT_KEY"]
+        still = httpx.get(f"{first.base_url}/api/v1/rates/GME", headers={"X-API-Key": client_key}, timeout=10)
+        assert still.status_code == 200, still.text
+    finally:
+        stop_server(first)

@@ -473,7 +473,10 @@ def assert_detailed_structure(body: dict[str, object]) -> dict[str, dict[str, ob
         latency = dependency["latency_ms"]
         assert isinstance(latency, int | float), (name, dependency)
         assert latency >= 0, (name, dependency)
-        assert set(dependency) <= {"status", "latency_ms", "detail"}, (name, dependency)
+        assert set(dependency) <= {"status", "latency_ms", "detail", "reason"}, (name, dependency)
+    # Market data that is not healthy says why in a sentence; healthy, it says nothing.
+    market = dependencies["market_data"]
+    assert ("reason" in market) == (market["status"] != "healthy"), market
     return dependencies
 
 
@@ -488,9 +491,14 @@ async def test_detailed_health_on_embedded_defaults(engine: Engine) -> None:
     assert response.status_code == 200
     dependencies = assert_detailed_structure(response.json())
     # The demo availability is stamped long ago: stale market data degrades, it does not fail.
-    assert dependencies["market_data"]["status"] == "degraded"
+    market = dependencies["market_data"]
+    assert market["status"] == "degraded"
     assert response.json()["status"] == "degraded"
     assert_no_locations_or_secrets(response.text, engine.keys.client_key, engine.keys.admin_key)
+    # ... and says so: the snapshot's date (UTC, as `Z`) and MARKET_DATA_STALE_AFTER_HOURS (36 by default).
+    as_of = market["detail"]["availability_as_of"]
+    assert as_of.endswith("Z"), market
+    assert market["reason"] == f"availability snapshot as of {as_of} is older than 36 h", market
 
 
 @pytest.mark.anyio

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -39,7 +40,14 @@ import redis
 
 from pricer.stores.migrate import migrations
 from pricer.stores.postgres.common import quote_identifier
-from tests.conftest import TEST_SECRETS, RunningServer, free_port, stop_server, wait_for_health
+from tests.conftest import (
+    TEST_SECRETS,
+    RunningServer,
+    free_port,
+    start_server,
+    stop_server,
+    wait_for_health,
+)
 from tests.pg import PG_DSN, drop_schema, new_schema_name
 from tests.private_postgres import PrivatePostgres
 from tests.redis_server import PrivateRedis
@@ -581,7 +589,7 @@ async def test_a_cli_market_data_load_reaches_both_replicas_within_a_second(clus
         )
         returned = time.monotonic()
         assert loaded.returncode == 0, loaded.stderr
-        assert "'in_force': True" in loaded.stdout
+        assert json.loads(loaded.stdout)["in_force"] is True
         delays = await asyncio.gather(
             *(
                 first_change(
@@ -836,6 +844,61 @@ def damaged_copy(source: Path, target: Path, mutate: Any) -> Path:
     return target
 
 
+def test_clients_put_and_list_then_a_key_without_the_admin_api(
+    fresh_schema: dict[str, str], tmp_path: Path
+) -> None:
+    """`pricer clients put` checks what the admin API's ClientBody checks and stores the client where the
+    engine reads it, so `pricer keys create` needs no HTTP admin API; `pricer clients list` shows it."""
+    env = fresh_schema
+    cli_ok(env, "migrate")
+    for refused in (
+        ["acme-fund"],  # a new client needs the markup and the fee
+        ["acme-fund", "--markup", "5.123456", "--fee-type", "FLAT", "--fee", "2"],  # 4 decimals at most
+        ["acme-fund", "--markup", "5", "--fee-type", "PERCENTAGE", "--fee", "101"],
+        ["acme-fund", "--markup", "5", "--fee-type", "FLAT", "--fee", "2.005"],
+        ["acme-fund", "--markup", "5", "--fee-type", "FLAT", "--fee", "2", "--day-count", "300"],
+        ["a!", "--markup", "5", "--fee-type", "FLAT", "--fee", "2"],
+    ):
+        result = cli(env, "clients", "put", *refused)
+        assert result.returncode == 2, (refused, result.stdout, result.stderr)
+        assert result.stderr.startswith("pricer: invalid client: "), result.stderr
+        assert "Traceback" not in result.stderr
+    assert cli(env, "keys", "create", "acme-fund").returncode == 1  # no such client yet
+
+    created = cli_ok(
+        env, "clients", "put", "acme-fund", "--markup", "7.5", "--fee-type", "FLAT", "--fee", "2.50",
+        "--day-count", "360", "--per-minute", "600", "--burst", "20",
+    )  # fmt: skip
+    assert created.startswith("created acme-fund\n"), created
+    view = json.loads(created.split("\n", 1)[1])
+    assert view["markup_percentage"] == 7.5
+    assert view["transaction_amount"] == 2.5
+    assert (view["day_count"], view["rate_limit_per_minute"], view["burst"]) == (360, 600, 20)
+    changed = cli_ok(env, "clients", "put", "acme-fund", "--markup", "8")  # the rest is kept
+    assert changed.startswith("updated acme-fund\n"), changed
+    assert json.loads(changed.split("\n", 1)[1])["transaction_amount"] == 2.5
+    listing = cli_ok(env, "clients", "list").splitlines()
+    assert listing[0].startswith("client_id")
+    assert listing[1].split()[:3] == ["acme-fund", "8.0", "FLAT"]
+
+    issued = cli_ok(env, "keys", "create", "acme-fund")
+    api_key = re.search(r"api_key:\s+(\S+)", issued)
+    assert api_key is not None, issued
+    seed_demo(env, tmp_path)  # the market data to price against
+    server = start_engine(tmp_path, env)
+    try:
+        quote = httpx.post(
+            f"{server.base_url}/api/v1/calculate-locate",
+            json={"ticker": "GME", "position_value": 100000, "loan_days": 30, "client_id": "acme-fund"},
+            headers={"X-API-Key": api_key.group(1)},
+            timeout=10,
+        )
+    finally:
+        stop_server(server)
+    assert quote.status_code == 200, quote.text  # the engine knows the key and its client
+    assert quote.json()["client_id"] == "acme-fund", quote.text
+
+
 async def test_load_the_real_files_and_refuse_damaged_ones(
     fresh_schema: dict[str, str], tmp_path: Path
 ) -> None:
@@ -844,15 +907,15 @@ async def test_load_the_real_files_and_refuse_damaged_ones(
     empty = await market_state(env)
 
     ibkr = SHARED_DATA / "ibkr_usa_2022-08-06.txt"
-    loaded = cli_ok(env, "load", "ibkr", str(ibkr))
+    loaded = json.loads(cli_ok(env, "load", "ibkr", str(ibkr)))
     data_rows = sum(1 for line in ibkr.read_bytes().splitlines() if line and not line.startswith(b"#"))
-    assert f"'rows': {data_rows}" in loaded, loaded
-    assert "'in_force': True" in loaded
+    assert loaded["rows"] == data_rows, loaded
+    assert loaded["in_force"] is True
     vix = SHARED_DATA / "VIX_History.csv"
     cli_ok(env, "load", "vix", str(vix))
     earnings = SHARED_DATA / "alphavantage_earnings_calendar_2024-06-21.csv"
-    loaded_events = cli_ok(env, "load", "earnings", str(earnings))
-    assert "'rows': " in loaded_events
+    loaded_events = json.loads(cli_ok(env, "load", "earnings", str(earnings)))
+    assert loaded_events["rows"] > 0
 
     state = await market_state(env)
     assert empty == {"snapshots": [], "rows": 0, "readings": [], "events": []}
@@ -891,8 +954,45 @@ async def test_load_the_real_files_and_refuse_damaged_ones(
         assert await market_state(env) == state, f"a damaged {kind} file changed the data"
 
     # A newer file loaded after them is in force; an older one is kept but not in force.
-    older = cli_ok(env, "load", "ibkr", str(SHARED_DATA / "ibkr_usa_2021-06-14.txt"))
-    assert "'in_force': False" in older
+    older = json.loads(cli_ok(env, "load", "ibkr", str(SHARED_DATA / "ibkr_usa_2021-06-14.txt")))
+    assert older["in_force"] is False
+
+
+def shape(value: Any) -> Any:
+    """The keys of a JSON document, recursively (its values aside)."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    return type(value).__name__
+
+
+async def test_load_prints_the_same_json_embedded_and_with_a_database(
+    fresh_schema: dict[str, str], tmp_path: Path
+) -> None:
+    """`pricer load` prints the admin endpoint's JSON in both modes: same keys, same rows, UTC as `Z`;
+    a VIX history reports the data rows it read (9,241 in the shared file), like the other loaders."""
+    cli_ok(fresh_schema, "migrate")
+    files = {
+        "ibkr": SHARED_DATA / "ibkr_usa_2022-08-06.txt",
+        "vix": SHARED_DATA / "VIX_History.csv",
+        "earnings": SHARED_DATA / "alphavantage_earnings_calendar_2024-06-21.csv",
+    }
+    server = start_server(tmp_path)
+    try:
+        admin = ["--url", server.base_url, "--key", server.keys["DEMO_ADMIN_KEY"]]
+        embedded = {kind: cli_ok({}, "load", kind, str(path), *admin) for kind, path in files.items()}
+    finally:
+        stop_server(server)
+    database = {kind: cli_ok(fresh_schema, "load", kind, str(path)) for kind, path in files.items()}
+
+    for kind in files:
+        assert "+00:00" not in embedded[kind] + database[kind], (embedded[kind], database[kind])
+        over_http, direct = json.loads(embedded[kind]), json.loads(database[kind])
+        assert shape(over_http) == shape(direct), (kind, over_http, direct)
+        assert over_http == direct, kind  # same files, same answer (the server's demo data is older)
+    vix = json.loads(database["vix"])
+    assert vix["rows"] == 9241 == len(files["vix"].read_text().strip().splitlines()) - 1
+    assert vix["detail"]["as_of"] == "2026-07-31T00:00:00Z"
+    assert json.loads(database["ibkr"])["as_of"].endswith("Z")
 
 
 # ---- e. keys: the bootstrap admin key, availability while PostgreSQL is down, floods -----------------

@@ -68,6 +68,7 @@ from pricer.schemas import (
     TokenResponse,
     VolatilityBody,
     VolatilityView,
+    utc_text,
 )
 from pricer.settings import Settings, SettingsError, development_defaults_in_use
 from pricer.stores.protocols import Stores
@@ -476,7 +477,7 @@ async def ensure_bootstrap_admin(stores: Stores, hasher: KeyHasher, key: str, no
     if stored is not None and stored.revoked_at is not None:
         log.warning(
             "Bootstrap admin key revoked: not restored",
-            extra={"logfmt_fields": {"key_id": stored.key_id, "revoked_at": stored.revoked_at.isoformat()}},
+            extra={"logfmt_fields": {"key_id": stored.key_id, "revoked_at": utc_text(stored.revoked_at)}},
         )
         return
     if await stores.clients.get(ADMIN_CLIENT_ID) is None:

@@ -4,6 +4,7 @@ serve                              run the engine (uvicorn; HOST, PORT, WORKERS)
 load ibkr|vix|earnings FILE        load market data (into the database with DATABASE_URL, else
                                    through the running engine's admin endpoint)
 migrate                            apply the SQL migrations (DATABASE_URL)
+clients put|list                   clients in the database (as PUT /api/v1/admin/clients/{client_id})
 keys create|list|show|revoke       API keys in the database (secrets shown once, stored as HMACs)
 check-db                           database connectivity, as the runbook's check
 seed-demo                          the demo clients, market data and keys, into the database
@@ -53,6 +54,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply the database migrations (DATABASE_URL)")
     commands.add_parser("check-db", help="check that the database answers (DATABASE_URL)")
     commands.add_parser("seed-demo", help="load the demo data and print two demo keys (DATABASE_URL)")
+    clients = commands.add_parser("clients", help="clients in the database (DATABASE_URL)").add_subparsers(
+        dest="clients_command", required=True
+    )
+    put = clients.add_parser(
+        "put",
+        help="create or change a client, checked as the admin API checks it (options not given keep the "
+        "stored values; a new client needs --markup, --fee-type and --fee)",
+    )
+    put.add_argument("client_id")
+    put.add_argument(
+        "--markup",
+        dest="markup_percentage",
+        type=float,
+        metavar="PERCENT",
+        help="markup in percent (4 decimals)",
+    )
+    put.add_argument("--fee-type", dest="transaction_fee_type", choices=["FLAT", "PERCENTAGE"])
+    put.add_argument(
+        "--fee",
+        dest="transaction_amount",
+        type=float,
+        metavar="AMOUNT",
+        help="FLAT: dollars (2 decimals); PERCENTAGE: 0-100",
+    )
+    put.add_argument("--day-count", dest="day_count", type=int, metavar="N", help="360 or 365")
+    put.add_argument(
+        "--per-minute", dest="rate_limit_per_minute", type=int, metavar="N", help="requests a minute"
+    )
+    put.add_argument("--burst", dest="burst", type=int, metavar="N", help="requests allowed at once")
+    clients.add_parser("list", help="list the clients")
     keys = commands.add_parser("keys", help="API keys in the database (DATABASE_URL)").add_subparsers(
         dest="keys_command", required=True
     )
@@ -105,6 +136,11 @@ async def _database_command(settings: Settings, args: argparse.Namespace) -> int
                 print(f"pricer: cannot read {args.file}: {error.strerror}", file=sys.stderr)
                 return 2
             return await commands.load_into_database(settings, args.kind, content)
+        if args.command == "clients":
+            if args.clients_command == "list":
+                return await commands.list_clients(settings)
+            options = {name: getattr(args, name) for name in commands.CLIENT_OPTIONS}
+            return await commands.put_client(settings, args.client_id, options)
         if args.keys_command == "create":
             try:
                 scopes = [Scope(part.strip()) for part in args.scopes.split(",") if part.strip()]

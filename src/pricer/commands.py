@@ -7,18 +7,29 @@ drop its cached rates (Redis pub/sub, with REDIS_URL).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from pricer.auth.keys import KeyHasher, KeyVerifier, make_record, new_key, parse_key
-from pricer.errors import PricerError, Unauthorized
+from pricer.errors import InvalidParameter, PricerError, Unauthorized
 from pricer.invalidation import InvalidationBus, LocalBus, RedisBus
-from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix
+from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix_history
 from pricer.marketdata.service import MarketDataWriter
 from pricer.models import Scope
+from pricer.schemas import (
+    AvailabilityUploadResponse,
+    ClientBody,
+    LoadResult,
+    earnings_load_result,
+    utc_text,
+    vix_load_result,
+)
 from pricer.settings import Settings
-from pricer.stores.cached import KEY_TOPIC
+from pricer.stores.cached import CLIENT_TOPIC, KEY_TOPIC
 from pricer.stores.protocols import Stores
 
 
@@ -68,11 +79,87 @@ async def check_database(settings: Settings) -> int:
         return 1
 
 
+async def put_client(settings: Settings, client_id: str, options: dict[str, Any]) -> int:
+    """Create or change a client, checked as the admin endpoint's ClientBody is; the options not given keep
+    the stored client's values (a new client needs --markup, --fee-type and --fee). Prints its ClientView."""
+    from pricer.endpoints.admin import client_from_body, client_view
+
+    async def work(stores: Stores, bus: InvalidationBus) -> int:
+        stored = await stores.clients.get(client_id)
+        fields: dict[str, Any] = {}
+        if stored is not None:
+            fields = {
+                "markup_percentage": stored.markup_percentage,
+                "transaction_fee_type": str(stored.transaction_fee_type),
+                "transaction_amount": stored.transaction_amount,
+                "day_count": stored.day_count,
+                "active": stored.active,
+                "rate_limit_per_minute": stored.rate_limit_per_minute,
+                "burst": stored.burst,
+            }
+        fields.update({name: value for name, value in options.items() if value is not None})
+        try:
+            body = msgspec.convert(fields, ClientBody)
+        except msgspec.ValidationError as error:
+            print(f"pricer: invalid client: {_option_names(str(error))}", file=sys.stderr)
+            return 2
+        try:
+            client = client_from_body(client_id, body, _utc_now())
+        except InvalidParameter as error:
+            print(f"pricer: invalid client: {_option_names(error.message)}", file=sys.stderr)
+            return 2
+        created = await stores.clients.put(client)
+        await bus.publish(CLIENT_TOPIC, client_id)  # every replica drops its cached copy
+        view = client_view(
+            client, default_rate=settings.rate_limit_per_minute, default_burst=settings.effective_burst
+        )
+        print(("created " if created else "updated ") + client_id)
+        print(json.dumps(json.loads(msgspec.json.encode(view)), indent=2))
+        return 0
+
+    return await with_database(settings, work)
+
+
+# The CLI's option for each ClientBody field, so that an error names what the operator typed.
+CLIENT_OPTIONS = {
+    "markup_percentage": "--markup",
+    "transaction_fee_type": "--fee-type",
+    "transaction_amount": "--fee",
+    "day_count": "--day-count",
+    "rate_limit_per_minute": "--per-minute",
+    "burst": "--burst",
+}
+
+
+def _option_names(message: str) -> str:
+    for field, option in CLIENT_OPTIONS.items():
+        message = message.replace(f"`$.{field}`", option).replace(field, option)
+    return message
+
+
+async def list_clients(settings: Settings) -> int:
+    async def work(stores: Stores, _bus: InvalidationBus) -> int:
+        print(
+            f"{'client_id':<22}{'markup':>10}  {'fee_type':<11}{'fee':>14}{'days':>6}{'per_min':>10}"
+            f"{'burst':>8}  state"
+        )
+        for client in await stores.clients.list():
+            print(
+                f"{client.client_id:<22}{client.markup_percentage:>10}  {client.transaction_fee_type!s:<11}"
+                f"{client.transaction_amount:>14}{client.day_count:>6}"
+                f"{client.rate_limit_per_minute or settings.rate_limit_per_minute:>10}"
+                f"{client.burst or settings.effective_burst:>8}  {'active' if client.active else 'inactive'}"
+            )
+        return 0
+
+    return await with_database(settings, work)
+
+
 async def create_key(settings: Settings, client_id: str, scopes: list[Scope], expires_in_days: int) -> int:
     async def work(stores: Stores, _bus: InvalidationBus) -> int:
         if await stores.clients.get(client_id) is None:
             print(
-                f"pricer: unknown client {client_id!r}: create it first (PUT /api/v1/admin/clients/...)",
+                f"pricer: unknown client {client_id!r}: create it first (pricer clients put {client_id} ...)",
                 file=sys.stderr,
             )
             return 1
@@ -89,7 +176,7 @@ async def create_key(settings: Settings, client_id: str, scopes: list[Scope], ex
         await stores.keys.put(record)
         print(
             f"key_id:     {key_id}\nclient_id:  {client_id}\nscopes:     {','.join(sorted(scopes))}\n"
-            f"expires_at: {record.expires_at.isoformat()}\napi_key:    {key}\n"
+            f"expires_at: {utc_text(record.expires_at)}\napi_key:    {key}\n"
             "(the api_key is shown only now; only its HMAC is stored)"
         )
         return 0
@@ -106,7 +193,7 @@ async def list_keys(settings: Settings, client_id: str | None) -> int:
             state = "revoked" if record.revoked_at else ("expired" if record.expires_at <= now else "active")
             print(
                 f"{record.key_id:<18}{record.client_id:<22}{','.join(sorted(record.scopes)):<24}"
-                f"{record.expires_at.isoformat(timespec='seconds'):<27}{state}"
+                f"{utc_text(record.expires_at.replace(microsecond=0)):<27}{state}"
             )
         return 0
 
@@ -133,9 +220,9 @@ async def show_key(settings: Settings, key_or_id: str) -> int:
                 verdict = f"refused ({error.reason})"
         print(
             f"key_id:     {record.key_id}\nclient_id:  {record.client_id}\n"
-            f"scopes:     {','.join(sorted(record.scopes))}\ncreated_at: {record.created_at.isoformat()}\n"
-            f"expires_at: {record.expires_at.isoformat()}\n"
-            f"revoked_at: {record.revoked_at.isoformat() if record.revoked_at else '-'}\n"
+            f"scopes:     {','.join(sorted(record.scopes))}\ncreated_at: {utc_text(record.created_at)}\n"
+            f"expires_at: {utc_text(record.expires_at)}\n"
+            f"revoked_at: {utc_text(record.revoked_at) if record.revoked_at else '-'}\n"
             f"secret:     {verdict}"
         )
         return 0
@@ -171,28 +258,23 @@ async def load_into_database(settings: Settings, kind: str, content: bytes) -> i
                 market_topic=MARKET_TOPIC,
             )
         writer = MarketDataWriter(stores, bus, shared)
-        result: dict[str, Any]
+        # The same response structs as the admin endpoints, so `pricer load` prints the same JSON either way.
+        result: AvailabilityUploadResponse | LoadResult
         if kind == "ibkr":
             snapshot = parse_availability(content, loaded_at=_utc_now())
             in_force = await writer.add_availability(snapshot)
-            result = {
-                "rows": len(snapshot.entries),
-                "as_of": snapshot.as_of.isoformat(),
-                "in_force": in_force,
-            }
+            result = AvailabilityUploadResponse(
+                rows=len(snapshot.entries), as_of=snapshot.as_of, in_force=in_force
+            )
         elif kind == "vix":
-            reading = parse_vix(content)
-            await writer.add_volatility(reading)
-            result = {"value": reading.value, "as_of": reading.as_of.isoformat()}
+            history = parse_vix_history(content)
+            await writer.add_volatility(history.reading)
+            result = vix_load_result(history.reading.value, history.reading.as_of, history.rows)
         else:
             calendar = parse_earnings(content)
             await writer.replace_events_many(calendar.events)
-            result = {
-                "rows": calendar.rows,
-                "tickers": len(calendar.events),
-                "skipped_symbols": len(calendar.skipped),
-            }
-        print(result)
+            result = earnings_load_result(calendar.rows, len(calendar.events), len(calendar.skipped))
+        print(json.dumps(json.loads(msgspec.json.encode(result)), indent=2))
         return 0
 
     try:

@@ -267,10 +267,31 @@ class IssuedKey(msgspec.Struct):
 
 
 class LoadResult(msgspec.Struct, kw_only=True):
+    """A market-data file loaded: `rows` is the number of data rows read (the header aside), as for the
+    availability upload; `detail` what the file yielded."""
+
     status: Literal["success"] = "success"
     kind: str
     rows: int
     detail: dict[str, Any]
+
+
+def utc_text(moment: dt.datetime) -> str:
+    """An aware datetime as ISO 8601 in UTC ending in `Z`, as msgspec writes the schemas' datetimes: text
+    built by hand (a `detail` value, a log field) must not read `+00:00` where the rest reads `Z`."""
+    return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def vix_load_result(value: float, as_of: dt.datetime, rows: int) -> LoadResult:
+    """What a VIX history load answers, from the admin endpoint and from `pricer load` alike."""
+    return LoadResult(kind="vix", rows=rows, detail={"value": value, "as_of": utc_text(as_of)})
+
+
+def earnings_load_result(rows: int, tickers: int, skipped_symbols: int) -> LoadResult:
+    """What an earnings calendar load answers, from the admin endpoint and from `pricer load` alike."""
+    return LoadResult(
+        kind="earnings", rows=rows, detail={"tickers": tickers, "skipped_symbols": skipped_symbols}
+    )
 
 
 # ---- health and errors ---------------------------------------------------------------------------
@@ -282,9 +303,12 @@ class Health(msgspec.Struct):
 
 
 class DependencyHealth(msgspec.Struct, omit_defaults=True):
+    """One dependency's health; `reason` says in a sentence why it is not healthy (never a host or secret)."""
+
     status: Literal["healthy", "degraded", "unhealthy"]
     latency_ms: float
     detail: dict[str, Any] | None = None
+    reason: str | None = None
 
 
 class DetailedHealth(msgspec.Struct):

@@ -482,11 +482,45 @@ def uvicorn_options(settings: Settings, cap: int) -> dict[str, Any]:
     }
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, bound (as uvicorn binds it) before the app starts: a port already in use then
+    stops start-up before the lifespan runs, so a second `pricer serve` does not seed demo keys and overwrite
+    the running server's `.demo-keys.env` only to fail to bind afterwards.
+
+    Raises `OSError` when the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve_one(settings: Settings, app: PricerApp) -> int:
-    """One worker: this process serves."""
+    """One worker: this process serves, on a socket bound before the app's start-up (`bind_listener`)."""
     config = ServerConfig(app, **uvicorn_options(settings, connection_cap(settings, raise_file_limit())))
+    try:
+        sock = bind_listener(settings.host, settings.port)
+    except OSError as error:
+        print(
+            f"pricer: cannot listen on {settings.host}:{settings.port}: {error.strerror or error} "
+            "(another server on this port? set PORT)",
+            file=sys.stderr,
+        )
+        return 1
     server = DrainingServer(config)
-    server.run()
+    try:
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", settings.host, sock.getsockname()[1]
+        )
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0 if server.started else 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+from collections.abc import Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,7 +14,7 @@ from pricer.auth.keys import KeyHasher, make_record, new_key
 from pricer.endpoints.common import json_response, utc_now
 from pricer.errors import ClientNotFound, InvalidParameter, NotFound, UnsupportedMediaType
 from pricer.logs import fields
-from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix
+from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix_history
 from pricer.marketdata.service import MarketDataWriter
 from pricer.middleware.authentication import current_principal
 from pricer.models import Client, FeeType, MarketEvent, Stock, VolatilityReading
@@ -25,11 +26,13 @@ from pricer.schemas import (
     EventsView,
     IssuedKey,
     KeyBody,
-    LoadResult,
     StockBody,
     StockView,
     VolatilityBody,
     VolatilityView,
+    earnings_load_result,
+    utc_text,
+    vix_load_result,
 )
 from pricer.stores.protocols import Stores
 from pricer.validation import Decoder, require_places, require_ticker
@@ -37,6 +40,40 @@ from pricer.validation import Decoder, require_places, require_ticker
 audit_log = logging.getLogger("pricer.audit")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{3,50}")
 _KEY_ID = re.compile(r"[a-z0-9]{8,16}")
+
+
+def client_from_body(
+    client_id: str, body: ClientBody, now: dt.datetime, *, valid_params: Sequence[str] = ()
+) -> Client:
+    """The client a ClientBody describes, past the rules its schema cannot say (the client_id's form, the
+    decimals, a PERCENTAGE fee's 0-100): the admin endpoint and `pricer clients put` both come through here.
+
+    Raises `InvalidParameter` naming the field.
+    """
+    if not _CLIENT_ID.fullmatch(client_id):
+        raise InvalidParameter.for_field(
+            "client_id", "expected 3 to 50 letters, digits, '_' or '-'", location="path"
+        )
+    require_places(body.markup_percentage, 4, "markup_percentage", valid_params=valid_params)
+    if body.transaction_fee_type is FeeType.FLAT:
+        require_places(body.transaction_amount, 2, "transaction_amount", valid_params=valid_params)
+    else:
+        if body.transaction_amount > 100:
+            raise InvalidParameter.for_field(
+                "transaction_amount", "a PERCENTAGE fee must be from 0 to 100", valid_params=valid_params
+            )
+        require_places(body.transaction_amount, 4, "transaction_amount", valid_params=valid_params)
+    return Client(
+        client_id=client_id,
+        markup_percentage=body.markup_percentage,
+        transaction_fee_type=body.transaction_fee_type,
+        transaction_amount=body.transaction_amount,
+        day_count=body.day_count,
+        active=body.active,
+        rate_limit_per_minute=body.rate_limit_per_minute,
+        burst=body.burst,
+        updated_at=now,
+    )
 
 
 def client_view(client: Client, *, default_rate: int, default_burst: int) -> ClientView:
@@ -84,32 +121,8 @@ class AdminEndpoints:
 
     async def put_client(self, request: Request) -> Response:
         client_id = request.path_params["client_id"]
-        if not _CLIENT_ID.fullmatch(client_id):
-            raise InvalidParameter.for_field(
-                "client_id", "expected 3 to 50 letters, digits, '_' or '-'", location="path"
-            )
         body = self._client.decode(await request.body(), self._client.media_type(request))
-        valid = self._client.valid_params
-        require_places(body.markup_percentage, 4, "markup_percentage", valid_params=valid)
-        if body.transaction_fee_type is FeeType.FLAT:
-            require_places(body.transaction_amount, 2, "transaction_amount", valid_params=valid)
-        else:
-            if body.transaction_amount > 100:
-                raise InvalidParameter.for_field(
-                    "transaction_amount", "a PERCENTAGE fee must be from 0 to 100", valid_params=valid
-                )
-            require_places(body.transaction_amount, 4, "transaction_amount", valid_params=valid)
-        client = Client(
-            client_id=client_id,
-            markup_percentage=body.markup_percentage,
-            transaction_fee_type=body.transaction_fee_type,
-            transaction_amount=body.transaction_amount,
-            day_count=body.day_count,
-            active=body.active,
-            rate_limit_per_minute=body.rate_limit_per_minute,
-            burst=body.burst,
-            updated_at=utc_now(),
-        )
+        client = client_from_body(client_id, body, utc_now(), valid_params=self._client.valid_params)
         created = await self._stores.clients.put(client)
         self._audit(request, "client.put", target=client_id, created=created)
         view = client_view(client, default_rate=self._default_rate, default_burst=self._default_burst)
@@ -140,7 +153,7 @@ class AdminEndpoints:
         snapshot = parse_availability(await request.body(), loaded_at=utc_now())
         in_force = await self._writer.add_availability(snapshot)
         self._audit(
-            request, "availability.upload", rows=len(snapshot.entries), as_of=snapshot.as_of.isoformat()
+            request, "availability.upload", rows=len(snapshot.entries), as_of=utc_text(snapshot.as_of)
         )
         return json_response(
             AvailabilityUploadResponse(rows=len(snapshot.entries), as_of=snapshot.as_of, in_force=in_force)
@@ -148,27 +161,24 @@ class AdminEndpoints:
 
     async def upload_vix(self, request: Request) -> Response:
         _require_text(request)
-        reading = parse_vix(await request.body())
+        history = parse_vix_history(await request.body())
+        reading = history.reading
         await self._writer.add_volatility(reading)
-        self._audit(request, "volatility.vix_file", value=reading.value, as_of=reading.as_of.isoformat())
-        return json_response(
-            LoadResult(
-                kind="vix", rows=1, detail={"value": reading.value, "as_of": reading.as_of.isoformat()}
-            )
+        self._audit(
+            request,
+            "volatility.vix_file",
+            value=reading.value,
+            as_of=utc_text(reading.as_of),
+            rows=history.rows,
         )
+        return json_response(vix_load_result(reading.value, reading.as_of, history.rows))
 
     async def upload_earnings(self, request: Request) -> Response:
         _require_text(request)
         calendar = parse_earnings(await request.body())
         await self._writer.replace_events_many(calendar.events)
         self._audit(request, "events.earnings_file", rows=calendar.rows, tickers=len(calendar.events))
-        return json_response(
-            LoadResult(
-                kind="earnings",
-                rows=calendar.rows,
-                detail={"tickers": len(calendar.events), "skipped_symbols": len(calendar.skipped)},
-            )
-        )
+        return json_response(earnings_load_result(calendar.rows, len(calendar.events), len(calendar.skipped)))
 
     async def put_volatility(self, request: Request) -> Response:
         body = self._volatility.decode(await request.body(), self._volatility.media_type(request))

@@ -29,9 +29,11 @@ __all__ = [
     "AVAILABLE_CAP",
     "IBKR_REQUIRED_COLUMNS",
     "EarningsCalendar",
+    "VixHistory",
     "parse_availability",
     "parse_earnings",
     "parse_vix",
+    "parse_vix_history",
 ]
 
 IBKR_KIND = "ibkr"
@@ -316,7 +318,19 @@ def _decimal_places(value: Decimal) -> int:
     return max(0, -exponent)
 
 
+class VixHistory(msgspec.Struct, frozen=True):
+    """A parsed VIX history: the reading it yields and the number of data rows read (the header aside)."""
+
+    reading: VolatilityReading
+    rows: int
+
+
 def parse_vix(content: str | bytes) -> VolatilityReading:
+    """The reading of a VIX daily history CSV (see `parse_vix_history`)."""
+    return parse_vix_history(content).reading
+
+
+def parse_vix_history(content: str | bytes) -> VixHistory:
     """Parse Cboe's VIX daily history CSV (`DATE,OPEN,HIGH,LOW,CLOSE`, dates `MM/DD/YYYY`).
 
     Every row is checked: five fields, a valid date later than the previous row's, four non-negative
@@ -368,7 +382,9 @@ def parse_vix(content: str | bytes) -> VolatilityReading:
     if close > VIX_MAX_VALUE:
         raise DataFileError(VIX_KIND, last_line, f"the last CLOSE {close} is outside 0..{VIX_MAX_VALUE}")
     as_of = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
-    return VolatilityReading(value=float(str(close.normalize())), as_of=as_of, source="vix_file")
+    reading = VolatilityReading(value=float(str(close.normalize())), as_of=as_of, source="vix_file")
+    # Every line between the header and the last content line is a data row (each was checked above).
+    return VixHistory(reading=reading, rows=end - 1)
 
 
 # --------------------------------------------------------------------------------------------------

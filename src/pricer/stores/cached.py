@@ -223,3 +223,6 @@ class CachedClientStore:
         created = await self._inner.put(client)
         await self._bus.publish(CLIENT_TOPIC, client.client_id)
         return created
+
+    async def list(self) -> Sequence[Client]:
+        return await self._inner.list()  # an operator's listing: never from the cache

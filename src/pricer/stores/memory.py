@@ -33,6 +33,9 @@ class MemoryClientStore:
         self._clients[client.client_id] = client
         return created
 
+    async def list(self) -> Sequence[Client]:
+        return [self._clients[client_id] for client_id in sorted(self._clients)]
+
 
 class MemoryStockStore:
     def __init__(self) -> None:

@@ -26,6 +26,10 @@ class ClientStore(Protocol):
         """Store the client whole; True when it was created, False when it replaced one."""
         ...
 
+    async def list(self) -> Sequence[Client]:
+        """Every client, by client_id (the CLI's `pricer clients list`)."""
+        ...
+
 
 class StockStore(Protocol):
     async def get_many(self, tickers: Sequence[str]) -> Mapping[str, Stock]: ...

@@ -12,11 +12,12 @@ from pricer.stores.postgres.common import _float, _num, _opt_utc, _PgStore, _utc
 
 # ---- clients -------------------------------------------------------------------------------------
 
-_SELECT_CLIENT = (
+_SELECT_CLIENTS = (
     "SELECT client_id, markup_percentage::float8 AS markup_percentage, transaction_fee_type,"
     " transaction_amount::float8 AS transaction_amount, day_count, active, rate_limit_per_minute, burst,"
-    " updated_at FROM clients WHERE client_id = $1"
+    " updated_at FROM clients"
 )
+_SELECT_CLIENT = _SELECT_CLIENTS + " WHERE client_id = $1"
 
 
 def _client(row: Any) -> Client:
@@ -71,6 +72,11 @@ class PgClientStore(_PgStore):
                 client.updated_at,
             )
         return bool(created)
+
+    async def list(self) -> Sequence[Client]:
+        with translate_errors("clients.list"):
+            rows = await self._pool.fetch(_SELECT_CLIENTS + " ORDER BY client_id")
+        return [_client(row) for row in rows]
 
 
 # ---- API keys ------------------------------------------------------------------------------------
