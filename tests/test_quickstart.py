@@ -6,6 +6,7 @@ plan for a venv that does not exist yet (a fresh machine)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -15,9 +16,12 @@ README = ROOT / "README.md"
 
 
 def plan(target: str, tmp_path: Path) -> list[str]:
+    # As a person runs it: not a sub-make of `make test` (whose MAKEFLAGS and MAKELEVEL would be inherited).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
     result = subprocess.run(
-        ["make", "-n", target, f"VENV={tmp_path / 'venv'}"],
+        ["make", "--no-print-directory", "-n", target, f"VENV={tmp_path / 'venv'}"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         check=True,
