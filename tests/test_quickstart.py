@@ -17,7 +17,8 @@ README = ROOT / "README.md"
 
 def plan(target: str, tmp_path: Path) -> list[str]:
     # As a person runs it: not a sub-make of `make test` (whose MAKEFLAGS and MAKELEVEL would be inherited).
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    inherited = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     result = subprocess.run(
         ["make", "--no-print-directory", "-n", target, f"VENV={tmp_path / 'venv'}"],
         cwd=ROOT,
