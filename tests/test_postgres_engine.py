@@ -1111,66 +1111,6 @@ async def test_cached_keys_keep_working_while_postgresql_is_down_for_a_bounded_t
     assert 'msg="Database unreachable: serving cached records"' in log, log[-3000:]
 
 
-def load_benchmark(name: str) -> Any:
-    """A script of benchmarks/ as a module (the scripts run as `python benchmarks/<name>.py`)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-async def test_the_fault_benchmark_warms_every_worker_before_postgresql_goes_down(tmp_path: Path) -> None:
-    """bench_faults' 90 s PostgreSQL outage answered 80 to 166 quotes 503 (`keys.get`), all on its
-    WORKERS=2 replica, from about 10 s into the outage, long before any cached key's TTL: its warm-up sent
-    two quotes over one keep-alive connection, which reaches one worker, so the other worker first met the
-    key during the outage, whenever the load opened a new connection that landed on it; no fallback exists
-    for a key a process never read (DESIGN §2.3). The warm-up now quotes over fresh connections.
-
-    A WORKERS=2 engine on a private PostgreSQL and a private redis-server; a new key warmed by the
-    benchmark's `warm_workers`; PostgreSQL stopped; quotes on 24 fresh connections (each taken by either
-    worker) all answer 200. With the old warm-up about half of them got 503."""
-    from tests.redis_server import PrivateRedis
-
-    bench_faults = load_benchmark("bench_faults")
-    with PrivatePostgres() as pg, PrivateRedis(tmp_path / "redis") as redis_server:
-        env = {
-            "DATABASE_URL": pg.dsn,
-            "REDIS_URL": redis_server.url,
-            "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
-            "SHUTDOWN_DRAIN_SECONDS": "0",
-            "WORKERS": "2",
-        }
-        cli_ok(env, "migrate")
-        demo = seed_demo(env, tmp_path)
-        server = start_engine(tmp_path, env)
-        try:
-            async with httpx.AsyncClient(timeout=15) as client:
-                issued = await issue_key(client, server, demo["DEMO_ADMIN_KEY"], "demo_client")
-            body = b'{"ticker":"AAPL","position_value":1000,"loan_days":30,"client_id":"demo_client"}'
-            warmed = await bench_faults.warm_workers(server.base_url, issued["api_key"], body)
-            assert warmed == [200] * len(warmed), warmed
-            pg.stop()
-            statuses = []
-            headers = {"X-API-Key": issued["api_key"], "Content-Type": "application/json"}
-            async with httpx.AsyncClient(timeout=15) as fresh:
-                for _ in range(24):  # within the key cache's TTL (60 s): no stale serving involved
-                    response = await fresh.post(
-                        f"{server.base_url}/api/v1/calculate-locate",
-                        headers={**headers, "Connection": "close"},  # the next one on a new connection
-                        content=body,
-                    )
-                    statuses.append(response.status_code)
-            assert statuses == [200] * len(statuses), statuses
-        finally:
-            stop_server(server)
-
-
 async def test_rates_priced_before_an_outage_stand_in_while_postgresql_is_down(tmp_path: Path) -> None:
     """A ticker's rate expires from the rate caches RATE_CACHE_TTL_SECONDS after it was priced; when that
     fell inside a PostgreSQL outage every quote of the ticker got 503 (about one outage of 90 s in three
