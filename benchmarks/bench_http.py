@@ -39,7 +39,11 @@ BASELINE_SCRIPT = HERE / "baseline_fastapi.py"
 RAW_SCRIPT = HERE / "baseline_raw_asgi.py"
 QUOTE_PATH = "/api/v1/calculate-locate"
 PERCENTILES = (50, 75, 90, 99)
-TARGETS = ("engine", "baseline", "raw")
+TARGETS = ("engine", "baseline", "raw", "backends")
+# `backends`: the same engine in its production shape (PostgreSQL stores and audit trail, Redis rate limiter,
+# shared rate cache and invalidation bus), on a throwaway schema; left out with --no-backends.
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
 CLIENT_ID = "demo_client"
 # A generator using more than this share of its CPU may be what limits the measured rate.
 GENERATOR_BUSY_PERCENT = 90.0
@@ -238,6 +242,17 @@ def http_targets(summary: Mapping[str, Any], valid: bool) -> list[dict[str, Any]
         return []
     vs_baseline = block["engine_vs_baseline"]["throughput_ratio"]
     vs_raw = (block.get("engine_vs_raw") or {}).get("throughput_ratio")
+    backends = (block.get("backends_vs_baseline") or {}).get("throughput_ratio")
+    with_backends = [
+        make_target(
+            "single quote, Redis limiter + PostgreSQL stores and audit: req/s engine / FastAPI baseline",
+            backends,
+            2.5,
+            ">=",
+            "x",
+            valid=valid,
+        )
+    ]
     return [
         make_target(
             "single quote, full stack on embedded defaults: req/s engine / FastAPI baseline",
@@ -256,6 +271,7 @@ def http_targets(summary: Mapping[str, Any], valid: bool) -> list[dict[str, Any]
             "%",
             valid=valid,
         ),
+        *(with_backends if backends is not None else []),
     ]
 
 
@@ -954,8 +970,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--engine-env", action="append", default=[], metavar="NAME=VALUE", help="extra engine setting"
     )
+    parser.add_argument(
+        "--no-backends", action="store_true", help="leave out the engine on PostgreSQL + Redis (`backends`)"
+    )
+    parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="for `backends`")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="for `backends`")
     parser.add_argument("--json", type=Path, help="write the results here")
     return parser
+
+
+def prepare_backends(workdir: Path, database_url: str, redis_url: str) -> tuple[dict[str, str], str, str]:
+    """A throwaway schema, migrated and seeded with the demo data (an engine on a database does not seed
+    itself): the `backends` engine's settings, its demo client key and the schema (dropped by the caller)."""
+    import secrets
+
+    schema = f"bench_http_{secrets.token_hex(4)}"
+    settings = {
+        "DATABASE_URL": database_url,
+        "DATABASE_SCHEMA": schema,
+        "REDIS_URL": redis_url,
+        "AUDIT_SPOOL_DIR": str(workdir / "backends-spool"),
+        "API_KEY_PEPPER": secrets.token_urlsafe(32),
+        "JWT_SECRET_KEY": secrets.token_urlsafe(48),
+    }
+    keys_file = workdir / "backends-demo-keys.env"
+    env = {**_clean_environment(), **settings, "DEMO_KEYS_FILE": str(keys_file), "LOG_LEVEL": "WARNING"}
+    for command in ("migrate", "seed-demo"):
+        subprocess.run(
+            [sys.executable, "-m", "pricer", command], env=env, cwd=workdir, check=True, capture_output=True
+        )
+    return settings, read_env_file(keys_file)["DEMO_CLIENT_KEY"], schema
+
+
+def drop_schema(database_url: str, schema: str) -> None:
+    subprocess.run(
+        [sys.executable, "-c", _DROP_SCHEMA, database_url, schema],
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+_DROP_SCHEMA = """
+import asyncio, sys, asyncpg
+async def main():
+    connection = await asyncpg.connect(sys.argv[1])
+    try:
+        await connection.execute('DROP SCHEMA IF EXISTS "%s" CASCADE' % sys.argv[2])
+    finally:
+        await connection.close()
+asyncio.run(main())
+"""
 
 
 def _facts_lines(facts: Mapping[str, Any]) -> list[str]:
@@ -1017,6 +1082,15 @@ def render_table(summary: Mapping[str, Any]) -> str:
                 + ", ".join(format_ratio(r) for r in block.get("per_round_ratio_vs_raw", []))
                 + ")"
             )
+        backends_cmp = block.get("backends_vs_baseline")
+        if backends_cmp:
+            lines.append(
+                f"{'':<22} {'ratio':<9} {format_ratio(backends_cmp['throughput_ratio']):>8} "
+                + " ".join(f"{format_ratio(backends_cmp['latency_ratio'][f'p{p}']):>8}" for p in PERCENTILES)
+                + "   (backends/baseline; per round: "
+                + ", ".join(format_ratio(r) for r in block.get("per_round_ratio_backends", []))
+                + ")"
+            )
     return "\n".join(lines)
 
 
@@ -1063,11 +1137,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         driver = Driver(wrk, wrk_cpu, bodies_file, paced_wrk=paced, server_cpu=server_cpu)
         servers: dict[str, Server] = {}
+        backends_schema: str | None = None
         try:
             servers["engine"] = start_engine(workdir, server_cpu, engine_env)
             servers["baseline"] = start_baseline(workdir, server_cpu)
             servers["raw"] = start_baseline(workdir, server_cpu, name="raw")
+            if not args.no_backends:
+                try:
+                    backends_env, backends_key, backends_schema = prepare_backends(
+                        workdir, args.database_url, args.redis_url
+                    )
+                    servers["backends"] = start_engine(
+                        workdir, server_cpu, {**backends_env, **engine_env}, name="backends", key=backends_key
+                    )
+                except (subprocess.CalledProcessError, OSError, RuntimeError) as error:
+                    notes.append(f"The `backends` engine (PostgreSQL + Redis) could not start: {error}")
             problems = check_same_figures(servers["engine"], servers["baseline"], DEFAULT_BODIES)
+            if "backends" in servers:
+                problems += check_same_figures(servers["backends"], servers["baseline"], DEFAULT_BODIES)
             if problems:
                 print("bench_http: the engine and the baseline disagree:\n  " + "\n  ".join(problems))
                 return 1
@@ -1076,7 +1163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loads = [("throughput", args.connections), ("light", args.light_connections)]
             for round_number in range(1, args.rounds + 1):
                 for load, connections in loads:
-                    for target in TARGETS:
+                    for target in servers:
                         server = servers[target]
                         warmup = driver.run(
                             server,
@@ -1103,7 +1190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 rate = (engine_rps or 0) / 2
                 for round_number in range(1, args.rounds + 1):
-                    for target in TARGETS:
+                    for target in servers:
                         run = driver.run(
                             servers[target],
                             target=target,
@@ -1118,6 +1205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
+            if backends_schema is not None:
+                drop_schema(args.database_url, backends_schema)
 
     labels = {
         "throughput": f"throughput (c={args.connections})",
@@ -1134,6 +1223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine_summary = summarize_runs(by_target["engine"])
         baseline_summary = summarize_runs(by_target["baseline"])
         raw_summary = summarize_runs(by_target["raw"]) if by_target["raw"] else None
+        backends_summary = summarize_runs(by_target["backends"]) if by_target["backends"] else None
         summary["loads"][load] = {
             "label": labels[load],
             "engine": engine_summary,
@@ -1143,6 +1233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "per_round_ratio": per_round_ratios(by_target["engine"], by_target["baseline"]),
             "engine_vs_raw": compare(engine_summary, raw_summary) if raw_summary else None,
             "per_round_ratio_vs_raw": per_round_ratios(by_target["engine"], by_target["raw"]),
+            "backends": backends_summary,
+            "backends_vs_baseline": compare(backends_summary, baseline_summary) if backends_summary else None,
+            "per_round_ratio_backends": per_round_ratios(by_target["backends"], by_target["baseline"]),
         }
 
     invalid = [r for r in runs if not r.result.valid]

@@ -427,7 +427,7 @@ def http_section(http: Mapping[str, Any] | None, command: Sequence[str], error: 
     }
     for load, stored in http["summary"]["loads"].items():
         block = {**stored, "label": labels.get(load, stored["label"])}
-        for target in ("engine", "baseline", "raw"):
+        for target in ("engine", "baseline", "raw", "backends"):
             s = block.get(target)
             if s is None:
                 continue
@@ -454,6 +454,15 @@ def http_section(http: Mapping[str, Any] | None, command: Sequence[str], error: 
                 f"**{ratio_text(raw_cmp['throughput_ratio'])}** "
                 f"(per round: {raw_rounds}); the ceiling reads the body, checks the key, decodes the "
                 "JSON and answers a fixed document (benchmarks/baseline_raw_asgi.py)"
+            )
+        backends_cmp = block.get("backends_vs_baseline")
+        if backends_cmp:
+            backends_rounds = ", ".join(ratio_text(v) for v in block.get("per_round_ratio_backends", []))
+            ratio_lines.append(
+                f"- {block['label']}: throughput backends/baseline "
+                f"**{ratio_text(backends_cmp['throughput_ratio'])}** (per round: {backends_rounds}); "
+                "`backends` is the engine in its production shape: PostgreSQL stores and audit trail, Redis "
+                "rate limiter, shared rate cache and invalidation bus"
             )
     lines += ["", "Ratios (engine / baseline, same run):", "", *ratio_lines, ""]
     lines += [
