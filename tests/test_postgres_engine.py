@@ -1251,6 +1251,8 @@ async def test_floods_of_unknown_keys_cost_postgresql_at_most_one_read_per_new_i
             "DATABASE_URL": pg.dsn,
             "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
             "SHUTDOWN_DRAIN_SECONDS": "0",
+            # Few connections to re-open after each count (each one's set-up is a transaction or two).
+            "DATABASE_POOL_SIZE": "2",
         }
         cli_ok(env, "migrate")
         server = start_engine(tmp_path, env)
@@ -1283,7 +1285,11 @@ async def test_floods_of_unknown_keys_cost_postgresql_at_most_one_read_per_new_i
         finally:
             stop_server(server)
     print(f"\nPostgreSQL transactions per flood of 2,000 requests: {costs}")
-    noise = 15  # set-up of the pool's new connections (up to DATABASE_POOL_SIZE, 10) and a margin
-    assert costs["same 5 ids"] <= 5 + noise, costs
+    # The malformed ids never reach PostgreSQL: their flood's count is the engine's own background work
+    # over a flood's time (and the re-opening of its connections), the noise floor of the other two.
+    noise = costs["malformed"] + 10
+    assert costs["malformed"] <= 30, costs
+    # Each of the 5 ids is read once, or twice if a slow flood outlives the 10 s negative cache; the
+    # old cache let the first wave's 50 concurrent misses through.
+    assert costs["same 5 ids"] <= 2 * 5 + noise, costs
     assert costs["random ids"] <= 2000 + noise, costs
-    assert costs["malformed"] <= noise, costs
