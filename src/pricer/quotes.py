@@ -10,7 +10,7 @@ priced rows, so that a batch of 10^6 quotes needs no per-row object or index to 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, NamedTuple
 
 import msgspec
@@ -106,6 +106,8 @@ class PricedBatch:
         return int(self.position_cents.shape[0])
 
     def quote_id(self, row: int) -> str:
+        if row == 0:  # a single quote's: the quick way
+            return self.batch_id + "00000000"
         return f"{self.batch_id}{row:08x}"
 
     def quote_ids(self) -> list[str]:
@@ -117,28 +119,10 @@ class PricedBatch:
         is one already), as a store reads it back."""
         if self.size == 1 and len(self.rates) == 1 and row == 0:
             return PricedQuote(self, 0)
-        rate = self.rates[self.rate_index.item(row)]
         picked = slice(row, row + 1)
-        return PricedQuote(
-            PricedBatch(
-                batch_id=self.batch_id,
-                calculated_at=self.calculated_at,
-                request_id=self.request_id,
-                client_id=self.client_id,
-                key_id=self.key_id,
-                fee_schedule=self.fee_schedule,
-                rates=[rate],
-                rate_index=np.zeros(1, dtype=np.int64),
-                input_index=self.input_index[picked].copy(),
-                position_cents=self.position_cents[picked].copy(),
-                loan_days=self.loan_days[picked].copy(),
-                borrow_cost=self.borrow_cost[picked].copy(),
-                markup=self.markup[picked].copy(),
-                transaction_fees=self.transaction_fees[picked].copy(),
-                total_fee=self.total_fee[picked].copy(),
-            ),
-            row,
-        )
+        rows = {name: getattr(self, name)[picked].copy() for name in ROW_COLUMNS if name != "rate_index"}
+        rates = [self.rates[self.rate_index.item(row)]]
+        return PricedQuote(replace(self, rates=rates, rate_index=np.zeros(1, dtype=np.int64), **rows), row)
 
 
 class PricedQuote(NamedTuple):

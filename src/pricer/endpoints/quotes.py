@@ -15,7 +15,7 @@ from pricer.errors import FieldProblem, InvalidParameter, NotFound, TickerNotFou
 from pricer.middleware.authentication import acting_principal, current_principal
 from pricer.models import Scope
 from pricer.pricing.core import to_scaled_int
-from pricer.quotes import PricedQuote, split_quote_id
+from pricer.quotes import split_quote_id
 from pricer.quoting import Quoter
 from pricer.schemas import (
     BatchPosition,
@@ -75,7 +75,7 @@ class QuoteEndpoints:
         if outcome.unknown_rows:
             raise TickerNotFound(ticker)
         await self._quotes.add(outcome.batch)
-        return json_response(quote_response(PricedQuote(outcome.batch, 0)))
+        return json_response(quote_response(outcome.batch))
 
     # ---- batch ------------------------------------------------------------------------------
 

@@ -17,8 +17,24 @@ from pricer.schemas import (
     RowError,
 )
 
+# The rate components of the TickerRates in use, by object: the market data cache hands out one TickerRate
+# per ticker for many quotes, and its components are the same in every one of their bodies.
+_COMPONENTS: dict[int, tuple[TickerRate, RateComponents]] = {}
+_COMPONENTS_KEPT = 4096
+
 
 def rate_components(rate: TickerRate) -> RateComponents:
+    kept = _COMPONENTS.get(id(rate))
+    if kept is not None and kept[0] is rate:
+        return kept[1]
+    if len(_COMPONENTS) >= _COMPONENTS_KEPT:
+        _COMPONENTS.clear()
+    components = _rate_components(rate)
+    _COMPONENTS[id(rate)] = (rate, components)
+    return components
+
+
+def _rate_components(rate: TickerRate) -> RateComponents:
     return RateComponents(
         base_rate=rate.base_rate,
         volatility_index=rate.volatility_index,
@@ -51,12 +67,16 @@ def rate_response(rate: TickerRate) -> RateResponse:
     )
 
 
-def quote_response(quote: PricedQuote) -> QuoteResponse:
-    """The single-quote body of a quote: what a single quote returns, and a read-back of any quote."""
-    batch = quote.batch
+def quote_response(quote: PricedQuote | PricedBatch) -> QuoteResponse:
+    """The single-quote body of a quote: what a single quote returns (its one-row batch), and a read-back of
+    any quote (a store's PricedQuote)."""
+    if isinstance(quote, PricedBatch):
+        batch, row = quote, 0
+    else:
+        batch, row = quote
     rate = batch.rates[batch.rate_index.item(0)]
     return QuoteResponse(
-        quote_id=batch.quote_id(quote.row),
+        quote_id=batch.quote_id(row),
         ticker=rate.ticker,
         client_id=batch.client_id,
         position_value=batch.position_cents.item(0) / 100,
