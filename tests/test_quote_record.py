@@ -223,6 +223,15 @@ def test_the_spool_bytes_of_the_earlier_version_read_as_the_same_batches() -> No
     assert encode_record(EARLIER_BATCH) + encode_record(EARLIER_SINGLE) == EARLIER_SPOOL_BYTES
 
 
+def test_a_record_with_a_value_beyond_int64_is_unreadable_and_the_rest_is_read() -> None:
+    beyond = batch_to_columns(EARLIER_SINGLE)
+    beyond.total_fee = [2**63]
+    bad = encode_record(beyond)
+    found = scan(encode_record(EARLIER_BATCH) + bad + encode_record(EARLIER_SINGLE))
+    assert found.batches == [EARLIER_BATCH, EARLIER_SINGLE]
+    assert found.unreadable_bytes == len(bad)
+
+
 async def test_a_spool_of_the_earlier_version_left_by_a_dead_process_replays(tmp_path: Path) -> None:
     """A stopped process's spool directory, written by the earlier version, is adopted and replayed into
     PostgreSQL; every quote in it reads back as priced."""

@@ -41,9 +41,13 @@ def encode_record(record: AuditRecord) -> bytes:
     return frame(_ENCODER.encode(columns))
 
 
+# What decode_record raises for a payload it cannot read.
+_UNREADABLE = (msgspec.DecodeError, msgspec.ValidationError, ValueError, OverflowError)
+
+
 def decode_record(payload: bytes | memoryview) -> PricedBatch:
-    """The batch of one record's payload; raises msgspec.DecodeError, msgspec.ValidationError or
-    ValueError for a payload this version cannot read."""
+    """The batch of one record's payload; raises msgspec.DecodeError, msgspec.ValidationError, ValueError
+    or OverflowError (a value beyond int64) for a payload this version cannot read."""
     return batch_from_columns(_DECODER.decode(payload))
 
 
@@ -99,7 +103,7 @@ def scan(data: bytes) -> Scan:
             if end > 0:
                 try:
                     batches.append(decode_record(view[offset + _HEADER.size : end]))
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                except _UNREADABLE:
                     damaged.append((offset, end))  # intact bytes this version cannot read
                 offset = last = end
                 continue
@@ -205,7 +209,7 @@ def scan_legacy(data: bytes) -> Scan:
             break
         try:
             batches.append(decode_record(data[start : start + length]))
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        except _UNREADABLE:
             break
         offset = start + length
     damaged = [(offset, len(data))] if offset < len(data) else []
