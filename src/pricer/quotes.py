@@ -106,7 +106,7 @@ class PricedBatch:
         return int(self.position_cents.shape[0])
 
     def quote_id(self, row: int) -> str:
-        if row == 0:  # a single quote's: the quick way
+        if row == 0:  # every single quote's: a concatenation costs less than the format below
             return self.batch_id + "00000000"
         return f"{self.batch_id}{row:08x}"
 
