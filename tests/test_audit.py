@@ -36,15 +36,15 @@ from pricer.audit import (
     AuditTrail,
     QuoteSink,
     Spool,
-    SpooledBatch,
     encode_record,
     scan,
 )
+from pricer.endpoints.views import quote_response
 from pricer.errors import ServiceUnavailable
 from pricer.logs import FIELDS_ATTR
 from pricer.models import BorrowStatus, FeeType, RateSource
-from pricer.quotes import PricedBatch, TickerRate, new_batch_id
-from pricer.schemas import FeeScheduleView, QuoteResponse
+from pricer.quotes import PricedBatch, PricedQuote, TickerRate, batch_to_columns, new_batch_id
+from pricer.schemas import FeeScheduleView
 from pricer.settings import AuditDurability as Durability
 from pricer.stores.migrate import migrate
 from pricer.stores.pool import DeferredPool
@@ -116,8 +116,9 @@ def quote_ids(batches: Sequence[PricedBatch]) -> list[str]:
     return [quote_id for batch in batches for quote_id in batch.quote_ids()]
 
 
-def encoded(value: QuoteResponse | None) -> bytes:
-    return msgspec.json.encode(value)
+def encoded(quote: PricedQuote | None) -> bytes:
+    """The quote's body as the API answers it (a read-back, or the single quote)."""
+    return msgspec.json.encode(None if quote is None else quote_response(quote))
 
 
 @contextlib.asynccontextmanager
@@ -197,7 +198,7 @@ class FaultySink:
         if self.calls in self.lose_ack_on:
             raise ServiceUnavailable("The database is unavailable")
 
-    async def get(self, quote_id: str) -> QuoteResponse | None:
+    async def get(self, quote_id: str) -> PricedQuote | None:
         if self.away:  # the database went away with the failed write, for the next query
             self.away = False
             raise ServiceUnavailable("The database is unavailable")
@@ -234,7 +235,7 @@ async def test_added_batches_are_written_and_readable_before_and_after(tmp_path:
         first = batches[0].quote_id(0)
         assert await sink.get(first) is None
         for batch, row in ((batches[0], 0), (batches[1], 6), (batches[2], 1_999)):
-            assert encoded(await trail.get(batch.quote_id(row))) == encoded(batch.quote_response(row))
+            assert encoded(await trail.get(batch.quote_id(row))) == encoded(batch.quote(row))
 
         trail.start()
         try:
@@ -250,7 +251,7 @@ async def test_added_batches_are_written_and_readable_before_and_after(tmp_path:
             elsewhere = trail_on(sink, tmp_path / "other-spool", recent_rows=1)
             for batch, row in ((batches[0], 0), (batches[1], 3), (batches[2], 1_234)):
                 stored = await elsewhere.get(batch.quote_id(row))
-                assert encoded(stored) == encoded(batch.quote_response(row))
+                assert encoded(stored) == encoded(batch.quote(row))
             assert await elsewhere.get(batches[2].quote_id(2_000)) is None
 
             later = make_batch(3, seed=4)
@@ -308,7 +309,7 @@ async def test_outage_spools_and_replays_each_batch_exactly_once(tmp_path: Path)
             assert [batch.batch_id for batch in trail.spool.read()] == [batch.batch_id for batch in during]
             assert await row_count(pool) == 0
             # Readable on this replica all along.
-            assert encoded(await trail.get(during[7].quote_id(1))) == encoded(during[7].quote_response(1))
+            assert encoded(await trail.get(during[7].quote_id(1))) == encoded(during[7].quote(1))
 
             await away.open()  # the database is back
             await eventually(lambda: not trail.spool_pending, what="spool replayed")
@@ -779,7 +780,7 @@ async def test_an_earlier_versions_spool_file_is_adopted_on_upgrade(tmp_path: Pa
         root = tmp_path / "spool"
         root.mkdir()
         batches = [make_batch(2, seed=i) for i in range(4)]
-        records = [msgspec.msgpack.encode(SpooledBatch.of(batch)) for batch in batches]
+        records = [msgspec.msgpack.encode(batch_to_columns(batch)) for batch in batches]
         tail = struct.pack(">I", 999) + b"\x93torn"
         data = b"".join(struct.pack(">I", len(r)) + r for r in records) + tail
         (root / "audit-spool.bin").write_bytes(data)
@@ -844,7 +845,7 @@ class SlowSink:
         await asyncio.sleep(self.delay)
         await self.inner.write(batches)
 
-    async def get(self, quote_id: str) -> QuoteResponse | None:
+    async def get(self, quote_id: str) -> PricedQuote | None:
         return await self.inner.get(quote_id)
 
 
@@ -1033,7 +1034,7 @@ async def test_a_legacy_spool_left_in_a_crashed_adopters_staging_directory_is_re
     staging.mkdir(parents=True)
     (staging / LOCK_FILE).touch()
     batches = [make_batch(2, seed=i) for i in range(3)]
-    records = [msgspec.msgpack.encode(SpooledBatch.of(batch)) for batch in batches]
+    records = [msgspec.msgpack.encode(batch_to_columns(batch)) for batch in batches]
     (staging / "audit-spool.bin").write_bytes(b"".join(struct.pack(">I", len(r)) + r for r in records))
     async with quote_database() as (_dsn, _schema, pool):
         trail = trail_on(PgQuoteStore(pool), root)

@@ -28,6 +28,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pricer.endpoints.views import quote_response
 from pricer.errors import BackendError, InvalidParameter, ServiceUnavailable
 from pricer.invalidation import LocalBus
 from pricer.marketdata.loaders import parse_availability
@@ -44,7 +45,14 @@ from pricer.models import (
     Stock,
     VolatilityReading,
 )
-from pricer.quotes import PricedBatch, TickerRate, new_batch_id
+from pricer.quotes import (
+    PricedBatch,
+    PricedQuote,
+    TickerRate,
+    batch_from_columns,
+    batch_to_columns,
+    new_batch_id,
+)
 from pricer.schemas import FeeScheduleView
 from pricer.stores.cached import MAX_UNKNOWN_ENTRIES, CachedKeyStore
 from pricer.stores.memory import memory_stores
@@ -52,6 +60,7 @@ from pricer.stores.migrate import migrate, migration_lock_key, migrations, pendi
 from pricer.stores.postgres import audit as postgres_audit
 from pricer.stores.postgres.assembly import connect_stores, postgres_stores
 from pricer.stores.postgres.audit import PgQuoteStore
+from pricer.stores.postgres.copy_rows import is_single_quote
 from pricer.stores.postgres.marketdata import PgAvailabilityStore, PgVolatilityStore
 from pricer.stores.protocols import Stores
 from tests.pg import pg_schema, pg_stores
@@ -177,8 +186,9 @@ def key_record(
     )
 
 
-def encoded(value: object) -> bytes:
-    return msgspec.json.encode(value)
+def encoded(quote: PricedQuote | None) -> bytes:
+    """The quote's body as the API answers it (a read-back, or the single quote)."""
+    return msgspec.json.encode(None if quote is None else quote_response(quote))
 
 
 # ---- clients -------------------------------------------------------------------------------------
@@ -424,8 +434,8 @@ async def test_quote_single_row_round_trip(stores: Stores) -> None:
     batch = make_batch(1, rates=[MIXED_RATES[1]], key_id=None)
     await stores.quotes.add(batch)
     got = await stores.quotes.get(batch.quote_id(0))
-    assert got == batch.quote_response(0)
-    assert encoded(got) == encoded(batch.quote_response(0))
+    assert got == batch.quote(0)
+    assert encoded(got) == encoded(batch.quote(0))
 
 
 async def test_quote_multi_row_round_trip_every_row(stores: Stores) -> None:
@@ -436,8 +446,8 @@ async def test_quote_multi_row_round_trip_every_row(stores: Stores) -> None:
     for row in range(batch.size):
         got = await stores.quotes.get(batch.quote_id(row))
         assert got is not None
-        assert encoded(got) == encoded(batch.quote_response(row)), row
-    assert await stores.quotes.get(other.quote_id(4)) == other.quote_response(4)
+        assert encoded(got) == encoded(batch.quote(row)), row
+    assert await stores.quotes.get(other.quote_id(4)) == other.quote(4)
 
 
 async def test_quote_unknown_and_malformed_ids(stores: Stores) -> None:
@@ -609,14 +619,14 @@ async def test_memory_quote_store_evicts_whole_old_segments() -> None:
     assert store.rows >= 2 * MemoryQuoteStore.SEGMENT_ROWS
     assert await store.get(singles[0].quote_id(0)) is None  # the oldest segments went first
     newest = singles[-1]
-    assert await store.get(newest.quote_id(0)) == newest.quote_response(0)
+    assert await store.get(newest.quote_id(0)) == newest.quote(0)
     kept = singles[-2 * MemoryQuoteStore.SEGMENT_ROWS]
-    assert await store.get(kept.quote_id(0)) == kept.quote_response(0)
+    assert await store.get(kept.quote_id(0)) == kept.quote(0)
     # A batch larger than the whole retention stays readable to its last row, with (at most) the
     # segment it joined; everything older goes.
     big = make_batch(4 * MemoryQuoteStore.SEGMENT_ROWS, seed=99)
     await store.add(big)
-    assert await store.get(big.quote_id(big.size - 1)) == big.quote_response(big.size - 1)
+    assert await store.get(big.quote_id(big.size - 1)) == big.quote(big.size - 1)
     assert await store.get(kept.quote_id(0)) is None
     assert big.size <= store.rows <= big.size + MemoryQuoteStore.SEGMENT_ROWS
 
@@ -640,7 +650,7 @@ async def test_quotes_written_twice_keep_one_row_each() -> None:
             )
             == batch.size
         )
-        assert await quotes.get(other.quote_id(6)) == other.quote_response(6)
+        assert await quotes.get(other.quote_id(6)) == other.quote(6)
 
 
 async def test_many_small_batches_in_one_write() -> None:
@@ -648,24 +658,24 @@ async def test_many_small_batches_in_one_write() -> None:
         batches = [make_batch(1, rates=[MIXED_RATES[i % len(MIXED_RATES)]], seed=i) for i in range(200)]
         assert await PgQuoteStore(pool).add_many(batches) == 200
         for batch in batches[::37]:
-            assert await stores.quotes.get(batch.quote_id(0)) == batch.quote_response(0)
+            assert await stores.quotes.get(batch.quote_id(0)) == batch.quote(0)
 
 
 async def test_single_quotes_and_batches_in_one_write_read_back_as_priced() -> None:
-    """The audit trail queues single quotes in their compact form (SingleQuote) beside whole batches:
+    """The audit trail queues single quotes as their columns (QuoteColumns) beside whole batches:
     one write of both stores every row with its exact figures, and once only."""
     singles = [make_batch(1, rates=[MIXED_RATES[i % len(MIXED_RATES)]], seed=i) for i in range(40)]
     batches = [make_batch(5, seed=100), make_batch(1, seed=101), make_batch(17, seed=102)]
-    compact = [batch.single_quote() for batch in singles]
-    assert all(quote is not None for quote in compact)
-    records = [*[quote for quote in compact if quote is not None], *batches]
+    compact = [batch_to_columns(batch) for batch in singles]
+    assert all(map(is_single_quote, compact))
+    records = [*compact, *batches]
     async with pg_stores() as (stores, pool, _dsn, _schema):
         store = PgQuoteStore(pool)
         assert await store.add_many(records) == 40 + 5 + 1 + 17
         assert await store.add_many(records[::-1]) == 0
         for batch in [*singles, *batches]:
             for row in range(batch.size):
-                assert await stores.quotes.get(batch.quote_id(row)) == batch.quote_response(row)
+                assert await stores.quotes.get(batch.quote_id(row)) == batch.quote(row)
         await _assert_input_indexes(pool, [*singles, *batches])
 
 
@@ -688,37 +698,37 @@ async def test_a_write_of_single_quotes_only(statement_limit: int, monkeypatch: 
     (replicas replaying one spool) add nothing twice."""
     monkeypatch.setattr(postgres_audit, "SINGLE_STATEMENT_QUOTES", statement_limit)
     singles = [make_batch(1, rates=[MIXED_RATES[i % len(MIXED_RATES)]], seed=i) for i in range(30)]
-    records = [batch.single_quote() for batch in singles]
+    records = [batch_to_columns(batch) for batch in singles]
     async with pg_stores() as (stores, pool, _dsn, _schema):
         store = PgQuoteStore(pool)
-        assert await store.add_many(records[:10]) == 10  # type: ignore[arg-type]
+        assert await store.add_many(records[:10]) == 10
         added = await asyncio.gather(
             store.add_many(records),
             store.add_many(records[::-1]),
-            store.add_many(records[5:]),  # type: ignore[arg-type]
+            store.add_many(records[5:]),
         )
         assert sum(added) == 20
         assert await _table_count(pool, "SELECT count(*) FROM quote_rows") == 30
         assert await _table_count(pool, "SELECT count(*) FROM quote_batches") == 30
         for batch in singles:
-            assert await stores.quotes.get(batch.quote_id(0)) == batch.quote_response(0)
+            assert await stores.quotes.get(batch.quote_id(0)) == batch.quote(0)
         await _assert_input_indexes(pool, singles)
 
 
 async def test_single_quotes_and_the_same_quotes_as_batches_written_at_once() -> None:
     """A replica replaying its spool writes PricedBatches by COPY while another writes the same quotes
-    as SingleQuotes in one statement: both take the batches' locks first, so neither deadlocks."""
+    as QuoteColumns in one statement: both take the batches' locks first, so neither deadlocks."""
     singles = [make_batch(1, rates=[MIXED_RATES[i % len(MIXED_RATES)]], seed=i) for i in range(60)]
-    compact = [batch.single_quote() for batch in singles]
+    compact = [batch_to_columns(batch) for batch in singles]
     async with pg_stores() as (_stores, pool, _dsn, _schema):
         store = PgQuoteStore(pool)
         for _ in range(5):
             async with pool.acquire() as connection:
                 await connection.execute("TRUNCATE quote_rows, quote_batches")
             added = await asyncio.gather(
-                store.add_many(compact),  # type: ignore[arg-type]
+                store.add_many(compact),
                 store.add_many(singles[::-1]),
-                store.add_many(compact[::-1]),  # type: ignore[arg-type]
+                store.add_many(compact[::-1]),
                 store.add_many(singles),
             )
             assert sum(added) == 60
@@ -731,25 +741,24 @@ async def test_a_single_quote_beyond_the_columns_writes_nothing_of_its_write() -
     bad.total_fee[0] = 10**18 - 1
     async with pg_stores() as (_stores, pool, _dsn, _schema):
         with pytest.raises(InvalidParameter):
-            await PgQuoteStore(pool).add_many([good.single_quote(), bad.single_quote()])  # type: ignore[list-item]
+            await PgQuoteStore(pool).add_many([batch_to_columns(good), batch_to_columns(bad)])
         assert await _table_count(pool, "SELECT count(*) FROM quote_rows") == 0
         assert await _table_count(pool, "SELECT count(*) FROM quote_batches") == 0
 
 
-def test_single_quote_is_only_made_of_a_consistent_one_row_batch() -> None:
+def test_only_a_consistent_one_row_batch_is_written_as_a_single_quote() -> None:
     one = make_batch(1, rates=MIXED_RATES[:1], seed=3)
-    quote = one.single_quote()
-    assert quote is not None
-    assert quote.batch().quote_response(0) == one.quote_response(0)
-    assert make_batch(2, rates=MIXED_RATES[:1]).single_quote() is None
-    assert make_batch(1, rates=MIXED_RATES[:2]).single_quote() is None
+    assert is_single_quote(batch_to_columns(one))
+    assert batch_from_columns(batch_to_columns(one)) == one
+    assert not is_single_quote(batch_to_columns(make_batch(2, rates=MIXED_RATES[:1])))
+    assert not is_single_quote(batch_to_columns(make_batch(1, rates=MIXED_RATES[:2])))
     for column in ("total_fee", "input_index", "rate_index"):
         for bad in (
             np.zeros(2, dtype=np.int64),
             np.zeros(0, dtype=np.int64),
             np.zeros((1, 1), dtype=np.int64),
         ):
-            assert dataclasses.replace(one, **{column: bad}).single_quote() is None
+            assert not is_single_quote(batch_to_columns(dataclasses.replace(one, **{column: bad})))
 
 
 async def test_hundred_thousand_row_batch_round_trips() -> None:
@@ -767,7 +776,7 @@ async def test_hundred_thousand_row_batch_round_trips() -> None:
         for row in [0, 1, 255, 49_999, 50_000, 65_535, 65_536, size - 1, *rng.integers(0, size, 20).tolist()]:
             got = await stores.quotes.get(batch.quote_id(row))
             assert got is not None, row
-            assert encoded(got) == encoded(batch.quote_response(row)), row
+            assert encoded(got) == encoded(batch.quote(row)), row
         assert await stores.quotes.get(batch.quote_id(size)) is None
 
 
@@ -785,7 +794,7 @@ async def test_a_large_write_is_split_over_connections_exactly_once() -> None:
             for row in {0, batch.size // 2, batch.size - 1}:
                 got = await stores.quotes.get(batch.quote_id(row))
                 assert got is not None
-                assert encoded(got) == encoded(batch.quote_response(row))
+                assert encoded(got) == encoded(batch.quote(row))
 
 
 async def test_concurrent_writes_of_the_same_batches_record_each_row_once() -> None:
@@ -803,9 +812,7 @@ async def test_concurrent_writes_of_the_same_batches_record_each_row_once() -> N
         assert await _table_count(pool, "SELECT count(*) FROM quote_rows") == total
         assert await _table_count(pool, "SELECT count(*) FROM quote_batches") == len(batches)
         for batch in batches:
-            assert await stores.quotes.get(batch.quote_id(batch.size - 1)) == batch.quote_response(
-                batch.size - 1
-            )
+            assert await stores.quotes.get(batch.quote_id(batch.size - 1)) == batch.quote(batch.size - 1)
 
 
 async def test_a_rate_snapshot_is_stored_once_however_many_quotes_use_it() -> None:
@@ -823,7 +830,7 @@ async def test_a_rate_snapshot_is_stored_once_however_many_quotes_use_it() -> No
         await one_replica.add_many(batches)
         assert await _table_count(pool, "SELECT count(*) FROM quote_rates") == len(MIXED_RATES) + 2
         for batch in batches:
-            assert await stores.quotes.get(batch.quote_id(1)) == batch.quote_response(1)
+            assert await stores.quotes.get(batch.quote_id(1)) == batch.quote(1)
 
 
 async def test_batch_text_fields_are_stored_verbatim() -> None:
@@ -891,13 +898,13 @@ async def test_batch_times_are_stored_to_the_microsecond() -> None:
     ]
     async with pg_stores() as (stores, pool, _dsn, _schema):
         await PgQuoteStore(pool).add_many(batches)  # by COPY
-        await PgQuoteStore(pool).add_many([batch.single_quote() for batch in singles])  # type: ignore[misc]
+        await PgQuoteStore(pool).add_many([batch_to_columns(batch) for batch in singles])
         for batch, single, moment in zip(batches, singles, times, strict=True):
             expected = moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
             for quote_id in (batch.quote_id(1), single.quote_id(0)):
                 got = await stores.quotes.get(quote_id)
                 assert got is not None
-                assert got.calculated_at == expected, (moment, got.calculated_at)
+                assert got.batch.calculated_at == expected, (moment, got.batch.calculated_at)
 
 
 def _numeric_value(sign: int, digits: Sequence[int]) -> Decimal:
@@ -1024,10 +1031,10 @@ async def test_quotes_recorded_before_002_move_over_unchanged() -> None:
                 for row in range(batch.size):
                     got = await stores.quotes.get(batch.quote_id(row))
                     assert got is not None
-                    assert encoded(got) == encoded(batch.quote_response(row)), (batch.batch_id, row)
+                    assert encoded(got) == encoded(batch.quote(row)), (batch.batch_id, row)
             newer = make_batch(10, seed=4)
             assert await PgQuoteStore(pool).add_many([*old, newer]) == newer.size
-            assert await stores.quotes.get(newer.quote_id(9)) == newer.quote_response(9)
+            assert await stores.quotes.get(newer.quote_id(9)) == newer.quote(9)
             # The migrated rates are keyed differently from the writer's digests: a quote priced with an
             # equal snapshot after the upgrade adds one row for it, and reads back the same.
             assert await _table_count(pool, "SELECT count(*) FROM quote_rates") <= 2 * len(MIXED_RATES)
@@ -1141,7 +1148,7 @@ async def test_failed_quote_write_leaves_nothing_and_the_connection_works() -> N
             assert await _table_count(pool, "SELECT count(*) FROM quotes") == 0
         await stores.quotes.add(good)
         assert await _table_count(pool, "SELECT count(*) FROM quotes") == good.size
-        assert await stores.quotes.get(good.quote_id(9)) == good.quote_response(9)
+        assert await stores.quotes.get(good.quote_id(9)) == good.quote(9)
 
 
 async def test_closed_pool_and_missing_schema_are_translated() -> None:

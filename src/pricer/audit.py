@@ -19,7 +19,7 @@ on one host with the default directory, and pods on one shared volume are theref
 must work across the pods sharing the volume: local disks, NFSv4, CephFS do; some NFSv3 setups do not.)
 
 Every file is a sequence of frames: magic, payload length, CRC32 of the payload, payload (a msgpack
-`SpooledBatch`). Replay reads past damage: a torn tail (a crash mid-append) is cut, a damaged frame is
+`QuoteColumns`). Replay reads past damage: a torn tail (a crash mid-append) is cut, a damaged frame is
 skipped by resynchronising on the next valid one, and the exact bytes that could not be read are copied
 to a quarantine file beside the spool directories and logged at ERROR with their counts. A record the
 database refuses for good (a value beyond a column: not a connection error) goes to a dead-letter file,
@@ -54,20 +54,11 @@ import functools
 import logging
 import os
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
 
-from pricer.audit_spool import (
-    JOURNAL_SEGMENT_BYTES,
-    LEGACY_FILE,
-    LOCK_FILE,
-    Adopted,
-    Journal,
+from pricer.audit_format import (
     Scan,
-    Spool,
-    SpooledBatch,
     append_file,
     encode_record,
     read_file,
@@ -76,10 +67,10 @@ from pricer.audit_spool import (
     scan_legacy,
     sync_directory,
 )
-from pricer.errors import InvalidParameter
+from pricer.audit_sink import QuoteSink, SinkWriter
+from pricer.audit_spool import JOURNAL_SEGMENT_BYTES, LEGACY_FILE, LOCK_FILE, Adopted, Journal, Spool
 from pricer.logs import fields
-from pricer.quotes import QUOTE_ID_LENGTH, AuditRecord, PricedBatch
-from pricer.schemas import QuoteResponse
+from pricer.quotes import AuditRecord, PricedBatch, PricedQuote, audit_record
 from pricer.settings import AuditDurability as Durability
 from pricer.stores.memory import MemoryQuoteStore
 
@@ -90,7 +81,6 @@ __all__ = [
     "AuditTrail",
     "QuoteSink",
     "Spool",
-    "SpooledBatch",
     "encode_record",
     "scan",
 ]
@@ -100,21 +90,6 @@ log = logging.getLogger("pricer.audit")
 
 REPLAY_CHUNK = 64
 ADOPT_SECONDS = 5.0
-POISON_ATTEMPTS = 3  # writes failing while the database answers a probe, before the record is looked for
-_PROBE_QUOTE_ID = "0" * QUOTE_ID_LENGTH
-
-
-class QuoteSink(Protocol):
-    """Where the trail is written for good (PostgreSQL). `write` is idempotent on quote id."""
-
-    async def write(self, batches: Sequence[AuditRecord]) -> None: ...
-
-    async def get(self, quote_id: str) -> QuoteResponse | None: ...
-
-
-def _refused(error: Exception) -> bool:
-    """A write error that retrying cannot fix: the database rejected a value, or the record is malformed."""
-    return isinstance(error, InvalidParameter | ValueError | TypeError | OverflowError)
 
 
 class AuditTrail:
@@ -148,7 +123,6 @@ class AuditTrail:
         self._room.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._next_attempt = 0.0  # loop time of the next attempt to reach the database with a backlog
         self._next_scan = 0.0  # loop time of the next look for dead processes' spools
         self._adopted: list[Adopted] = []
         self.durability = durability
@@ -162,22 +136,18 @@ class AuditTrail:
         # Disk reads, appends and fsyncs of the spool run on this thread, never on the loop.
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-spool")
         self._unreplayable: set[Path] = set()  # files that could be neither replayed nor set aside
-        self._writes_ok = 0  # successful writes so far
-        self._unproven = False  # the last failed write kept a record that only fails, the database up
-        self._failing: dict[str, int] = {}  # batch id -> _writes_ok when its write first kept failing
-        self.database_up = True
+        self._writer = SinkWriter(sink, spool, retry_seconds=retry_seconds)
         self.written_rows = 0
         self.spooled_rows = 0
-        self.dead_lettered_rows = 0
         self.unreadable_bytes = 0
         self.adopted_spools = 0
 
     # ---- QuoteStore ---------------------------------------------------------------------------
 
     async def add(self, batch: PricedBatch) -> None:
-        # A single quote waits for its write in its compact form: the batch, its arrays and its response
-        # are freed now, by the request that made them.
-        record: AuditRecord = batch.single_quote() or batch
+        # A single quote waits for its write as its columns: the batch and its arrays are freed now, by
+        # the request that made them.
+        record = audit_record(batch)
         while self._queued_rows >= self._max_queue_rows and not self._closing:
             self._room.clear()
             await self._room.wait()
@@ -186,7 +156,7 @@ class AuditTrail:
         else:
             await self.journal.submit(record)  # on disk (fsynced) before the response
         # Readable here only once accepted: a quote the journal refused (503) is never served.
-        await self._recent.add(batch)
+        self._recent.keep(record)
 
     def _enqueue(self, records: list[AuditRecord], segment: int) -> None:
         for record in records:
@@ -194,10 +164,18 @@ class AuditTrail:
             self._queued_rows += record.size
         self._wakeup.set()
 
-    async def get(self, quote_id: str) -> QuoteResponse | None:
+    async def get(self, quote_id: str) -> PricedQuote | None:
         return await self._recent.get(quote_id) or await self._sink.get(quote_id)
 
     # ---- state ---------------------------------------------------------------------------------
+
+    @property
+    def database_up(self) -> bool:
+        return self._writer.database_up
+
+    @property
+    def dead_lettered_rows(self) -> int:
+        return self._writer.dead_lettered_rows
 
     @property
     def queue_depth(self) -> int:
@@ -232,14 +210,14 @@ class AuditTrail:
                 # Apart from the writes, so that a spool that cannot be replayed never stops the queue from
                 # being written: new records keep reaching the database (or the spool).
                 log.exception("Audit spool replay error")
-                self._next_attempt = loop.time() + self._retry_seconds
+                self._writer.next_attempt = loop.time() + self._retry_seconds
             try:
                 if not self._queue:
                     # Sleep until records come, the next attempt at the database is due (with a backlog),
                     # or it is time to look for dead processes' spools.
                     wake = self._next_scan
                     if self.spool_pending:
-                        wake = min(wake, self._next_attempt)
+                        wake = min(wake, self._writer.next_attempt)
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(max(0.0, wake - loop.time())):
                             await self._wakeup.wait()
@@ -286,8 +264,10 @@ class AuditTrail:
                 # With a backlog in the spool (the database away, or back and not replayed yet), or the
                 # database found away and its next attempt not due, new records go straight to the spool:
                 # nothing waits in memory for the next attempt (a SIGKILL would lose it).
-                direct = self._spool.pending or (not self.database_up and loop.time() < self._next_attempt)
-                if not direct and await self._write(batches):
+                direct = self._spool.pending or (
+                    not self._writer.database_up and loop.time() < self._writer.next_attempt
+                )
+                if not direct and await self._writer.write(batches):
                     self.written_rows += rows
                     self._release(rows, segments)
                     continue
@@ -303,80 +283,6 @@ class AuditTrail:
                 raise
             self.spooled_rows += rows
             self._release(rows, segments)
-
-    async def _write(self, batches: Sequence[AuditRecord]) -> bool:
-        """Write to the database: True once done (records it refuses for good are dead-lettered), False
-        when it cannot be reached (the next attempt is then due after the retry interval).
-
-        A server error that is not a refusal (SQLSTATE 54000, XX000...) may be the database failing or one
-        record that makes it fail every time. A probe query tells them apart: a write that fails
-        POISON_ATTEMPTS times while the database answers the probe is cut in halves until the record is
-        found, and that record is dead-lettered if another write has succeeded since it first failed (if
-        none has, the database itself may refuse writes -- read-only after a failover? -- and everything
-        is kept; the next write with other records in it settles it)."""
-        suspects: list[tuple[AuditRecord, Exception]] = []
-        if not await self._write_part(batches, suspects):
-            return False
-        for record, error in suspects:
-            if self._failing.get(record.batch_id, self._writes_ok) >= self._writes_ok:
-                self._unproven = True  # a replay goes on with its other files, which may settle it
-                self._database_down(error)
-                return False
-        for record, error in suspects:
-            self._dead_letter(record, error)
-            self._failing.pop(record.batch_id, None)
-        return True
-
-    async def _write_part(
-        self, batches: Sequence[AuditRecord], suspects: list[tuple[AuditRecord, Exception]]
-    ) -> bool:
-        """`_write` of a part: refused records dead-lettered, records failing with a server error every
-        time added to `suspects`; False when the database is away."""
-        error = await self._attempt(batches)
-        if error is None:
-            return True
-        if not _refused(error):
-            for attempt in range(POISON_ATTEMPTS):
-                probe = await self._probe()
-                if probe is not None:
-                    self._database_down(probe)
-                    return False
-                if attempt == POISON_ATTEMPTS - 1:
-                    break
-                error = await self._attempt(batches)  # a transient error passes on a retry
-                if error is None:
-                    return True
-            if len(self._failing) > 65_536:
-                self._failing.clear()
-            for batch in batches:
-                self._failing.setdefault(batch.batch_id, self._writes_ok)
-            if len(batches) == 1:
-                suspects.append((batches[0], error))
-                return True
-        elif len(batches) == 1:
-            self._dead_letter(batches[0], error)
-            return True
-        middle = len(batches) // 2  # find the failing ones
-        return await self._write_part(batches[:middle], suspects) and await self._write_part(
-            batches[middle:], suspects
-        )
-
-    async def _attempt(self, batches: Sequence[AuditRecord]) -> Exception | None:
-        try:
-            await self._sink.write(batches)
-        except Exception as error:
-            return error
-        self.database_up = True
-        self._writes_ok += 1
-        return None
-
-    async def _probe(self) -> Exception | None:
-        """A cheap query (a quote id no batch has): None when the database answers, else its error."""
-        try:
-            await self._sink.get(_PROBE_QUOTE_ID)
-        except Exception as error:
-            return error
-        return None
 
     def _remove_journal_segment(self, path: Path) -> None:
         """`disk` mode: a journal segment whose records are all in the database or the spool is deleted
@@ -395,21 +301,6 @@ class AuditTrail:
 
         self._io.submit(remove).add_done_callback(failed)
 
-    def _dead_letter(self, record: AuditRecord, error: Exception) -> None:
-        self._spool.open()
-        append_file(self._spool.dead_letter_path, encode_record(record))
-        self.dead_lettered_rows += record.size
-        log.error(
-            "Audit record refused by the database; moved to the dead-letter file",
-            extra=fields(
-                batch_id=record.batch_id,
-                rows=record.size,
-                error=type(error).__name__,
-                reason=str(error),
-                path=str(self._spool.dead_letter_path),
-            ),
-        )
-
     def _adopt_orphans(self) -> None:
         self._next_scan = asyncio.get_running_loop().time() + self._adopt_seconds
         for adopted in self._spool.orphans():
@@ -423,12 +314,12 @@ class AuditTrail:
         loop = asyncio.get_running_loop()
         if now or loop.time() >= self._next_scan:
             self._adopt_orphans()
-        if not self.spool_pending or (not now and loop.time() < self._next_attempt):
+        if not self.spool_pending or (not now and loop.time() < self._writer.next_attempt):
             return True
         # A cheap query first: during an outage no segment is read only to find the database away.
-        probe = await self._probe()
+        probe = await self._writer.probe()
         if probe is not None:
-            self._database_down(probe)
+            self._writer.database_down(probe)
             return False
         # A file is kept (and the rest goes on) when its write failed on a record that fails every time
         # while nothing else was written since: the writes of the other files tell whether it is that
@@ -437,7 +328,7 @@ class AuditTrail:
         # Closing the segment appended to now may flush it: on the spool's thread.
         for path in await loop.run_in_executor(self._io, self._spool.backlog):
             if path not in self._unreplayable and not await self._replay_file(path):
-                if not self._unproven:
+                if not self._writer.unproven:
                     return self._retry_later()
                 kept = True
                 continue
@@ -446,7 +337,7 @@ class AuditTrail:
             complete = True
             for path in adopted.files():
                 if path not in self._unreplayable and not await self._replay_file(path):
-                    if not self._unproven:
+                    if not self._writer.unproven:
                         return self._retry_later()
                     kept, complete = True, False
             if complete:
@@ -455,7 +346,7 @@ class AuditTrail:
         return self._retry_later() if kept else True
 
     def _retry_later(self) -> bool:
-        self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
+        self._writer.next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
         return False
 
     async def _replay_file(self, path: Path) -> bool:
@@ -476,9 +367,9 @@ class AuditTrail:
             return True
         batches = found.batches
         for start in range(0, len(batches), REPLAY_CHUNK):
-            self._unproven = False
+            self._writer.unproven = False
             try:
-                written = await self._write(batches[start : start + REPLAY_CHUNK])
+                written = await self._writer.write(batches[start : start + REPLAY_CHUNK])
             except Exception as error:
                 self._set_aside(path, error, replayed=start)
                 return True
@@ -544,12 +435,6 @@ class AuditTrail:
                 quarantine=str(self._spool.quarantine_path),
             ),
         )
-
-    def _database_down(self, error: Exception) -> None:
-        if self.database_up:
-            log.error("Backend service error", extra=fields(service="audit", error=type(error).__name__))
-        self.database_up = False
-        self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
 
     async def close(self) -> None:
         """Drain everything queued to the database, else to the spool; then stop the writer. What stays

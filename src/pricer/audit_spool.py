@@ -1,44 +1,29 @@
-"""The audit trail's files (see `pricer.audit`): the spool and journal format (framed msgpack records), the
-per-process spool directories under their locks, their adoption, and `disk` mode's journal.
-
-Every file is a sequence of frames: magic, payload length, CRC32 of the payload, payload (a msgpack
-`SpooledBatch`). `scan` reads past damage: a torn tail is reported as such, a damaged frame is skipped by
-resynchronising on the next valid one, and the exact byte ranges that could not be read are returned.
-"""
+"""The audit trail's files (see `pricer.audit`): the per-process spool directories under their locks, their
+adoption, and `disk` mode's journal. Their format (framed msgpack records) is `pricer.audit_format`'s."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import errno
 import fcntl
 import logging
 import os
 import secrets
 import socket
-import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
-import msgspec
-
+from pricer.audit_format import AppendOnlyFile, encode_record, remove_file, scan, sync_directory
 from pricer.errors import ServiceUnavailable
 from pricer.logs import fields
-from pricer.quotes import AuditRecord, PricedBatch, RowValues, SingleQuote, TickerRate
-from pricer.schemas import FeeScheduleView
+from pricer.quotes import AuditRecord, PricedBatch
 
 log = logging.getLogger("pricer.audit")
 
 
-# magic, payload length, CRC32 of the payload
-_HEADER = struct.Struct(">4sII")
-MAGIC = b"PRA\x01"
-_MAX_PAYLOAD = 1 << 31
 PROCESS_PREFIX = "proc-"
 SPOOL_PREFIX = "spool-"
 SPOOL_SEGMENT_BYTES = 64 << 20
@@ -46,216 +31,6 @@ LEGACY_FILE = "audit-spool.bin"  # the one shared spool file of earlier versions
 JOURNAL_PREFIX = "journal-"
 LOCK_FILE = "lock"
 JOURNAL_SEGMENT_BYTES = 16 << 20
-
-
-class SpooledBatch(msgspec.Struct, array_like=True):
-    batch_id: str
-    calculated_at: dt.datetime
-    request_id: str
-    client_id: str
-    key_id: str | None
-    fee_schedule: FeeScheduleView
-    rates: list[TickerRate]
-    rate_index: list[int]
-    input_index: list[int]
-    position_cents: list[int]
-    loan_days: list[int]
-    borrow_cost: list[int]
-    markup: list[int]
-    transaction_fees: list[int]
-    total_fee: list[int]
-
-    @classmethod
-    def of(cls, record: AuditRecord) -> SpooledBatch:
-        batch = record.batch() if isinstance(record, SingleQuote) else record
-        return cls(
-            batch_id=batch.batch_id,
-            calculated_at=batch.calculated_at,
-            request_id=batch.request_id,
-            client_id=batch.client_id,
-            key_id=batch.key_id,
-            fee_schedule=batch.fee_schedule,
-            rates=batch.rates,
-            rate_index=batch.rate_index.tolist(),
-            input_index=batch.input_index.tolist(),
-            position_cents=batch.position_cents.tolist(),
-            loan_days=batch.loan_days.tolist(),
-            borrow_cost=batch.borrow_cost.tolist(),
-            markup=batch.markup.tolist(),
-            transaction_fees=batch.transaction_fees.tolist(),
-            total_fee=batch.total_fee.tolist(),
-        )
-
-    def batch(self) -> PricedBatch:
-        return PricedBatch.from_columns(
-            batch_id=self.batch_id,
-            calculated_at=self.calculated_at,
-            request_id=self.request_id,
-            client_id=self.client_id,
-            key_id=self.key_id,
-            fee_schedule=self.fee_schedule,
-            rates=self.rates,
-            columns={name: getattr(self, name) for name in RowValues._fields},
-        )
-
-
-# ---- framing -----------------------------------------------------------------------------------------
-
-
-def frame(payload: bytes) -> bytes:
-    return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(SpooledBatch)
-
-
-def encode_record(record: AuditRecord) -> bytes:
-    """The framed spool record of one batch or single quote."""
-    return frame(_ENCODER.encode(SpooledBatch.of(record)))
-
-
-def _frame_end(data: bytes, view: memoryview, offset: int) -> int:
-    """Where the whole, intact frame starting at `offset` ends; 0 when none starts there; -1 when one starts
-    there but the data ends before it does (a torn tail)."""
-    if len(data) - offset < _HEADER.size:
-        return -1 if MAGIC.startswith(data[offset : offset + len(MAGIC)]) else 0
-    magic, length, crc = _HEADER.unpack_from(data, offset)
-    if magic != MAGIC or length > _MAX_PAYLOAD:
-        return 0
-    end: int = offset + _HEADER.size + length
-    if end > len(data):
-        return -1
-    if zlib.crc32(view[offset + _HEADER.size : end]) != crc:
-        return 0
-    return end
-
-
-def _next_frame(data: bytes, view: memoryview, start: int) -> int | None:
-    position = start
-    while (position := data.find(MAGIC, position)) >= 0:
-        if _frame_end(data, view, position) > 0:
-            return position
-        position += 1
-    return None
-
-
-class Scan(NamedTuple):
-    """What a spool file holds: the records read, and the byte ranges that could not be."""
-
-    batches: list[PricedBatch]
-    damaged: list[tuple[int, int]]  # (start, end): skipped in the middle, or undecodable
-    torn: tuple[int, int] | None  # a frame cut short at the end of the file
-    end: int  # where the last intact frame ends
-
-    @property
-    def unreadable_bytes(self) -> int:
-        torn = self.torn[1] - self.torn[0] if self.torn else 0
-        return torn + sum(end - start for start, end in self.damaged)
-
-
-def scan(data: bytes) -> Scan:
-    """Every intact record of `data`, resynchronising on the next valid frame after damage."""
-    view = memoryview(data)
-    batches: list[PricedBatch] = []
-    damaged: list[tuple[int, int]] = []
-    torn: tuple[int, int] | None = None
-    offset = last = 0
-    try:
-        while offset < len(data):
-            end = _frame_end(data, view, offset)
-            if end > 0:
-                try:
-                    batches.append(_DECODER.decode(view[offset + _HEADER.size : end]).batch())
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                    damaged.append((offset, end))  # intact bytes this version cannot read
-                offset = last = end
-                continue
-            following = _next_frame(data, view, offset + 1)
-            if following is None:
-                if end < 0:
-                    torn = (offset, len(data))
-                else:
-                    damaged.append((offset, len(data)))
-                break
-            damaged.append((offset, following))
-            offset = following
-    finally:
-        view.release()
-    return Scan(batches, damaged, torn, last)
-
-
-class _Appender:
-    """One append-only file of frames. An append is fsynced before it returns; a failed one is cut off, so
-    that the next starts where the last whole frame ends."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        self.size = os.fstat(self._fd).st_size
-        self.unsynced = False  # appended with sync=False since the last fsync
-        self.syncs = 0
-        sync_directory(path.parent)  # the new name must survive a power loss, not only its bytes
-
-    def append(self, data: bytes, *, sync: bool = True) -> None:
-        """`sync=False`: the data is durable elsewhere already (the journal); `sync` (or `close`) flushes
-        it before that copy may go."""
-        try:
-            written = 0
-            with memoryview(data) as view:
-                while written < len(data):
-                    written += os.pwrite(self._fd, view[written:], self.size + written)
-            if sync:
-                _datasync(self._fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self.size)
-            raise
-        self.size += len(data)
-        self.unsynced = not sync
-        self.syncs += sync
-
-    def sync(self) -> None:
-        if self.unsynced:
-            _datasync(self._fd)
-            self.unsynced = False
-            self.syncs += 1
-
-    def close(self) -> None:
-        try:
-            self.sync()
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-
-
-def sync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# fdatasync flushes the data and the new size, not the times: about a quarter less CPU than fsync.
-_datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
-
-
-def append_file(path: Path, data: bytes) -> None:
-    created = not path.exists()
-    with path.open("ab") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    if created:
-        sync_directory(path.parent)  # the new name must survive a power loss, not only its bytes
-
-
-def read_file(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
 
 
 def record_files(directory: Path) -> list[Path]:
@@ -268,28 +43,6 @@ def record_files(directory: Path) -> list[Path]:
         for name in names
         if name == LEGACY_FILE or name.startswith((SPOOL_PREFIX, JOURNAL_PREFIX))
     ]
-
-
-_LEGACY_LENGTH = struct.Struct(">I")
-
-
-def scan_legacy(data: bytes) -> Scan:
-    """The spool format before per-process directories: length-prefixed records, no magic or checksum,
-    so nothing can be read past the first bad record (the rest is reported as damaged)."""
-    batches: list[PricedBatch] = []
-    offset = 0
-    while offset + _LEGACY_LENGTH.size <= len(data):
-        (length,) = _LEGACY_LENGTH.unpack_from(data, offset)
-        start = offset + _LEGACY_LENGTH.size
-        if start + length > len(data):
-            break
-        try:
-            batches.append(_DECODER.decode(data[start : start + length]).batch())
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            break
-        offset = start + length
-    damaged = [(offset, len(data))] if offset < len(data) else []
-    return Scan(batches, damaged, None, offset)
 
 
 # ---- spool directories ---------------------------------------------------------------------------------
@@ -337,7 +90,7 @@ class Spool:
         self.dead_letter_path = root / f"dead-letter-{self.name}.bin"
         self._lock_fd: int | None = None
         self._opening = threading.Lock()
-        self._spool: _Appender | None = None
+        self._spool: AppendOnlyFile | None = None
         self._size = 0  # bytes appended to the segment appended to now
         self.syncs = 0  # appends fsynced
         self._backlog: list[Path] = []  # closed segments handed out for replay, not yet replayed
@@ -373,7 +126,7 @@ class Spool:
             self._segment += 1
         if self._spool is None:
             self.open()
-            self._spool = _Appender(self.path)
+            self._spool = AppendOnlyFile(self.path)
         self._spool.append(payload, sync=sync)
         self.syncs += sync
         self._size += len(payload)
@@ -546,7 +299,7 @@ class Journal:
         self._waiting: list[tuple[AuditRecord, bytes, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._segment = 0
-        self._file: _Appender | None = None
+        self._file: AppendOnlyFile | None = None
         self._open: dict[int, int] = {}  # segment -> records not yet done
         self.fsyncs = 0
 
@@ -599,7 +352,7 @@ class Journal:
         if need be."""
         if self._file is None:
             self._spool.open()
-            self._file = _Appender(self._spool.directory / f"{JOURNAL_PREFIX}{self._segment:012d}.bin")
+            self._file = AppendOnlyFile(self._spool.directory / f"{JOURNAL_PREFIX}{self._segment:012d}.bin")
         self._file.append(payload)
 
     def done(self, segments: Sequence[int]) -> None:
@@ -627,8 +380,3 @@ class Journal:
             self._file = None
             self._delete_if_done(self._segment)
         self._executor.shutdown(wait=True)
-
-
-def remove_file(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from pricer.context import request_state
 from pricer.endpoints.common import json_response, msgpack_response, utc_now, wants_msgpack
+from pricer.endpoints.views import batch_response, quote_response
 from pricer.errors import FieldProblem, InvalidParameter, NotFound, TickerNotFound
 from pricer.middleware.authentication import acting_principal, current_principal
 from pricer.models import Scope
@@ -19,7 +20,6 @@ from pricer.quoting import Quoter
 from pricer.schemas import (
     BatchPosition,
     BatchRequest,
-    BatchResponse,
     LenientBatchRequest,
     QuoteRequest,
     RowError,
@@ -75,7 +75,7 @@ class QuoteEndpoints:
         if outcome.unknown_rows:
             raise TickerNotFound(ticker)
         await self._quotes.add(outcome.batch)
-        return json_response(outcome.batch.quote_response(0))
+        return json_response(quote_response(outcome.batch))
 
     # ---- batch ------------------------------------------------------------------------------
 
@@ -149,15 +149,7 @@ class QuoteEndpoints:
         batch = outcome.batch
         await self._quotes.add(batch)
         errors.sort(key=lambda error: error.index)
-        response = BatchResponse(
-            client_id=client_id,
-            fee_schedule=terms.view,
-            calculated_at=batch.calculated_at,
-            count=count,
-            priced=batch.size,
-            quotes=batch.batch_quotes(),
-            errors=errors,
-        )
+        response = batch_response(batch, fee_schedule=terms.view, count=count, errors=errors)
         if wants_msgpack(request.headers.get("accept"), default=media == MSGPACK):
             return msgpack_response(response)
         return json_response(response)
@@ -186,7 +178,7 @@ class QuoteEndpoints:
         if quote is None or not (principal.allows(Scope.AUDIT) or principal.client_id == quote.client_id):
             # Another client's quote is not disclosed, not even its existence.
             raise NotFound("Unknown quote", details={"quote_id": quote_id})
-        return json_response(quote)
+        return json_response(quote_response(quote))
 
 
 def _flag(raw: str | None, name: str) -> bool:

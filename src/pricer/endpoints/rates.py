@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pricer.endpoints.common import json_response, utc_now
+from pricer.endpoints.views import rate_response
 from pricer.errors import InvalidParameter, TickerNotFound
 from pricer.marketdata.service import MarketData
 from pricer.schemas import RateListError, RateListResponse
@@ -24,7 +25,7 @@ class RateEndpoints:
         (rate,) = await self._market.ticker_rates([ticker], utc_now())
         if rate is None:
             raise TickerNotFound(ticker)
-        return json_response(rate.response())
+        return json_response(rate_response(rate))
 
     async def rates(self, request: Request) -> Response:
         reject_duplicate_query_params(request.query_params.multi_items())
@@ -65,5 +66,5 @@ class RateEndpoints:
                     )
                 )
             else:
-                rates.append(rate.response())
+                rates.append(rate_response(rate))
         return json_response(RateListResponse(rates=rates, errors=errors))

@@ -16,8 +16,15 @@ from pricer.models import (
     Stock,
     VolatilityReading,
 )
-from pricer.quotes import PricedBatch, split_quote_id
-from pricer.schemas import QuoteResponse
+from pricer.quotes import (
+    AuditRecord,
+    PricedBatch,
+    PricedQuote,
+    QuoteColumns,
+    audit_record,
+    batch_from_columns,
+    split_quote_id,
+)
 from pricer.stores.protocols import Stores
 
 
@@ -151,7 +158,7 @@ class _Segment:
 class MemoryQuoteStore:
     """Priced batches, the oldest evicted once more than `max_rows` positions are held.
 
-    A batch of many rows is kept columnar; a single quote is kept as its encoded body. Bytes are not
+    A batch of many rows is kept as it is; a single quote is kept as its encoded columns. Bytes are not
     tracked by the garbage collector: a store of 10^5 single quotes as objects made every full collection
     walk millions of them (tens of milliseconds of pause in the latency tail).
 
@@ -167,26 +174,31 @@ class MemoryQuoteStore:
         self._rows = 0
         self._segments: deque[_Segment] = deque([_Segment()])
         self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(QuoteResponse)
+        self._decoder = msgspec.msgpack.Decoder(QuoteColumns)
 
     @property
     def rows(self) -> int:
         return self._rows
 
     async def add(self, batch: PricedBatch) -> None:
+        self.keep(audit_record(batch))
+
+    def keep(self, record: AuditRecord) -> None:
+        """`add` of a batch already in the audit trail's form (`audit_record`)."""
         segment = self._segments[-1]
         if segment.rows >= self.SEGMENT_ROWS:
             segment = _Segment()
             self._segments.append(segment)
-        segment.batches[batch.batch_id] = (
-            self._encoder.encode(batch.quote_response(0)) if batch.size == 1 else batch
+        size = record.size
+        segment.batches[record.batch_id] = (
+            self._encoder.encode(record) if isinstance(record, QuoteColumns) else record
         )
-        segment.rows += batch.size
-        self._rows += batch.size
+        segment.rows += size
+        self._rows += size
         while self._rows > self._max_rows and len(self._segments) > 1:
             self._rows -= self._segments.popleft().rows
 
-    async def get(self, quote_id: str) -> QuoteResponse | None:
+    async def get(self, quote_id: str) -> PricedQuote | None:
         where = split_quote_id(quote_id)
         if where is None:
             return None
@@ -196,10 +208,10 @@ class MemoryQuoteStore:
             if kept is not None:
                 break
         if isinstance(kept, bytes):
-            return self._decoder.decode(kept) if where[1] == 0 else None
+            kept = batch_from_columns(self._decoder.decode(kept))
         if kept is None or where[1] >= kept.size:
             return None
-        return kept.quote_response(where[1])
+        return kept.quote(where[1])
 
 
 def memory_stores(*, max_quote_rows: int) -> Stores:

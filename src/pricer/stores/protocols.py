@@ -15,8 +15,7 @@ from pricer.models import (
     Stock,
     VolatilityReading,
 )
-from pricer.quotes import PricedBatch
-from pricer.schemas import QuoteResponse
+from pricer.quotes import PricedBatch, PricedQuote
 
 
 class ClientStore(Protocol):
@@ -87,8 +86,8 @@ class QuoteStore(Protocol):
         """Record every position of the batch; readable through `get` on this replica once this returns."""
         ...
 
-    async def get(self, quote_id: str) -> QuoteResponse | None:
-        """The quote as priced (a batch row in the single-quote shape), or None."""
+    async def get(self, quote_id: str) -> PricedQuote | None:
+        """The quote as priced (its row as a one-row batch, with its place in the call), or None."""
         ...
 
 

@@ -15,10 +15,25 @@ import msgspec
 import numpy as np
 
 from pricer.models import BorrowStatus, FeeType, RateSource
-from pricer.quotes import AuditRecord, PricedBatch, SingleQuote, TickerRate, split_quote_id
-from pricer.schemas import Breakdown, FeeScheduleView, QuoteResponse, RateComponents
+from pricer.quotes import (
+    AuditRecord,
+    PricedBatch,
+    PricedQuote,
+    QuoteColumns,
+    TickerRate,
+    batch_from_columns,
+    split_quote_id,
+)
+from pricer.schemas import FeeScheduleView
 from pricer.stores.postgres.common import _float, _num, _PgStore, _utc, translate_errors
-from pricer.stores.postgres.copy_rows import _ROW_COLUMNS, _binary_rows, _row_stream, _single_rows
+from pricer.stores.postgres.copy_rows import (
+    _ROW_COLUMNS,
+    _binary_rows,
+    _row_stream,
+    _single_rows,
+    is_single_quote,
+    single_row_values,
+)
 
 # ---- quotes (the audit trail) --------------------------------------------------------------------
 
@@ -58,7 +73,7 @@ _INSERT_RATES_AND_BATCHES = (
     f"WITH {_NEW_RATES}\n{_BATCHES_FROM.format(source='jsonb_array_elements($14::text::jsonb) AS b')}"
 )
 # A write of single quotes only is one statement, so one round trip and atomic without a transaction:
-# each JSON element also carries its rate id and its row's values (RowValues: cents as integers), and
+# each JSON element also carries its rate id and its row's values (SINGLE_ROW_VALUES: cents as integers), and
 # its row's quote id is its batch id (row 0). (Composed of the constants above, no value.)
 _INSERT_SINGLE_QUOTES = f"""WITH {_NEW_RATES},
 single_quotes (b) AS MATERIALIZED (SELECT jsonb_array_elements($14::text::jsonb)),
@@ -89,13 +104,16 @@ _MERGE_ROWS = (
     "ON CONFLICT (quote_id) DO NOTHING"
 )
 
+# A quote's row, batch and rate: everything its PricedQuote holds (rates in 1e-8 units and money in cents,
+# as the columns were written).
 _SELECT_QUOTE = """SELECT
-    r.ticker, b.client_id, q.position_value::float8, q.loan_days,
+    b.calculated_at, b.request_id, b.client_id, b.key_id,
     b.markup_percentage::float8, b.transaction_fee_type, b.transaction_amount::float8, b.day_count,
-    q.total_fee::float8, q.borrow_cost::float8, q.markup::float8, q.transaction_fees::float8,
-    r.borrow_rate::float8, r.base_rate::float8, r.volatility_index::float8, r.volatility_adjustment::float8,
-    r.event_risk_factor, r.event_adjustment::float8, r.min_rate::float8, r.borrow_status, r.rate_source,
-    r.rate_as_of, b.calculated_at
+    r.ticker, (r.borrow_rate * 100000000)::int8, r.base_rate::float8, r.volatility_index::float8,
+    r.volatility_adjustment::float8, r.event_risk_factor, r.event_adjustment::float8,
+    (r.min_rate * 100000000)::int8, r.borrow_status, r.rate_source, r.available_shares, r.rate_as_of,
+    q.input_index, (q.position_value * 100)::int8, q.loan_days, (q.borrow_cost * 100)::int8,
+    (q.markup * 100)::int8, (q.transaction_fees * 100)::int8, (q.total_fee * 100)::int8
 FROM quote_rows q
 JOIN quote_batches b ON b.batch_id = $2::uuid
 JOIN quote_rates r ON r.rate_id = q.rate_id
@@ -193,8 +211,8 @@ class _Write:
                 if calculated_at.tzinfo is None
                 else calculated_at.astimezone(dt.UTC)
             )
-            if isinstance(record, SingleQuote):
-                digest = digest_of(record.rate)
+            if isinstance(record, QuoteColumns) and is_single_quote(record):
+                digest = digest_of(record.rates[0])
                 rate_ids.append(digest)
                 rate_counts.append(1)
                 entries.append(
@@ -204,7 +222,7 @@ class _Write:
                         record.request_id,
                         tail,
                         written_rates[digest],
-                        record.values,
+                        single_row_values(record),
                     ]
                 )
             else:
@@ -218,12 +236,15 @@ class _Write:
         self.rows: np.ndarray[Any, Any] | None = None
         if not only_single_quotes:
             self.rows = _binary_rows(
-                [record.batch() if isinstance(record, SingleQuote) else record for record in records],
+                [
+                    batch_from_columns(record) if isinstance(record, QuoteColumns) else record
+                    for record in records
+                ],
                 b"".join(rate_ids),
                 rate_counts,
             )
         elif len(records) > SINGLE_STATEMENT_QUOTES:
-            self.rows = _single_rows(cast(Sequence[SingleQuote], records), b"".join(rate_ids))
+            self.rows = _single_rows(cast(Sequence[QuoteColumns], records), b"".join(rate_ids))
         if len(rate_columns[0]) > 1:
             # In digest order: two writers inserting the same new rates lock them in the same order.
             order = sorted(range(len(rate_columns[0])), key=rate_columns[0].__getitem__)
@@ -327,71 +348,76 @@ class PgQuoteStore(_PgStore):
             status = await connection.execute(_MERGE_ROWS)
         return int(str(status).rsplit(" ", 1)[-1])
 
-    async def get(self, quote_id: str) -> QuoteResponse | None:
-        """The quote as priced (a batch row in the single-quote shape), or None."""
+    async def get(self, quote_id: str) -> PricedQuote | None:
+        """The quote as priced (its row as a one-row batch, with its place in the call), or None."""
         parts = split_quote_id(quote_id)
         if parts is None:
             return None
+        batch_id, row = parts
         with translate_errors("quotes.get"):
-            row = await self._pool.fetchrow(_SELECT_QUOTE, quote_id, parts[0] + "00000000")
-        if row is None:
+            found = await self._pool.fetchrow(_SELECT_QUOTE, quote_id, batch_id + "00000000")
+        if found is None:
             return None
         (
-            ticker,
+            calculated_at,
+            request_id,
             client_id,
-            position_value,
-            loan_days,
+            key_id,
             markup_percentage,
             fee_type,
             transaction_amount,
             day_count,
-            total_fee,
-            borrow_cost,
-            markup,
-            transaction_fees,
-            borrow_rate,
+            ticker,
+            rate_units,
             base_rate,
             volatility_index,
             volatility_adjustment,
             event_risk_factor,
             event_adjustment,
-            min_rate,
+            min_rate_units,
             borrow_status,
             rate_source,
+            available_shares,
             rate_as_of,
-            calculated_at,
-        ) = row
-        source = RateSource(rate_source)
-        return QuoteResponse(
-            quote_id=quote_id,
+            *values,
+        ) = found
+        input_index, position_cents, loan_days, borrow_cost, markup, transaction_fees, total_fee = map(
+            int, values
+        )
+        rate = TickerRate(
             ticker=str(ticker),
-            client_id=str(client_id),
-            position_value=_float(position_value),
-            loan_days=int(loan_days),
-            fee_schedule=FeeScheduleView(
+            rate_units=int(rate_units),
+            base_rate=_float(base_rate),
+            volatility_index=_float(volatility_index),
+            volatility_adjustment=_float(volatility_adjustment),
+            event_risk_factor=int(event_risk_factor),
+            event_adjustment=_float(event_adjustment),
+            min_rate_units=int(min_rate_units),
+            borrow_status=BorrowStatus(borrow_status),
+            source=RateSource(rate_source),
+            available_shares=None if available_shares is None else int(available_shares),
+            as_of=_utc(rate_as_of),
+        )
+        columns = QuoteColumns(
+            batch_id,
+            _utc(calculated_at),
+            str(request_id),
+            str(client_id),
+            None if key_id is None else str(key_id),
+            FeeScheduleView(
                 markup_percentage=_float(markup_percentage),
                 transaction_fee_type=FeeType(fee_type),
                 transaction_amount=_float(transaction_amount),
                 day_count=int(day_count),
             ),
-            total_fee=_float(total_fee),
-            breakdown=Breakdown(
-                borrow_cost=_float(borrow_cost),
-                markup=_float(markup),
-                transaction_fees=_float(transaction_fees),
-            ),
-            borrow_rate_used=_float(borrow_rate),
-            rate=RateComponents(
-                base_rate=_float(base_rate),
-                volatility_index=_float(volatility_index),
-                volatility_adjustment=_float(volatility_adjustment),
-                event_risk_factor=int(event_risk_factor),
-                event_adjustment=_float(event_adjustment),
-                min_rate=_float(min_rate),
-                borrow_status=BorrowStatus(borrow_status),
-                source=source,
-                is_fallback=source is RateSource.FALLBACK,
-                as_of=_utc(rate_as_of),
-            ),
-            calculated_at=_utc(calculated_at),
+            [rate],
+            [0],
+            [input_index],
+            [position_cents],
+            [loan_days],
+            [borrow_cost],
+            [markup],
+            [transaction_fees],
+            [total_fee],
         )
+        return PricedQuote(batch_from_columns(columns), row)

@@ -1,6 +1,7 @@
 """The audit trail's rows as PostgreSQL binary COPY data: the `quote_rows` tuple layout (a NumPy
 structured dtype and its template), money as fixed-width NUMERICs (`_money_digits`), the tuples of single
-quotes and of whole batches (`_single_rows`, `_binary_rows`) and the COPY stream (`_row_stream`)."""
+quotes and of whole batches (`_single_rows`, `_binary_rows`) and the COPY stream (`_row_stream`); a single
+quote comes as its QuoteColumns (`single_row_values`), a batch as its PricedBatch."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from pricer.quotes import PricedBatch, RowValues, SingleQuote
+from pricer.quotes import PricedBatch, QuoteColumns
 
 _ROW_COLUMNS: Final = (
     "quote_id",
@@ -188,14 +189,57 @@ def _batch_id_bytes(batch_ids: Sequence[str]) -> np.ndarray[Any, Any]:
     return np.frombuffer(bytes.fromhex("".join(batch_ids)), dtype=np.uint8).reshape(len(batch_ids), 12)
 
 
-def _single_rows(quotes: Sequence[SingleQuote], rate_ids: bytes) -> np.ndarray[Any, Any]:
-    """The tuples of single quotes (row 0 of their batch); `rate_ids` holds each one's rate id."""
-    # RowValues' order, one row each (from one flat sequence: NumPy converts nested sequences row by row).
+def is_single_quote(columns: QuoteColumns) -> bool:
+    """A consistent one-row batch priced at its one rate: written as a single quote (anything else is
+    written, or refused, as a batch)."""
+    return (
+        len(columns.rates) == 1
+        and columns.rate_index == [0]
+        and len(columns.input_index)
+        == len(columns.position_cents)
+        == len(columns.loan_days)
+        == len(columns.borrow_cost)
+        == len(columns.markup)
+        == len(columns.transaction_fees)
+        == len(columns.total_fee)
+        == 1
+        and all(type(value) is int for value in single_row_values(columns))  # not a column of 2 dimensions
+    )
+
+
+# A single quote's row values, in this order: `single_row_values`.
+SINGLE_ROW_VALUES: Final = (
+    "rate_index",
+    "input_index",
+    "loan_days",
+    *(attribute for _, attribute in _MONEY_COLUMNS),
+)
+
+
+def single_row_values(columns: QuoteColumns) -> list[int]:
+    """The row of a single quote (`is_single_quote`) as SINGLE_ROW_VALUES."""
+    return [
+        columns.rate_index[0],
+        columns.input_index[0],
+        columns.loan_days[0],
+        columns.position_cents[0],
+        columns.borrow_cost[0],
+        columns.markup[0],
+        columns.transaction_fees[0],
+        columns.total_fee[0],
+    ]
+
+
+def _single_rows(quotes: Sequence[QuoteColumns], rate_ids: bytes) -> np.ndarray[Any, Any]:
+    """The tuples of single quotes (`is_single_quote`: row 0 of their batch); `rate_ids` holds each one's
+    rate id."""
+    # SINGLE_ROW_VALUES' order, one row each (from one flat sequence: NumPy converts nested sequences row
+    # by row).
     table = np.fromiter(
-        itertools.chain.from_iterable([quote.values for quote in quotes]),
+        itertools.chain.from_iterable(map(single_row_values, quotes)),
         dtype=np.int64,
-        count=len(quotes) * len(RowValues._fields),
-    ).reshape(len(quotes), len(RowValues._fields))
+        count=len(quotes) * len(SINGLE_ROW_VALUES),
+    ).reshape(len(quotes), len(SINGLE_ROW_VALUES))
     quote_ids = np.zeros((len(quotes), 16), dtype=np.uint8)
     quote_ids[:, :12] = _batch_id_bytes([quote.batch_id for quote in quotes])
     return _tuples(
