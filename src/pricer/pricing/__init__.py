@@ -5,10 +5,12 @@ A single quote is a batch of one; nothing here does I/O or knows about HTTP.
 
 from pricer.pricing.core import (
     FeeArrays,
+    FeeRow,
     FeeTerms,
     RateArrays,
     RatePolicy,
     borrow_status_codes,
+    price_locate,
     price_locates,
     price_rates,
     scaled_int,
@@ -17,10 +19,12 @@ from pricer.pricing.core import (
 
 __all__ = [
     "FeeArrays",
+    "FeeRow",
     "FeeTerms",
     "RateArrays",
     "RatePolicy",
     "borrow_status_codes",
+    "price_locate",
     "price_locates",
     "price_rates",
     "scaled_int",
