@@ -1,6 +1,7 @@
 """Pricing core: pure functions over NumPy arrays, exact to the cent (DESIGN §3).
 
-A single quote is a batch of one; nothing here does I/O or knows about HTTP.
+A single quote runs the batch's fee steps on Python ints (`price_locate`); nothing here does I/O or knows
+about HTTP.
 """
 
 from pricer.pricing.core import (
