@@ -1,6 +1,8 @@
 """From validated positions to priced, recorded quotes: market data, then the pricing core.
 
-Single quotes and batches take the same path; a single quote is a batch of one.
+Batches are priced column-wise (`price_locates`); a single quote runs the same fee steps on Python ints
+(`price_locate`), since a one-row NumPy call costs a dozen fixed-cost operations for one figure. Both
+return the same record, a PricedBatch (a single quote is a batch of one).
 """
 
 from __future__ import annotations
@@ -13,12 +15,19 @@ from typing import cast
 
 import numpy as np
 
-from pricer.errors import ClientNotFound, Forbidden
+from pricer.errors import ClientNotFound, Forbidden, TickerNotFound
 from pricer.marketdata.service import MarketData
 from pricer.models import Client, FeeType, RateSource
 from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import Tracing
-from pricer.pricing.core import PERCENT_PLACES, FeeTerms, Int64Array, price_locates, to_scaled_int
+from pricer.pricing.core import (
+    PERCENT_PLACES,
+    FeeTerms,
+    Int64Array,
+    price_locate,
+    price_locates,
+    to_scaled_int,
+)
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
 from pricer.schemas import FeeScheduleView
 from pricer.stores.protocols import Stores
@@ -57,6 +66,16 @@ def fee_schedule_view(client: Client) -> FeeScheduleView:
 class PricingOutcome:
     batch: PricedBatch
     unknown_rows: list[int]  # rows (of those given) whose ticker is unknown; not priced
+
+
+def _one_row(value: int) -> Int64Array:
+    return np.array((value,), dtype=np.int64)
+
+
+# The rate and request row of every single quote: row 0, rate 0. Shared and read-only, so that no
+# holder of one batch can change another's.
+_ROW_ZERO = np.zeros(1, dtype=np.int64)
+_ROW_ZERO.flags.writeable = False
 
 
 class Quoter:
@@ -99,7 +118,6 @@ class Quoter:
         request_id: str,
         now: dt.datetime,
         admit: Callable[[int], Awaitable[None]] | None = None,
-        single: bool = False,
     ) -> PricingOutcome:
         """Price rows of normalised tickers; rows with unknown tickers are left out and reported.
 
@@ -151,7 +169,7 @@ class Quoter:
             fees = price_locates(position_cents, loan_days, rate_units, terms.terms)
         finished = time.perf_counter()
         metrics = self._metrics
-        metrics.calculations["single" if single else "batch"] += rows
+        metrics.calculations["batch"] += rows
         metrics.observe_calculation(market_seconds + finished - pricing_started)
         fallback_slots = [slot for slot, rate in enumerate(known_rates) if rate.source is RateSource.FALLBACK]
         if fallback_slots:
@@ -174,3 +192,55 @@ class Quoter:
             total_fee=fees.total_fee,
         )
         return PricingOutcome(batch=batch, unknown_rows=unknown_rows)
+
+    async def price_single(
+        self,
+        terms: ClientTerms,
+        *,
+        ticker: str,
+        position_cents: int,
+        loan_days: int,
+        key_id: str | None,
+        request_id: str,
+        now: dt.datetime,
+    ) -> PricedBatch:
+        """One position of a normalised ticker priced as a batch of one; TickerNotFound if it is unknown.
+
+        The same spans and metrics as a batch of one through `price`, without its NumPy bookkeeping."""
+        tracing = self._tracing
+        started = time.perf_counter()
+        with tracing.span("market_data", {"tickers": 1}):
+            (rate,) = await self._market.ticker_rates((ticker,), now)
+        market_seconds = time.perf_counter() - started
+        pricing_started = time.perf_counter()
+        if rate is None:
+            # As `price` does for a batch whose every ticker is unknown: an empty pricing step, timed.
+            with tracing.span("pricing", {"positions": 0}):
+                pass
+            self._metrics.observe_calculation(market_seconds + time.perf_counter() - pricing_started)
+            raise TickerNotFound(ticker)
+        with tracing.span("pricing", {"positions": 1}):
+            fees = price_locate(position_cents, loan_days, rate.rate_units, terms.terms)
+        finished = time.perf_counter()
+        metrics = self._metrics
+        metrics.observe_calculation(market_seconds + finished - pricing_started)
+        metrics.calculations["single"] += 1
+        if rate.source is RateSource.FALLBACK:
+            metrics.fallback_usage += 1
+        return PricedBatch(
+            batch_id=new_batch_id(),
+            calculated_at=now,
+            request_id=request_id,
+            client_id=terms.client.client_id,
+            key_id=key_id,
+            fee_schedule=terms.view,
+            rates=[rate],
+            rate_index=_ROW_ZERO,
+            input_index=_ROW_ZERO,
+            position_cents=_one_row(position_cents),
+            loan_days=_one_row(loan_days),
+            borrow_cost=_one_row(fees.borrow_cost),
+            markup=_one_row(fees.markup),
+            transaction_fees=_one_row(fees.transaction_fees),
+            total_fee=_one_row(fees.total_fee),
+        )

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from pricer.context import request_state
 from pricer.endpoints.common import json_response, msgpack_response, utc_now, wants_msgpack
 from pricer.endpoints.views import batch_response, quote_response
-from pricer.errors import FieldProblem, InvalidParameter, NotFound, TickerNotFound
+from pricer.errors import FieldProblem, InvalidParameter, NotFound
 from pricer.middleware.authentication import acting_principal, current_principal
 from pricer.models import Scope
 from pricer.pricing.core import to_scaled_int
@@ -61,21 +61,17 @@ class QuoteEndpoints:
         principal = await acting_principal(request.scope, quote.client_id)
         terms = await self._quoter.client_terms(quote.client_id)
         state = request_state(request.scope)
-        outcome = await self._quoter.price(
+        batch = await self._quoter.price_single(
             terms,
-            tickers=[ticker],
-            position_cents=np.array([cents], dtype=np.int64),
-            loan_days=np.array([quote.loan_days], dtype=np.int64),
-            input_index=np.zeros(1, dtype=np.int64),
+            ticker=ticker,
+            position_cents=cents,
+            loan_days=quote.loan_days,
             key_id=principal.key_id,
             request_id=state.request_id,
             now=utc_now(),
-            single=True,
         )
-        if outcome.unknown_rows:
-            raise TickerNotFound(ticker)
-        await self._quotes.add(outcome.batch)
-        return json_response(quote_response(outcome.batch))
+        await self._quotes.add(batch)
+        return json_response(quote_response(batch))
 
     # ---- batch ------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ Exactness strategy (every figure must equal the formula evaluated in `decimal.De
 from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Context, Decimal, DivisionByZero, InvalidOperation, Overflow, localcontext
-from typing import Final
+from typing import Final, NamedTuple, TypeVar
 
 import msgspec
 import numpy as np
@@ -201,12 +201,46 @@ class FeeArrays(msgspec.Struct, frozen=True):
     total_fee: Int64Array
 
 
-def _div_round_half_up(numerator: Int64Array, divisor: int) -> Int64Array:
+class FeeRow(NamedTuple):
+    """One row's fee components in cents, as Python ints."""
+
+    borrow_cost: int
+    markup: int
+    transaction_fees: int
+    total_fee: int
+
+
+# The steps of the fee formula, written once for both shapes of the data: a column of rows (int64 arrays,
+# `price_locates`) and one row (Python ints, `price_locate`). The same expressions run on both, so a single
+# quote and a batch row are priced by the same arithmetic; only NumPy's fixed cost per call (~0.5 µs per
+# operation whatever the size, a dozen operations per call) is left out of the one-row path.
+Column = TypeVar("Column", int, Int64Array)
+
+
+def _div_round_half_up(numerator: Column, divisor: int) -> Column:
     """numerator / divisor rounded half up, for 0 <= numerator and 2 * numerator + divisor < 2^63:
     floor((2n + d) / 2d) is n/d + 1/2 rounded down, one division where divmod and a compare take three
-    operations more (each a NumPy call, which is what a one-row quote pays for)."""
-    result: Int64Array = (2 * numerator + divisor) // (2 * divisor)
-    return result
+    operations more. The numerator is consumed: an array is overwritten with the result (no temporaries),
+    an int is simply rebound."""
+    numerator *= 2
+    numerator += divisor
+    numerator //= 2 * divisor
+    return numerator
+
+
+def _borrow_cost(position_days_rate: Column, terms: FeeTerms) -> Column:
+    """position × days × rate (in 1e-8) / day count, to cents; the product is consumed."""
+    return _div_round_half_up(position_days_rate, terms.day_count * RATE_SCALE)
+
+
+def _markup(borrow_cost: Column, terms: FeeTerms) -> Column:
+    # borrow cost ≤ 1.02e12 cents, × markup (≤ 1e6) ≤ 1.02e18: doubled plus the divisor < 2^63.
+    return _div_round_half_up(borrow_cost * terms.markup_units, 100 * PERCENT_SCALE)
+
+
+def _percentage_fee(position: Column, terms: FeeTerms) -> Column:
+    # position ≤ 1e11 cents × 1e6 (100 %) = 1e17.
+    return _div_round_half_up(position * terms.transaction_units, 100 * PERCENT_SCALE)
 
 
 def price_locates(
@@ -225,15 +259,17 @@ def price_locates(
     rate = np.asarray(rate_units, dtype=np.int64)
     divisor = terms.day_count * RATE_SCALE
 
-    position_days = position * days  # ≤ 1e11 × 366 = 3.66e13
+    position_days = position * days  # ≤ 1e11 × 366 = 3.66e13; a new array, the borrow cost's buffer
     if position_days.size <= 4:
-        # A few rows (every single quote): Python's max of a short list beats two NumPy reductions.
+        # A few rows: Python's max of a short list beats two NumPy reductions.
         largest = max(position_days.tolist(), default=0) * max(rate.tolist(), default=0)
     else:
         largest = int(position_days.max()) * int(rate.max())
     if largest < _HALF_INT64_LIMIT - divisor:
-        # Every exact product, doubled for the rounding, fits in int64 (the usual case): one division.
-        borrow_cost = _div_round_half_up(position_days * rate, divisor)
+        # Every exact product, doubled for the rounding, fits in int64 (the usual case): one division,
+        # in place.
+        position_days *= rate
+        borrow_cost = _borrow_cost(position_days, terms)
     else:
         # Up to 3.65e22: split the rate in two limbs, rate = hi × 1e4 + lo, and divide in two steps.
         # position × days × hi (≤ 1e5) ≤ 3.7e18 and × lo (< 1e4) < 3.7e17, both below 2^63.
@@ -243,15 +279,21 @@ def price_locates(
         low_quotient, low_remainder = np.divmod(high_remainder * _LIMB + position_days * low, divisor)
         borrow_cost = high_quotient * _LIMB + low_quotient + (2 * low_remainder >= divisor)
 
-    # borrow cost ≤ 1.02e12 cents, × markup (≤ 1e6) ≤ 1.02e18: doubled plus the divisor < 2^63.
-    markup = _div_round_half_up(borrow_cost * terms.markup_units, 100 * PERCENT_SCALE)
+    markup = _markup(borrow_cost, terms)
     if terms.percentage_fee:
-        transaction = _div_round_half_up(position * terms.transaction_units, 100 * PERCENT_SCALE)
+        transaction = _percentage_fee(position, terms)
     else:
         transaction = np.full(np.shape(borrow_cost), terms.transaction_units, dtype=np.int64)
-    return FeeArrays(
-        borrow_cost=borrow_cost,
-        markup=markup,
-        transaction_fees=transaction,
-        total_fee=borrow_cost + markup + transaction,
-    )
+    total = borrow_cost + markup
+    total += transaction
+    return FeeArrays(borrow_cost=borrow_cost, markup=markup, transaction_fees=transaction, total_fee=total)
+
+
+def price_locate(position_cents: int, loan_days: int, rate_units: int, terms: FeeTerms) -> FeeRow:
+    """`price_locates` for one row (a single quote), the same steps on Python ints.
+
+    Python ints do not overflow, so the product needs no limbs; same domain as `price_locates`."""
+    borrow_cost = _borrow_cost(position_cents * loan_days * rate_units, terms)
+    markup = _markup(borrow_cost, terms)
+    transaction = _percentage_fee(position_cents, terms) if terms.percentage_fee else terms.transaction_units
+    return FeeRow(borrow_cost, markup, transaction, borrow_cost + markup + transaction)
