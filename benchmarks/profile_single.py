@@ -489,6 +489,7 @@ def build_document(
             "requests_per_sec": before.get("requests_per_sec"),
             "git_commit": before.get("git_commit"),
             "generated": before.get("generated"),
+            "note": before.get("note"),
         },
         "runs": [*measured["plain"], *measured["profiled"]],
         "git_commit": _git_commit(),

@@ -766,7 +766,8 @@ def profile_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
             f"The before column is benchmarks/profile-before.json (commit {before.get('git_commit') or '?'}, "
             f"{before.get('generated') or '?'}): {_us(before.get('cpu_us_per_quote'))} µs per quote then, "
             f"{_us(doc['cpu_us_per_quote'])} µs now. Both are absolute figures from different runs (the "
-            "machine's load moves them); the shares are comparable.",
+            "machine's load moves them); the shares are comparable."
+            + (f" About the before run: {before['note']}" if before.get("note") else ""),
             "",
             "| layer | before µs per quote | µs per quote | share | change µs |",
             "|---|---|---|---|---|",
