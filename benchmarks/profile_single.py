@@ -27,6 +27,7 @@ import collections
 import importlib.util
 import json
 import linecache
+import math
 import re
 import shutil
 import statistics
@@ -283,8 +284,8 @@ def layer_table(
     before: Mapping[str, float] | None = None,
     order: Sequence[str] = LAYER_ORDER,
 ) -> list[dict[str, Any]]:
-    """Rows (layer, samples, µs per quote, share %, before µs, change µs) in `order`, then layers not in
-    it by size; layers with no sample now but one before are kept (they went away)."""
+    """Rows (layer, samples, µs per quote, share %, sampling error µs, before µs, change µs) in `order`,
+    then layers not in it by size; layers with no sample now but one before are kept (they went away)."""
     total = sum(counts.values())
     if total <= 0:
         return []
@@ -297,11 +298,15 @@ def layer_table(
     for name in names:
         samples = counts.get(name, 0)
         us = us_per_quote * samples / total
+        share = samples / total
         row: dict[str, Any] = {
             "layer": name,
             "samples": samples,
             "us_per_quote": round(us, 2),
-            "share_percent": round(100 * samples / total, 1),
+            "share_percent": round(100 * share, 1),
+            # One standard error of the sampled share (binomial), in µs: a change smaller than about
+            # twice this is within what sampling alone moves (run-to-run noise of the machine comes on top).
+            "sampling_error_us": round(us_per_quote * math.sqrt(share * (1 - share) / total), 2),
         }
         if before is not None:
             previous = before.get(name)

@@ -754,7 +754,8 @@ def profile_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
         "A layer is its own frames plus the library code they call (NumPy, msgspec, hmac, ...), minus "
         "the inner layers it hands over to; calls into C count for the calling line (so JSON encoding "
         "and the NumPy calls outside the core are matched by their source line). The layer map is the "
-        "table LAYER_RULES in benchmarks/profile_single.py.",
+        "table LAYER_RULES in benchmarks/profile_single.py. ± is one standard error of the sampled share "
+        "(sampling alone; the machine's run-to-run noise comes on top).",
         "",
         "**Valid run**."
         if doc.get("valid")
@@ -778,7 +779,11 @@ def profile_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
         cells = [row["layer"]]
         if before is not None:
             cells.append(_us(row.get("before_us_per_quote")))
-        cells += [_us(row["us_per_quote"]), f"{row['share_percent']:.1f} %"]
+        error_us = row.get("sampling_error_us")
+        cells += [
+            _us(row["us_per_quote"]) + ("" if error_us is None else f" ± {error_us:.1f}"),
+            f"{row['share_percent']:.1f} %",
+        ]
         if before is not None:
             cells.append(signed(row.get("change_us")))
         lines.append("| " + " | ".join(cells) + " |")

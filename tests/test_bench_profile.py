@@ -163,6 +163,8 @@ def test_layer_table_divides_the_cpu_per_quote_by_share() -> None:
     assert [row["us_per_quote"] for row in rows] == [60.0, 120.0, 20.0]
     assert [row["share_percent"] for row in rows] == [30.0, 60.0, 10.0]
     assert sum(row["us_per_quote"] for row in rows) == pytest.approx(200.0)
+    # binomial standard error of a 30 % share of 100 samples: sqrt(0.3 * 0.7 / 100) of 200 µs
+    assert rows[0]["sampling_error_us"] == pytest.approx(200.0 * (0.3 * 0.7 / 100) ** 0.5, abs=0.01)
     assert "before_us_per_quote" not in rows[0]
     assert profile.layer_table({}, 200.0) == []
 
@@ -245,8 +247,8 @@ def test_report_section_shows_before_and_after() -> None:
     text = "\n".join(run.profile_section(_document(before), ["python", "benchmarks/profile_single.py"], None))
     assert "## Where a single quote's microseconds go" in text
     assert "| layer | before µs per quote | µs per quote | share | change µs |" in text
-    assert f"| {profile.PROTOCOL} | 50.0 | 20.0 | 25.0 % | -30.0 |" in text
-    assert "| pricing core (NumPy) | 150.0 | 60.0 | 75.0 % | -90.0 |" in text
+    assert f"| {profile.PROTOCOL} | 50.0 | 20.0 ± 3.5 | 25.0 % | -30.0 |" in text
+    assert "| pricing core (NumPy) | 150.0 | 60.0 ± 3.5 | 75.0 % | -90.0 |" in text
     assert "| **total (server CPU per quote)** | **200.0** | **80.0** | 100 % | -120.0 |" in text
     assert "`price_locates (pricer/pricing/core.py)`" in text
     assert "python benchmarks/profile_single.py" in text
@@ -255,7 +257,7 @@ def test_report_section_shows_before_and_after() -> None:
 def test_report_section_without_before_and_with_an_error() -> None:
     text = "\n".join(run.profile_section(_document(None), [], None))
     assert "| layer | µs per quote | share |" in text
-    assert f"| {profile.PROTOCOL} | 20.0 | 25.0 % |" in text
+    assert f"| {profile.PROTOCOL} | 20.0 ± 3.5 | 25.0 % |" in text
     failed = "\n".join(run.profile_section(None, [], "profile_single.py exited with status 2"))
     assert "**Problem:** profile_single.py exited with status 2." in failed
     assert "profile" in run.SECTIONS
