@@ -56,6 +56,8 @@ PROFILE_ENV = {"SHUTDOWN_DRAIN_SECONDS": "0", "SLOW_REQUEST_MS": "60000"}
 EVENT_LOOP = "event loop (uvloop, task steps)"
 PROTOCOL = "uvicorn/httptools protocol + socket writes"
 RESPONSE_HEADERS = "response start + headers (our send wrappers)"
+REQUEST_EDGE = "request edge (fused context/telemetry/CORS/errors/route/body)"
+HTTP_SHAPES = "HTTP shapes (record -> response)"
 JSON_ENCODING = "JSON encoding"
 NUMPY_OUTSIDE_CORE = "NumPy one-row arrays (endpoint + quoter)"
 MIDDLEWARE_OTHER = "middleware (other)"
@@ -87,6 +89,7 @@ LAYER_RULES: tuple[LayerRule, ...] = (
     LayerRule(EVENT_LOOP, "pricer/__main__.py"),
     LayerRule(EVENT_LOOP, "pricer/cli.py"),
     LayerRule(EVENT_LOOP, "pricer/server.py", function=r"^serve"),
+    LayerRule(EVENT_LOOP, "pricer/draining.py"),
     LayerRule(EVENT_LOOP, "asyncio/runners.py"),
     LayerRule(EVENT_LOOP, "asyncio/base_events.py"),
     LayerRule(EVENT_LOOP, "asyncio/events.py"),
@@ -95,14 +98,16 @@ LAYER_RULES: tuple[LayerRule, ...] = (
     LayerRule(EVENT_LOOP, "uvicorn/main.py"),
     LayerRule(PROTOCOL, "uvicorn/"),
     LayerRule(PROTOCOL, "pricer/server.py"),  # the connection guards around uvicorn's protocol
+    LayerRule(PROTOCOL, "pricer/protocol.py"),
     LayerRule("app entry (PricerApp)", "pricer/app.py"),
     # Middlewares: the send wrappers add response headers, whichever middleware defines them.
-    LayerRule(RESPONSE_HEADERS, "pricer/middleware/", function=r"<locals>\.send|_headers$|^_spec_headers"),
+    LayerRule(RESPONSE_HEADERS, "pricer/middleware/", function=r"<locals>\.send|\.send$|_headers$"),
     LayerRule("request context", "pricer/middleware/request_context.py"),
     LayerRule("request context", "pricer/context.py"),
     LayerRule("telemetry", "pricer/middleware/telemetry.py"),
     LayerRule("CORS", "pricer/middleware/cors.py"),
     LayerRule("error envelope", "pricer/middleware/errors.py"),
+    LayerRule(REQUEST_EDGE, "pricer/middleware/edge"),
     LayerRule("dispatch", "pricer/middleware/route_match.py", function=r"^Dispatch"),
     LayerRule("route match", "pricer/middleware/route_match.py"),
     LayerRule("body limit", "pricer/middleware/body_limit.py"),
@@ -112,6 +117,7 @@ LAYER_RULES: tuple[LayerRule, ...] = (
     LayerRule("authorization", "pricer/middleware/authorization.py"),
     LayerRule(MIDDLEWARE_OTHER, "pricer/middleware/"),
     LayerRule("dispatch", "pricer/routing.py"),
+    LayerRule("dispatch", "pricer/routes.py"),
     LayerRule("dispatch", "starlette/"),
     # The endpoint and what it calls.
     LayerRule(RESPONSE_HEADERS, "pricer/endpoints/common.py", function=r"^EncodedResponse"),
@@ -119,8 +125,11 @@ LAYER_RULES: tuple[LayerRule, ...] = (
     LayerRule("decode + validation", "pricer/validation.py"),
     LayerRule("decode + validation", "pricer/tickers.py"),
     LayerRule("decode + validation", "pricer/schemas.py"),
+    LayerRule(HTTP_SHAPES, "pricer/endpoints/views.py"),
     LayerRule("endpoint handler", "pricer/endpoints/"),
+    LayerRule("admission", "pricer/auth/admission"),
     LayerRule("key verification", "pricer/auth/"),
+    LayerRule(RESPONSE_HEADERS, "pricer/ratelimit/", function=r"_headers$"),
     LayerRule("rate limit", "pricer/ratelimit/"),
     LayerRule("quoter (orchestration)", "pricer/quoting.py"),
     LayerRule("market data", "pricer/marketdata/"),
@@ -140,6 +149,7 @@ LAYER_ORDER: tuple[str, ...] = (
     EVENT_LOOP,
     PROTOCOL,
     "app entry (PricerApp)",
+    REQUEST_EDGE,
     "request context",
     "telemetry",
     "CORS",
@@ -160,6 +170,7 @@ LAYER_ORDER: tuple[str, ...] = (
     NUMPY_OUTSIDE_CORE,
     "pricing core (NumPy)",
     "quote id + record",
+    HTTP_SHAPES,
     "audit / quote store",
     JSON_ENCODING,
     RESPONSE_HEADERS,

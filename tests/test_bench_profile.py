@@ -120,6 +120,30 @@ def test_each_sample_counts_for_its_deepest_layer() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("frame", "layer"),
+    [
+        # The modules of the refactors under way (issue 13) have their rows; renamed or new ones fall back.
+        ("RequestEdge.__call__ (pricer/middleware/edge.py:95)", profile.REQUEST_EDGE),
+        ("_Response.send (pricer/middleware/edge.py:64)", profile.RESPONSE_HEADERS),
+        ("Admit.__call__ (pricer/middleware/admission.py:18)", "admission"),
+        ("Admission.admit (pricer/auth/admission.py:51)", "admission"),
+        ("KeyVerifier.verify (pricer/auth/keys.py:107)", "key verification"),
+        ("rate_limit_headers (pricer/ratelimit/limits.py:129)", profile.RESPONSE_HEADERS),
+        ("ClientLimits.charge (pricer/ratelimit/limits.py:75)", "rate limit"),
+        ("GuardedHttpToolsProtocol.data_received (pricer/protocol.py:117)", profile.PROTOCOL),
+        ("DrainingServer.serve (pricer/draining.py:40)", profile.EVENT_LOOP),
+        ("quote_body (pricer/endpoints/views.py:20)", profile.HTTP_SHAPES),
+        ("api_routes.<locals>.quote (pricer/routes.py:60)", "dispatch"),
+        ("Gate.__call__ (pricer/middleware/gate.py:3)", profile.MIDDLEWARE_OTHER),
+        ("helper (pricer/something_new.py:3)", profile.ENGINE_OTHER),
+        ("full (numpy/_core/numeric.py:386)", None),
+    ],
+)
+def test_frames_of_each_module_find_their_layer(frame: str, layer: str | None) -> None:
+    assert profile.frame_layer(profile.parse_frame(frame), profile.LAYER_RULES) == layer
+
+
 def test_source_rules_need_the_line_text() -> None:
     """Without the source text, calls into C fall back to their function's layer."""
     counts = profile.attribute_layers(profile.parse_collapsed(RAW), profile.LAYER_RULES)
