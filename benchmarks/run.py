@@ -9,6 +9,7 @@ Sections (each runs as its own process and writes JSON, kept in benchmarks/resul
     pricing        bench_pricing.py         exact NumPy core vs Decimal vs naive float64
     http           bench_http.py            single quote: engine vs FastAPI + pydantic baseline vs raw ASGI
     latency        bench_latency.py         open-loop latency at half capacity (C generator), profile
+    profile        profile_single.py        where a single quote's µs go, by layer (py-spy), before/after
     limiter        bench_variants.py        Redis rate limiter on vs off (+ latency at half capacity)
     persistence    bench_variants.py        PostgreSQL store + audit vs in-memory
     observability  bench_variants.py        metrics on/off, tracing on/off
@@ -43,13 +44,15 @@ AUDIT_SCRIPT = HERE / "bench_audit.py"
 BATCH_SCRIPT = HERE / "bench_batch.py"
 LATENCY_SCRIPT = HERE / "bench_latency.py"
 FAULTS_SCRIPT = HERE / "bench_faults.py"
+PROFILE_SCRIPT = HERE / "profile_single.py"
 LATENCY_PLOT = HERE / "REPORT-latency.png"
 VARIANT_SECTIONS = ("limiter", "persistence", "observability")
-SECTIONS = ("pricing", "http", "latency", *VARIANT_SECTIONS, "audit", "batch", "faults")
+SECTIONS = ("pricing", "http", "latency", "profile", *VARIANT_SECTIONS, "audit", "batch", "faults")
 SCRIPTS = {
     "pricing": PRICING_SCRIPT,
     "http": HTTP_SCRIPT,
     "latency": LATENCY_SCRIPT,
+    "profile": PROFILE_SCRIPT,
     **{name: VARIANTS_SCRIPT for name in VARIANT_SECTIONS},
     "audit": AUDIT_SCRIPT,
     "batch": BATCH_SCRIPT,
@@ -63,6 +66,7 @@ QUICK_ARGS = {
     },
     "audit": ["--repeat", "3"],
     "latency": ["--capacity-seconds", "4", "--duration", "4", "--warmup", "1"],
+    "profile": ["--duration", "4s", "--warmup", "1s", "--rounds", "1"],
     "batch": ["--duration", "2s", "--rounds", "2", "--clients", "20000"],
     "faults": ["--quick"],
 }
@@ -739,6 +743,86 @@ def latency_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
     return lines
 
 
+def _us(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.1f}"
+
+
+def profile_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
+    """Where a single quote's microseconds go: layer | before | µs per quote | share (profile_single.py)."""
+    lines = _problem_lines(error, "Where a single quote's microseconds go (profile_single.py)")
+    if doc is None:
+        return lines
+    settings = doc["settings"]
+    before = doc.get("before")
+    lines += [
+        "Server CPU per quote (CPU seconds / quotes, in an unprofiled run of the engine on embedded "
+        f"defaults, one uvicorn worker pinned to CPU {settings['server_cpu']}, wrk at "
+        f"{settings['connections']} connections on CPU {settings['wrk_cpu']}; median over "
+        f"{settings['rounds']} round(s)), divided by the share of py-spy samples ({doc['samples']:,} at "
+        f"{settings['py_spy_rate_hz']} Hz in the profiled runs of the same rounds) that fall in each layer. "
+        "A layer is its own frames plus the library code they call (NumPy, msgspec, hmac, ...), minus "
+        "the inner layers it hands over to; calls into C count for the calling line (so JSON encoding "
+        "and the NumPy calls outside the core are matched by their source line). The layer map is the "
+        "table LAYER_RULES in benchmarks/profile_single.py. ± is one standard error of the sampled share "
+        "(sampling alone; the machine's run-to-run noise comes on top).",
+        "",
+        "**Valid run**."
+        if doc.get("valid")
+        else "**INVALID RUN**: errors in the measured runs or no samples; do not quote it.",
+        "",
+    ]
+    if before is not None:
+        lines += [
+            f"The before column is benchmarks/profile-before.json (commit {before.get('git_commit') or '?'}, "
+            f"{before.get('generated') or '?'}): {_us(before.get('cpu_us_per_quote'))} µs per quote then, "
+            f"{_us(doc['cpu_us_per_quote'])} µs now. Both are absolute figures from different runs (the "
+            "machine's load moves them); the shares are comparable."
+            + (f" About the before run: {before['note']}" if before.get("note") else ""),
+            "",
+            "| layer | before µs per quote | µs per quote | share | change µs |",
+            "|---|---|---|---|---|",
+        ]
+    else:
+        lines += ["| layer | µs per quote | share |", "|---|---|---|"]
+    for row in doc["layers"]:
+        cells = [row["layer"]]
+        if before is not None:
+            cells.append(_us(row.get("before_us_per_quote")))
+        error_us = row.get("sampling_error_us")
+        cells += [
+            _us(row["us_per_quote"]) + ("" if error_us is None else f" ± {error_us:.1f}"),
+            f"{row['share_percent']:.1f} %",
+        ]
+        if before is not None:
+            cells.append(signed(row.get("change_us")))
+        lines.append("| " + " | ".join(cells) + " |")
+    total = ["**total (server CPU per quote)**"]
+    if before is not None:
+        total.append(f"**{_us(before.get('cpu_us_per_quote'))}**")
+    total += [f"**{_us(doc['cpu_us_per_quote'])}**", "100 %"]
+    if before is not None and before.get("cpu_us_per_quote") is not None:
+        total.append(signed(doc["cpu_us_per_quote"] - before["cpu_us_per_quote"]))
+    elif before is not None:
+        total.append("n/a")
+    lines += ["| " + " | ".join(total) + " |", ""]
+    hotspots = doc.get("hotspots") or []
+    if hotspots:
+        lines += [
+            "Hottest functions (the deepest frame of pricer, uvicorn or starlette in each sample; the "
+            "library code below it included):",
+            "",
+            "| µs per quote | share | function |",
+            "|---|---|---|",
+            *(
+                f"| {_us(row['us_per_quote'])} | {row['share_percent']:.1f} % | `{row['function']}` |"
+                for row in hotspots[:12]
+            ),
+            "",
+        ]
+    lines += _commands_block([display_command(command)] if command else [])
+    return lines
+
+
 def full_stack_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """engine/baseline with PostgreSQL + Redis, derived from two sections of this run (see the note)."""
     http = (results.get("http") or {}).get("data")
@@ -937,6 +1021,8 @@ def write_report(
             lines += http_section(data, command, error)
         elif name == "latency":
             lines += latency_section(data, command, error)
+        elif name == "profile":
+            lines += profile_section(data, command, error)
         elif name in VARIANT_SECTIONS:
             lines += variants_section(data, command, error, name)
         elif name == "audit":

@@ -720,6 +720,7 @@ def test_selected_sections() -> None:
     assert run.selected_sections("audit, limiter", []) == ["limiter", "audit"]  # standard order
     assert run.selected_sections(None, ["pricing", "http"]) == [
         "latency",
+        "profile",
         "limiter",
         "persistence",
         "observability",
