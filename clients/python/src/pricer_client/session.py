@@ -11,6 +11,7 @@ Retries, only where they cannot price twice:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,8 +23,12 @@ from pricer_client import calls, errors
 from pricer_client.limits import Pacer, RateLimits
 from pricer_client.models import Token
 
+log = logging.getLogger("pricer_client")
+
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
-# Refresh a bearer token this long before it expires (the engine's tokens live 15 minutes by default).
+# Refresh a bearer token this long before it expires (the engine's tokens live 15 minutes by default), or a
+# quarter of its lifetime when that is shorter (an engine with 60 s tokens would otherwise get a token fetch
+# before every request).
 DEFAULT_TOKEN_REFRESH_MARGIN = 60.0
 DEFAULT_RETRY_BUDGET = 30.0
 USER_AGENT = "pricer-client/0.1"
@@ -34,6 +39,7 @@ TOKEN_PATH = calls.token().path
 class _BearerToken:
     value: str
     expires_at: float  # time.monotonic()
+    refresh_at: float  # time.monotonic()
 
 
 class Session:
@@ -45,7 +51,7 @@ class Session:
         api_key: str | None,
         token: str | None,
         use_token: bool,
-        token_refresh_margin: float,
+        token_refresh_margin: float | None,
         retry_budget: float,
         pace: bool,
         clock: Callable[[], float] = time.monotonic,
@@ -62,7 +68,7 @@ class Session:
         self.limits = RateLimits()
         self.pacer: Pacer | None = Pacer(clock) if pace else None
         # A token given by the caller is used as is (its lifetime is unknown to the client).
-        self._token = _BearerToken(token, float("inf")) if token is not None else None
+        self._token = _BearerToken(token, float("inf"), float("inf")) if token is not None else None
         self.tokens_fetched = 0
 
     # ---- authentication ---------------------------------------------------------------------
@@ -71,14 +77,18 @@ class Session:
         if not self.use_token or not call.authenticated or call.path == TOKEN_PATH:
             return False
         token = self._token
-        return token is None or self.clock() >= token.expires_at - self.token_refresh_margin
+        return token is None or self.clock() >= token.refresh_at
 
     def token_call(self) -> calls.Call[Token]:
         return calls.token()
 
     def store_token(self, token: Token, requested_at: float) -> None:
         # The lifetime counts from when the request went out: the token cannot outlive that.
-        self._token = _BearerToken(token.access_token, requested_at + token.expires_in)
+        margin = self.token_refresh_margin
+        if margin is None:
+            margin = min(DEFAULT_TOKEN_REFRESH_MARGIN, token.expires_in / 4)
+        expires_at = requested_at + token.expires_in
+        self._token = _BearerToken(token.access_token, expires_at, expires_at - margin)
         self.tokens_fetched += 1
 
     def drop_token(self) -> None:
@@ -125,13 +135,23 @@ class Session:
         if not isinstance(error, errors.RateLimited | errors.ServiceUnavailable):
             return None
         wait = error.retry_after if error.retry_after is not None else 1.0
-        return wait if waited + wait <= self.retry_budget else None
+        if waited + wait > self.retry_budget:
+            return None
+        log.info(
+            "Retrying after %s %s in %.1f s (request id %s)",
+            error.status,
+            error.error_code,
+            wait,
+            error.request_id,
+        )
+        return wait
 
     @staticmethod
     def may_resend(call: calls.Call[Any], failure: httpx.TransportError, resent: bool) -> bool:
-        if resent:
+        if resent or not (call.idempotent or isinstance(failure, httpx.ConnectError)):
             return False
-        return call.idempotent or isinstance(failure, httpx.ConnectError)
+        log.info("Resending %s %s once after a connection error: %r", call.method, call.path, failure)
+        return True
 
     def pace_wait(self) -> float:
         return self.pacer.wait() if self.pacer is not None else 0.0

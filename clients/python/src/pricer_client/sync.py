@@ -13,14 +13,15 @@ import httpx
 
 from pricer_client import calls, errors, models
 from pricer_client.limits import RateLimits
-from pricer_client.session import DEFAULT_RETRY_BUDGET, DEFAULT_TOKEN_REFRESH_MARGIN, Session, http_options
+from pricer_client.session import DEFAULT_RETRY_BUDGET, Session, http_options
 
 
 class PricerClient:
     """Quotes and rates. A context manager; `limits` holds the last rate-limit headers.
 
     `api_key` authenticates every request, or, with `use_token=True`, fetches a bearer token that is
-    refreshed `token_refresh_margin` seconds before it expires; `token` uses a bearer token as given.
+    refreshed `token_refresh_margin` seconds before it expires (default: 60 s, or a quarter
+    of the token's lifetime if shorter); `token` uses a bearer token as given.
     `retry_budget` is the most seconds one call waits on `Retry-After` (0 turns the retries off); `pace`
     spaces requests to stay under the client's limit."""
 
@@ -34,7 +35,7 @@ class PricerClient:
         timeout: httpx.Timeout | float | None = None,
         retry_budget: float = DEFAULT_RETRY_BUDGET,
         pace: bool = False,
-        token_refresh_margin: float = DEFAULT_TOKEN_REFRESH_MARGIN,
+        token_refresh_margin: float | None = None,
         msgpack_threshold: int = calls.DEFAULT_MSGPACK_THRESHOLD,
         max_connections: int = 10,
         transport: httpx.BaseTransport | None = None,
