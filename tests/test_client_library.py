@@ -22,6 +22,9 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import pricer.errors as engine_errors
+from pricer.middleware.errors import error_body, error_headers
 from pricer_client import (
     AdminClient,
     AsyncAdminClient,
@@ -43,9 +46,6 @@ from pricer_client import (
 )
 from pricer_client import calls as client_calls
 from pricer_client.errors import ERRORS_BY_CODE, error_for
-
-import pricer.errors as engine_errors
-from pricer.middleware.errors import error_body, error_headers
 from tests.conftest import RunningServer, free_port, start_server, stop_server
 from tests.decimal_reference import reference_fee, reference_rate
 from tests.shared_data import SHARED_DATA
