@@ -634,3 +634,43 @@ def test_results_are_msgspec_structs_that_encode_back_to_json(server: RunningSer
     encoded: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(quote))
     assert encoded["total_fee"] == str(quote.total_fee)
     assert msgspec.json.decode(msgspec.json.encode(quote), type=type(quote)) == quote
+
+
+@pytest.mark.slow
+def test_a_503_is_retried_until_the_database_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A private PostgreSQL is stopped; a key the engine has not seen yet needs the key store: 503 with
+    Retry-After. The client waits and sends again until the database is back, within its budget."""
+    from tests.private_postgres import PrivatePostgres
+    from tests.test_postgres_engine import start_engine
+
+    bootstrap = "bre_clientboot01_" + "B" * 40
+    with PrivatePostgres() as pg:
+        server = start_engine(
+            tmp_path,
+            {
+                "DATABASE_URL": pg.dsn,
+                "AUDIT_SPOOL_DIR": str(tmp_path / "spool"),
+                "SHUTDOWN_DRAIN_SECONDS": "0",
+                "BOOTSTRAP_ADMIN_KEY": bootstrap,
+            },
+        )
+        try:
+            with AdminClient(server.base_url, bootstrap) as admin:
+                admin.put_stock("ACME", min_borrow_rate=Decimal("0.02"))
+                fresh = admin.issue_key("admin", scopes=["rates"]).api_key
+            pg.stop("fast")
+            restart = threading.Timer(3.0, pg.start)
+            restart.start()
+            caplog.set_level(logging.INFO, logger="pricer_client")
+            try:
+                with PricerClient(server.base_url, fresh, retry_budget=60) as pricer:
+                    rate = pricer.rate("ACME")
+                assert (rate.ticker, rate.base_rate) == ("ACME", Decimal("0.02"))
+            finally:
+                restart.join()
+            retries = [r.getMessage() for r in caplog.records if r.name == "pricer_client"]
+            assert any("503 SERVICE_UNAVAILABLE" in line for line in retries), retries
+        finally:
+            stop_server(server)
