@@ -42,6 +42,7 @@ from pricer_client import (
     TickerNotFound,
     TransportError,
     Unauthorized,
+    UnexpectedResponse,
     UnsupportedMediaType,
 )
 from pricer_client import calls as client_calls
@@ -674,3 +675,38 @@ def test_a_503_is_retried_until_the_database_is_back(
             assert any("503 SERVICE_UNAVAILABLE" in line for line in retries), retries
         finally:
             stop_server(server)
+
+
+def test_a_success_that_is_not_the_engines_answer_is_an_error_not_a_crash() -> None:
+    """A proxy that answers 200 with a page of its own: `UnexpectedResponse` naming the call."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    page = b"<html>captive portal</html>"
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
+            + f"Content-Length: {len(page)}\r\n\r\n".encode()
+            + page
+        )
+        connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        with (
+            PricerClient(f"http://127.0.0.1:{port}", "k") as pricer,
+            pytest.raises(UnexpectedResponse) as odd,
+        ):
+            pricer.rate("AAPL")
+        assert odd.value.status == 200
+        assert "/api/v1/rates/AAPL" in odd.value.message
+    finally:
+        listener.close()
+        thread.join(timeout=5)

@@ -6,7 +6,7 @@ Retries, only where they cannot price twice:
   waits fit in the caller's `retry_budget` (seconds per call), else raised (`RateLimited.retry_after`).
 - A 401 on a bearer token is retried once with a new token (the engine refused the request at the door).
 - A broken connection is retried once for reads and PUTs (which change nothing when repeated); a POST only
-  when the connection was never made (`httpx.ConnectError`: nothing was sent).
+  when the connection was never made (`httpx.ConnectError`, `ConnectTimeout`: nothing was sent).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import msgspec
 
 from pricer_client import calls, errors
 from pricer_client.limits import Pacer, RateLimits
@@ -117,9 +118,17 @@ class Session:
     def read(self, call: calls.Call[calls.T], response: httpx.Response) -> calls.T:
         """The call's result from a response, or the error it answered."""
         self.observe(response.headers)
-        if response.is_success:
+        if not response.is_success:
+            raise errors.error_for(response.status_code, response.content, response.headers)
+        try:
             return call.decode(response.content, response.headers.get("content-type", ""))
-        raise errors.error_for(response.status_code, response.content, response.headers)
+        except msgspec.DecodeError as undecodable:
+            # Not the engine's answer (a proxy's page with a 200, a newer engine's changed shape).
+            raise errors.UnexpectedResponse(
+                f"{call.method} {call.path}: body not as expected: {undecodable}",
+                status=response.status_code,
+                request_id=response.headers.get("x-request-id"),
+            ) from undecodable
 
     def observe(self, headers: Mapping[str, str]) -> None:
         limits = RateLimits.from_headers(headers, self.clock())
@@ -134,7 +143,8 @@ class Session:
         """Seconds to wait before sending again, None to raise `error`."""
         if not isinstance(error, errors.RateLimited | errors.ServiceUnavailable):
             return None
-        wait = error.retry_after if error.retry_after is not None else 1.0
+        # At least a tenth of a second: a `Retry-After: 0` loop still ends when the budget is spent.
+        wait = max(error.retry_after if error.retry_after is not None else 1.0, 0.1)
         if waited + wait > self.retry_budget:
             return None
         log.info(
@@ -148,7 +158,8 @@ class Session:
 
     @staticmethod
     def may_resend(call: calls.Call[Any], failure: httpx.TransportError, resent: bool) -> bool:
-        if resent or not (call.idempotent or isinstance(failure, httpx.ConnectError)):
+        never_sent = isinstance(failure, httpx.ConnectError | httpx.ConnectTimeout)
+        if resent or not (call.idempotent or never_sent):
             return False
         log.info("Resending %s %s once after a connection error: %r", call.method, call.path, failure)
         return True
