@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The engine alone (what `make serve` needs), and the test and dev tools on top of it (what `make test` needs).
+# The engine alone (what `make serve` needs), and the test and dev tools on top of it (what `make test` needs),
+# with the Python client (clients/python), which the tests use against a real engine.
 SERVE_STAMP := $(VENV)/.installed-engine
 STAMP := $(VENV)/.installed
 
@@ -15,9 +16,10 @@ $(SERVE_STAMP): pyproject.toml
 	$(BIN)/python -m pip install --progress-bar off -e .
 	touch $(SERVE_STAMP)
 
-$(STAMP): $(SERVE_STAMP) pyproject.toml
+$(STAMP): $(SERVE_STAMP) pyproject.toml clients/python/pyproject.toml
 	@echo "make: installing the test and development tools into $(VENV) (first run only)"
 	$(BIN)/python -m pip install --progress-bar off -e '.[test,dev]'
+	$(BIN)/python -m pip install --progress-bar off -e ./clients/python
 	touch $(STAMP)
 
 serve: $(SERVE_STAMP)
@@ -34,7 +36,7 @@ tools:
 	}
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks noxfile.py
+	$(BIN)/ruff check src tests benchmarks clients noxfile.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
