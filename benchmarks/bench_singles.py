@@ -38,6 +38,7 @@ try:
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from pricer.pricing.core import FeeRow, FeeTerms, price_locate, price_locates
+from pricer.endpoints.views import quote_response
 from pricer.marketdata.service import MarketData
 from pricer.models import AvailabilityEntry, AvailabilitySnapshot, Client, FeeType
 from pricer.observability.metrics import Metrics
@@ -172,7 +173,7 @@ async def measure(quotes: int, rounds: int) -> dict[str, float]:
             request_id="r",
             now=now,
         )
-        return outcome.batch.quote_response(0)
+        return quote_response(outcome.batch)
 
     async def through_price_single(index: int) -> object:
         position, days, _ = ROWS[index % len(ROWS)]
@@ -185,7 +186,7 @@ async def measure(quotes: int, rounds: int) -> dict[str, float]:
             request_id="r",
             now=now,
         )
-        return batch.quote_response(0)
+        return quote_response(batch)
 
     variants: dict[str, Callable[[], Awaitable[float]]] = {}
 

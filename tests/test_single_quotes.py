@@ -17,13 +17,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pricer.endpoints.views import quote_response
 from pricer.errors import TickerNotFound
 from pricer.marketdata.service import MarketData
 from pricer.models import AvailabilityEntry, AvailabilitySnapshot, Client, FeeType, RateSource, Stock
 from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import build_tracing
 from pricer.pricing.core import FeeRow, RatePolicy, price_locate
-from pricer.quotes import PricedBatch
+from pricer.quotes import PricedBatch, batch_to_columns
 from pricer.quoting import Quoter
 from pricer.stores.memory import memory_stores
 from tests.decimal_reference import reference_rate
@@ -107,8 +108,8 @@ async def quoter_with(bases: list[Decimal], schedule: Schedule, now: dt.datetime
 
 
 def single_fees(batch: PricedBatch) -> tuple[int, int, int, int]:
-    values = batch.row_values(0)
-    return values.borrow_cost, values.markup, values.transaction_fees, values.total_fee
+    values = batch_to_columns(batch)
+    return values.borrow_cost[0], values.markup[0], values.transaction_fees[0], values.total_fee[0]
 
 
 @PROPERTY_SETTINGS
@@ -166,8 +167,11 @@ def test_single_path_and_batch_path_equal_decimal(
         for ticker, position, day in zip(tickers, case.positions, case.days, strict=True)
     ]
     assert [single_fees(single) for single in singles] == expected
-    batch_rows = [batch.row_values(row) for row in range(batch.size)]
-    assert [(v.borrow_cost, v.markup, v.transaction_fees, v.total_fee) for v in batch_rows] == expected
+    columns = batch_to_columns(batch)
+    batch_rows = zip(
+        columns.borrow_cost, columns.markup, columns.transaction_fees, columns.total_fee, strict=True
+    )
+    assert list(batch_rows) == expected
     for single, ticker, position, day, index in zip(
         singles, tickers, case.positions, case.days, range(len(tickers)), strict=True
     ):
@@ -176,15 +180,14 @@ def test_single_path_and_batch_path_equal_decimal(
         assert single.request_id == f"req-{index}"
         assert [rate.ticker for rate in single.rates] == [ticker]
         assert rate_units_of(reference_rate_of(ticker)) == single.rates[0].rate_units
-        values = single.row_values(0)
+        values = batch_to_columns(single)
         assert (values.rate_index, values.input_index, values.position_cents, values.loan_days) == (
-            0,
-            0,
-            position,
-            day,
+            [0],
+            [0],
+            [position],
+            [day],
         )
-        assert single.single_quote() is not None
-        assert single.quote_response(0).total_fee == expected[index][3] / 100
+        assert quote_response(single).total_fee == expected[index][3] / 100
     assert len({single.batch_id for single in singles} | {batch.batch_id}) == len(singles) + 1
     assert metrics.calculations == {"single": len(singles), "batch": len(singles)}
     assert metrics.fallback_usage == 2 * tickers.count(FALLBACK_TICKER)
