@@ -112,9 +112,13 @@ class Leases:
         if lease is not None:
             lease.refilling = False
 
-    def tokens(self, key: str) -> int:
-        lease = self.held.get(key)
-        return 0 if lease is None else lease.tokens
+    def said(self, spec: BucketSpec, shared_tokens: float) -> int:
+        """Redis said `shared_tokens` are left in `spec`'s bucket: the tokens this process holds of it."""
+        lease = self.held.get(spec.key)
+        if lease is None or lease.spec != spec:
+            return 0
+        lease.shared_tokens = shared_tokens
+        return lease.tokens
 
     def release(self, key: str) -> None:
         """Give the lease of `key` up: its unused tokens go back with the next call."""

@@ -258,7 +258,7 @@ class RedisLimiter:
                 held = lease.tokens
                 self._sweep_later()
             elif spec.key in leases.held:
-                held = leases.tokens(spec.key)
+                held = leases.said(spec, tokens)
             if item.waiting:
                 assert item.future is not None
                 self.shared_decisions += 1
