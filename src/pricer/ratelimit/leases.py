@@ -29,7 +29,7 @@ from pricer.ratelimit.buckets import BucketSpec, Decision
 from pricer.ratelimit.script import EPOCH_KEY
 
 LEASE_DIVISOR = 200  # a decider's lease is at most this fraction of the burst (1 / (200 x deciders))
-MAX_LEASE = 64  # tokens: at 5,000 requests/s of one client, ~80 round trips a second
+MAX_LEASE = 256  # tokens: a refill asked at half has 128 decisions of runway (~50 ms at 2,500/s)
 LEASE_SECONDS = 1.0  # a lease not refilled for this long goes back to the bucket
 _MAX_REFUNDS = 100_000
 
