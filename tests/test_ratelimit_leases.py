@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,6 +21,7 @@ import redis.asyncio as aioredis
 from pricer.ratelimit.buckets import BucketSpec
 from pricer.ratelimit.leases import LEASE_SECONDS, MAX_LEASE, lease_size
 from pricer.ratelimit.redis import RedisLimiter
+from tests.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.anyio
 
@@ -186,3 +188,24 @@ async def test_small_buckets_are_decided_call_by_call(inspector: aioredis.Redis)
         assert limiter.round_trips == 10
     finally:
         await limiter.close()
+
+
+async def test_a_lease_is_spent_while_redis_is_away(tmp_path: Path) -> None:
+    """Redis dies while a replica holds a lease: its tokens are paid for, so they are granted as shared
+    decisions; then the replica decides locally (its share), as without leases."""
+    with PrivateRedis(tmp_path / "redis") as server:
+        limiter = RedisLimiter(aioredis.Redis.from_url(server.url), expected_replicas=2, budget_seconds=0.05)
+        try:
+            spec = BucketSpec("ratelimit:away", per_minute=1, capacity=200_000)
+            size = lease_size(spec, 2)
+            assert (await limiter.acquire(spec)).allowed
+            server.kill()
+            decisions = []
+            for _ in range(size + 20):
+                decisions.append(await limiter.acquire(spec))
+                await asyncio.sleep(0)  # a refill at half the lease finds Redis gone
+            assert all(d.allowed for d in decisions)
+            assert [d.local for d in decisions] == [False] * size + [True] * 20
+            assert limiter.degraded
+        finally:
+            await limiter.close()
