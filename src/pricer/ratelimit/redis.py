@@ -1,12 +1,13 @@
 """Token buckets in Redis, shared by every replica, with batched decisions and a local fallback.
 
-* One Lua script call decides many buckets atomically with Redis's own clock (`TIME`), so replicas with
-  skewed clocks agree. The state of a bucket is a plain string `"<tokens>:<microseconds>"` under its key
-  (`GET ratelimit:client123` shows it).
+* One Lua script call (`pricer.ratelimit.script`) decides many buckets atomically with Redis's own clock
+  (`TIME`), so replicas with skewed clocks agree. The state of a bucket is a plain string
+  `"<tokens>:<microseconds>"` under its key (`GET ratelimit:client123` shows it).
+* A busy client's decisions mostly spend a lease, tokens taken from its shared bucket by an earlier call
+  (`pricer.ratelimit.leases`: never more than the limit, under 1 % of a burst held unused).
 * Decisions of concurrent requests are coalesced: while one script call is in flight the next ones queue,
-  and all queued decisions go in the next call. Under load one round trip serves many requests. Calls
-  are one at a time, so they go over one connection held for the purpose (no pool checkout per call,
-  about a third of redis-py's client CPU per call here).
+  and all queued decisions go in the next call. Calls are one at a time, over one connection held for
+  the purpose (no pool checkout per call: a third of redis-py client CPU per call).
 * The time budget is Redis's, not this process's: it is watched per call, not per decision, so a burst of
   one client queued behind a call costs nobody a local decision. When the watch fires and the reply is
   already in this process (bytes on the socket or in the stream's buffer, not yet parsed), Redis answered
@@ -40,74 +41,13 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
 from pricer.ratelimit.buckets import BucketSpec, Decision
+from pricer.ratelimit.leases import LEASE_SECONDS, Leases, lease_size
 from pricer.ratelimit.memory import MemoryLimiter
+from pricer.ratelimit.script import BUCKET_SCRIPT, EPOCH_KEY
+
+__all__ = ["BUCKET_SCRIPT", "EPOCH_KEY", "RedisLimiter"]
 
 log = logging.getLogger("pricer.ratelimit")
-
-# Set by the script when missing, never expiring: when Redis's data began (a restart or a flush empties
-# it). A bucket missing for longer than it takes to refill has just refilled; a bucket missing since then
-# may have been lost with the data, so the caller's estimate of it is used instead of a full bucket.
-EPOCH_KEY = "ratelimit:~epoch"
-
-# KEYS: the epoch key, then bucket keys; ARGV: per bucket (limit per minute, capacity, cost), then any
-# number of (bucket index, debt, seed): `debt`, tokens granted locally meanwhile, charged first (not below
-# zero), also to a bucket that expired meanwhile (it refilled in Redis while this replica granted);
-# `seed`, the caller's estimate of the tokens of a bucket Redis lost (negative: none), which already counts
-# what the caller granted locally, so a seeded bucket is not charged the debt again. Returns the age of
-# Redis's data in microseconds, then per bucket (allowed, tokens).
-BUCKET_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local epoch = tonumber(redis.call('GET', KEYS[1]))
-if not epoch then
-  epoch = now
-  redis.call('SET', KEYS[1], string.format('%d', now))
-end
-local count = #KEYS - 1
-local debts = {}
-local seeds = {}
-for j = count * 3 + 1, #ARGV, 3 do
-  local index = tonumber(ARGV[j])
-  debts[index] = tonumber(ARGV[j + 1])
-  seeds[index] = tonumber(ARGV[j + 2])
-end
-local out = {now - epoch}
-for i = 1, count do
-  local key = KEYS[i + 1]
-  local rate = tonumber(ARGV[i * 3 - 2]) / 60
-  local capacity = tonumber(ARGV[i * 3 - 1])
-  local cost = tonumber(ARGV[i * 3])
-  local tokens = capacity
-  local state = redis.call('GET', key)
-  local seeded = false
-  if state then
-    local sep = string.find(state, ':', 1, true)
-    if sep then
-      local stored = tonumber(string.sub(state, 1, sep - 1))
-      local stamp = tonumber(string.sub(state, sep + 1))
-      if stored and stamp then
-        local elapsed = now - stamp
-        if elapsed < 0 then elapsed = 0 end
-        tokens = math.min(capacity, stored + elapsed * rate / 1000000)
-      end
-    end
-  elseif seeds[i] and seeds[i] >= 0 and now - epoch < (capacity / rate + 1) * 1000000 then
-    tokens = math.min(capacity, seeds[i])
-    seeded = true
-  end
-  if debts[i] and not seeded then tokens = math.max(0, tokens - debts[i]) end
-  local allowed = 0
-  if tokens >= cost then
-    tokens = tokens - cost
-    allowed = 1
-  end
-  local ttl = math.ceil((capacity - tokens) / rate * 1000) + 1000
-  redis.call('SET', key, string.format('%.6f:%d', tokens, now), 'PX', ttl)
-  out[#out + 1] = allowed
-  out[#out + 1] = string.format('%.6f', tokens)
-end
-return out
-"""
 
 # Estimates go with each call while Redis's data is younger than this (it restarted, or this replica does
 # not know yet): longer than the refill time of any bucket but one whose burst is ten times its rate per
@@ -119,13 +59,20 @@ _CONFIRM_TURNS = 4
 
 
 class _Pending:
-    __slots__ = ("cost", "future", "local_grant", "spec")
+    __slots__ = ("cost", "future", "lease", "local_grant", "spec")
 
-    def __init__(self, spec: BucketSpec, cost: int, future: asyncio.Future[Decision]) -> None:
+    def __init__(
+        self, spec: BucketSpec, cost: int, future: asyncio.Future[Decision] | None, lease: int = 0
+    ) -> None:
         self.spec = spec
         self.cost = cost
-        self.future = future
+        self.future = future  # None: nobody waits (a lease's refill, a refund)
+        self.lease = lease  # tokens asked to lease besides the cost
         self.local_grant = 0  # tokens granted locally because its call was overdue
+
+    @property
+    def waiting(self) -> bool:
+        return self.future is not None and not self.future.done()
 
 
 class RedisLimiter:
@@ -178,18 +125,39 @@ class RedisLimiter:
         self.round_trips = 0
         self.late_watches = 0  # budget watches that fired late (a busy event loop) and waited again
         self.overdue_calls = 0
+        self._leases = Leases()
+        self._sweep_handle: asyncio.TimerHandle | None = None
 
     @property
     def degraded(self) -> bool:
         return self._clock() < self._open_until
 
     async def acquire(self, spec: BucketSpec, cost: int = 1) -> Decision:
+        leases = self._leases
+        if leases.held:
+            # Tokens leased are already paid for in Redis: granted here, even while Redis is away.
+            decision, refill = leases.spend(spec, cost, self._clock())
+            if decision is not None:
+                if refill is not None:
+                    if self._overdue or self.degraded:
+                        refill.refilling = False
+                    else:
+                        self._enqueue(_Pending(spec, 0, None, refill.size))
+                return decision
         if self._overdue or self.degraded:
             return self._decide_locally(spec, cost, owe=True)
-        loop = asyncio.get_running_loop()
-        pending = _Pending(spec, cost, loop.create_future())
+        size = lease_size(spec, self._deciders)
+        wanted = leases.wanted(spec, size, self._clock()) if size else 0
+        pending = _Pending(spec, cost, asyncio.get_running_loop().create_future(), wanted)
+        self._enqueue(pending)
+        # No timer per decision: the call that carries it is watched (`_watch`).
+        assert pending.future is not None
+        return await pending.future
+
+    def _enqueue(self, pending: _Pending) -> None:
         self._queue.append(pending)
         if not self._flushing:
+            loop = asyncio.get_running_loop()
             self._flushing = True
             if self._linger and self._clock() - self._last_flush < 10 * self._linger:
                 # Steady traffic: a call costs the replica ~50 µs of CPU whatever it decides, so the
@@ -198,8 +166,6 @@ class RedisLimiter:
                 loop.call_later(self._linger, self._start_flush)
             else:
                 self._start_flush()
-        # No timer per decision: the call that carries it is watched (`_watch`).
-        return await pending.future
 
     def _start_flush(self) -> None:
         self._flush_task = asyncio.get_running_loop().create_task(self._flush())
@@ -209,7 +175,7 @@ class RedisLimiter:
         try:
             while self._queue:
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-                batch = [item for item in batch if not item.future.done()]
+                batch = [item for item in batch if item.future is None or not item.future.done()]
                 if batch:
                     await self._run(batch)
         finally:
@@ -220,19 +186,24 @@ class RedisLimiter:
         args: list[bytes | float | int] = []
         extras: list[float | int] = []
         owed: dict[str, float] = {}
+        refunded: dict[str, tuple[BucketSpec, int]] = {}
         debts = self._debts
+        leases = self._leases
         seeding = self._seeding
         for index, item in enumerate(batch, start=1):
             spec = item.spec
             keys.append(spec.key)
-            args += [*self._share_of(spec)[2], item.cost]
-            if (debts or seeding) and spec.key not in owed:
-                # The first decision of a key in the call carries what is owed, and the estimate while
-                # Redis may have lost the bucket.
-                debt = owed[spec.key] = debts.pop(spec.key, 0.0)
+            args += [*self._share_of(spec)[2], item.cost, item.lease]
+            if spec.key not in owed:
+                # The first decision of a key in the call carries what is owed, unused leased tokens given
+                # back, and the estimate while Redis may have lost the bucket.
+                debt = owed[spec.key] = debts.pop(spec.key, 0.0) if debts else 0.0
+                refund = leases.take_refund(spec.key)
+                if refund:
+                    refunded[spec.key] = (spec, refund)
                 seed = self._estimate(spec) if seeding else -1.0
-                if debt or seed >= 0:
-                    extras += [index, debt, seed]
+                if debt or seed >= 0 or refund:
+                    extras += [index, debt, seed, refund]
         args += extras
         loop = asyncio.get_running_loop()
         self._call += 1
@@ -246,19 +217,18 @@ class RedisLimiter:
         except (RedisError, OSError) as error:
             self._end_call()
             self._seeding = True  # Redis may come back without its data
-            for key, debt in owed.items():
-                self._owe(key, debt)
+            self._unsent(batch, owed, refunded)
             self._trip(type(error).__name__)
             for item in batch:
                 if item.local_grant:
                     self._owe(item.spec.key, item.local_grant)  # it may never have reached Redis
-                if not item.future.done():
+                if item.waiting:
+                    assert item.future is not None
                     item.future.set_result(self._decide_locally(item.spec, item.cost, owe=True))
             return
         except BaseException:
             self._end_call()
-            for key, debt in owed.items():
-                self._owe(key, debt)
+            self._unsent(batch, owed, refunded)
             raise
         overdue = self._end_call()
         self.round_trips += 1
@@ -270,21 +240,58 @@ class RedisLimiter:
         now = self._clock()
         debts = self._debts
         for index, item in enumerate(batch):
-            tokens = float(reply[2 * index + 2])
-            share, scale, _ = self._share_of(item.spec)
+            tokens = float(reply[3 * index + 2])
+            spec = item.spec
+            share, scale, _ = self._share_of(spec)
             # What Redis said, less what this replica granted meanwhile and still owes (a late reply), is
             # where a local decision of this bucket starts (at this replica's share).
-            allowed = int(reply[2 * index + 1]) == 1
+            allowed = int(reply[3 * index + 1]) == 1
             if item.local_grant and not allowed:
                 # Granted locally (its call was overdue) where Redis refused: Redis has not charged it.
-                self._owe(item.spec.key, item.local_grant)
-            unpaid = debts.get(item.spec.key, 0.0) if debts else 0.0
+                self._owe(spec.key, item.local_grant)
+            unpaid = debts.get(spec.key, 0.0) if debts else 0.0
             self._local.set_tokens(share, (tokens - unpaid) * scale, now)
-            if not item.future.done():
+            held = 0
+            if item.lease:
+                lease = leases.add(spec, item.lease, int(reply[3 * index + 3]), tokens, now)
+                lease.refilling = False
+                held = lease.tokens
+                self._sweep_later()
+            elif spec.key in leases.held:
+                held = leases.said(spec, tokens)
+            if item.waiting:
+                assert item.future is not None
                 self.shared_decisions += 1
                 item.future.set_result(
-                    Decision(allowed=allowed, tokens=tokens, spec=item.spec, cost=item.cost)
+                    Decision(allowed=allowed, tokens=tokens + held, spec=spec, cost=item.cost)
                 )
+
+    def _unsent(
+        self, batch: list[_Pending], owed: dict[str, float], refunded: dict[str, tuple[BucketSpec, int]]
+    ) -> None:
+        """A call failed: what it carried is owed again, and its leases were not granted."""
+        for key, debt in owed.items():
+            self._owe(key, debt)
+        for spec, refund in refunded.values():
+            self._leases.refund(spec, refund)
+        for item in batch:
+            if item.lease:
+                self._leases.settled(item.spec.key)
+
+    def _sweep_later(self) -> None:
+        if self._sweep_handle is None:
+            self._sweep_handle = asyncio.get_running_loop().call_later(LEASE_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        """Leases not refilled for LEASE_SECONDS go back to their buckets (the call is made now)."""
+        self._sweep_handle = None
+        leases = self._leases
+        leases.expire(self._clock())
+        if leases.refunds and not (self._overdue or self.degraded):
+            for spec, _ in list(leases.refunds.values()):
+                self._enqueue(_Pending(spec, 0, None))
+        if leases.held or leases.refunds:
+            self._sweep_later()
 
     def _end_call(self) -> bool:
         """The call in flight is over; returns whether it was overdue."""
@@ -357,7 +364,8 @@ class RedisLimiter:
         # waiting for a CPU) is not an outage.
         self._watch_handle = loop.call_at(started + self._slow, self._judge, call, started)
         for item in self._in_flight or ():
-            if not item.future.done():
+            if item.waiting:
+                assert item.future is not None
                 # Not owed yet: Redis may still execute the call and charge it (if it refuses, it is owed).
                 decision = self._decide_locally(item.spec, item.cost, owe=False)
                 if decision.allowed:
@@ -365,7 +373,10 @@ class RedisLimiter:
                 item.future.set_result(decision)
         queued, self._queue = self._queue, []
         for item in queued:
-            if not item.future.done():
+            if item.lease:
+                self._leases.settled(item.spec.key)
+            if item.waiting:
+                assert item.future is not None
                 item.future.set_result(self._decide_locally(item.spec, item.cost, owe=True))
 
     def _judge(self, call: int, started: float) -> None:
@@ -463,6 +474,16 @@ class RedisLimiter:
         except (RedisError, OSError) as error:
             self._trip(type(error).__name__)
 
+    async def _refund_leases(self) -> None:
+        """Give the unused leased tokens back to their buckets (a graceful stop), within a second."""
+        call = self._leases.refund_call(lambda spec: self._share_of(spec)[2])
+        if call is None or self._flushing or self.degraded:
+            return  # a call in flight owns the connection; a process that dies loses them just as well
+        try:
+            await asyncio.wait_for(self._evaluate(*call), 1.0)
+        except (RedisError, OSError, TimeoutError):
+            log.info("Rate limit leases not returned: Redis did not answer")
+
     async def ping(self) -> float:
         """Round-trip time in ms; raises when Redis is unreachable."""
         started = time.perf_counter()
@@ -470,6 +491,10 @@ class RedisLimiter:
         return (time.perf_counter() - started) * 1000
 
     async def close(self) -> None:
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+        await self._refund_leases()
         if self._connection is not None:
             await self._redis.connection_pool.release(self._connection)
             self._connection = None
