@@ -6,20 +6,16 @@ request edge, which sees the response start, keeps it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from starlette.types import Scope
 
 from pricer.auth.keys import Principal
 from pricer.models import Scope as AuthScope
 
-if TYPE_CHECKING:
-    from pricer.ratelimit.buckets import Decision
-
 REQUEST_ID_KEY = "pricer.request_id"
 # Starlette's own key for the request's credentials (`request.auth`): a frozen Principal.
 PRINCIPAL_KEY = "auth"
 ACTING_FOR_KEY = "pricer.acting_for"
+# The request bucket's Decision, whose RateLimit headers go on whatever response goes out (429 included).
 RATE_DECISION_KEY = "pricer.rate_decision"
 # Set in the scope by the HTTP protocol when it gave up on a stalled request body and answered 408 itself
 # (the application only sees the client gone): the error edge then records 408, not 499.
@@ -59,7 +55,3 @@ def acting_client(scope: Scope) -> str | None:
     admitted: Principal | None = scope.get(PRINCIPAL_KEY)
     return admitted.client_id if admitted is not None else None
 
-
-def rate_decision(scope: Scope) -> Decision | None:
-    decision: Decision | None = scope.get(RATE_DECISION_KEY)
-    return decision

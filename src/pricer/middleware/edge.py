@@ -19,7 +19,7 @@ import time
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pricer.context import BODY_TIMED_OUT_KEY, REQUEST_ID_KEY, UNMATCHED, acting_client, rate_decision
+from pricer.context import BODY_TIMED_OUT_KEY, RATE_DECISION_KEY, REQUEST_ID_KEY, UNMATCHED, acting_client
 from pricer.errors import MethodNotAllowed, NotFound, PricerError
 from pricer.ids import random_hex
 from pricer.logs import BODY_TIMED_OUT, CLIENT_DISCONNECTED, SLOW_REQUEST, fields
@@ -66,7 +66,7 @@ class _Response:
             self.status = message["status"]
             self.started = True
             headers = [*message.get("headers", ()), *self._headers]
-            decision = rate_decision(self._scope)
+            decision = self._scope.get(RATE_DECISION_KEY)
             if decision is not None:
                 headers += rate_limit_headers(decision)
             message["headers"] = headers

@@ -8,7 +8,6 @@ positions from the positions bucket through `draw_positions`, on the object crea
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 
 from starlette.types import Scope
 
@@ -108,21 +107,26 @@ class ClientLimits:
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
-    policy, limit = _spec_headers(decision.spec, decision.refill_window)
+    spec = decision.spec
+    static = _SPEC_HEADERS.get(spec)
+    if static is None:
+        # What depends on the bucket's spec only, made once per spec (every response carries it).
+        if len(_SPEC_HEADERS) >= 4096:
+            _SPEC_HEADERS.clear()
+        policy = f'"default";q={spec.capacity};w={decision.refill_window}'.encode()
+        static = _SPEC_HEADERS[spec] = (
+            (b"ratelimit-policy", policy),
+            (b"x-ratelimit-limit", str(spec.per_minute).encode()),
+        )
     remaining = str(decision.remaining).encode()
     reset = str(decision.reset_after).encode()
     return [
-        policy,
+        static[0],
         (b"ratelimit", b'"default";r=' + remaining + b";t=" + reset),
-        limit,
+        static[1],
         (b"x-ratelimit-remaining", remaining),
         (b"x-ratelimit-reset", reset),
     ]
 
 
-@lru_cache(maxsize=4096)
-def _spec_headers(spec: BucketSpec, refill_window: int) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
-    return (
-        (b"ratelimit-policy", f'"default";q={spec.capacity};w={refill_window}'.encode()),
-        (b"x-ratelimit-limit", str(spec.per_minute).encode()),
-    )
+_SPEC_HEADERS: dict[BucketSpec, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
