@@ -53,12 +53,15 @@ class Admission:
         scope is charged too (every authenticated request costs a token, DESIGN §2.5)."""
         if not self._authenticate:
             return  # local development: the endpoint names the client to charge (act_for)
-        with self._tracing.span("authenticate"):
-            try:
+        try:
+            if self._tracing.enabled:
+                with self._tracing.span("authenticate"):
+                    admitted = await self._principal(scope)
+            else:  # no span to enter and leave on the hot path when tracing is off
                 admitted = await self._principal(scope)
-            except Unauthorized as error:
-                self._attempts[error.reason] += 1
-                raise
+        except Unauthorized as error:
+            self._attempts[error.reason] += 1
+            raise
         self._attempts["success"] += 1
         scope[PRINCIPAL_KEY] = admitted
         if self._limits is not None:

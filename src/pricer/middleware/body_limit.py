@@ -15,11 +15,9 @@ from pricer.errors import InvalidParameter, PayloadTooLarge, UnsupportedMediaTyp
 _WITHOUT_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def _refuse_encoded_body(headers: Iterable[tuple[bytes, bytes]]) -> None:
+def _refuse_encoded_body(encodings: Iterable[bytes]) -> None:
     """415 naming Content-Encoding when any coding listed (in any of its headers) is not `identity`."""
-    for name, value in headers:
-        if name != b"content-encoding":
-            continue
+    for value in encodings:
         codings = [coding.strip() for coding in value.decode("latin-1").split(",")]
         refused = [coding for coding in codings if coding and coding.lower() != "identity"]
         if refused:
@@ -27,23 +25,30 @@ def _refuse_encoded_body(headers: Iterable[tuple[bytes, bytes]]) -> None:
 
 
 def limit_body(scope: Scope, limit: int, receive: Receive) -> Receive:
-    """`receive` for a request whose body may be at most `limit` bytes: raises at once for a declared
-    length over the limit or a refused encoding, else counts the bytes of a body without a length."""
-    if scope["method"] not in _WITHOUT_BODY:
-        _refuse_encoded_body(scope["headers"])
-    for name, value in scope["headers"]:
+    """`receive` for a request whose body may be at most `limit` bytes: raises at once for a refused
+    encoding or a declared length over the limit, else counts the bytes of a body without a length."""
+    length: bytes | None = None
+    encodings: list[bytes] = []
+    for name, value in scope["headers"]:  # one pass over the headers
         if name == b"content-length":
-            try:
-                declared = int(value)
-            except ValueError:
-                raise InvalidParameter.for_field(
-                    "Content-Length", "must be an integer", location="header"
-                ) from None
-            if declared > limit:
-                raise PayloadTooLarge(limit)
-            # The server frames the body by Content-Length (never more bytes than declared), so a
-            # declared length within the limit needs no counting.
-            return receive
+            if length is None:
+                length = value
+        elif name == b"content-encoding":
+            encodings.append(value)
+    if encodings and scope["method"] not in _WITHOUT_BODY:
+        _refuse_encoded_body(encodings)
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise InvalidParameter.for_field(
+                "Content-Length", "must be an integer", location="header"
+            ) from None
+        if declared > limit:
+            raise PayloadTooLarge(limit)
+        # The server frames the body by Content-Length (never more bytes than declared), so a declared
+        # length within the limit needs no counting.
+        return receive
     received = 0
 
     async def limited_receive() -> Message:

@@ -73,8 +73,10 @@ class ClientLimits:
     async def charge_request(self, client_id: str) -> Decision:
         """The request bucket's decision for one request of `client_id` (refused ones included: the
         caller keeps it for the headers, then calls `refuse`)."""
-        with self._tracing.span("rate_limit"):
-            return await self.limiter.acquire(await self.request_bucket(client_id))
+        if self._tracing.enabled:
+            with self._tracing.span("rate_limit"):
+                return await self.limiter.acquire(await self.request_bucket(client_id))
+        return await self.limiter.acquire(await self.request_bucket(client_id))
 
     async def draw_positions(self, scope: Scope, client_id: str, count: int) -> None:
         if count <= 0:
