@@ -54,4 +54,3 @@ def acting_client(scope: Scope) -> str | None:
         return named
     admitted: Principal | None = scope.get(PRINCIPAL_KEY)
     return admitted.client_id if admitted is not None else None
-
