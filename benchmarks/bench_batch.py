@@ -12,7 +12,7 @@
    client it names) and RATE_LIMIT_PER_MINUTE=1 RATE_LIMIT_BURST=1 (a charged bucket stays in memory for
    the 60 s it takes to refill, the worst case), sent one single quote for each of `--clients` distinct
    client ids that do not exist. The rate limiter charges the named client before the client is looked
-   up (`acting_principal`), so each request leaves one rate-limit bucket; the answer is 404
+   up (`Admission.act_for`), so each request leaves one rate-limit bucket; the answer is 404
    CLIENT_NOT_FOUND (every answer is checked). RSS (VmRSS from /proc) idle, after start-up, and after.
    The load comes from an asyncio HTTP/1.1 client in this process (32 connections, pinned to CPU 1), which
    sends exactly one request per client id.

@@ -18,7 +18,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from pricer.server import ConnectionHygiene, GuardedHttpToolsProtocol, ServerConfig
+from pricer.protocol import ConnectionHygiene, GuardedHttpToolsProtocol, ServerConfig
 
 REQUEST = (
     b"POST /api/v1/calculate-locate HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: bench\r\n"

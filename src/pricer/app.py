@@ -1,7 +1,8 @@
 """`create_app(settings)`: the engine as one ASGI app.
 
-A request flows (DESIGN §1): request context -> error envelope -> route match (404/405) -> body limit
--> authentication -> endpoint -> market data -> pricing core -> response.
+A request flows (DESIGN §1): the request edge (request id, CORS, route match with 404/405, body limit,
+the error envelope, metrics and the request span) -> admission (authentication, the request bucket,
+authorization) -> endpoint -> market data -> pricing core -> response.
 """
 
 from __future__ import annotations
@@ -10,73 +11,39 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from importlib.resources import files
 
 from opentelemetry.sdk.trace import SpanProcessor
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pricer.auth.admission import Admission
 from pricer.auth.keys import KeyHasher, KeyVerifier, make_record, parse_key
 from pricer.auth.tokens import TokenService
 from pricer.backends import Backends, build_backends
 from pricer.demo import ADMIN_CLIENT_ID, DemoKeys, seed_demo
 from pricer.endpoints.admin import AdminEndpoints
 from pricer.endpoints.auth import AuthEndpoints
-from pricer.endpoints.common import json_response, utc_now
+from pricer.endpoints.common import utc_now
 from pricer.endpoints.health import DependencyCheck, HealthEndpoints, market_data_check
 from pricer.endpoints.quotes import QuoteEndpoints
 from pricer.endpoints.rates import RateEndpoints
 from pricer.marketdata.service import MARKET_TOPIC, MarketData, MarketDataWriter
 from pricer.marketdata.shared_cache import SharedRateCache
-from pricer.middleware.authentication import Authentication
-from pricer.middleware.authorization import Authorization
-from pricer.middleware.body_limit import BodyLimit
-from pricer.middleware.cors import CORS
-from pricer.middleware.errors import ErrorEnvelope
-from pricer.middleware.rate_limit import ClientLimits, RateLimit
-from pricer.middleware.request_context import RequestContext
-from pricer.middleware.route_match import Dispatch, RouteMatch
-from pricer.middleware.telemetry import RequestTelemetry
+from pricer.middleware.admission import Admit
+from pricer.middleware.cors import CorsPolicy
+from pricer.middleware.edge import RequestEdge
 from pricer.models import Client, FeeType
 from pricer.models import Scope as AuthScope
 from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import Tracing, build_tracing
-from pricer.openapi import build_openapi
 from pricer.pricing.core import RatePolicy
-from pricer.routing import ApiRoute
-from pricer.schemas import (
-    AvailabilityUploadResponse,
-    BatchRequest,
-    BatchResponse,
-    ClientBody,
-    ClientView,
-    DetailedHealth,
-    EventsBody,
-    EventsView,
-    Health,
-    IssuedKey,
-    KeyBody,
-    LoadResult,
-    QuoteRequest,
-    QuoteResponse,
-    RateListResponse,
-    RateResponse,
-    StockBody,
-    StockView,
-    TokenResponse,
-    VolatilityBody,
-    VolatilityView,
-    utc_text,
-)
+from pricer.ratelimit.limits import ClientLimits
+from pricer.routes import api_routes
+from pricer.routing import ApiRoute, RouteTable
+from pricer.schemas import utc_text
 from pricer.settings import Settings, SettingsError, development_defaults_in_use
 from pricer.stores.protocols import Stores
 
 log = logging.getLogger("pricer.app")
-
-QUOTE_SCOPES = frozenset({AuthScope.QUOTE, AuthScope.AUDIT})
-ANY_SCOPE = frozenset(AuthScope)
 
 
 @dataclass
@@ -179,18 +146,6 @@ def create_app(
     hasher = KeyHasher(settings.api_key_pepper)
     lifecycle = Lifecycle()
 
-    from pricer.quoting import Quoter
-
-    quoter = Quoter(stores, market, metrics=metrics, tracing=tracing)
-    quoting = QuoteEndpoints(quoter, stores.quotes, max_batch_size=settings.max_batch_size)
-    rates = RateEndpoints(market)
-    admin = AdminEndpoints(
-        stores,
-        writer,
-        hasher,
-        default_rate_limit=settings.rate_limit_per_minute,
-        default_burst=settings.effective_burst,
-    )
     limiter = backends.limiter
     limits = (
         ClientLimits(
@@ -212,6 +167,28 @@ def create_app(
         audience=settings.jwt_audience,
         ttl_seconds=settings.jwt_ttl_seconds,
     )
+    admission = Admission(
+        keys=KeyVerifier(stores.keys, hasher),
+        tokens=tokens,
+        authenticate=settings.enable_authentication,
+        limits=limits,
+        metrics=metrics,
+        tracing=tracing,
+    )
+    from pricer.quoting import Quoter
+
+    quoter = Quoter(stores, market, metrics=metrics, tracing=tracing)
+    quoting = QuoteEndpoints(
+        quoter, stores.quotes, admission=admission, limits=limits, max_batch_size=settings.max_batch_size
+    )
+    rates = RateEndpoints(market)
+    admin = AdminEndpoints(
+        stores,
+        writer,
+        hasher,
+        default_rate_limit=settings.rate_limit_per_minute,
+        default_burst=settings.effective_burst,
+    )
     health = HealthEndpoints(
         {
             **backends.checks,
@@ -221,224 +198,23 @@ def create_app(
     )
     auth_endpoints = AuthEndpoints(tokens, metrics)
 
-    small = settings.max_body_bytes
-    large = settings.max_batch_body_bytes
-    text_media = ("text/plain",)
-    routes: list[ApiRoute] = [
-        ApiRoute(
-            "/health",
-            health.health,
-            methods=["GET"],
-            scope=None,
-            body_limit=small,
-            summary="Liveness",
-            responses={200: Health},
-        ),
-        ApiRoute(
-            "/health/detailed",
-            health.detailed,
-            methods=["GET"],
-            scope=None,
-            body_limit=small,
-            summary="Dependencies and their state",
-            responses={200: DetailedHealth},
-        ),
-        ApiRoute(
-            "/api/v1/calculate-locate",
-            quoting.calculate_locate,
-            methods=["GET", "POST"],
-            scope=AuthScope.QUOTE,
-            body_limit=small,
-            summary="One locate-fee quote",
-            request_body=QuoteRequest,
-            query=QuoteRequest,
-            responses={200: QuoteResponse},
-        ),
-        ApiRoute(
-            "/api/v1/calculate-locate/batch",
-            quoting.calculate_batch,
-            methods=["POST"],
-            scope=AuthScope.QUOTE,
-            body_limit=large,
-            summary="Many quotes in one call (?atomic=true)",
-            request_body=BatchRequest,
-            request_media=("application/json", "application/msgpack"),
-            responses={200: BatchResponse},
-        ),
-        ApiRoute(
-            "/api/v1/auth/token",
-            auth_endpoints.token,
-            methods=["POST"],
-            scope=ANY_SCOPE,
-            body_limit=small,
-            summary="Exchange an API key (X-API-Key) for a short-lived bearer token",
-            responses={200: TokenResponse},
-        ),
-        ApiRoute(
-            "/api/v1/rates/{ticker}",
-            rates.rate,
-            methods=["GET"],
-            scope=AuthScope.RATES,
-            body_limit=small,
-            summary="Current borrow rate of a ticker",
-            responses={200: RateResponse},
-        ),
-        ApiRoute(
-            "/api/v1/rates",
-            rates.rates,
-            methods=["GET"],
-            scope=AuthScope.RATES,
-            body_limit=small,
-            summary="Rates of up to 1,000 tickers (?tickers=A,B)",
-            responses={200: RateListResponse},
-        ),
-        ApiRoute(
-            "/api/v1/quotes/{quote_id}",
-            quoting.get_quote,
-            methods=["GET"],
-            scope=QUOTE_SCOPES,
-            body_limit=small,
-            summary="An audited quote",
-            responses={200: QuoteResponse},
-        ),
-        ApiRoute(
-            "/api/v1/admin/clients/{client_id}",
-            admin.put_client,
-            methods=["PUT"],
-            scope=AuthScope.ADMIN,
-            body_limit=small,
-            summary="Create or replace a client",
-            request_body=ClientBody,
-            responses={200: ClientView, 201: ClientView},
-        ),
-        ApiRoute(
-            "/api/v1/admin/stocks/{ticker}",
-            admin.put_stock,
-            methods=["PUT"],
-            scope=AuthScope.ADMIN,
-            body_limit=small,
-            summary="Create or replace a stock",
-            request_body=StockBody,
-            responses={200: StockView, 201: StockView},
-        ),
-        ApiRoute(
-            "/api/v1/admin/availability",
-            admin.upload_availability,
-            methods=["POST"],
-            scope=AuthScope.ADMIN,
-            body_limit=large,
-            request_media=text_media,
-            summary="Upload an IBKR-format availability file (text/plain body)",
-            responses={200: AvailabilityUploadResponse},
-        ),
-        ApiRoute(
-            "/api/v1/admin/vix-history",
-            admin.upload_vix,
-            methods=["POST"],
-            scope=AuthScope.ADMIN,
-            body_limit=large,
-            request_media=text_media,
-            summary="Upload a Cboe VIX history CSV; its last close becomes the volatility index",
-            responses={200: LoadResult},
-        ),
-        ApiRoute(
-            "/api/v1/admin/earnings-calendar",
-            admin.upload_earnings,
-            methods=["POST"],
-            scope=AuthScope.ADMIN,
-            body_limit=large,
-            request_media=text_media,
-            summary="Upload an Alpha Vantage earnings calendar CSV (replaces those tickers' events)",
-            responses={200: LoadResult},
-        ),
-        ApiRoute(
-            "/api/v1/admin/volatility",
-            admin.put_volatility,
-            methods=["PUT"],
-            scope=AuthScope.ADMIN,
-            body_limit=small,
-            summary="Set the market volatility index",
-            request_body=VolatilityBody,
-            responses={200: VolatilityView},
-        ),
-        ApiRoute(
-            "/api/v1/admin/events/{ticker}",
-            admin.put_events,
-            methods=["PUT"],
-            scope=AuthScope.ADMIN,
-            body_limit=small,
-            summary="Replace a ticker's events",
-            request_body=EventsBody,
-            responses={200: EventsView},
-        ),
-        ApiRoute(
-            "/api/v1/admin/keys",
-            admin.issue_key,
-            methods=["POST"],
-            scope=AuthScope.ADMIN,
-            body_limit=small,
-            summary="Issue an API key (the secret is shown once)",
-            request_body=KeyBody,
-            responses={201: IssuedKey},
-        ),
-        ApiRoute(
-            "/api/v1/admin/keys/{key_id}",
-            admin.revoke_key,
-            methods=["DELETE"],
-            scope=AuthScope.ADMIN,
-            body_limit=small,
-            summary="Revoke an API key",
-            responses={204: None},
-        ),
-    ]
-    openapi_body = json_response(build_openapi(routes)).body
-    docs_body = files("pricer.endpoints").joinpath("static/docs.html").read_bytes()
-
-    async def openapi(request: Request) -> Response:
-        return Response(openapi_body, media_type="application/json")
-
-    async def docs(request: Request) -> Response:
-        return Response(docs_body, media_type="text/html")
-
-    async def prometheus(request: Request) -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    routes += [
-        ApiRoute(
-            "/openapi.json", openapi, methods=["GET"], scope=None, body_limit=small, summary="This document"
-        ),
-        ApiRoute(
-            "/metrics",
-            prometheus,
-            methods=["GET"],
-            scope=None,
-            body_limit=small,
-            summary="Prometheus exposition",
-        ),
-        ApiRoute(
-            "/docs", docs, methods=["GET"], scope=None, body_limit=small, summary="API documentation page"
-        ),
-    ]
-
-    chain: ASGIApp = Dispatch()
-    chain = Authorization(chain)
-    chain = RateLimit(chain, limits=limits)
-    chain = Authentication(
-        chain,
-        keys=KeyVerifier(stores.keys, hasher),
-        tokens=tokens,
-        enabled=settings.enable_authentication,
+    routes = api_routes(
+        settings,
+        health=health,
+        quoting=quoting,
+        rates=rates,
+        admin=admin,
+        auth_endpoints=auth_endpoints,
+        metrics=metrics,
+    )
+    chain: ASGIApp = RequestEdge(
+        Admit(admission),
+        routes=RouteTable(routes),
+        cors=CorsPolicy(settings.cors_origins),
         metrics=metrics,
         tracing=tracing,
+        slow_request_ms=settings.slow_request_ms,
     )
-    chain = BodyLimit(chain)
-    chain = RouteMatch(chain, routes)
-    chain = ErrorEnvelope(chain)
-    chain = CORS(chain, origins=settings.cors_origins)
-    chain = RequestTelemetry(
-        chain, metrics=metrics, tracing=tracing, slow_request_ms=settings.slow_request_ms
-    )
-    chain = RequestContext(chain)
     app = PricerApp(chain, lifecycle, stores, routes)
     app.metrics = metrics
     app.backends = backends

@@ -1,49 +1,56 @@
-"""Per-request state shared by the middlewares and endpoints, kept in the ASGI scope."""
+"""The facts of one request, kept in its ASGI scope. Each is set once, by the step that knows it, and
+never changed: the request id (the request edge), the route (route match, under Starlette's own `route`
+key), the principal (admission), the request bucket's decision (admission) and the client a request
+acts for (admission, when the endpoint names it). The response status is not a fact of the scope: the
+request edge, which sees the response start, keeps it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from starlette.types import Scope
 
-if TYPE_CHECKING:
-    from pricer.auth.keys import Principal
-    from pricer.middleware.rate_limit import ClientLimits
-    from pricer.ratelimit.buckets import Decision
-    from pricer.routing import ApiRoute
+from pricer.auth.keys import Principal
+from pricer.models import Scope as AuthScope
 
-STATE_KEY = "pricer.state"
+REQUEST_ID_KEY = "pricer.request_id"
+# Starlette's own key for the request's credentials (`request.auth`): a frozen Principal.
+PRINCIPAL_KEY = "auth"
+ACTING_FOR_KEY = "pricer.acting_for"
+# The request bucket's Decision, whose RateLimit headers go on whatever response goes out (429 included).
+RATE_DECISION_KEY = "pricer.rate_decision"
 # Set in the scope by the HTTP protocol when it gave up on a stalled request body and answered 408 itself
 # (the application only sees the client gone): the error edge then records 408, not 499.
 BODY_TIMED_OUT_KEY = "pricer.body_timed_out"
 
-
-class RequestState:
-    __slots__ = (
-        "client_id",
-        "limits",
-        "principal",
-        "rate_decision",
-        "request_id",
-        "response_started",
-        "route",
-        "route_template",
-        "status",
-    )
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.route: ApiRoute | None = None
-        self.route_template = "unmatched"
-        self.principal: Principal | None = None
-        self.client_id: str | None = None
-        self.limits: ClientLimits | None = None  # set on limited routes
-        self.rate_decision: Decision | None = None  # the request bucket's decision, for the headers
-        # Set by RequestContext as the response starts; 500 stays if none ever does.
-        self.status = 500
-        self.response_started = False
+UNMATCHED = "unmatched"
+EVERY_SCOPE = frozenset(AuthScope)
 
 
-def request_state(scope: Scope) -> RequestState:
-    state: RequestState = scope[STATE_KEY]
-    return state
+def request_id(scope: Scope) -> str:
+    value: str = scope[REQUEST_ID_KEY]
+    return value
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's template (`unmatched` before, or without, a match)."""
+    route = scope.get("route")
+    return UNMATCHED if route is None else str(route.path)
+
+
+def principal(scope: Scope) -> Principal:
+    """Who an authenticated route's request acts as.
+
+    With authentication disabled (local development) it is a key-less principal with every scope that
+    acts as the client the request names (DESIGN §2.4)."""
+    admitted: Principal | None = scope.get(PRINCIPAL_KEY)
+    if admitted is not None:
+        return admitted
+    return Principal(key_id=None, client_id=scope.get(ACTING_FOR_KEY) or "anonymous", scopes=EVERY_SCOPE)
+
+
+def acting_client(scope: Scope) -> str | None:
+    """The client a request acts for, for the logs: the one it named, else its key's, else None."""
+    named: str | None = scope.get(ACTING_FOR_KEY)
+    if named is not None:
+        return named
+    admitted: Principal | None = scope.get(PRINCIPAL_KEY)
+    return admitted.client_id if admitted is not None else None

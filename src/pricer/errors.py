@@ -1,6 +1,6 @@
 """The domain's error tree.
 
-Code below the edge raises these; `middleware.errors.ErrorEnvelope` turns them into the HTTP error
+Code below the edge raises these; the request edge (`middleware/edge.py`) turns them into the HTTP error
 envelope of DESIGN §2.3 in one place. Nothing here knows about HTTP beyond the status each kind maps to.
 """
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from starlette._utils import get_route_path
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pricer.models import Scope as AuthScope
@@ -75,3 +76,41 @@ class ApiRoute(Route):
         self.request_media = tuple(request_media)
         self.query = query
         self.responses = dict(responses or {})
+
+
+class RouteTable:
+    """The routes in order, matched before any other work: unknown paths are 404 (and wrong methods 405)
+    before authentication, and the route template is known to every later step (logs, metrics)."""
+
+    def __init__(self, routes: Sequence[ApiRoute]) -> None:
+        self.routes = tuple(routes)
+        # Paths without parameters are looked up in one step, where the ordered scan would find the same
+        # route first (no earlier route's pattern matches that path).
+        self._static: dict[str, ApiRoute] = {}
+        for index, route in enumerate(self.routes):
+            if route.param_convertors or route.path in self._static:
+                continue
+            if not any(earlier.path_regex.match(route.path) for earlier in self.routes[:index]):
+                self._static[route.path] = route
+
+    def match(self, scope: Scope) -> tuple[ApiRoute | None, bool]:
+        """(the route of the request's path or None, whether it allows the method). A full match is set
+        in the scope (`route`, `endpoint`, `path_params`), once."""
+        static = self._static.get(get_route_path(scope))
+        if static is not None:
+            if static.methods and scope["method"] not in static.methods:
+                return static, False
+            scope["endpoint"] = static.endpoint
+            scope["path_params"] = {}
+            scope["route"] = static
+            return static, True
+        partial: ApiRoute | None = None
+        for route in self.routes:
+            match, child_scope = route.matches(scope)
+            if match is Match.FULL:
+                scope.update(child_scope)
+                scope["route"] = route
+                return route, True
+            if match is Match.PARTIAL and partial is None:
+                partial = route
+        return partial, False

@@ -11,12 +11,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pricer.auth.keys import KeyHasher, make_record, new_key
+from pricer.context import principal
 from pricer.endpoints.common import json_response, utc_now
 from pricer.errors import ClientNotFound, InvalidParameter, NotFound, UnsupportedMediaType
 from pricer.logs import fields
 from pricer.marketdata.loaders import parse_availability, parse_earnings, parse_vix_history
 from pricer.marketdata.service import MarketDataWriter
-from pricer.middleware.authentication import current_principal
 from pricer.models import Client, FeeType, MarketEvent, Stock, VolatilityReading
 from pricer.schemas import (
     AvailabilityUploadResponse,
@@ -113,10 +113,10 @@ class AdminEndpoints:
         self._key = Decoder(KeyBody)
 
     def _audit(self, request: Request, action: str, **details: object) -> None:
-        principal = current_principal(request.scope)
+        actor = principal(request.scope)
         audit_log.info(
             "Admin action",
-            extra=fields(action=action, key_id=principal.key_id, client_id=principal.client_id, **details),
+            extra=fields(action=action, key_id=actor.key_id, client_id=actor.client_id, **details),
         )
 
     async def put_client(self, request: Request) -> Response:

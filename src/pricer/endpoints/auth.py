@@ -6,9 +6,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pricer.auth.tokens import TokenService
+from pricer.context import principal
 from pricer.endpoints.common import json_response, utc_now
 from pricer.errors import Unauthorized
-from pricer.middleware.authentication import current_principal
 from pricer.observability.metrics import Metrics
 from pricer.schemas import TokenResponse
 
@@ -22,6 +22,6 @@ class AuthEndpoints:
         if "x-api-key" not in request.headers:
             # Tokens are exchanged for keys only: a token cannot renew itself past its key's revocation.
             raise Unauthorized("missing")
-        token = self._tokens.issue(current_principal(request.scope), utc_now())
+        token = self._tokens.issue(principal(request.scope), utc_now())
         self._metrics.jwt_tokens_issued += 1
         return json_response(TokenResponse(access_token=token, expires_in=self._tokens.ttl_seconds))

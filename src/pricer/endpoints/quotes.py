@@ -8,15 +8,16 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pricer.context import request_state
+from pricer.auth.admission import Admission
+from pricer.context import principal, request_id
 from pricer.endpoints.common import json_response, msgpack_response, utc_now, wants_msgpack
 from pricer.endpoints.views import batch_response, quote_response
 from pricer.errors import FieldProblem, InvalidParameter, NotFound
-from pricer.middleware.authentication import acting_principal, current_principal
 from pricer.models import Scope
 from pricer.pricing.core import to_scaled_int
 from pricer.quotes import split_quote_id
 from pricer.quoting import Quoter
+from pricer.ratelimit.limits import ClientLimits
 from pricer.schemas import (
     BatchPosition,
     BatchRequest,
@@ -33,9 +34,21 @@ _POSITION_FIELDS = frozenset(BatchPosition.__struct_fields__)
 
 
 class QuoteEndpoints:
-    def __init__(self, quoter: Quoter, quotes: QuoteStore, *, max_batch_size: int) -> None:
+    def __init__(
+        self,
+        quoter: Quoter,
+        quotes: QuoteStore,
+        *,
+        admission: Admission,
+        limits: ClientLimits | None,
+        max_batch_size: int,
+    ) -> None:
         self._quoter = quoter
         self._quotes = quotes
+        # Who may act for the client a body names (and, without authentication, its charge)...
+        self._admission = admission
+        # ...and the positions bucket the batch endpoint draws from (None: rate limiting is off).
+        self._limits = limits
         self._max_batch_size = max_batch_size
         self._single = Decoder(QuoteRequest)
         self._batch = Decoder(BatchRequest, accept_msgpack=True)
@@ -58,16 +71,15 @@ class QuoteEndpoints:
         cents = require_places(
             quote.position_value, 2, "position_value", location=location, valid_params=valid
         )
-        principal = await acting_principal(request.scope, quote.client_id)
+        acting = await self._admission.act_for(request.scope, quote.client_id)
         terms = await self._quoter.client_terms(quote.client_id)
-        state = request_state(request.scope)
         batch = await self._quoter.price_single(
             terms,
             ticker=ticker,
             position_cents=cents,
             loan_days=quote.loan_days,
-            key_id=principal.key_id,
-            request_id=state.request_id,
+            key_id=acting.key_id,
+            request_id=request_id(request.scope),
             now=utc_now(),
         )
         await self._quotes.add(batch)
@@ -106,14 +118,14 @@ class QuoteEndpoints:
             if errors:
                 raise _atomic_failure(errors)
 
-        principal = await acting_principal(request.scope, client_id)
+        scope = request.scope
+        acting = await self._admission.act_for(scope, client_id)
         terms = await self._quoter.client_terms(client_id)
-        state = request_state(request.scope)
-        limits = state.limits
+        limits = self._limits
 
         async def draw_positions(priced: int) -> None:
             if limits is not None:
-                await limits.draw_positions(state, client_id, priced)
+                await limits.draw_positions(scope, client_id, priced)
 
         bad = np.zeros(count, dtype=bool)
         for error in errors:
@@ -125,8 +137,8 @@ class QuoteEndpoints:
             position_cents=cents[good],
             loan_days=days[good].astype(np.int64),
             input_index=good.astype(np.int64),
-            key_id=principal.key_id,
-            request_id=state.request_id,
+            key_id=acting.key_id,
+            request_id=request_id(scope),
             now=utc_now(),
             admit=draw_positions,
         )
@@ -170,8 +182,8 @@ class QuoteEndpoints:
     async def get_quote(self, request: Request) -> Response:
         quote_id = request.path_params["quote_id"]
         quote = await self._quotes.get(quote_id) if split_quote_id(quote_id) is not None else None
-        principal = current_principal(request.scope)
-        if quote is None or not (principal.allows(Scope.AUDIT) or principal.client_id == quote.client_id):
+        reader = principal(request.scope)
+        if quote is None or not (reader.allows(Scope.AUDIT) or reader.client_id == quote.client_id):
             # Another client's quote is not disclosed, not even its existence.
             raise NotFound("Unknown quote", details={"quote_id": quote_id})
         return json_response(quote_response(quote))

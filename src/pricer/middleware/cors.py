@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 _ALLOWED_METHODS = b"GET, POST, PUT, DELETE, OPTIONS"
 _ALLOWED_HEADERS = b"X-API-Key, Authorization, Content-Type, Accept, X-Request-ID, X-Correlation-ID"
@@ -15,17 +15,19 @@ _EXPOSED_HEADERS = (
 )
 
 
-class CORS:
-    def __init__(self, app: ASGIApp, *, origins: Sequence[str], max_age: int = 600) -> None:
-        self.app = app
+class CorsPolicy:
+    """The CORS headers of a request, computed by the request edge before anything else runs (so that
+    error responses carry them too); a preflight is answered by the edge with them."""
+
+    def __init__(self, origins: Sequence[str], *, max_age: int = 600) -> None:
         self._any = "*" in origins
         self._origins = frozenset(origin.encode() for origin in origins if origin != "*")
         self._max_age = str(max_age).encode()
+        self.active = self._any or bool(self._origins)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not (self._any or self._origins):
-            await self.app(scope, receive, send)
-            return
+    def headers(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """(the CORS headers of the response, whether the request is a preflight to answer with them: 204
+        and these headers). No headers for a request without an allowed Origin."""
         origin = b""
         preflight = False
         for name, value in scope["headers"]:
@@ -34,8 +36,7 @@ class CORS:
             elif name == b"access-control-request-method":
                 preflight = True
         if not origin or not (self._any or origin in self._origins):
-            await self.app(scope, receive, send)
-            return
+            return [], False
         headers = self._headers(origin)
         if preflight and scope["method"] == "OPTIONS":
             headers += [
@@ -44,16 +45,8 @@ class CORS:
                 (b"access-control-max-age", self._max_age),
                 (b"content-length", b"0"),
             ]
-            await send({"type": "http.response.start", "status": 204, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
-            return
-
-        async def send_with_cors(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *headers]
-            await send(message)
-
-        await self.app(scope, receive, send_with_cors)
+            return headers, True
+        return headers, False
 
     def _headers(self, origin: bytes) -> list[tuple[bytes, bytes]]:
         if self._any:

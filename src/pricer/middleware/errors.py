@@ -1,4 +1,5 @@
-"""The one place where domain errors become HTTP: the error envelope of DESIGN §2.3."""
+"""Domain errors as HTTP: the error envelope of DESIGN §2.3 (its body, headers and log lines), rendered
+in one place, the request edge (middleware/edge.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,7 @@ import logging
 from typing import Any
 
 import msgspec
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pricer.context import BODY_TIMED_OUT_KEY, request_state
 from pricer.errors import (
     InvalidParameter,
     MethodNotAllowed,
@@ -21,8 +19,6 @@ from pricer.errors import (
 from pricer.logs import (
     AUTHENTICATION_ERROR,
     BACKEND_SERVICE_ERROR,
-    BODY_TIMED_OUT,
-    CLIENT_DISCONNECTED,
     VALIDATION_ERROR,
     LineBudget,
     fields,
@@ -104,49 +100,15 @@ def error_headers(error: PricerError) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-class ErrorEnvelope:
-    """Renders a PricerError raised below as its status and envelope, and any other exception as a
-    logged 500 INTERNAL_ERROR; never a stack trace to the client. A client that went away while its body
-    was read is not an error of ours: recorded as 499, one INFO line, nothing sent. A body that stalled
-    until the server gave up is recorded as the 408 the server answered."""
+class ErrorLog:
+    """The lines of errors answered on purpose, each kind within its budget of lines a second (the request
+    edge, which renders the errors, calls it)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
         self._backend_lines = LineBudget(per_second=1)
         self._auth_lines = LineBudget(per_second=AUTH_ERROR_LINES_PER_SECOND)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        except PricerError as error:
-            if request_state(scope).response_started:
-                raise
-            self._log(scope, error)
-            await self._send_error(scope, send, error)
-        except ClientDisconnect:
-            state = request_state(scope)
-            timed_out = bool(scope.get(BODY_TIMED_OUT_KEY))
-            if not state.response_started:
-                state.status = REQUEST_TIMEOUT if timed_out else CLIENT_CLOSED_REQUEST
-            log.info(
-                BODY_TIMED_OUT if timed_out else CLIENT_DISCONNECTED,
-                extra=fields(endpoint=state.route_template, request_id=state.request_id),
-            )
-        except Exception:
-            state = request_state(scope)
-            log.exception(
-                "Unhandled error",
-                extra=fields(request_id=state.request_id, endpoint=state.route_template),
-            )
-            if state.response_started:
-                raise
-            await self._send_error(scope, send, PricerError("Internal error"))
-
-    def _log(self, scope: Scope, error: PricerError) -> None:
-        state = request_state(scope)
+    def write(self, error: PricerError, *, endpoint: str, request_id: str, client_id: str | None) -> None:
         operation = _store_operation(error)
         if operation is not None:
             # What the client's body no longer says (which operation, which cause) is for operators.
@@ -162,8 +124,8 @@ class ErrorEnvelope:
                         cause=details.get("cause"),
                         sqlstate=details.get("sqlstate") or None,
                         error=error.message,
-                        endpoint=state.route_template,
-                        request_id=state.request_id,
+                        endpoint=endpoint,
+                        request_id=request_id,
                         suppressed=skipped or None,
                     ),
                 )
@@ -171,9 +133,9 @@ class ErrorEnvelope:
             log.warning(
                 VALIDATION_ERROR,
                 extra=fields(
-                    client_id=state.client_id,
-                    endpoint=state.route_template,
-                    request_id=state.request_id,
+                    client_id=client_id,
+                    endpoint=endpoint,
+                    request_id=request_id,
                     error=error.message,
                 ),
             )
@@ -186,14 +148,8 @@ class ErrorEnvelope:
                     AUTHENTICATION_ERROR,
                     extra=fields(
                         reason=error.reason,
-                        endpoint=state.route_template,
-                        request_id=state.request_id,
+                        endpoint=endpoint,
+                        request_id=request_id,
                         suppressed=skipped or None,
                     ),
                 )
-
-    @staticmethod
-    async def _send_error(scope: Scope, send: Send, error: PricerError) -> None:
-        body = error_body(error, request_state(scope).request_id)
-        await send({"type": "http.response.start", "status": error.status, "headers": error_headers(error)})
-        await send({"type": "http.response.body", "body": body})

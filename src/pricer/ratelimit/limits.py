@@ -1,19 +1,17 @@
-"""Per-client rate limits (DESIGN §2.5), after authentication so that every request is charged to the
-client of its key, never to an anonymous or spoofable bucket.
+"""Per-client rate limits (DESIGN §2.5): which buckets a client has, and the charging of them.
 
-The request bucket is charged here; the batch endpoint draws its priced positions from the positions
-bucket through `draw_positions`. The decision travels in the request state, and `RequestContext` turns it
-into the RateLimit headers of whatever response goes out (429s included).
+Admission charges the request bucket (after authentication, so that every request is charged to the
+client of its key, never to an anonymous or spoofable bucket); the batch endpoint draws its priced
+positions from the positions bucket through `draw_positions`, on the object create_app hands it.
 """
 
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
-from pricer.context import RequestState, request_state
+from pricer.context import request_id, route_template
 from pricer.errors import InvalidParameter, RateLimitExceeded
 from pricer.logs import RATE_LIMIT_EXCEEDED, fields
 from pricer.observability.metrics import Metrics
@@ -72,14 +70,15 @@ class ClientLimits:
             f"ratelimit:{client_id}:positions", self._positions_per_minute, self._positions_per_minute
         )
 
-    async def charge_request(self, state: RequestState, client_id: str) -> None:
-        with self._tracing.span("rate_limit"):
-            decision = await self.limiter.acquire(await self.request_bucket(client_id))
-        state.rate_decision = decision
-        if not decision.allowed:
-            self._refuse(state, client_id, decision, "requests")
+    async def charge_request(self, client_id: str) -> Decision:
+        """The request bucket's decision for one request of `client_id` (refused ones included: the
+        caller keeps it for the headers, then calls `refuse`)."""
+        if self._tracing.enabled:
+            with self._tracing.span("rate_limit"):
+                return await self.limiter.acquire(await self.request_bucket(client_id))
+        return await self.limiter.acquire(await self.request_bucket(client_id))
 
-    async def draw_positions(self, state: RequestState, client_id: str, count: int) -> None:
+    async def draw_positions(self, scope: Scope, client_id: str, count: int) -> None:
         if count <= 0:
             return
         bucket = self.positions_bucket(client_id)
@@ -91,16 +90,17 @@ class ClientLimits:
             )
         decision = await self.limiter.acquire(bucket, count)
         if not decision.allowed:
-            self._refuse(state, client_id, decision, "positions")
+            self.refuse(scope, client_id, decision, "positions")
 
-    def _refuse(self, state: RequestState, client_id: str, decision: Decision, bucket: str) -> None:
+    def refuse(self, scope: Scope, client_id: str, decision: Decision, bucket: str) -> None:
+        """429: counted, logged (the runbook's `Rate limit exceeded` line) and raised."""
         self._metrics.rate_limit_exceeded += 1
         log.warning(
             RATE_LIMIT_EXCEEDED,
             extra=fields(
                 client_id=client_id,
-                endpoint=state.route_template,
-                request_id=state.request_id,
+                endpoint=route_template(scope),
+                request_id=request_id(scope),
                 bucket=bucket,
                 retry_after=decision.retry_after,
             ),
@@ -108,40 +108,27 @@ class ClientLimits:
         raise RateLimitExceeded(decision.retry_after, bucket=bucket)
 
 
-class RateLimit:
-    def __init__(self, app: ASGIApp, *, limits: ClientLimits | None) -> None:
-        self.app = app
-        self._limits = limits
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limits = self._limits
-        if limits is not None and scope["type"] == "http":
-            state = request_state(scope)
-            route = state.route
-            if route is not None and route.required_scopes is not None:
-                state.limits = limits
-                if state.principal is not None:
-                    await limits.charge_request(state, state.principal.client_id)
-                # Without authentication (local development) the endpoint charges the client it names.
-        await self.app(scope, receive, send)
-
-
 def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
-    policy, limit = _spec_headers(decision.spec, decision.refill_window)
+    spec = decision.spec
+    static = _SPEC_HEADERS.get(spec)
+    if static is None:
+        # What depends on the bucket's spec only, made once per spec (every response carries it).
+        if len(_SPEC_HEADERS) >= 4096:
+            _SPEC_HEADERS.clear()
+        policy = f'"default";q={spec.capacity};w={decision.refill_window}'.encode()
+        static = _SPEC_HEADERS[spec] = (
+            (b"ratelimit-policy", policy),
+            (b"x-ratelimit-limit", str(spec.per_minute).encode()),
+        )
     remaining = str(decision.remaining).encode()
     reset = str(decision.reset_after).encode()
     return [
-        policy,
+        static[0],
         (b"ratelimit", b'"default";r=' + remaining + b";t=" + reset),
-        limit,
+        static[1],
         (b"x-ratelimit-remaining", remaining),
         (b"x-ratelimit-reset", reset),
     ]
 
 
-@lru_cache(maxsize=4096)
-def _spec_headers(spec: BucketSpec, refill_window: int) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
-    return (
-        (b"ratelimit-policy", f'"default";q={spec.capacity};w={refill_window}'.encode()),
-        (b"x-ratelimit-limit", str(spec.per_minute).encode()),
-    )
+_SPEC_HEADERS: dict[BucketSpec, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
