@@ -3,8 +3,7 @@
 * One Lua script call (`pricer.ratelimit.script`) decides many buckets atomically with Redis's own clock
   (`TIME`), so replicas with skewed clocks agree. The state of a bucket is a plain string
   `"<tokens>:<microseconds>"` under its key (`GET ratelimit:client123` shows it).
-* A busy client's decisions mostly spend a lease, tokens taken from its shared bucket by an earlier call
-  (`pricer.ratelimit.leases`: never more than the limit, under 1 % of a burst held unused).
+* A busy client's decisions mostly spend a lease, tokens its shared bucket gave an earlier call (leases.py).
 * Decisions of concurrent requests are coalesced: while one script call is in flight the next ones queue,
   and all queued decisions go in the next call. Calls are one at a time, over one connection held for
   the purpose (no pool checkout per call: a third of redis-py client CPU per call).
