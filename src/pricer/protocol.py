@@ -72,6 +72,49 @@ def _error_response(status: int, code: str, message: str) -> bytes:
     )
 
 
+class OneWriteTransport:
+    """The connection's transport as a response cycle sees it: a response's header block is held until its
+    body is written and both go in one write (one syscall and one TCP segment instead of two; each write
+    was a tenth of a single quote's server CPU). Whatever else ends the turn first (a HEAD response has
+    no body write, a streaming response awaits between its parts, the connection closes) sends what is
+    held: nothing is held past the event-loop turn it was written in."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif data.startswith(b"HTTP/1.1 "):
+            self._held = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request the protocol refuses."""
 
@@ -107,6 +150,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- connection -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._one_write = OneWriteTransport(transport, self.loop)
         self._header_timer = self.loop.call_later(self._hygiene.header_read_timeout, self._header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -181,6 +225,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = self._one_write  # type: ignore[assignment]
         draining = self._shutting_down or getattr(self.server_state, "draining", False)
         if draining and self.cycle is not None:
             # Draining: this response tells the client to reconnect (elsewhere) and closes.

@@ -1,0 +1,87 @@
+"""A response's header block and its body leave in one write (pricer.protocol.OneWriteTransport), and
+nothing is ever held past the event-loop turn it was written in."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pricer.protocol import OneWriteTransport
+from tests.conftest import start_server, stop_server
+
+pytestmark = pytest.mark.anyio
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+
+async def test_headers_and_body_go_in_one_write() -> None:
+    raw = RecordingTransport()
+    one = OneWriteTransport(raw, asyncio.get_running_loop())
+    one.write(HEAD)
+    assert raw.writes == []
+    one.write(b"{}")
+    assert raw.writes == [HEAD + b"{}"]
+    await asyncio.sleep(0)
+    assert raw.writes == [HEAD + b"{}"]  # the flush scheduled with the hold finds nothing left
+
+
+async def test_a_header_block_alone_leaves_at_the_end_of_the_turn() -> None:
+    raw = RecordingTransport()
+    one = OneWriteTransport(raw, asyncio.get_running_loop())
+    one.write(HEAD)  # a HEAD response: no body write follows
+    await asyncio.sleep(0)
+    assert raw.writes == [HEAD]
+    one.write(b"5\r\nhello\r\n")  # a streaming response's later chunk goes straight through
+    assert raw.writes == [HEAD, b"5\r\nhello\r\n"]
+
+
+async def test_close_sends_what_is_held_first() -> None:
+    raw = RecordingTransport()
+    one = OneWriteTransport(raw, asyncio.get_running_loop())
+    one.write(HEAD)
+    one.close()
+    assert raw.writes == [HEAD]
+    assert raw.closed
+    assert one.is_closing()
+
+
+def test_a_real_server_answers_pipelined_keep_alive_requests_and_head(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        host, port = server.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            head = f"HEAD /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            connection.sendall(request + head + request)
+            received = b""
+            while received.count(b"HTTP/1.1 200") < 3 or not received.endswith(b"}"):  # two bodies, one HEAD
+                chunk = connection.recv(65536)
+                assert chunk, received
+                received += chunk
+        assert received.count(b"HTTP/1.1 200") == 3
+        with httpx.Client(base_url=server.base_url, timeout=10) as client:
+            assert client.head("/health").status_code == 200
+            assert client.get("/health").json()["status"] in ("healthy", "ok", "degraded")
+    finally:
+        stop_server(server)
