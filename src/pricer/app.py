@@ -48,6 +48,7 @@ from pricer.pricing.core import RatePolicy
 from pricer.routing import ApiRoute
 from pricer.schemas import (
     AvailabilityUploadResponse,
+    BatchQuery,
     BatchRequest,
     BatchResponse,
     ClientBody,
@@ -60,6 +61,7 @@ from pricer.schemas import (
     KeyBody,
     LoadResult,
     QuoteRequest,
+    RatesQuery,
     QuoteResponse,
     RateListResponse,
     RateResponse,
@@ -263,6 +265,7 @@ def create_app(
             summary="Many quotes in one call (?atomic=true)",
             request_body=BatchRequest,
             request_media=("application/json", "application/msgpack"),
+            query=BatchQuery,
             responses={200: BatchResponse},
         ),
         ApiRoute(
@@ -290,6 +293,7 @@ def create_app(
             scope=AuthScope.RATES,
             body_limit=small,
             summary="Rates of up to 1,000 tickers (?tickers=A,B)",
+            query=RatesQuery,
             responses={200: RateListResponse},
         ),
         ApiRoute(
