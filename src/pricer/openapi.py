@@ -64,7 +64,7 @@ _CLIENT_FEE_RULES = {
 
 
 def _integers(node: Any) -> None:
-    """Every schema marked WHOLE_NUMBER becomes `"type": "integer"` (30.0 is one, as the endpoints read it)."""
+    """Every schema marked WHOLE_NUMBER becomes `"type": "integer"` (30.0 is one, as the endpoints see it)."""
     if isinstance(node, dict):
         if node.pop(WHOLE_NUMBER, False):
             node["type"] = "integer"

@@ -195,7 +195,7 @@ class RatesQuery(msgspec.Struct, forbid_unknown_fields=True):
         str,
         Meta(
             pattern=r"[^,\s]",
-            description="Comma-separated tickers (up to 1,000); an invalid or unknown one is listed in errors",
+            description="Comma-separated tickers (up to 1,000); an invalid or unknown one is in `errors`",
         ),
     ]
 
@@ -273,7 +273,12 @@ class AvailabilityUploadResponse(msgspec.Struct, kw_only=True):
 class VolatilityBody(msgspec.Struct, forbid_unknown_fields=True):
     value: Annotated[
         float,
-        Meta(ge=0, le=200, description="Market volatility index, at most 4 decimals", extra_json_schema=decimals(4)),
+        Meta(
+            ge=0,
+            le=200,
+            description="Market volatility index, at most 4 decimals",
+            extra_json_schema=decimals(4),
+        ),
     ]
 
 
@@ -290,7 +295,9 @@ NO_NUL = r"^[^\x00]*$"
 
 class EventBody(msgspec.Struct, forbid_unknown_fields=True):
     date: dt.date
-    type: Annotated[str, Meta(min_length=1, max_length=40, extra_json_schema={"pattern": NO_NUL})] = "earnings"
+    type: Annotated[str, Meta(min_length=1, max_length=40, extra_json_schema={"pattern": NO_NUL})] = (
+        "earnings"
+    )
     risk_factor: Annotated[float, whole(0, 10)] | None = None
 
 

@@ -37,7 +37,7 @@ _WRITTEN = msgspec.json.Decoder(float_hook=Decimal)
 
 
 def may_hide_places(body: bytes) -> bool:
-    """Whether a JSON body holds a literal long enough that its float may hide decimals it was written with."""
+    """Whether a JSON body holds a literal long enough for its float to hide decimals it was written with."""
     return _LONG_RUN in body.translate(_NUMBER_MARKS)
 
 
@@ -150,10 +150,16 @@ class Decoder(Generic[T]):
             ) from None
 
 
+def api_ticker(raw: str) -> str | None:
+    """The canonical form of a ticker sent to the API, or None: as the OpenAPI pattern says, the text itself
+    is the ticker (no surrounding spaces; the files' loaders are lenient, the API is not)."""
+    return normalize_ticker(raw) if raw == raw.strip() else None
+
+
 def require_ticker(
     raw: str, *, field: str = "ticker", location: str = "body", valid_params: Sequence[str] = ()
 ) -> str:
-    ticker = normalize_ticker(raw)
+    ticker = api_ticker(raw)
     if ticker is None:
         raise InvalidParameter.for_field(
             field, f"expected {TICKER_RULE}", location=location, valid_params=valid_params
@@ -179,7 +185,9 @@ def whole_number(
     """An integer field's value (the schema's bounds already checked) as an `int`; 30.0 and 3e1 are 30, as
     in JSON Schema, while 30.5 is refused naming the field."""
     if not math.isfinite(value) or value != int(value):
-        raise InvalidParameter.for_field(field, "expected an integer", location=location, valid_params=valid_params)
+        raise InvalidParameter.for_field(
+            field, "expected an integer", location=location, valid_params=valid_params
+        )
     return int(value)
 
 

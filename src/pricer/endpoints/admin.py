@@ -210,7 +210,9 @@ class AdminEndpoints:
             events.append(MarketEvent(date=event.date, type=event.type, risk_factor=risk_factor))
         await self._writer.replace_events(ticker, events)
         self._audit(request, "events.put", target=ticker, events=len(events))
-        views = [EventView(date=event.date, type=event.type, risk_factor=event.risk_factor) for event in events]
+        views = [
+            EventView(date=event.date, type=event.type, risk_factor=event.risk_factor) for event in events
+        ]
         return json_response(EventsView(ticker=ticker, events=sorted(views, key=lambda event: event.date)))
 
     async def issue_key(self, request: Request) -> Response:
