@@ -85,7 +85,8 @@ def test_schemathesis_finds_nothing(server: RunningServer, key_name: str, tmp_pa
         "--report-json-path",
         str(report),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    # Run from the test's directory: schemathesis keeps a cache directory where it runs.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-20_000:]
     summary = json.loads(report.read_text())
