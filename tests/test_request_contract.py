@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from pricer.app import create_app
 from pricer.settings import Settings
-from pricer.validation import api_ticker
 from tests.conftest import TEST_SECRETS, Engine, make_settings
 from tests.pg import pg_schema
 from tests.test_loaders import synthetic_ibkr
@@ -124,6 +123,7 @@ async def test_openapi_states_the_decimals_and_the_integers(engine: Engine) -> N
 @given(st.text(max_size=12) | st.from_regex(r"[A-Za-z0-9]{1,6}([-. /][A-Za-z0-9]{1,4})?", fullmatch=True))
 def test_the_ticker_pattern_is_the_rule_the_api_applies(raw: str) -> None:
     from pricer.schemas import TICKER_PATTERN
+    from pricer.validation import api_ticker
 
     declared = re.fullmatch(TICKER_PATTERN, raw) is not None and 1 <= len(raw) <= 10
     assert declared == (api_ticker(raw) is not None), raw
