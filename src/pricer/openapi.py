@@ -46,7 +46,8 @@ _ERRORS: Sequence[type[PricerError]] = (
 # What each path parameter accepts (the endpoints check the same rules; a key or quote id of another form is
 # simply not found, 404).
 _PATH_PARAMS: dict[str, dict[str, Any]] = {
-    "ticker": {"type": "string", "minLength": 1, "maxLength": 10, "pattern": TICKER_PATTERN},
+    # Trimmed, then 1 to 10 characters: the pattern bounds the length (a path has no maxLength check).
+    "ticker": {"type": "string", "pattern": TICKER_PATTERN},
     "client_id": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{3,50}$"},
     "key_id": {"type": "string", "pattern": r"^[a-z0-9]{8,16}$"},
     "quote_id": {"type": "string", "pattern": r"^[0-9a-f]{32}$"},

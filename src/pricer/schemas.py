@@ -19,8 +19,15 @@ ClientId = Annotated[
     str,
     Meta(pattern=r"^[A-Za-z0-9_-]{3,50}$", description="3 to 50 letters, digits, '_' or '-'"),
 ]
-# The ticker's syntax for clients (the endpoints check it themselves, to answer with TICKER_RULE).
-TICKER_PATTERN = r"^[A-Za-z0-9]+([-. /][A-Za-z0-9]+)?$"
+# The ticker's syntax for clients, as `normalize_ticker` applies it (the endpoints check it themselves, to
+# answer with TICKER_RULE): surrounding whitespace is trimmed, and what is left is 1 to 10 characters, the
+# separator included; each split of the 10 around a separator is spelt out (JSON Schema has no lookahead).
+_ALNUM = "[A-Za-z0-9]"
+TICKER_PATTERN = (
+    r"^\s*("
+    + "|".join([f"{_ALNUM}{{1,10}}", *(f"{_ALNUM}{{{n}}}[-. /]{_ALNUM}{{1,{9 - n}}}" for n in range(1, 9))])
+    + r")\s*$"
+)
 TickerText = Annotated[
     str,
     Meta(

@@ -150,16 +150,10 @@ class Decoder(Generic[T]):
             ) from None
 
 
-def api_ticker(raw: str) -> str | None:
-    """The canonical form of a ticker sent to the API, or None: as the OpenAPI pattern says, the text itself
-    is the ticker (no surrounding spaces; the files' loaders are lenient, the API is not)."""
-    return normalize_ticker(raw) if raw == raw.strip() else None
-
-
 def require_ticker(
     raw: str, *, field: str = "ticker", location: str = "body", valid_params: Sequence[str] = ()
 ) -> str:
-    ticker = api_ticker(raw)
+    ticker = normalize_ticker(raw)
     if ticker is None:
         raise InvalidParameter.for_field(
             field, f"expected {TICKER_RULE}", location=location, valid_params=valid_params

@@ -25,12 +25,11 @@ from pricer.schemas import (
     RowError,
 )
 from pricer.stores.protocols import QuoteStore
-from pricer.tickers import TICKER_RULE
+from pricer.tickers import TICKER_RULE, normalize_ticker
 from pricer.validation import (
     JSON,
     MSGPACK,
     Decoder,
-    api_ticker,
     may_hide_places,
     require_places,
     require_ticker,
@@ -115,7 +114,7 @@ class QuoteEndpoints:
                 "positions", f"at most {self._max_batch_size} positions per batch (got {count})"
             )
 
-        tickers = [api_ticker(raw) or "" if isinstance(raw, str) else "" for raw in tickers_raw]
+        tickers = [normalize_ticker(raw) or "" if isinstance(raw, str) else "" for raw in tickers_raw]
         cents, errors = _check_rows(tickers, values, days, errors)
         if atomic:
             # List every invalid row, unknown tickers included (ticker existence is market data, not
