@@ -126,8 +126,7 @@ async def test_openapi_states_the_decimals_and_the_integers(engine: Engine) -> N
     | st.from_regex(r"\s{0,2}[A-Za-z0-9]{1,7}([-. /][A-Za-z0-9]{1,5})?\s{0,2}", fullmatch=True)
 )
 def test_the_ticker_pattern_is_the_rule_the_api_applies(raw: str) -> None:
-    """What the OpenAPI pattern declares is what the endpoints accept (a path parameter is checked by the
-    pattern alone; a body field also by maxLength 10)."""
+    """What the OpenAPI pattern declares is what the endpoints accept, in a path, a query or a body."""
     from pricer.schemas import TICKER_PATTERN
 
     assert (re.search(TICKER_PATTERN, raw) is not None) == (normalize_ticker(raw) is not None), raw

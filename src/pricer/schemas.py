@@ -28,11 +28,10 @@ TICKER_PATTERN = (
     + "|".join([f"{_ALNUM}{{1,10}}", *(f"{_ALNUM}{{{n}}}[-. /]{_ALNUM}{{1,{9 - n}}}" for n in range(1, 9))])
     + r")\s*$"
 )
+# No min/max length of the text itself: the length rule applies once trimmed, and the pattern says it.
 TickerText = Annotated[
     str,
     Meta(
-        min_length=1,
-        max_length=10,
         description="1-10 letters/digits with at most one class separator; BRK.B, BRK-B, BRK B mean BRK.B",
         extra_json_schema={"pattern": TICKER_PATTERN},
     ),
