@@ -151,7 +151,9 @@ def build_openapi(routes: Sequence[ApiRoute]) -> dict[str, Any]:
             "version": __version__,
             "description": (
                 "Borrow rates and locate-fee quotes, exact to the cent. Money is dollars with at most "
-                "two decimals; rates are annual fractions. Errors use one envelope (`ErrorBody`)."
+                "two decimals; rates are annual fractions. Decimals are counted on the number as written "
+                "(100.00999999999999999 has 17, trailing zeros aside; `multipleOf` states each limit); an "
+                "integer may be written 30.0. Errors use one envelope (`ErrorBody`)."
             ),
         },
         "paths": paths,
