@@ -19,6 +19,7 @@ from hypothesis import settings as hypothesis_settings
 from pricer.app import PricerApp, create_app
 from pricer.demo import DemoKeys
 from pricer.settings import Settings, load_settings
+from tests.prerequisites import missing_prerequisites, prerequisites_line
 
 # Property tests run on busy 2-core CI machines, where one example can exceed hypothesis's default 200 ms
 # deadline for reasons unrelated to the code under test (a flaky failure, not a finding). The "ci" profile
@@ -27,6 +28,14 @@ from pricer.settings import Settings, load_settings
 # hypothesis's own defaults, e.g. to look for a slow example on purpose.
 hypothesis_settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop at once, with one line naming what is missing, on a machine without the suite's prerequisites
+    (tests/prerequisites.py) instead of failing test after test with connection errors."""
+    missing = missing_prerequisites()
+    if missing:
+        raise pytest.UsageError(prerequisites_line(missing))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from pricer.errors import (
     UnsupportedMediaType,
 )
 from pricer.routing import ApiRoute
-from pricer.schemas import ErrorBody
+from pricer.schemas import TICKER_PATTERN, WHOLE_NUMBER, ErrorBody
 
 _PARAM = re.compile(r"{([^}:]+)(?::[^}]+)?}")
 _ERRORS: Sequence[type[PricerError]] = (
@@ -43,6 +43,51 @@ _ERRORS: Sequence[type[PricerError]] = (
 )
 
 
+# What each path parameter accepts (the endpoints check the same rules; a key or quote id of another form is
+# simply not found, 404).
+_PATH_PARAMS: dict[str, dict[str, Any]] = {
+    # Trimmed, then 1 to 10 characters: the pattern bounds the length (a path has no maxLength check).
+    "ticker": {"type": "string", "pattern": TICKER_PATTERN},
+    "client_id": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{3,50}$"},
+    "key_id": {"type": "string", "pattern": r"^[a-z0-9]{8,16}$"},
+    "quote_id": {"type": "string", "pattern": r"^[0-9a-f]{32}$"},
+}
+_TEXT_BODY = {"type": "string", "description": "The file's content, as the engine's loaders read it"}
+
+
+# The rules of ClientBody that depend on the fee type (client_from_body checks them): a FLAT amount is dollars
+# with at most 2 decimals, a PERCENTAGE one is from 0 to 100.
+_CLIENT_FEE_RULES = {
+    "if": {"properties": {"transaction_fee_type": {"const": "FLAT"}}},
+    "then": {"properties": {"transaction_amount": {"multipleOf": 0.01}}},
+    "else": {"properties": {"transaction_amount": {"maximum": 100}}},
+}
+
+
+def _integers(node: Any) -> None:
+    """Every schema marked WHOLE_NUMBER becomes `"type": "integer"` (30.0 is one, as the endpoints see it)."""
+    if isinstance(node, dict):
+        if node.pop(WHOLE_NUMBER, False):
+            node["type"] = "integer"
+        for value in node.values():
+            _integers(value)
+    elif isinstance(node, list):
+        for value in node:
+            _integers(value)
+
+
+def _query_parameters(route: ApiRoute, method: str, components: dict[str, Any]) -> list[dict[str, Any]]:
+    """The route's query Struct as parameters, for the methods that read it (`ApiRoute.query_params`)."""
+    if route.query is None or not route.query_params(method):
+        return []
+    component = components[route.query.__name__]
+    required = set(component.get("required", ()))
+    return [
+        {"name": name, "in": "query", "required": name in required, "schema": schema}
+        for name, schema in component["properties"].items()
+    ]
+
+
 def build_openapi(routes: Sequence[ApiRoute]) -> dict[str, Any]:
     types: list[Any] = [ErrorBody]
     for route in routes:
@@ -51,6 +96,9 @@ def build_openapi(routes: Sequence[ApiRoute]) -> dict[str, Any]:
                 types.append(kind)
     schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     ref = dict(zip([id(kind) for kind in types], schemas, strict=True))
+    _integers(components)
+    if "ClientBody" in components:
+        components["ClientBody"]["allOf"] = [_CLIENT_FEE_RULES]
 
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
@@ -60,9 +108,10 @@ def build_openapi(routes: Sequence[ApiRoute]) -> dict[str, Any]:
                 "operationId": f"{route.name}_{method.lower()}",
                 "summary": route.summary or route.name,
                 "parameters": [
-                    {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                    {"name": name, "in": "path", "required": True, "schema": _PATH_PARAMS[name]}
                     for name in _PARAM.findall(route.path)
-                ],
+                ]
+                + _query_parameters(route, method, components),
                 "responses": {},
             }
             if route.required_scopes is not None:
@@ -70,19 +119,18 @@ def build_openapi(routes: Sequence[ApiRoute]) -> dict[str, Any]:
                 operation["description"] = "Scopes: " + " or ".join(
                     sorted(s.value for s in route.required_scopes)
                 )
-            if route.query is not None and method == "GET":
-                props = components[route.query.__name__]["properties"]
-                required = set(components[route.query.__name__].get("required", ()))
-                operation["parameters"] += [
-                    {"name": name, "in": "query", "required": name in required, "schema": schema}
-                    for name, schema in props.items()
-                ]
             if route.request_body is not None and method in ("POST", "PUT"):
                 operation["requestBody"] = {
                     "required": True,
                     "content": {
                         media: {"schema": ref[id(route.request_body)]} for media in route.request_media
                     },
+                }
+            elif method == "POST" and route.request_media[0].startswith("text/"):
+                # The market-data uploads: the file as a text body.
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {media: {"schema": _TEXT_BODY} for media in route.request_media},
                 }
             for status, kind in route.responses.items():
                 operation["responses"][str(status)] = {
@@ -103,7 +151,9 @@ def build_openapi(routes: Sequence[ApiRoute]) -> dict[str, Any]:
             "version": __version__,
             "description": (
                 "Borrow rates and locate-fee quotes, exact to the cent. Money is dollars with at most "
-                "two decimals; rates are annual fractions. Errors use one envelope (`ErrorBody`)."
+                "two decimals; rates are annual fractions. Decimals are counted on the number as written "
+                "(100.00999999999999999 has 17, trailing zeros aside; `multipleOf` states each limit); an "
+                "integer may be written 30.0. Errors use one envelope (`ErrorBody`)."
             ),
         },
         "paths": paths,

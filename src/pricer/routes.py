@@ -21,6 +21,7 @@ from pricer.openapi import build_openapi
 from pricer.routing import ApiRoute
 from pricer.schemas import (
     AvailabilityUploadResponse,
+    BatchQuery,
     BatchRequest,
     BatchResponse,
     ClientBody,
@@ -36,6 +37,7 @@ from pricer.schemas import (
     QuoteResponse,
     RateListResponse,
     RateResponse,
+    RatesQuery,
     StockBody,
     StockView,
     TokenResponse,
@@ -100,6 +102,7 @@ def api_routes(
             summary="Many quotes in one call (?atomic=true)",
             request_body=BatchRequest,
             request_media=("application/json", "application/msgpack"),
+            query=BatchQuery,
             responses={200: BatchResponse},
         ),
         ApiRoute(
@@ -127,6 +130,7 @@ def api_routes(
             scope=AuthScope.RATES,
             body_limit=small,
             summary="Rates of up to 1,000 tickers (?tickers=A,B)",
+            query=RatesQuery,
             responses={200: RateListResponse},
         ),
         ApiRoute(

@@ -12,6 +12,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pricer.models import Scope as AuthScope
+from pricer.validation import reject_unknown_query_params
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -35,11 +36,17 @@ class ApiRequest(Request):
         return self._body
 
 
-def asgi_endpoint(handler: Handler) -> ASGIApp:
-    """An ASGI app from `handler(request) -> response`; errors propagate to the error edge."""
+def asgi_endpoint(handler: Handler, query_params: Callable[[str], frozenset[str]] | None = None) -> ASGIApp:
+    """An ASGI app from `handler(request) -> response`; errors propagate to the error edge.
+
+    With `query_params(method)` (which parameters the route defines for the method), any other query
+    parameter is a 400 naming it, the same on every route that says so."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        response = await handler(ApiRequest(scope, receive))
+        request = ApiRequest(scope, receive)
+        if query_params is not None and scope.get("query_string"):
+            reject_unknown_query_params(request.query_params.keys(), query_params(scope["method"]))
+        response = await handler(request)
         await response(scope, receive, send)
 
     return app
@@ -64,11 +71,13 @@ class ApiRoute(Route):
         responses: Mapping[int, Any] | None = None,
     ) -> None:
         super().__init__(path, handler, methods=list(methods), name=name or handler.__name__)
-        self.app = asgi_endpoint(handler)
         # Any one of these scopes admits a request; None makes an open route.
         self.required_scopes: frozenset[AuthScope] | None = (
             frozenset({scope}) if isinstance(scope, AuthScope) else scope
         )
+        # The API's routes refuse a query parameter they do not define; the open routes (health, metrics,
+        # docs) ignore the query string, as probes and scrapers may add their own.
+        self.app = asgi_endpoint(handler, self.query_params) if scope is not None else asgi_endpoint(handler)
         self.body_limit = body_limit
         # What the OpenAPI document says of this route (types are msgspec Structs).
         self.summary = summary
@@ -76,6 +85,13 @@ class ApiRoute(Route):
         self.request_media = tuple(request_media)
         self.query = query
         self.responses = dict(responses or {})
+
+    def query_params(self, method: str) -> frozenset[str]:
+        """The query parameters defined for `method`: the query Struct's fields; a route whose query and
+        body are the same Struct (one request, two forms) reads the query on GET and HEAD only."""
+        if self.query is None or (self.query is self.request_body and method not in ("GET", "HEAD")):
+            return frozenset()
+        return frozenset(self.query.__struct_fields__)
 
 
 class RouteTable:

@@ -19,16 +19,47 @@ ClientId = Annotated[
     str,
     Meta(pattern=r"^[A-Za-z0-9_-]{3,50}$", description="3 to 50 letters, digits, '_' or '-'"),
 ]
+# The ticker's syntax for clients, as `normalize_ticker` applies it (the endpoints check it themselves, to
+# answer with TICKER_RULE): surrounding whitespace is trimmed, and what is left is 1 to 10 characters, the
+# separator included; each split of the 10 around a separator is spelt out (JSON Schema has no lookahead).
+_ALNUM = "[A-Za-z0-9]"
+TICKER_PATTERN = (
+    r"^\s*("
+    + "|".join([f"{_ALNUM}{{1,10}}", *(f"{_ALNUM}{{{n}}}[-. /]{_ALNUM}{{1,{9 - n}}}" for n in range(1, 9))])
+    + r")\s*$"
+)
+# No min/max length of the text itself: the length rule applies once trimmed, and the pattern says it.
 TickerText = Annotated[
     str,
     Meta(
-        min_length=1,
-        max_length=10,
         description="1-10 letters/digits with at most one class separator; BRK.B, BRK-B, BRK B mean BRK.B",
+        extra_json_schema={"pattern": TICKER_PATTERN},
     ),
 ]
-PositionValue = Annotated[float, Meta(ge=0.01, le=1_000_000_000, description="Dollars, at most 2 decimals")]
-LoanDays = Annotated[int, Meta(ge=1, le=365)]
+
+
+def decimals(places: int) -> dict[str, Any]:
+    """The JSON Schema of "at most `places` decimals as written" (the endpoints check the text itself: a
+    float's remainder is not exact, so msgspec's own multiple_of is not used)."""
+    return {"multipleOf": float(f"1e-{places}")}
+
+
+# Marks a `whole` field's schema; the OpenAPI document writes it as `"type": "integer"` (msgspec's own
+# "number" would win over an extra "type").
+WHOLE_NUMBER = "x-whole-number"
+
+
+def whole(low: int, high: int, description: str = "") -> Any:
+    """An integer field that also takes an integral number written with a fraction or exponent (30.0, 3e1),
+    as JSON Schema's `integer` does; the endpoints turn it into an `int` (see `validation.whole_number`)."""
+    return Meta(ge=low, le=high, description=description or None, extra_json_schema={WHOLE_NUMBER: True})
+
+
+PositionValue = Annotated[
+    float,
+    Meta(ge=0.01, le=1_000_000_000, description="Dollars, at most 2 decimals", extra_json_schema=decimals(2)),
+]
+LoanDays = Annotated[float, whole(1, 365)]
 Money = Annotated[float, Meta(description="Dollars with at most 2 decimals")]
 Rate = Annotated[float, Meta(description="Annual fraction (0.05 = 5 %), at most 8 decimals")]
 Percent4 = Annotated[float, Meta(ge=0, le=100, description="Percent, at most 4 decimals")]
@@ -87,9 +118,15 @@ class QuoteResponse(msgspec.Struct, kw_only=True):
 
 
 class BatchPosition(msgspec.Struct, forbid_unknown_fields=True):
-    ticker: str
-    position_value: float
-    loan_days: int
+    ticker: TickerText
+    position_value: PositionValue
+    loan_days: LoanDays
+
+
+class BatchQuery(msgspec.Struct, forbid_unknown_fields=True):
+    """The batch's query string: `atomic=true` refuses the whole batch when any row is invalid."""
+
+    atomic: bool = False
 
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -159,6 +196,16 @@ class RateListError(msgspec.Struct):
     error: str
 
 
+class RatesQuery(msgspec.Struct, forbid_unknown_fields=True):
+    tickers: Annotated[
+        str,
+        Meta(
+            pattern=r"[^,\s]",
+            description="Comma-separated tickers (up to 1,000); an invalid or unknown one is in `errors`",
+        ),
+    ]
+
+
 class RateListResponse(msgspec.Struct, kw_only=True):
     status: Literal["success"] = "success"
     rates: list[RateResponse]
@@ -178,18 +225,21 @@ class TokenResponse(msgspec.Struct):
 
 
 class ClientBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    markup_percentage: Percent4
+    markup_percentage: Annotated[Percent4, Meta(extra_json_schema=decimals(4))]
     transaction_fee_type: FeeType
     transaction_amount: Annotated[
         float,
         Meta(
-            ge=0, le=1_000_000_000, description="FLAT: dollars (2 decimals); PERCENTAGE: 0-100 (4 decimals)"
+            ge=0,
+            le=1_000_000_000,
+            description="FLAT: dollars (2 decimals); PERCENTAGE: 0-100 (4 decimals)",
+            extra_json_schema=decimals(4),
         ),
     ]
     day_count: DayCount = 365
     active: bool = True
-    rate_limit_per_minute: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
-    burst: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
+    rate_limit_per_minute: Annotated[float, whole(1, 10_000_000)] | None = None
+    burst: Annotated[float, whole(1, 10_000_000)] | None = None
 
 
 class ClientView(msgspec.Struct):
@@ -205,7 +255,10 @@ class ClientView(msgspec.Struct):
 
 
 class StockBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    min_borrow_rate: Annotated[float, Meta(ge=0, le=10, description="Annual fraction, at most 8 decimals")]
+    min_borrow_rate: Annotated[
+        float,
+        Meta(ge=0, le=10, description="Annual fraction, at most 8 decimals", extra_json_schema=decimals(8)),
+    ]
     borrow_status: BorrowStatus | None = None
 
 
@@ -224,7 +277,15 @@ class AvailabilityUploadResponse(msgspec.Struct, kw_only=True):
 
 
 class VolatilityBody(msgspec.Struct, forbid_unknown_fields=True):
-    value: Annotated[float, Meta(ge=0, le=200, description="Market volatility index, at most 4 decimals")]
+    value: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=200,
+            description="Market volatility index, at most 4 decimals",
+            extra_json_schema=decimals(4),
+        ),
+    ]
 
 
 class VolatilityView(msgspec.Struct, kw_only=True):
@@ -234,20 +295,32 @@ class VolatilityView(msgspec.Struct, kw_only=True):
     source: str
 
 
+# PostgreSQL's text cannot hold NUL: the endpoints refuse it (400) in every mode, so it is never stored.
+NO_NUL = r"^[^\x00]*$"
+
+
 class EventBody(msgspec.Struct, forbid_unknown_fields=True):
     date: dt.date
-    type: Annotated[str, Meta(min_length=1, max_length=40)] = "earnings"
-    risk_factor: Annotated[int, Meta(ge=0, le=10)] | None = None
+    type: Annotated[str, Meta(min_length=1, max_length=40, extra_json_schema={"pattern": NO_NUL})] = (
+        "earnings"
+    )
+    risk_factor: Annotated[float, whole(0, 10)] | None = None
 
 
 class EventsBody(msgspec.Struct, forbid_unknown_fields=True):
     events: Annotated[list[EventBody], Meta(max_length=1000)]
 
 
+class EventView(msgspec.Struct):
+    date: dt.date
+    type: str
+    risk_factor: int | None
+
+
 class EventsView(msgspec.Struct, kw_only=True):
     status: Literal["success"] = "success"
     ticker: str
-    events: list[EventBody]
+    events: list[EventView]
 
 
 class KeyBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -255,7 +328,7 @@ class KeyBody(msgspec.Struct, forbid_unknown_fields=True):
     scopes: Annotated[list[Scope], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: [Scope.QUOTE, Scope.RATES]
     )
-    expires_in_days: Annotated[int, Meta(ge=1, le=3650)] = 90
+    expires_in_days: Annotated[float, whole(1, 3650)] = 90
 
 
 class IssuedKey(msgspec.Struct):

@@ -24,6 +24,7 @@ from pricer.schemas import (
     ClientView,
     EventsBody,
     EventsView,
+    EventView,
     IssuedKey,
     KeyBody,
     StockBody,
@@ -35,7 +36,7 @@ from pricer.schemas import (
     vix_load_result,
 )
 from pricer.stores.protocols import Stores
-from pricer.validation import Decoder, require_places, require_ticker
+from pricer.validation import Decoder, require_places, require_ticker, whole_number
 
 audit_log = logging.getLogger("pricer.audit")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{3,50}")
@@ -63,6 +64,10 @@ def client_from_body(
                 "transaction_amount", "a PERCENTAGE fee must be from 0 to 100", valid_params=valid_params
             )
         require_places(body.transaction_amount, 4, "transaction_amount", valid_params=valid_params)
+    limits = {
+        name: None if value is None else whole_number(value, name, valid_params=valid_params)
+        for name, value in (("rate_limit_per_minute", body.rate_limit_per_minute), ("burst", body.burst))
+    }
     return Client(
         client_id=client_id,
         markup_percentage=body.markup_percentage,
@@ -70,8 +75,8 @@ def client_from_body(
         transaction_amount=body.transaction_amount,
         day_count=body.day_count,
         active=body.active,
-        rate_limit_per_minute=body.rate_limit_per_minute,
-        burst=body.burst,
+        rate_limit_per_minute=limits["rate_limit_per_minute"],
+        burst=limits["burst"],
         updated_at=now,
     )
 
@@ -106,9 +111,9 @@ class AdminEndpoints:
         self._hasher = hasher
         self._default_rate = default_rate_limit
         self._default_burst = default_burst
-        self._client = Decoder(ClientBody)
-        self._stock = Decoder(StockBody)
-        self._volatility = Decoder(VolatilityBody)
+        self._client = Decoder(ClientBody, places={"markup_percentage": 4, "transaction_amount": 4})
+        self._stock = Decoder(StockBody, places={"min_borrow_rate": 8})
+        self._volatility = Decoder(VolatilityBody, places={"value": 4})
         self._events = Decoder(EventsBody)
         self._key = Decoder(KeyBody)
 
@@ -191,15 +196,24 @@ class AdminEndpoints:
     async def put_events(self, request: Request) -> Response:
         ticker = require_ticker(request.path_params["ticker"], location="path")
         body = self._events.decode(await request.body(), self._events.media_type(request))
-        events = [
-            MarketEvent(date=event.date, type=event.type, risk_factor=event.risk_factor)
-            for event in body.events
-        ]
+        valid = self._events.valid_params
+        events: list[MarketEvent] = []
+        for index, event in enumerate(body.events):
+            if "\x00" in event.type:
+                # PostgreSQL's text cannot hold it: refused here in every mode, never a database error.
+                raise InvalidParameter.for_field(
+                    f"events[{index}].type", "a NUL character is not allowed", valid_params=valid
+                )
+            risk = event.risk_factor
+            field = f"events[{index}].risk_factor"
+            risk_factor = None if risk is None else whole_number(risk, field, valid_params=valid)
+            events.append(MarketEvent(date=event.date, type=event.type, risk_factor=risk_factor))
         await self._writer.replace_events(ticker, events)
         self._audit(request, "events.put", target=ticker, events=len(events))
-        return json_response(
-            EventsView(ticker=ticker, events=sorted(body.events, key=lambda event: event.date))
-        )
+        views = [
+            EventView(date=event.date, type=event.type, risk_factor=event.risk_factor) for event in events
+        ]
+        return json_response(EventsView(ticker=ticker, events=sorted(views, key=lambda event: event.date)))
 
     async def issue_key(self, request: Request) -> Response:
         body = self._key.decode(await request.body(), self._key.media_type(request))
@@ -207,7 +221,8 @@ class AdminEndpoints:
             raise ClientNotFound(body.client_id)
         now = utc_now()
         key_id, key = new_key()
-        expires_at = now + dt.timedelta(days=body.expires_in_days)
+        days = whole_number(body.expires_in_days, "expires_in_days", valid_params=self._key.valid_params)
+        expires_at = now + dt.timedelta(days=days)
         record = make_record(
             self._hasher, key, client_id=body.client_id, scopes=body.scopes, now=now, expires_at=expires_at
         )

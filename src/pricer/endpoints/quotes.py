@@ -27,7 +27,17 @@ from pricer.schemas import (
 )
 from pricer.stores.protocols import QuoteStore
 from pricer.tickers import TICKER_RULE, normalize_ticker
-from pricer.validation import JSON, MSGPACK, Decoder, require_places, require_ticker
+from pricer.validation import (
+    JSON,
+    MSGPACK,
+    Decoder,
+    may_hide_places,
+    require_places,
+    require_ticker,
+    whole_number,
+    written_json,
+    written_places,
+)
 
 MAX_POSITION_VALUE = 1_000_000_000
 _POSITION_FIELDS = frozenset(BatchPosition.__struct_fields__)
@@ -50,7 +60,7 @@ class QuoteEndpoints:
         # ...and the positions bucket the batch endpoint draws from (None: rate limiting is off).
         self._limits = limits
         self._max_batch_size = max_batch_size
-        self._single = Decoder(QuoteRequest)
+        self._single = Decoder(QuoteRequest, places={"position_value": 2})
         self._batch = Decoder(BatchRequest, accept_msgpack=True)
         self._lenient_batch = Decoder(LenientBatchRequest, accept_msgpack=True)
 
@@ -71,13 +81,14 @@ class QuoteEndpoints:
         cents = require_places(
             quote.position_value, 2, "position_value", location=location, valid_params=valid
         )
+        loan_days = whole_number(quote.loan_days, "loan_days", location=location, valid_params=valid)
         acting = await self._admission.act_for(request.scope, quote.client_id)
         terms = await self._quoter.client_terms(quote.client_id)
         batch = await self._quoter.price_single(
             terms,
             ticker=ticker,
             position_cents=cents,
-            loan_days=quote.loan_days,
+            loan_days=loan_days,
             key_id=acting.key_id,
             request_id=request_id(request.scope),
             now=utc_now(),
@@ -103,6 +114,8 @@ class QuoteEndpoints:
             lenient = self._lenient_batch.decode(body, media)
             client_id = lenient.client_id
             tickers_raw, values, days, errors = _lenient_rows(lenient.positions)
+        if media == JSON and may_hide_places(body):
+            _add_written_places_errors(body, errors)
         count = len(tickers_raw)
         if count > self._max_batch_size:
             raise InvalidParameter.for_field(
@@ -226,6 +239,23 @@ def _lenient_rows(
     return tickers, values, days, errors
 
 
+def _add_written_places_errors(body: bytes, errors: list[RowError]) -> None:
+    """A row error for each position_value written with more than 2 decimals that its float hides
+    (100.00999999999999999 reads as 100.01): the body read again with its numbers exact."""
+    positions = written_json(body).get("positions")
+    in_error = {error.index for error in errors}
+    for index, row in enumerate(positions if isinstance(positions, list) else ()):
+        if index not in in_error and isinstance(row, dict) and written_places(row.get("position_value")) > 2:
+            errors.append(
+                RowError(
+                    index=index,
+                    error_code="INVALID_PARAMETER",
+                    error="position_value: expected a number at most 2 decimals",
+                    field="position_value",
+                )
+            )
+
+
 def _row_problem(row: Any) -> FieldProblem | None:
     if not isinstance(row, dict):
         return FieldProblem("position", "body", "expected an object with ticker, position_value, loan_days")
@@ -241,7 +271,8 @@ def _row_problem(row: Any) -> FieldProblem | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) > 1e15:
         return FieldProblem("position_value", "body", "position_value: expected a number")
     days = row["loan_days"]
-    if isinstance(days, bool) or not isinstance(days, int) or abs(days) > 1_000_000:
+    # An integral float (30.0) is an integer, as in JSON Schema; _check_rows refuses 30.5.
+    if isinstance(days, bool) or not isinstance(days, int | float) or abs(days) > 1_000_000:
         return FieldProblem("loan_days", "body", "loan_days: expected an integer from 1 to 365")
     return None
 

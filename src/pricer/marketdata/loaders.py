@@ -59,8 +59,11 @@ _BOF = re.compile(r"#BOF\|([0-9]{4})\.([0-9]{2})\.([0-9]{2})\|([0-9]{2}):([0-9]{
 _EOF = re.compile(r"#EOF\|([0-9]+)")
 
 
-def _text_of(content: str | bytes) -> str:
-    """The content as text: UTF-8 (a leading BOM dropped) when it decodes as such, else latin-1."""
+def _text_of(content: str | bytes, kind: str) -> str:
+    """The content as text: UTF-8 (a leading BOM dropped) when it decodes as such, else latin-1.
+
+    A NUL character is refused naming its line: no field of these files holds one, and PostgreSQL's text
+    cannot store it (it would fail there, after the file was accepted in memory)."""
     if isinstance(content, bytes):
         try:
             text = content.decode("utf-8")
@@ -68,6 +71,9 @@ def _text_of(content: str | bytes) -> str:
             text = content.decode("latin-1")
     else:
         text = content
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise DataFileError(kind, text.count("\n", 0, nul) + 1, "a NUL character is not allowed")
     return text[1:] if text.startswith("\ufeff") else text
 
 
@@ -213,7 +219,7 @@ def parse_availability(content: str | bytes, *, loaded_at: dt.datetime) -> Avail
     """
     if loaded_at.tzinfo is None or loaded_at.utcoffset() is None:
         raise ValueError("loaded_at must be a timezone-aware datetime")
-    lines = _lines_of(_text_of(content))
+    lines = _lines_of(_text_of(content, IBKR_KIND))
     if not lines:
         raise DataFileError(IBKR_KIND, 1, "the file is empty; expected '#BOF|YYYY.MM.DD|HH:MM:SS'")
     as_of = _ibkr_as_of(lines[0])
@@ -341,7 +347,7 @@ def parse_vix_history(content: str | bytes) -> VixHistory:
 
     Raises `DataFileError("vix", line, rule)` for a damaged file, an empty one or one without data rows.
     """
-    lines = _lines_of(_text_of(content))
+    lines = _lines_of(_text_of(content, VIX_KIND))
     end = _last_content_line(lines)
     if end == 0:
         raise DataFileError(VIX_KIND, 1, "the file is empty; expected the header DATE,OPEN,HIGH,LOW,CLOSE")
@@ -432,7 +438,7 @@ def parse_earnings(content: str | bytes) -> EarningsCalendar:
 
     Raises `DataFileError("earnings", line, rule)` for a damaged file, an empty one or one without rows.
     """
-    records = _csv_records(_text_of(content))
+    records = _csv_records(_text_of(content, EARNINGS_KIND))
     first = next(records, None)
     if first is None:
         raise DataFileError(EARNINGS_KIND, 1, "the file is empty; expected the " + ",".join(EARNINGS_HEADER))
