@@ -957,6 +957,21 @@ def pricing_targets(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
+# Sections below this line in REPORT.md are written by hand (figures from scripts run.py does not run, or
+# from an earlier commit); a regenerated report keeps them as they are.
+KEPT_MARKER = "<!-- Hand-written sections below: run.py keeps them as they are. -->"
+
+
+def kept_sections(path: Path) -> str:
+    """The hand-written tail of the report at `path` (from KEPT_MARKER on), or ''."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return ""
+    index = text.find(KEPT_MARKER)
+    return "" if index < 0 else "\n" + text[index:].rstrip() + "\n"
+
+
 def write_report(
     path: Path, *, quick: bool, results: Mapping[str, Mapping[str, Any]], rewritten: bool = False
 ) -> None:
@@ -1033,7 +1048,7 @@ def write_report(
             lines += batch_section(data, command, error)
         if name == "persistence":
             lines += full_stack_lines(results)
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    path.write_text("\n".join(lines).rstrip() + "\n" + kept_sections(path))
 
 
 def report_from_last_run(report: Path, results_dir: Path, *, quick: bool) -> int:

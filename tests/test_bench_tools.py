@@ -1117,3 +1117,21 @@ def test_faults_table_and_report_section() -> None:
     assert "- SIGKILL (default audit mode): replica 0 was killed" in section
     assert "python benchmarks/bench_faults.py --quick" in section
     assert run.faults_section(None, [], "bench_faults.py wrote no JSON")[2].startswith("**Problem:**")
+
+
+def test_a_regenerated_report_keeps_its_hand_written_sections(tmp_path: Path) -> None:
+    report = tmp_path / "REPORT.md"
+    hand = f"{run.KEPT_MARKER}\n\n## Python client (run by hand)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+    report.write_text("# Benchmark report\n\nold figures\n\n" + hand)
+    run.write_report(report, quick=True, results={})
+    text = report.read_text()
+    assert "old figures" not in text
+    assert text.endswith(hand)
+    assert text.count(run.KEPT_MARKER) == 1
+    run.write_report(report, quick=True, results={})  # and again: the tail is not doubled
+    again = report.read_text()
+    assert again.endswith(hand)
+    assert again.count(run.KEPT_MARKER) == 1
+    fresh = tmp_path / "new.md"
+    run.write_report(fresh, quick=True, results={})
+    assert run.KEPT_MARKER not in fresh.read_text()
