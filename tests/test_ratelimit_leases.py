@@ -170,7 +170,7 @@ async def test_a_killed_replica_loses_at_most_its_leases(inspector: aioredis.Red
     """SIGKILL gives nothing back: the bucket is short of what the process held, at most one and a half
     leases, which the bucket's refill brings back."""
     key = a_key()
-    capacity = 100_000
+    capacity = 10_000_000  # more than 0.3 s of decisions from leases on a fast machine (~400,000 a second)
     granted, asked, _, local = counts(replica(key, 1, capacity, 1, 0.3, "kill"))
     assert local == 0
     assert granted == asked
