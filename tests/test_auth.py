@@ -17,11 +17,13 @@ import httpx
 import pytest
 
 from pricer.app import PricerApp, create_app
-from pricer.auth.keys import KeyHasher, Principal, make_record
+from pricer.auth.keys import KeyHasher, KeyVerifier, Principal, make_record, new_key
 from pricer.auth.tokens import TokenService
+from pricer.errors import Unauthorized
 from pricer.logs import LineBudget
 from pricer.models import Scope
 from pricer.settings import DEV_API_KEY_PEPPER, DEV_JWT_SECRET_KEY, SettingsError
+from pricer.stores.memory import MemoryKeyStore
 from tests.conftest import Engine, make_settings, start_server, started_app, stop_server
 
 pytestmark = pytest.mark.anyio
@@ -426,3 +428,42 @@ async def test_the_error_line_budget_is_per_second() -> None:
     assert [budget.take() for _ in range(4)] == [3, 0, 0, None]
     now[0] = 105.5
     assert budget.take() == 1
+
+
+async def test_a_key_verified_before_is_checked_against_its_current_record() -> None:
+    """KeyVerifier keeps the keys it verified lately (no HMAC for a key presented again): a record
+    replaced since (new secret, revoked, expired) is verified anew or refused, never served from memory."""
+    hasher = KeyHasher("pepper-for-this-test")
+    store = MemoryKeyStore()
+    verifier = KeyVerifier(store, hasher)
+    now = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
+    key_id, key = new_key()
+    record = make_record(
+        hasher, key, client_id="acme", scopes={Scope.QUOTE}, now=now, expires_at=now + dt.timedelta(days=1)
+    )
+    await store.put(record)
+    first = await verifier.verify(key, now)
+    assert await verifier.verify(key, now) is first  # from memory
+    assert first == Principal(key_id=key_id, client_id="acme", scopes=frozenset({Scope.QUOTE}))
+
+    with pytest.raises(Unauthorized) as expired:
+        await verifier.verify(key, now + dt.timedelta(days=2))
+    assert expired.value.reason == "expired"
+
+    # The same key id, another secret: the old key no longer matches.
+    other_secret = key.rsplit("_", 1)[0] + "_" + secrets.token_hex(20)
+    await store.put(
+        make_record(
+            hasher, other_secret, client_id="acme", scopes={Scope.QUOTE}, now=now,
+            expires_at=now + dt.timedelta(days=1),
+        )
+    )  # fmt: skip
+    with pytest.raises(Unauthorized) as replaced:
+        await verifier.verify(key, now)
+    assert replaced.value.reason == "invalid_key"
+    assert (await verifier.verify(other_secret, now)).client_id == "acme"
+
+    await store.revoke(key_id, now)
+    with pytest.raises(Unauthorized) as revoked:
+        await verifier.verify(other_secret, now)
+    assert revoked.value.reason == "revoked"
