@@ -116,6 +116,8 @@ def start_server(tmp_path: Path, **env: str) -> RunningServer:
         "HOST": "127.0.0.1",
         "PORT": str(port),
         "DEMO_KEYS_FILE": str(keys_file),
+        # No 5 s drain at each stop (tests/test_shutdown.py sets its own to test the drain).
+        "SHUTDOWN_DRAIN_SECONDS": "0",
         **(TEST_SECRETS if "DATABASE_URL" in env else {}),
         **env,
     }

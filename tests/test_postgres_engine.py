@@ -84,6 +84,7 @@ def base_env(**env: str) -> dict[str, str]:
         "RATE_LIMIT_PER_MINUTE": "10000000",
         "LOG_LEVEL": "WARNING",
         "DEMO_KEYS_FILE": "",
+        "SHUTDOWN_DRAIN_SECONDS": "0",  # no 5 s drain at each stop, unless a test sets one
         **TEST_SECRETS,
         **env,
     }
