@@ -185,17 +185,24 @@ def targets_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
 # only for targets that the run at hand reports as MISS.
 MISS_ANALYSIS: dict[str, str] = {
     "req/s engine / FastAPI baseline": (
-        "The engine spends about 100 µs of server CPU per quote (1 / its req/s) where the raw-ASGI "
-        "ceiling spends about 23 µs; the FastAPI baseline about 150 µs. Of the engine's share, the py-spy "
-        "profile in the latency section puts ~20 % in uvicorn's response path (the socket writes, and "
-        "the header checks of 14 headers: request id, correlation id, security and 5 RateLimit headers), "
-        "~15-20 % in NumPy calls on one-row arrays (price_locates and the quoter: each ufunc call costs "
-        "~0.5 µs whatever the size), and the rest spread over the 9 middleware layers (a coroutine frame "
-        "each), key verification (HMAC), the limiter, the quote id, the audit copy kept for read-back and "
-        "JSON. What would close it: pricing the single quotes of one event-loop turn together (one NumPy "
-        "call for all concurrent quotes, as the batch path does for 10^6 rows in ~50 ms), fusing the "
-        "middlewares that only read request state, and fewer response headers. More worker processes "
-        "(WORKERS) add throughput but not throughput per core, which is what this ratio measures."
+        "The engine spends about 120-140 µs of server CPU per quote where the raw-ASGI ceiling spends "
+        "about 31 µs and the FastAPI baseline about 265 µs (issue 13's work took it from about 100-200 µs: "
+        "one admission step, one request edge instead of six middlewares, single quotes priced on Python "
+        "ints, one socket write per response, no HMAC for a key presented again). The profile section "
+        "shows where the rest goes: uvicorn's protocol and the socket write ~38 % (the write of one "
+        "response alone ~19 %: on loopback it runs the kernel's TCP path and wakes the client), uvloop "
+        "~10 %, and the engine's own steps a few µs each (decode and validation, the quoter, JSON, the "
+        "response headers, the limiter, the quote record, the memory store). What would close it: fewer "
+        "Python steps per request across the board (each is now 2-9 µs), a leaner HTTP protocol than "
+        "uvicorn's httptools cycle, and fewer response headers. More worker processes (WORKERS) add "
+        "throughput but not throughput per core, which is what this ratio measures."
+    ),
+    "Redis limiter + PostgreSQL": (
+        "The production shape adds to the embedded engine's CPU per quote its Redis and PostgreSQL "
+        "clients' work: the limiter's script calls (leases make most decisions local to the process, for "
+        "clients whose burst allows a lease), the audit writer's statements on the event loop, and Redis's "
+        "and PostgreSQL's own processes sharing the two cores. What would close it: the embedded path's "
+        "savings first (see above), then the audit writer off the event loop."
     ),
     "raw-ASGI ceiling": (
         "Same cause as the FastAPI ratio: the ceiling does no authentication, limiting, pricing, "

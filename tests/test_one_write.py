@@ -46,6 +46,15 @@ async def test_headers_and_body_go_in_one_write() -> None:
     assert raw.writes == [HEAD + b"{}"]  # the flush scheduled with the hold finds nothing left
 
 
+async def test_a_large_body_is_not_copied_to_join_its_headers() -> None:
+    raw = RecordingTransport()
+    one = OneWriteTransport(raw, asyncio.get_running_loop())
+    body = b"x" * (1 << 20)
+    one.write(HEAD)
+    one.write(body)
+    assert raw.writes == [HEAD, body]
+
+
 async def test_a_header_block_alone_leaves_at_the_end_of_the_turn() -> None:
     raw = RecordingTransport()
     one = OneWriteTransport(raw, asyncio.get_running_loop())

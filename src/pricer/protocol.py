@@ -72,6 +72,9 @@ def _error_response(status: int, code: str, message: str) -> bytes:
     )
 
 
+_JOIN_LIMIT = 64 * 1024
+
+
 class OneWriteTransport:
     """The connection's transport as a response cycle sees it: a response's header block is held until its
     body is written and both go in one write (one syscall and one TCP segment instead of two; each write
@@ -90,7 +93,11 @@ class OneWriteTransport:
         held = self._held
         if held is not None:
             self._held = None
-            self._transport.write(held + data)
+            if len(data) <= _JOIN_LIMIT:
+                self._transport.write(held + data)
+            else:  # a large body is not copied to join it (a 10^6-position batch's is hundreds of MB)
+                self._transport.write(held)
+                self._transport.write(data)
         elif data.startswith(b"HTTP/1.1 "):
             self._held = data
             self._loop.call_soon(self.flush)
