@@ -94,3 +94,21 @@ def test_a_real_server_answers_pipelined_keep_alive_requests_and_head(tmp_path: 
             assert client.get("/health").json()["status"] in ("healthy", "ok", "degraded")
     finally:
         stop_server(server)
+
+
+def test_a_response_is_not_lost_when_the_client_half_closes(tmp_path: Path) -> None:
+    """A HEAD response's header block (no body write follows it) is held to the end of the event-loop
+    turn; a client that sends its request and shuts its side down still gets it, as GET's does."""
+    server = start_server(tmp_path)
+    try:
+        host, port = server.base_url.removeprefix("http://").split(":")
+        for method in ("HEAD", "GET") * 10:
+            with socket.create_connection((host, int(port)), timeout=10) as connection:
+                connection.sendall(f"{method} /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                connection.shutdown(socket.SHUT_WR)
+                received = b""
+                while chunk := connection.recv(65536):
+                    received += chunk
+            assert received.startswith(b"HTTP/1.1 200"), (method, received)
+    finally:
+        stop_server(server)

@@ -7,6 +7,7 @@ on the request line + headers (431). The connection cap is uvicorn's `limit_conc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from asyncio.events import TimerHandle
 from dataclasses import dataclass
 from typing import Any
@@ -108,7 +109,9 @@ class OneWriteTransport:
         held = self._held
         if held is not None:
             self._held = None
-            if not self._transport.is_closing():
+            # Also while closing, as the write would have been had it not been held (a transport closed
+            # after a half-close still sends what was written before it is gone).
+            with contextlib.suppress(RuntimeError):  # uvloop: the connection is already gone
                 self._transport.write(held)
 
     def close(self) -> None:
@@ -157,7 +160,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- connection -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Every write and close of this connection (the response cycles', and the protocol's own 400, 408,
+        # 431 and shutdown) goes through one OneWriteTransport, so nothing overtakes a held header block
+        # and a close sends it first. Flow control keeps the real transport (uvicorn set it up above).
         self._one_write = OneWriteTransport(transport, self.loop)
+        self.transport = self._one_write  # type: ignore[assignment]
+
+    def eof_received(self) -> None:
+        # The client half-closed: the transport closes itself after this, so what is held goes first.
+        self._one_write.flush()
         self._header_timer = self.loop.call_later(self._hygiene.header_read_timeout, self._header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -232,8 +243,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
         super().on_headers_complete()
-        if self.cycle is not None:
-            self.cycle.transport = self._one_write  # type: ignore[assignment]
         draining = self._shutting_down or getattr(self.server_state, "draining", False)
         if draining and self.cycle is not None:
             # Draining: this response tells the client to reconnect (elsewhere) and closes.
