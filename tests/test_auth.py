@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from pricer.app import PricerApp, create_app
@@ -21,7 +22,7 @@ from pricer.auth.keys import KeyHasher, KeyVerifier, Principal, make_record, new
 from pricer.auth.tokens import TokenService
 from pricer.errors import Unauthorized
 from pricer.logs import LineBudget
-from pricer.models import Scope
+from pricer.models import ApiKeyRecord, Scope
 from pricer.settings import DEV_API_KEY_PEPPER, DEV_JWT_SECRET_KEY, SettingsError
 from pricer.stores.memory import MemoryKeyStore
 from tests.conftest import Engine, make_settings, start_server, started_app, stop_server
@@ -467,3 +468,34 @@ async def test_a_key_verified_before_is_checked_against_its_current_record() -> 
     with pytest.raises(Unauthorized) as revoked:
         await verifier.verify(other_secret, now)
     assert revoked.value.reason == "revoked"
+
+
+class RefreshingKeyStore(MemoryKeyStore):
+    """Reads return a fresh copy of the stored record after a pause, as the cached PostgreSQL key store
+    does when its entry expires (concurrent requests then share one read and one new object)."""
+
+    async def get(self, key_id: str) -> ApiKeyRecord | None:
+        record = await super().get(key_id)
+        await asyncio.sleep(0.01)
+        return None if record is None else msgspec.structs.replace(record)
+
+
+async def test_concurrent_checks_of_a_key_whose_record_was_reread_all_succeed() -> None:
+    hasher = KeyHasher("pepper-for-this-test")
+    store = RefreshingKeyStore()
+    verifier = KeyVerifier(store, hasher)
+    now = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
+    _, key = new_key()
+    await store.put(
+        make_record(
+            hasher,
+            key,
+            client_id="acme",
+            scopes={Scope.QUOTE},
+            now=now,
+            expires_at=now + dt.timedelta(days=1),
+        )
+    )
+    await verifier.verify(key, now)
+    answers = await asyncio.gather(*(verifier.verify(key, now) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(answer, Principal) for answer in answers), answers

@@ -112,7 +112,7 @@ class KeyVerifier:
             if record is known[0]:
                 _check_in_force(record, now)
                 return known[1]
-            del self._verified[presented]
+            self._verified.pop(presented, None)  # a concurrent request may have dropped it already
         parsed = parse_key(presented)
         if parsed is None:
             raise Unauthorized("invalid_key")
