@@ -225,6 +225,22 @@ async def test_decimals_are_counted_as_written_in_the_body_query_and_batch(engin
 
 
 @pytest.mark.parametrize(
+    "written",
+    [
+        "100.00999999999999999999999999999999",  # more digits than Decimal's 28-digit context
+        "1e1000000",  # an exponent past the context's limit
+        "1.0000000000000000000000000000000000001e5",
+    ],
+)
+async def test_long_or_huge_numbers_are_counted_as_written_not_rounded(engine: Engine, written: str) -> None:
+    client = {**engine.as_client(), "Content-Type": "application/json"}
+    query = await engine.client.get(QUOTE, params=quote(position_value=written), headers=client)
+    assert_invalid(query, "position_value", "query")
+    body = f'{{"ticker":"AAPL","position_value":{written},"loan_days":30,"client_id":"demo_client"}}'
+    assert (await engine.client.post(QUOTE, content=body, headers=client)).status_code == 400
+
+
+@pytest.mark.parametrize(
     ("method", "path", "body"),
     [
         ("GET", "/api/v1/rates/AAPL", None),

@@ -43,10 +43,17 @@ def may_hide_places(body: bytes) -> bool:
 
 def written_places(value: object) -> int:
     """Decimal places of a number as written (trailing zeros aside); 0 for what is not a decimal number."""
-    if isinstance(value, Decimal) and value.is_finite():
-        exponent = value.normalize().as_tuple().exponent
-        return max(0, -exponent) if isinstance(exponent, int) else 0
-    return 0
+    if not (isinstance(value, Decimal) and value.is_finite()):
+        return 0
+    # From the digits as written, not `normalize()`: that rounds to the context's 28 digits (hiding the
+    # places of a longer number) and overflows on a huge exponent.
+    _, digits, exponent = value.as_tuple()
+    significant = len(digits)
+    while significant and digits[significant - 1] == 0:
+        significant -= 1
+    if not significant or not isinstance(exponent, int):
+        return 0
+    return max(0, -(exponent + len(digits) - significant))
 
 
 def written_json(body: bytes) -> Any:
