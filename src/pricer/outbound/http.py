@@ -119,8 +119,7 @@ class _Connection(asyncio.Protocol):
     # ---- asyncio.Protocol --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if self._response is None:
@@ -340,7 +339,7 @@ class HttpClient:
         if budget <= 0:
             raise OutboundTimeout("deadline passed before connecting", sent=False)
         try:
-            _, connection = await asyncio.wait_for(
+            transport, connection = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: _Connection(max_body),
                     self._host,
@@ -356,6 +355,8 @@ class HttpClient:
             raise ConnectFailed(f"connect timed out after {self._connect_timeout} s") from None
         except (OSError, ssl.SSLError) as error:
             raise ConnectFailed(f"cannot connect: {error.__class__.__name__}") from None
+        # uvloop may return before calling connection_made.
+        connection.transport = transport
         return connection
 
     def _release(self, connection: _Connection) -> None:
