@@ -126,6 +126,50 @@ def test_alert_family_has_the_runbook_thresholds(family: str) -> None:
         assert re.search(re.escape(threshold) + r"(?![\d.])", expr), f"{rule['alert']}: {threshold} in {expr}"
 
 
+# Issue 20's reference thresholds: alert -> (severity, metric, threshold text, `for`, rate window).
+ISSUE_20_ALERTS = {
+    "ExternalApiErrorRateWarning": ("warning", "external_api_requests_total", "> 0.01", "15m", "[5m]"),
+    "ExternalApiErrorRateCritical": ("critical", "external_api_requests_total", "> 0.05", "5m", "[5m]"),
+    "ExternalApiErrorRateSpikeCritical": ("critical", "external_api_requests_total", "> 0.1", "2m", "[2m]"),
+    "MarketDataFallbackUsageWarning": ("warning", "fallback_usage_total", "> 0.05", "5m", "[5m]"),
+    "MarketDataFallbackUsageCritical": ("critical", "fallback_usage_total", "> 0.1", "5m", "[5m]"),
+    # "Open > 5 min": not closed in the last 5 minutes and open within them, then `for: 1m` (alerts.yml).
+    "CircuitBreakerOpenWarning": ("warning", "circuit_breaker_state", "== 2", "1m", "[5m]"),
+    "CircuitBreakerOpenCritical": ("critical", "circuit_breaker_state", "== 2", "1m", "[5m]"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_20_ALERTS))
+def test_provider_fallback_and_breaker_alerts_have_the_reference_thresholds(name: str) -> None:
+    severity, metric, threshold, duration, window = ISSUE_20_ALERTS[name]
+    rule = {rule["alert"]: rule for rule in alert_rules()}[name]
+    expr = " ".join(rule["expr"].split())
+    assert rule["labels"]["severity"] == severity
+    assert rule["for"] == duration
+    assert metric in ops.promql_metric_names(expr)
+    assert re.search(re.escape(threshold) + r"(?![\d.])", expr), f"{name}: {threshold} in {expr}"
+    assert set(re.findall(r"\[\w+\]", expr)) == {window}, expr
+    everywhere = 'app=~"' + "|".join(ops.ENGINE_APPS) + '"'
+    for _, matchers in ops.promql_selectors(expr):
+        assert everywhere in matchers, f"{name}: series of every deployment (ROLE=all or split)"
+    if metric == "external_api_requests_total":
+        numerator, denominator = expr.split(" / ", 1)
+        assert 'status="error"' in numerator
+        assert "status" not in denominator
+        assert "by (provider)" in numerator
+        assert "by (provider)" in denominator
+    if metric == "fallback_usage_total":
+        numerator, denominator = expr.split(" / ", 1)
+        assert ops.promql_metric_names(numerator) == {"fallback_usage_total"}
+        assert ops.promql_metric_names(denominator) == {"calculations_total"}, "positions priced"
+    if metric == "circuit_breaker_state":
+        assert "min_over_time" in expr
+        assert ">= 1" in expr
+        backends = '"' + "|".join(ops.BACKENDS) + '"'
+        assert (f"name=~{backends}" in expr) == (severity == "critical"), "backends' breakers page"
+        assert (f"name!~{backends}" in expr) == (severity == "warning")
+
+
 def test_alert_metrics_are_exported_or_allowed_and_scoped() -> None:
     for rule in alert_rules():
         check_promql_metrics(rule["alert"], rule["expr"])
