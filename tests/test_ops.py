@@ -154,8 +154,9 @@ def test_provider_fallback_and_breaker_alerts_have_the_reference_thresholds(name
         assert everywhere in matchers, f"{name}: series of every deployment (ROLE=all or split)"
     if metric == "external_api_requests_total":
         numerator, denominator = expr.split(" / ", 1)
-        assert 'status="error"' in numerator
-        assert "status" not in denominator
+        # Failed attempts (error, timeout, invalid) over attempts made (not refused by an open breaker).
+        assert 'status!~"success|not_found|circuit_open"' in numerator
+        assert 'status!="circuit_open"' in denominator
         assert "by (provider)" in numerator
         assert "by (provider)" in denominator
     if metric == "fallback_usage_total":
@@ -924,7 +925,9 @@ def test_provider_and_backend_rows_of_the_detailed_dashboard() -> None:
         "calculations_total",
     }
     assert any("histogram_quantile(0.99" in e and "by (le, provider)" in e for e in provider_exprs)
-    assert any('status="error"' in e and "by (provider)" in e for e in provider_exprs)
+    assert any(
+        'status!~"success|not_found|circuit_open"' in e and "by (provider)" in e for e in provider_exprs
+    )
     # Whichever deployment calls the providers or prices (ROLE=all: the gateway; split: the backends).
     for expr in provider_exprs:
         for _, matchers in ops.promql_selectors(expr):
