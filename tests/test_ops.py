@@ -572,11 +572,12 @@ def test_backends_are_reachable_only_from_the_gateway_and_prometheus(name: str) 
     assert ops.egress_allowed(target, "kube-system", {"k8s-app": "kube-dns"}, 53, "UDP")
 
 
-def test_only_the_calculation_service_calls_the_data_service_besides_the_gateway() -> None:
-    """DESIGN §1: the calculation role asks the data service for rates; nothing else flows between them."""
+def test_the_backends_do_not_call_each_other() -> None:
+    """The calculation service reads market data from the stores the data service writes (no call between
+    them), and only the data service calls the market-data providers."""
     calculation, data = ops.pod_labels("calculation-service"), ops.pod_labels("data-service")
-    assert ops.ingress_allowed(data, ops.NAMESPACE, calculation, 8000)
-    assert ops.egress_allowed(calculation, ops.NAMESPACE, data, 8000)
+    assert not ops.ingress_allowed(data, ops.NAMESPACE, calculation, 8000)
+    assert not ops.egress_allowed(calculation, ops.NAMESPACE, data, 8000)
     assert not ops.ingress_allowed(calculation, ops.NAMESPACE, data, 8000)
     assert not ops.egress_allowed(data, ops.NAMESPACE, calculation, 8000)
     # The data service alone calls the market-data providers (HTTPS, outside the cluster).
