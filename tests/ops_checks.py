@@ -6,6 +6,8 @@ exports, the cluster metrics the alerts and dashboards may use besides, and the 
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import pathlib
 import re
@@ -231,11 +233,18 @@ def k8s_files() -> list[pathlib.Path]:
     return sorted(K8S.glob("*.yaml"))
 
 
+@functools.cache
+def _k8s_documents(path: pathlib.Path, mtime_ns: int) -> tuple[dict[str, Any], ...]:
+    """Parsed once per file version (pure-Python YAML parsing is what the checks would spend time on)."""
+    return tuple(load_yaml_documents(path))
+
+
 def k8s_objects() -> Iterator[tuple[pathlib.Path, dict[str, Any]]]:
+    """Every object of ops/k8s, each a fresh copy (tests may change what they get)."""
     for path in k8s_files():
-        for doc in load_yaml_documents(path):
+        for doc in _k8s_documents(path, path.stat().st_mtime_ns):
             if doc.get("kind") != "Kustomization":
-                yield path, doc
+                yield path, copy.deepcopy(doc)
 
 
 def k8s_object(kind: str, name: str) -> dict[str, Any]:
