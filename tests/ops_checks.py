@@ -6,6 +6,8 @@ exports, the cluster metrics the alerts and dashboards may use besides, and the 
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import pathlib
 import re
@@ -27,6 +29,11 @@ RUNBOOK = SHARED / "RUNBOOK.md"
 
 NAMESPACE = "borrow-rate-engine"
 APP = "api-gateway"
+# The three deployments of DESIGN §1 Roles (the runbook's API Gateway, Calculation Service and Data Service):
+# the `app` label of their pods, the name of their Deployment and Service, the `app` label Prometheus adds to
+# their series.
+BACKENDS = ("calculation-service", "data-service")
+ENGINE_APPS = (APP, *BACKENDS)
 
 # --- metrics ------------------------------------------------------------------------------------------------
 ENGINE_COUNTERS = frozenset(
@@ -40,6 +47,7 @@ ENGINE_COUNTERS = frozenset(
         "cache_hits_total",
         "cache_misses_total",
         "jwt_tokens_issued_total",
+        "external_api_requests_total",
     }
 )
 ENGINE_HISTOGRAMS = frozenset(
@@ -47,11 +55,48 @@ ENGINE_HISTOGRAMS = frozenset(
         "http_request_duration_seconds",
         "backend_request_duration_seconds",
         "calculation_duration_seconds",
+        "external_api_request_duration_seconds",
     }
 )
-ENGINE_SERIES = ENGINE_COUNTERS | {
-    f"{name}{suffix}" for name in ENGINE_HISTOGRAMS for suffix in ("_bucket", "_count", "_sum")
-}
+ENGINE_GAUGES = frozenset({"circuit_breaker_state", "market_data_age_seconds"})
+ENGINE_METRICS = ENGINE_COUNTERS | ENGINE_HISTOGRAMS | ENGINE_GAUGES
+ENGINE_SERIES = (
+    ENGINE_COUNTERS
+    | ENGINE_GAUGES
+    | {f"{name}{suffix}" for name in ENGINE_HISTOGRAMS for suffix in ("_bucket", "_count", "_sum")}
+)
+
+# >>> DECLARED BY THE SOURCES WORK (issue 20, branch `sources`) -- the integrator deletes this block, its one
+# use in declared_engine_metrics and the last assertion of test_engine_metric_names_are_declared_by_the_code
+# (which fails on purpose once metrics.py declares these names) after merging that branch: from then on they
+# must be found in src/pricer/observability/metrics.py like the others.
+DECLARED_BY_THE_SOURCES_WORK = frozenset(
+    {
+        "external_api_requests_total",
+        "external_api_request_duration_seconds",
+        "circuit_breaker_state",
+        "market_data_age_seconds",
+    }
+)
+# <<< DECLARED BY THE SOURCES WORK
+
+METRICS_MODULE = REPO / "src" / "pricer" / "observability" / "metrics.py"
+_METRIC_LITERAL = re.compile(r"""["']([a-z][a-z0-9_]*)["']""")
+
+
+def declared_engine_metrics() -> set[str]:
+    """The contract's metric names that the engine's metrics module declares (each as a string literal there),
+    plus the names the sources work declares on its branch (the marked block above)."""
+    literals = set(_METRIC_LITERAL.findall(METRICS_MODULE.read_text(encoding="utf-8")))
+    return (ENGINE_METRICS & literals) | DECLARED_BY_THE_SOURCES_WORK
+
+
+def counters_declared_in_code() -> set[str]:
+    """Every `*_total` name the metrics module declares: each must be in ENGINE_COUNTERS."""
+    literals = set(_METRIC_LITERAL.findall(METRICS_MODULE.read_text(encoding="utf-8")))
+    return {name for name in literals if name.endswith("_total")}
+
+
 PROCESS_METRIC = re.compile(r"process_[a-z0-9_]+")
 # cAdvisor (through the kubelet) and kube-state-metrics v2.
 CLUSTER_METRICS = frozenset(
@@ -69,6 +114,16 @@ CLUSTER_METRICS = frozenset(
         "kube_horizontalpodautoscaler_spec_max_replicas",
     }
 )
+
+
+def app_matcher_is_engine(matchers: str) -> bool:
+    """The label matchers select the `app` label of one or several of the engine's deployments, nothing else:
+    app="api-gateway", or app=~"api-gateway|calculation-service" (each alternative one of ENGINE_APPS)."""
+    match = re.search(r'\bapp\s*(=~|=)\s*"([^"]*)"', matchers)
+    if match is None:
+        return False
+    alternatives = match.group(2).split("|") if match.group(1) == "=~" else [match.group(2)]
+    return all(value in ENGINE_APPS for value in alternatives)
 
 
 def is_engine_metric(name: str) -> bool:
@@ -128,6 +183,15 @@ DESIGN_ENV_VARS = (
     "SOURCE_COLD_FETCH_MS",
     "SOURCE_MAX_CONCURRENCY",
 )
+# DESIGN §3.1's source variables (DESIGN §4 names them as `*_API_URL`, `*_API_KEY`, `*_REFRESH_SECONDS`) with
+# the defaults of issue 20; the keys are secrets.
+SOURCE_URL_VARS = ("LENDER_API_URL", "VOLATILITY_API_URL", "EVENT_API_URL")
+SOURCE_KEY_VARS = ("LENDER_API_KEY", "VOLATILITY_API_KEY", "EVENT_API_KEY")
+SOURCE_REFRESH_DEFAULTS = {
+    "LENDER_REFRESH_SECONDS": "60",
+    "VOLATILITY_REFRESH_SECONDS": "300",
+    "EVENT_REFRESH_SECONDS": "3600",
+}
 # These live in the Secret api-gateway-secrets, never in the ConfigMap.
 SECRET_ENV_VARS = frozenset(
     {
@@ -137,10 +201,13 @@ SECRET_ENV_VARS = frozenset(
         "API_KEY_PEPPER",
         "BOOTSTRAP_ADMIN_KEY",
         "INTERNAL_SERVICE_SECRET",
+        *SOURCE_KEY_VARS,
     }
 )
 # Engine variables beyond DESIGN's list that the ConfigMap sets for a cluster.
-EXTRA_ENV_VARS = frozenset({"SEED_DEMO_DATA", "DEMO_KEYS_FILE", "AUDIT_DURABILITY"})
+EXTRA_ENV_VARS = frozenset(
+    {"SEED_DEMO_DATA", "DEMO_KEYS_FILE", "AUDIT_DURABILITY", *SOURCE_URL_VARS, *SOURCE_REFRESH_DEFAULTS}
+)
 
 
 def design_env_vars() -> list[str]:
@@ -166,17 +233,153 @@ def k8s_files() -> list[pathlib.Path]:
     return sorted(K8S.glob("*.yaml"))
 
 
+@functools.cache
+def _k8s_documents(path: pathlib.Path, mtime_ns: int) -> tuple[dict[str, Any], ...]:
+    """Parsed once per file version (pure-Python YAML parsing is what the checks would spend time on)."""
+    return tuple(load_yaml_documents(path))
+
+
 def k8s_objects() -> Iterator[tuple[pathlib.Path, dict[str, Any]]]:
+    """Every object of ops/k8s, each a fresh copy (tests may change what they get)."""
     for path in k8s_files():
-        for doc in load_yaml_documents(path):
+        for doc in _k8s_documents(path, path.stat().st_mtime_ns):
             if doc.get("kind") != "Kustomization":
-                yield path, doc
+                yield path, copy.deepcopy(doc)
 
 
 def k8s_object(kind: str, name: str) -> dict[str, Any]:
     found = [doc for _, doc in k8s_objects() if doc["kind"] == kind and doc["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind}/{name} in ops/k8s, found {len(found)}"
     return found[0]
+
+
+def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions; {} selects everything) against labels."""
+    if selector is None:
+        return False
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not ok:
+            return False
+    return True
+
+
+def pod_labels(deployment_name: str) -> dict[str, str]:
+    labels = k8s_object("Deployment", deployment_name)["spec"]["template"]["metadata"]["labels"]
+    return dict(labels)
+
+
+def deployments_selected(selector: dict[str, Any]) -> set[str]:
+    """Names of the Deployments of ops/k8s whose pods the selector matches."""
+    return {
+        doc["metadata"]["name"]
+        for _, doc in k8s_objects()
+        if doc["kind"] == "Deployment"
+        and selector_matches(selector, doc["spec"]["template"]["metadata"]["labels"])
+    }
+
+
+def _namespace_labels(namespace: str) -> dict[str, str]:
+    # The label every namespace carries (Kubernetes >= 1.22), what the policies' namespaceSelectors use.
+    return {"kubernetes.io/metadata.name": namespace}
+
+
+def _peer_matches(
+    peer: dict[str, Any], policy_namespace: str, namespace: str, labels: dict[str, str]
+) -> bool:
+    """NetworkPolicy peer semantics: podSelector alone selects pods of the policy's namespace,
+    namespaceSelector alone every pod of the selected namespaces, both together the selected pods of the
+    selected namespaces."""
+    if "ipBlock" in peer:
+        return False  # in-cluster pods are not addressed by ipBlock rules here
+    if "namespaceSelector" in peer:
+        if not selector_matches(peer["namespaceSelector"], _namespace_labels(namespace)):
+            return False
+    elif namespace != policy_namespace:
+        return False
+    return "podSelector" not in peer or selector_matches(peer["podSelector"], labels)
+
+
+def _port_allowed(rule: dict[str, Any], port: int, protocol: str) -> bool:
+    ports = rule.get("ports")
+    if not ports:
+        return True
+    return any(p.get("protocol", "TCP") == protocol and p.get("port") == port for p in ports)
+
+
+def ingress_allowed(
+    target: dict[str, str], source_namespace: str, source: dict[str, str], port: int, protocol: str = "TCP"
+) -> bool:
+    """Whether the policies of ops/k8s let a pod (source labels, in source_namespace) reach a pod of the
+    engine's namespace (target labels) on a port: isolated pods accept only what some rule of some policy
+    allows."""
+    policies = [
+        doc
+        for _, doc in k8s_objects()
+        if doc["kind"] == "NetworkPolicy"
+        and "Ingress" in doc["spec"].get("policyTypes", ["Ingress"])
+        and selector_matches(doc["spec"]["podSelector"], target)
+    ]
+    if not policies:
+        return True
+    for policy in policies:
+        namespace = policy["metadata"]["namespace"]
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            if not _port_allowed(rule, port, protocol):
+                continue
+            if not peers or any(_peer_matches(peer, namespace, source_namespace, source) for peer in peers):
+                return True
+    return False
+
+
+def egress_allowed(
+    source: dict[str, str], target_namespace: str, target: dict[str, str], port: int, protocol: str = "TCP"
+) -> bool:
+    """Whether the policies of ops/k8s let a pod of the engine's namespace (source labels) send to a pod."""
+    policies = [
+        doc
+        for _, doc in k8s_objects()
+        if doc["kind"] == "NetworkPolicy"
+        and "Egress" in doc["spec"].get("policyTypes", [])
+        and selector_matches(doc["spec"]["podSelector"], source)
+    ]
+    if not policies:
+        return True
+    for policy in policies:
+        namespace = policy["metadata"]["namespace"]
+        for rule in policy["spec"].get("egress", []):
+            peers = rule.get("to")
+            if not _port_allowed(rule, port, protocol):
+                continue
+            if not peers or any(_peer_matches(peer, namespace, target_namespace, target) for peer in peers):
+                return True
+    return False
+
+
+def effective_env(deployment_name: str, secrets: dict[str, str]) -> dict[str, str]:
+    """The environment a Deployment's container gets from its envFrom sources, in order (a key in several
+    takes the last value; explicit env entries win), the Secret's values given by the caller."""
+    (container,) = k8s_object("Deployment", deployment_name)["spec"]["template"]["spec"]["containers"]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(k8s_object("ConfigMap", source["configMapRef"]["name"])["data"])
+        else:
+            secret = k8s_object("Secret", source["secretRef"]["name"])
+            env.update({key: secrets[key] for key in secret["stringData"]})
+    for item in container.get("env", []):
+        env[item["name"]] = item["value"]
+    return env
 
 
 def quantity_cpu_millis(value: str | int | float) -> int:

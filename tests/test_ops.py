@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import pathlib
 import re
+import urllib.parse
 from typing import Any
 
 import dockerfile
@@ -62,7 +63,7 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
             names = ops.promql_metric_names(series["series"])
             if any(ops.is_engine_metric(name) for name in names):
                 assert f'namespace="{ops.NAMESPACE}"' in series["series"], series["series"]
-                assert f'app="{ops.APP}"' in series["series"], series["series"]
+                assert ops.app_matcher_is_engine(series["series"]), series["series"]
     names = {rule["alert"] for rule in alert_rules()}
     assert names - fired == set(), "alerts never shown firing"
     assert names - silent == set(), "alerts never shown silent (just below the threshold)"
@@ -125,6 +126,51 @@ def test_alert_family_has_the_runbook_thresholds(family: str) -> None:
         assert re.search(re.escape(threshold) + r"(?![\d.])", expr), f"{rule['alert']}: {threshold} in {expr}"
 
 
+# Issue 20's reference thresholds: alert -> (severity, metric, threshold text, `for`, rate window).
+ISSUE_20_ALERTS = {
+    "ExternalApiErrorRateWarning": ("warning", "external_api_requests_total", "> 0.01", "15m", "[5m]"),
+    "ExternalApiErrorRateCritical": ("critical", "external_api_requests_total", "> 0.05", "5m", "[5m]"),
+    "ExternalApiErrorRateSpikeCritical": ("critical", "external_api_requests_total", "> 0.1", "2m", "[2m]"),
+    "MarketDataFallbackUsageWarning": ("warning", "fallback_usage_total", "> 0.05", "5m", "[5m]"),
+    "MarketDataFallbackUsageCritical": ("critical", "fallback_usage_total", "> 0.1", "5m", "[5m]"),
+    # "Open > 5 min": not closed in the last 5 minutes and open within them, then `for: 1m` (alerts.yml).
+    "CircuitBreakerOpenWarning": ("warning", "circuit_breaker_state", "== 2", "1m", "[5m]"),
+    "CircuitBreakerOpenCritical": ("critical", "circuit_breaker_state", "== 2", "1m", "[5m]"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_20_ALERTS))
+def test_provider_fallback_and_breaker_alerts_have_the_reference_thresholds(name: str) -> None:
+    severity, metric, threshold, duration, window = ISSUE_20_ALERTS[name]
+    rule = {rule["alert"]: rule for rule in alert_rules()}[name]
+    expr = " ".join(rule["expr"].split())
+    assert rule["labels"]["severity"] == severity
+    assert rule["for"] == duration
+    assert metric in ops.promql_metric_names(expr)
+    assert re.search(re.escape(threshold) + r"(?![\d.])", expr), f"{name}: {threshold} in {expr}"
+    assert set(re.findall(r"\[\w+\]", expr)) == {window}, expr
+    everywhere = 'app=~"' + "|".join(ops.ENGINE_APPS) + '"'
+    for _, matchers in ops.promql_selectors(expr):
+        assert everywhere in matchers, f"{name}: series of every deployment (ROLE=all or split)"
+    if metric == "external_api_requests_total":
+        numerator, denominator = expr.split(" / ", 1)
+        # Failed attempts (error, timeout, invalid) over attempts made (not refused by an open breaker).
+        assert 'status!~"success|not_found|circuit_open"' in numerator
+        assert 'status!="circuit_open"' in denominator
+        assert "by (provider)" in numerator
+        assert "by (provider)" in denominator
+    if metric == "fallback_usage_total":
+        numerator, denominator = expr.split(" / ", 1)
+        assert ops.promql_metric_names(numerator) == {"fallback_usage_total"}
+        assert ops.promql_metric_names(denominator) == {"calculations_total"}, "positions priced"
+    if metric == "circuit_breaker_state":
+        assert "min_over_time" in expr
+        assert ">= 1" in expr
+        backends = '"' + "|".join(ops.BACKENDS) + '"'
+        assert (f"name=~{backends}" in expr) == (severity == "critical"), "backends' breakers page"
+        assert (f"name!~{backends}" in expr) == (severity == "warning")
+
+
 def test_alert_metrics_are_exported_or_allowed_and_scoped() -> None:
     for rule in alert_rules():
         check_promql_metrics(rule["alert"], rule["expr"])
@@ -155,6 +201,12 @@ def test_prometheus_scrape_config_example(tmp_path: pathlib.Path) -> None:
     (discovery,) = job.pop("kubernetes_sd_configs")
     assert discovery["role"] == "pod"
     assert discovery["namespaces"]["names"] == [ops.NAMESPACE]
+    keep_apps = [
+        r["regex"]
+        for r in job["relabel_configs"]
+        if r.get("action") == "keep" and r["source_labels"] == ["__meta_kubernetes_pod_label_app"]
+    ]
+    assert keep_apps == ["|".join(ops.ENGINE_APPS)], "the three deployments' pods are scraped"
     targets = {r.get("target_label"): r.get("source_labels") for r in job["relabel_configs"]}
     assert targets["namespace"] == ["__meta_kubernetes_namespace"]
     assert targets["app"] == ["__meta_kubernetes_pod_label_app"]
@@ -187,7 +239,7 @@ def check_promql_metrics(where: str, expr: str) -> None:
     for name, matchers in ops.promql_selectors(expr):
         assert f'namespace="{ops.NAMESPACE}"' in matchers, f"{where}: {name} not scoped to the namespace"
         if ops.is_engine_metric(name):
-            assert f'app="{ops.APP}"' in matchers, f"{where}: {name} not scoped to app={ops.APP}"
+            assert ops.app_matcher_is_engine(matchers), f"{where}: {name} not scoped to the engine's apps"
 
 
 @pytest.mark.parametrize(
@@ -404,6 +456,207 @@ def test_service_monitor() -> None:
     assert {r["targetLabel"] for r in endpoint["relabelings"]} >= {"app", "pod"}
 
 
+# --- the backends (issue 15: DESIGN §1 Roles, the runbook's Calculation Service and Data Service) ----------
+@pytest.mark.parametrize("name", ops.BACKENDS)
+def test_backend_deployment(name: str) -> None:
+    """Same image, port, probes, drain, security and volumes as the gateway; its own labels, its ConfigMap
+    after the shared one, the shared Secret; scraped by Prometheus."""
+    deployment = ops.k8s_object("Deployment", name)
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    _, gateway_pod, gateway = deployment_container()
+    assert deployment["metadata"]["labels"]["app"] == name
+    assert spec["selector"] == {"matchLabels": {"app": name}}
+    assert spec["template"]["metadata"]["labels"]["app"] == name
+    assert ops.deployments_selected(spec["selector"]) == {name}, (
+        "its selector takes no other deployment's pods"
+    )
+    assert spec["replicas"] >= 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert container["name"] == name
+    assert container["image"] == gateway["image"], "one image, the role chosen by ROLE"
+    assert container["ports"] == gateway["ports"]
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert container[probe] == gateway[probe], probe
+    assert pod["terminationGracePeriodSeconds"] == gateway_pod["terminationGracePeriodSeconds"]
+    assert container["envFrom"] == [
+        {"configMapRef": {"name": "api-gateway-config"}},
+        {"configMapRef": {"name": f"{name}-config"}},
+        {"secretRef": {"name": "api-gateway-secrets"}},
+    ]
+    assert "env" not in container
+    assert spec["template"]["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "8000",
+        "prometheus.io/path": "/metrics",
+    }
+    for field in ("securityContext", "automountServiceAccountToken"):
+        assert pod[field] == gateway_pod[field], field
+    assert container["securityContext"] == gateway["securityContext"]
+    assert container["volumeMounts"] == gateway["volumeMounts"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert {m["name"] for m in container["volumeMounts"]} == set(volumes)
+    assert all("emptyDir" in v or "persistentVolumeClaim" in v for v in volumes.values())
+    resources = container["resources"]
+    for kind in ("cpu", "memory"):
+        parse = ops.quantity_cpu_millis if kind == "cpu" else ops.quantity_bytes
+        assert 0 < parse(resources["requests"][kind]) <= parse(resources["limits"][kind]), kind
+    spread = [c["labelSelector"] for c in pod["topologySpreadConstraints"]]
+    assert spread
+    assert all(selector == {"matchLabels": {"app": name}} for selector in spread)
+
+
+@pytest.mark.parametrize("name", ops.BACKENDS)
+def test_backend_service_hpa_and_pdb(name: str) -> None:
+    deployment = ops.k8s_object("Deployment", name)
+    replicas = deployment["spec"]["replicas"]
+    service = ops.k8s_object("Service", name)["spec"]
+    assert service["type"] == "ClusterIP"
+    assert ops.deployments_selected({"matchLabels": service["selector"]}) == {name}
+    assert [(p["name"], p["port"], p["targetPort"], p["protocol"]) for p in service["ports"]] == [
+        ("http", 80, 8000, "TCP")
+    ]
+
+    hpa = ops.k8s_object("HorizontalPodAutoscaler", f"{name}-hpa")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+    assert 2 <= hpa["minReplicas"] == replicas < hpa["maxReplicas"]
+    (metric,) = hpa["metrics"]
+    assert metric["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}
+
+    pdb = ops.k8s_object("PodDisruptionBudget", name)["spec"]
+    assert ops.deployments_selected(pdb["selector"]) == {name}
+    assert 1 <= pdb["minAvailable"] < replicas, "a drain can always evict one pod, never all"
+
+
+def test_every_network_policy_selects_the_pods_it_is_named_for() -> None:
+    """Each policy isolates exactly its deployment's pods, and every pod selector in its rules (within the
+    namespace) selects the pods of a deployment that exists."""
+    policies = [doc for _, doc in ops.k8s_objects() if doc["kind"] == "NetworkPolicy"]
+    assert {p["metadata"]["name"] for p in policies} == set(ops.ENGINE_APPS)
+    for policy in policies:
+        name = policy["metadata"]["name"]
+        assert ops.deployments_selected(policy["spec"]["podSelector"]) == {name}
+        for rule in policy["spec"].get("ingress", []) + policy["spec"].get("egress", []):
+            for peer in rule.get("from", rule.get("to", [])):
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    assert ops.deployments_selected(peer["podSelector"]), f"{name}: {peer} selects no pods"
+
+
+PROMETHEUS_NAMESPACE = "monitoring"  # the policies' assumption (see networkpolicy.yaml)
+
+
+@pytest.mark.parametrize("name", ops.BACKENDS)
+def test_backends_are_reachable_only_from_the_gateway_and_prometheus(name: str) -> None:
+    target = ops.pod_labels(name)
+    gateway = ops.pod_labels(ops.APP)
+    assert ops.ingress_allowed(target, ops.NAMESPACE, gateway, 8000)
+    assert ops.ingress_allowed(target, PROMETHEUS_NAMESPACE, {"app.kubernetes.io/name": "prometheus"}, 8000)
+    assert ops.egress_allowed(gateway, ops.NAMESPACE, target, 8000), "the gateway's own policy lets it call"
+    # Anyone else: another pod of the namespace, the ingress controller, a pod of another namespace.
+    assert not ops.ingress_allowed(target, ops.NAMESPACE, {"app": "debug-shell"}, 8000)
+    assert not ops.ingress_allowed(target, ops.NAMESPACE, {}, 8000)
+    assert not ops.ingress_allowed(target, "ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}, 8000)
+    assert not ops.ingress_allowed(target, "default", gateway, 8000), (
+        "an api-gateway label elsewhere is no pass"
+    )
+    # Nor the gateway on another port.
+    assert not ops.ingress_allowed(target, ops.NAMESPACE, gateway, 5432)
+    # Both backends reach PostgreSQL, Redis and DNS.
+    database = {"app": "postgres"}
+    assert ops.egress_allowed(target, "databases", database, 5432)
+    assert ops.egress_allowed(target, "databases", database, 6379)
+    assert ops.egress_allowed(target, "kube-system", {"k8s-app": "kube-dns"}, 53, "UDP")
+
+
+def test_the_backends_do_not_call_each_other() -> None:
+    """The calculation service reads market data from the stores the data service writes (no call between
+    them), and only the data service calls the market-data providers."""
+    calculation, data = ops.pod_labels("calculation-service"), ops.pod_labels("data-service")
+    assert not ops.ingress_allowed(data, ops.NAMESPACE, calculation, 8000)
+    assert not ops.egress_allowed(calculation, ops.NAMESPACE, data, 8000)
+    assert not ops.ingress_allowed(calculation, ops.NAMESPACE, data, 8000)
+    assert not ops.egress_allowed(data, ops.NAMESPACE, calculation, 8000)
+    # The data service alone calls the market-data providers (HTTPS, outside the cluster).
+    provider = {"app": "lender-api"}
+    assert ops.egress_allowed(data, "internet", provider, 443)
+    assert not ops.egress_allowed(calculation, "internet", provider, 443)
+
+
+def runbook_command_lines() -> list[str]:
+    """The runbook's kubectl lines and its in-cluster curl lines (http://<service>:<port>/...)."""
+    text = ops.RUNBOOK.read_text(encoding="utf-8")
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        line
+        for line in lines
+        if line.startswith("kubectl ") or re.match(r"curl (-\w+ )*http://[\w-]+:\d+/", line)
+    ]
+
+
+# The runbook's Redis (`kubectl exec ... deploy/redis-master -- redis-cli ...`) is the cluster's (e.g. a Helm
+# chart's), not one of the engine's manifests; its address is REDIS_URL in the Secret.
+EXTERNAL_DEPLOYMENTS = {"redis-master"}
+
+
+def test_runbook_kubectl_lines_name_real_objects() -> None:
+    """Every deployment, label, Service (by URL or DNS name), ConfigMap and HPA a runbook kubectl line
+    names is an object of ops/k8s, in the namespace the line gives."""
+    lines = runbook_command_lines()
+    assert len(lines) > 30
+    named: dict[str, set[str]] = {"deployment": set(), "app": set(), "service": set()}
+    for line in lines:
+        if line == "kubectl apply -f updated-hpa.yaml":
+            continue  # the operator's own edited copy of an HPA
+        namespace = re.search(r"-n (\S+)", line)
+        if line.startswith("kubectl "):
+            assert namespace is not None, line
+            assert namespace.group(1) == ops.NAMESPACE, line
+        for name in re.findall(r"\b(?:deployment|deploy)/([\w-]+)", line):
+            if name in EXTERNAL_DEPLOYMENTS:
+                continue
+            ops.k8s_object("Deployment", name)
+            named["deployment"].add(name)
+        for app in re.findall(r"-l app=([\w-]+)", line):
+            assert ops.deployments_selected({"matchLabels": {"app": app}}), f"no pods with app={app}: {line}"
+            named["app"].add(app)
+        for host, port in re.findall(r"http://([\w-]+):(\d+)/", line):
+            if host == "localhost":
+                continue
+            ports = [p["port"] for p in ops.k8s_object("Service", host)["spec"]["ports"]]
+            assert int(port) in ports, f"Service {host} has no port {port}: {line}"
+            named["service"].add(host)
+        for host in re.findall(rf"\b([\w-]+)\.{ops.NAMESPACE}\.svc\.cluster\.local", line):
+            ops.k8s_object("Service", host)
+            named["service"].add(host)
+        match = re.search(r"\bconfigmap -n \S+ ([\w-]+)", line)
+        if match:
+            ops.k8s_object("ConfigMap", match.group(1))
+        match = re.search(r"\bhpa -n \S+ ([\w-]+)", line)
+        if match:
+            ops.k8s_object("HorizontalPodAutoscaler", match.group(1))
+    # The backends' lines are among them (the test would pass vacuously if the runbook's wording changed).
+    assert named["deployment"] >= {"api-gateway", "calculation-service"}
+    assert named["app"] >= {"api-gateway", "calculation-service", "data-service"}
+    assert named["service"] >= {"api-gateway", "calculation-service", "data-service"}
+
+
+@pytest.mark.parametrize("name", ops.ENGINE_APPS)
+def test_service_monitor_of_each_deployment(name: str) -> None:
+    monitor = ops.k8s_object("ServiceMonitor", name)
+    spec = monitor["spec"]
+    assert spec["selector"] == {"matchLabels": {"app": name}}
+    service = ops.k8s_object("Service", name)
+    assert service["metadata"]["labels"]["app"] == name, "the ServiceMonitor selects Services by their labels"
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    assert {r["targetLabel"] for r in endpoint["relabelings"]} >= {"app", "pod"}
+
+
 def test_configmap_holds_every_design_variable() -> None:
     data = configmap()
     assert set(ops.design_env_vars()) == set(ops.DESIGN_ENV_VARS), (
@@ -423,7 +676,38 @@ def test_configmap_holds_every_design_variable() -> None:
     assert data["RATE_LIMIT_PER_MINUTE"] == "60"
     assert data["ENABLE_AUTHENTICATION"] == "true"
     assert data["ENABLE_RATE_LIMITING"] == "true"
-    assert data["CALCULATION_SERVICE_URL"] == data["DATA_SERVICE_URL"] == ""
+    # The gateway's backends are the Services of the two backend deployments (checked in detail below).
+    assert data["ROLE"] == "gateway"
+    assert data["CALCULATION_SERVICE_URL"]
+    assert data["DATA_SERVICE_URL"]
+
+
+def test_configmap_carries_the_runbook_parameters_and_the_sources_settings() -> None:
+    """Every variable of the runbook's "Key Configuration Parameters" is set in the ConfigMap or the Secret;
+    the runbook's `... api-gateway-config -o yaml | grep TIMEOUT` finds the backend deadlines; the providers'
+    URLs (empty: off) and refresh intervals (issue 20's defaults) are there, their keys in the Secret."""
+    runbook = ops.RUNBOOK.read_text(encoding="utf-8")
+    section = runbook.split("**Key Configuration Parameters:**", 1)[1].split("\n\n", 1)[0]
+    parameters = re.findall(r"^- `([A-Z][A-Z0-9_]+)`", section, re.M)
+    assert len(parameters) == 11, parameters
+    data = configmap()
+    secret = ops.k8s_object("Secret", "api-gateway-secrets")["stringData"]
+    assert [p for p in parameters if p not in data and p not in secret] == []
+    assert "grep TIMEOUT" in runbook
+    assert {k for k in data if "TIMEOUT" in k} >= {"BACKEND_TIMEOUT_SECONDS", "BACKEND_BATCH_TIMEOUT_SECONDS"}
+    assert float(data["BACKEND_TIMEOUT_SECONDS"]) == 2
+    assert float(data["BACKEND_BATCH_TIMEOUT_SECONDS"]) == 30
+    for url in ops.SOURCE_URL_VARS:
+        assert data[url] == "", f"{url}: off until the operator sets it"
+    for name, default in ops.SOURCE_REFRESH_DEFAULTS.items():
+        assert data[name] == default, name
+    assert (
+        data["SOURCE_TIMEOUT_SECONDS"],
+        data["SOURCE_MAX_AGE_SECONDS"],
+        data["SOURCE_COLD_FETCH_MS"],
+        data["SOURCE_MAX_CONCURRENCY"],
+    ) == ("2", "900", "200", "8")
+    assert set(ops.SOURCE_KEY_VARS) <= set(secret)
 
 
 def test_secret_template_has_placeholders_only() -> None:
@@ -431,17 +715,30 @@ def test_secret_template_has_placeholders_only() -> None:
     assert "data" not in secret
     assert set(secret["stringData"]) == ops.SECRET_ENV_VARS
     assert set(secret["stringData"].values()) == {"REPLACE_ME"}
+    # No other Secret anywhere in the manifests (and none applied by kustomize: see the kustomization test).
+    assert [doc["metadata"]["name"] for _, doc in ops.k8s_objects() if doc["kind"] == "Secret"] == [
+        "api-gateway-secrets"
+    ]
+
+
+# What an operator puts in the Secret (the template holds placeholders only).
+SECRET_VALUES = {
+    "DATABASE_URL": "postgresql://pricer:pw@postgres.borrow-rate-engine.svc:5432/pricer",
+    "REDIS_URL": "redis://redis-master.borrow-rate-engine.svc:6379/0",
+    "JWT_SECRET_KEY": "k" * 48,
+    "API_KEY_PEPPER": "p" * 48,
+    "BOOTSTRAP_ADMIN_KEY": "",
+    "INTERNAL_SERVICE_SECRET": "i" * 48,
+    "LENDER_API_KEY": "lender-key",
+    "VOLATILITY_API_KEY": "volatility-key",
+    "EVENT_API_KEY": "event-key",
+}
+ROLES = {"api-gateway": "gateway", "calculation-service": "calculation", "data-service": "data"}
 
 
 def test_configmap_starts_the_engine_settings() -> None:
-    """The ConfigMap's values, with the Secret's keys, are accepted by the engine's own settings parser."""
-    env = {
-        **configmap(),
-        "DATABASE_URL": "postgresql://pricer:pw@postgres.borrow-rate-engine.svc:5432/pricer",
-        "REDIS_URL": "redis://redis-master.borrow-rate-engine.svc:6379/0",
-        "JWT_SECRET_KEY": "k" * 48,
-        "API_KEY_PEPPER": "p" * 48,
-    }
+    """The gateway's environment (ConfigMap, Secret) is accepted by the engine's own settings parser."""
+    env = ops.effective_env("api-gateway", SECRET_VALUES)
     settings = load_settings(env)
     _, _, container = deployment_container()
     assert settings.environment is Environment.PROD
@@ -451,11 +748,56 @@ def test_configmap_starts_the_engine_settings() -> None:
     assert settings.expected_replicas == 3
     assert settings.enable_authentication
     assert settings.enable_rate_limiting
-    assert settings.calculation_service_url is None
-    assert settings.data_service_url is None
+    assert settings.role.value == "gateway"
+    assert settings.calculation_service_url == env["CALCULATION_SERVICE_URL"]
+    assert settings.data_service_url == env["DATA_SERVICE_URL"]
+    assert settings.internal_service_secret == SECRET_VALUES["INTERNAL_SERVICE_SECRET"]
     assert settings.audit_spool_dir == env["AUDIT_SPOOL_DIR"]
     assert settings.seed_demo_data is False
     assert settings.demo_keys_file is None
+
+
+@pytest.mark.parametrize("name", sorted(ROLES))
+def test_each_deployment_gets_its_role_and_a_valid_environment(name: str) -> None:
+    """ROLE per deployment (the shared ConfigMap, then the backend's own), the same shared settings everywhere
+    (the pricing parameters cannot differ between the roles), and the engine's parser accepts each."""
+    env = ops.effective_env(name, SECRET_VALUES)
+    assert env["ROLE"] == ROLES[name]
+    settings = load_settings(env)
+    assert settings.role.value == ROLES[name]
+    assert settings.internal_service_secret == SECRET_VALUES["INTERNAL_SERVICE_SECRET"]
+    shared = configmap()
+    overridden = {k for k in shared if env[k] != shared[k]}
+    assert overridden <= {"ROLE", "OTEL_SERVICE_NAME"}, overridden
+    if name != ops.APP:
+        own = ops.k8s_object("ConfigMap", f"{name}-config")["data"]
+        assert set(own) == {"ROLE", "OTEL_SERVICE_NAME"}
+        assert own["OTEL_SERVICE_NAME"] != shared["OTEL_SERVICE_NAME"], "one service name per role in traces"
+
+
+@pytest.mark.parametrize(
+    ("variable", "service"),
+    [("CALCULATION_SERVICE_URL", "calculation-service"), ("DATA_SERVICE_URL", "data-service")],
+)
+def test_gateway_backend_urls_reach_the_backend_pods(variable: str, service: str) -> None:
+    """The gateway's URL names the backend's Service (short name or cluster DNS name) on one of its ports,
+    whose target port is the backend container's port."""
+    url = urllib.parse.urlsplit(configmap()[variable])
+    assert url.scheme == "http"
+    assert url.hostname in {
+        service,
+        f"{service}.{ops.NAMESPACE}.svc",
+        f"{service}.{ops.NAMESPACE}.svc.cluster.local",
+    }
+    port = url.port or 80
+    spec = ops.k8s_object("Service", service)["spec"]
+    (service_port,) = [p for p in spec["ports"] if p["port"] == port]
+    assert ops.deployments_selected({"matchLabels": spec["selector"]}) == {service}
+    (container,) = ops.k8s_object("Deployment", service)["spec"]["template"]["spec"]["containers"]
+    assert service_port["targetPort"] in [p["containerPort"] for p in container["ports"]]
+    assert ops.egress_allowed(
+        ops.pod_labels(ops.APP), ops.NAMESPACE, ops.pod_labels(service), service_port["targetPort"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -534,9 +876,71 @@ def test_dashboard_metrics_are_exported_or_allowed() -> None:
             used |= ops.promql_metric_names(expr)
     engine = {name for name in used if ops.is_engine_metric(name)}
     histograms = {f"{name}_bucket" for name in ops.ENGINE_HISTOGRAMS}
-    missing = (ops.ENGINE_COUNTERS | histograms | {"process_resident_memory_bytes"}) - engine
+    missing = (
+        ops.ENGINE_COUNTERS | ops.ENGINE_GAUGES | histograms | {"process_resident_memory_bytes"}
+    ) - engine
     assert missing == set(), "engine metrics shown on no dashboard"
     assert "kube_horizontalpodautoscaler_status_current_replicas" in used
+
+
+def test_engine_metric_names_are_declared_by_the_code() -> None:
+    """The names the alerts and dashboards may use as the engine's are the ones its metrics module declares
+    (and, until branch `sources` is merged, the issue-20 names of the marked block in ops_checks); every
+    counter the module declares is in the list, so a new one cannot be left off the dashboards."""
+    declared = ops.declared_engine_metrics()
+    assert ops.ENGINE_METRICS - declared == set(), "ops_checks lists metrics the engine does not declare"
+    assert ops.counters_declared_in_code() - ops.ENGINE_COUNTERS == set(), "counters missing from ops_checks"
+    # The marked block only holds names that are not declared yet: once they are, it must go.
+    literals = set(re.findall(r'"([a-z_]+)"', ops.METRICS_MODULE.read_text(encoding="utf-8")))
+    assert ops.DECLARED_BY_THE_SOURCES_WORK & literals == set(), (
+        "metrics.py declares these now: delete the DECLARED_BY_THE_SOURCES_WORK block of tests/ops_checks.py"
+    )
+
+
+def test_provider_and_backend_rows_of_the_detailed_dashboard() -> None:
+    """Issue 20's providers row (requests and errors by provider, p99, breakers, data age, fallback share) and
+    issue 15's backends row (the backends' own request rate, errors and p99), over every engine deployment."""
+    board = ops.dashboards()["api-gateway-detailed"]
+    rows = {panel["title"]: panel for panel in board["panels"] if panel["type"] == "row"}
+    providers = next(title for title in rows if title.startswith("Market data providers"))
+    backends = next(title for title in rows if title.startswith("Calculation and data services"))
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    current = ""
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            current = panel["title"]
+        else:
+            by_row.setdefault(current, []).append(panel)
+
+    def exprs(row: str) -> list[str]:
+        return [t["expr"] for panel in by_row[row] for t in panel["targets"]]
+
+    provider_exprs = exprs(providers)
+    used = set().union(*(ops.promql_metric_names(e) for e in provider_exprs))
+    assert used >= {
+        "external_api_requests_total",
+        "external_api_request_duration_seconds_bucket",
+        "circuit_breaker_state",
+        "market_data_age_seconds",
+        "fallback_usage_total",
+        "calculations_total",
+    }
+    assert any("histogram_quantile(0.99" in e and "by (le, provider)" in e for e in provider_exprs)
+    assert any(
+        'status!~"success|not_found|circuit_open"' in e and "by (provider)" in e for e in provider_exprs
+    )
+    # Whichever deployment calls the providers or prices (ROLE=all: the gateway; split: the backends).
+    for expr in provider_exprs:
+        for _, matchers in ops.promql_selectors(expr):
+            assert 'app=~"' + "|".join(ops.ENGINE_APPS) + '"' in matchers, expr
+    backend_exprs = exprs(backends)
+    assert any("histogram_quantile(0.99" in e and "by (le, app)" in e for e in backend_exprs)
+    assert any('status_code=~"5.."' in e for e in backend_exprs)
+    assert any(e.startswith("sum by (app") and "http_requests_total" in e for e in backend_exprs)
+    for expr in backend_exprs:
+        for name, matchers in ops.promql_selectors(expr):
+            if name.startswith("http_request"):
+                assert 'app=~"' + "|".join(ops.BACKENDS) + '"' in matchers, expr
 
 
 @pytest.mark.parametrize(
