@@ -22,7 +22,7 @@ from pricer.quotes import PricedBatch
 from pricer.schemas import FeeScheduleView, RateComponents, RowError
 
 # Rows formatted at a time: the text matrices of a chunk stay a few tens of MB whatever the batch size.
-CHUNK_ROWS: Final = 1 << 16
+CHUNK_ROWS: Final = 8192
 # Where the per-row part goes in the envelope: 0xC1 is never used in msgpack and never written in JSON.
 _MARK: Final = b"\xc1" * 16
 
@@ -128,7 +128,7 @@ def _json_quotes(batch: PricedBatch) -> Iterator[bytes]:
                 text.constant(b',"position_value":', size),
                 text.money(batch.position_cents[rows]),
                 text.constant(b',"loan_days":', size),
-                text.digits(batch.loan_days[rows], 3),
+                text.digits(batch.loan_days[rows]),
                 text.constant(b',"total_fee":', size),
                 text.money(batch.total_fee[rows]),
                 text.constant(b',"breakdown":{"borrow_cost":', size),
