@@ -8,9 +8,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pricer.auth.admission import Admission
-from pricer.batches import decode_batch, encode_batch_response, merge_errors, price_decoded
+from pricer.batches import decode_batch, encode_batch_parts, merge_errors, price_decoded
 from pricer.context import principal, request_id
-from pricer.endpoints.common import EncodedResponse, json_response, utc_now, wants_msgpack
+from pricer.endpoints.common import PartsResponse, json_response, utc_now, wants_msgpack
 from pricer.endpoints.views import quote_response
 from pricer.errors import FieldProblem, InvalidParameter, NotFound
 from pricer.models import Scope
@@ -121,8 +121,8 @@ class QuoteEndpoints:
             raise _atomic_failure(errors)
         await self._quotes.add(batch)
         msgpack = wants_msgpack(request.headers.get("accept"), default=media == MSGPACK)
-        encoded = encode_batch_response(decoded, batch, errors, terms.view, msgpack=msgpack)
-        return EncodedResponse(encoded, 200, b"application/msgpack" if msgpack else b"application/json")
+        parts = encode_batch_parts(decoded, batch, errors, terms.view, msgpack=msgpack)
+        return PartsResponse(parts, b"application/msgpack" if msgpack else b"application/json")
 
     # ---- read-back --------------------------------------------------------------------------
 
