@@ -289,26 +289,26 @@ def measure_rss(
 def measure_million(
     workdir: Path, server_cpu: str | None, client_cpu: str | None, positions: int, rounds: int
 ) -> dict[str, Any]:
-    """bench_million's section on a fresh engine of its own (the client in this process, pinned)."""
-    server = start_engine(workdir, server_cpu, {**BATCH_ENV, **MILLION_ENV}, name="million")
+    """bench_million's section, a fresh engine per format (the client in this process, pinned)."""
+    env = {**BATCH_ENV, **MILLION_ENV}
+
+    def start(name: str) -> tuple[Server, str]:
+        label = "million-" + name.replace(" ", "-").lower()
+        server = start_engine(workdir, server_cpu, env, name=label)
+        return server, bench_http.read_env_file(workdir / f"{label}-demo-keys.env")["DEMO_ADMIN_KEY"]
+
     affinity = os.sched_getaffinity(0)
     try:
         if client_cpu is not None:
             os.sched_setaffinity(0, set(parse_cpu_list(client_cpu)))
-        admin_key = bench_http.read_env_file(workdir / "million-demo-keys.env")["DEMO_ADMIN_KEY"]
-        result = run_million(server, admin_key, positions, rounds)
-        result["commands"] = [
-            "# large-batch engine: "
-            + engine_command(
-                Variant("million", "", {**BATCH_ENV, **MILLION_ENV}),
-                server_cpu,
-                {"DEMO_KEYS_FILE": "<tmp>/million.env"},
-            )
-        ]
-        return result
+        result = run_million(start, positions, rounds)
     finally:
         os.sched_setaffinity(0, affinity)
-        server.stop()
+    result["commands"] = [
+        "# large-batch engine (one per format): "
+        + engine_command(Variant("million", "", env), server_cpu, {"DEMO_KEYS_FILE": "<tmp>/million.env"})
+    ]
+    return result
 
 
 # ---- main ----------------------------------------------------------------------------------------------

@@ -1157,7 +1157,6 @@ def test_million_section_renders_the_four_forms_and_targets() -> None:
         "tickers": 5000,
         "data_file": "ibkr_usa_2022-08-06.txt",
         "formats": {"row JSON": fmt, "columnar msgpack": {**fmt, "round_trip_s": 0.4}},
-        "vm_hwm_mb": 700.0,
         "commands": ["# large-batch engine: python -m pricer serve"],
     }
     target = bench_http.make_target("row JSON: server / floor", 1.54, 2.0, "<=", "x")
