@@ -17,6 +17,7 @@ from pricer.models import Scope
 from pricer.quotes import new_batch_id, split_quote_id
 from pricer.quoting import Quoter
 from pricer.ratelimit.limits import ClientLimits
+from pricer.routing import ApiRequest
 from pricer.schemas import BatchRequest, QuoteRequest, RowError
 from pricer.stores.protocols import QuoteStore
 from pricer.validation import (
@@ -93,6 +94,8 @@ class QuoteEndpoints:
         body = await request.body()
         decoded = decode_batch(body, media, max_batch_size=self._max_batch_size)
         del body
+        if isinstance(request, ApiRequest):
+            request.forget_body()  # tens of MB the rest of the request does not need
         client_id = decoded.client_id
         scope = request.scope
         acting = await self._admission.act_for(scope, client_id)
