@@ -2,45 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
 from pricer.auth.admission import Admission
+from pricer.batches import decode_batch, encode_batch_parts, merge_errors, price_decoded
 from pricer.context import principal, request_id
-from pricer.endpoints.common import json_response, msgpack_response, utc_now, wants_msgpack
-from pricer.endpoints.views import batch_response, quote_response
+from pricer.endpoints.common import PartsResponse, json_response, utc_now, wants_msgpack
+from pricer.endpoints.views import quote_response
 from pricer.errors import FieldProblem, InvalidParameter, NotFound
 from pricer.models import Scope
-from pricer.pricing.core import to_scaled_int
-from pricer.quotes import split_quote_id
+from pricer.quotes import new_batch_id, split_quote_id
 from pricer.quoting import Quoter
 from pricer.ratelimit.limits import ClientLimits
-from pricer.schemas import (
-    BatchPosition,
-    BatchRequest,
-    LenientBatchRequest,
-    QuoteRequest,
-    RowError,
-)
+from pricer.routing import ApiRequest
+from pricer.schemas import BatchRequest, QuoteRequest, RowError
 from pricer.stores.protocols import QuoteStore
-from pricer.tickers import TICKER_RULE, normalize_ticker
 from pricer.validation import (
     JSON,
     MSGPACK,
     Decoder,
-    may_hide_places,
     require_places,
     require_ticker,
     whole_number,
-    written_json,
-    written_places,
 )
-
-MAX_POSITION_VALUE = 1_000_000_000
-_POSITION_FIELDS = frozenset(BatchPosition.__struct_fields__)
 
 
 class QuoteEndpoints:
@@ -61,8 +48,8 @@ class QuoteEndpoints:
         self._limits = limits
         self._max_batch_size = max_batch_size
         self._single = Decoder(QuoteRequest, places={"position_value": 2})
+        # The batch body is decoded by `pricer.batches`; this one only tells its media type.
         self._batch = Decoder(BatchRequest, accept_msgpack=True)
-        self._lenient_batch = Decoder(LenientBatchRequest, accept_msgpack=True)
 
     # ---- single -----------------------------------------------------------------------------
 
@@ -99,96 +86,46 @@ class QuoteEndpoints:
     # ---- batch ------------------------------------------------------------------------------
 
     async def calculate_batch(self, request: Request) -> Response:
+        """decode -> who may act for the client -> its terms -> the positions bucket (every decoded row) ->
+        market data (once, for the distinct tickers) -> price -> audit -> encode. The three steps are the
+        synchronous functions of `pricer.batches`."""
         media = self._batch.media_type(request)
         atomic = _flag(request.query_params.get("atomic"), "atomic")
         body = await request.body()
-        try:
-            parsed = self._batch.decode(body, media)
-            client_id, rows = parsed.client_id, parsed.positions
-            tickers_raw = [row.ticker for row in rows]
-            values = np.fromiter((row.position_value for row in rows), dtype=np.float64, count=len(rows))
-            days = np.fromiter((row.loan_days for row in rows), dtype=np.float64, count=len(rows))
-            errors: list[RowError] = []
-        except InvalidParameter:
-            # Some rows are malformed: decode leniently so that each bad row gets its own error.
-            lenient = self._lenient_batch.decode(body, media)
-            client_id = lenient.client_id
-            tickers_raw, values, days, errors = _lenient_rows(lenient.positions)
-        if media == JSON and may_hide_places(body):
-            _add_written_places_errors(body, errors)
-        count = len(tickers_raw)
-        if count > self._max_batch_size:
-            raise InvalidParameter.for_field(
-                "positions", f"at most {self._max_batch_size} positions per batch (got {count})"
-            )
-
-        tickers = [normalize_ticker(raw) or "" if isinstance(raw, str) else "" for raw in tickers_raw]
-        cents, errors = _check_rows(tickers, values, days, errors)
-        if atomic:
-            # List every invalid row, unknown tickers included (ticker existence is market data, not
-            # anything of the client's), and refuse the whole batch before anything is drawn or priced.
-            await self._add_unknown_ticker_errors(tickers, errors)
-            if errors:
-                raise _atomic_failure(errors)
-
+        decoded = decode_batch(body, media, max_batch_size=self._max_batch_size)
+        del body
+        if isinstance(request, ApiRequest):
+            request.forget_body()  # tens of MB the rest of the request does not need
+        client_id = decoded.client_id
         scope = request.scope
         acting = await self._admission.act_for(scope, client_id)
         terms = await self._quoter.client_terms(client_id)
-        limits = self._limits
-
-        async def draw_positions(priced: int) -> None:
-            if limits is not None:
-                await limits.draw_positions(scope, client_id, priced)
-
-        bad = np.zeros(count, dtype=bool)
-        for error in errors:
-            bad[error.index] = True
-        good = np.flatnonzero(~bad)
-        outcome = await self._quoter.price(
-            terms,
-            tickers=[tickers[index] for index in good.tolist()],
-            position_cents=cents[good],
-            loan_days=days[good].astype(np.int64),
-            input_index=good.astype(np.int64),
-            key_id=acting.key_id,
-            request_id=request_id(scope),
-            now=utc_now(),
-            admit=draw_positions,
-        )
-        for row in outcome.unknown_rows:
-            index = int(good[row])
-            errors.append(
-                RowError(
-                    index=index,
-                    error_code="TICKER_NOT_FOUND",
-                    error=f"Unknown ticker: {tickers[index]}",
-                    field="ticker",
-                )
+        if self._limits is not None:
+            # Every decoded row costs work, priced or not (DESIGN §2.5): invalid rows are not free.
+            await self._limits.draw_positions(scope, client_id, decoded.count)
+        now = utc_now()
+        rates, market_seconds = await self._quoter.batch_rates(decoded.tickers, now)
+        started = time.perf_counter()
+        with self._quoter.tracing.span("pricing", {"positions": decoded.valid}):
+            batch, unknown = price_decoded(
+                decoded,
+                terms.terms,
+                rates,
+                fee_schedule=terms.view,
+                batch_id=new_batch_id(),
+                key_id=acting.key_id,
+                request_id=request_id(scope),
+                now=now,
             )
+        self._quoter.record_batch(batch, market_seconds + time.perf_counter() - started)
+        errors = merge_errors(decoded.errors, unknown)
         if atomic and errors:
+            # Every invalid row listed, unknown tickers included (market data was asked once for all).
             raise _atomic_failure(errors)
-        batch = outcome.batch
         await self._quotes.add(batch)
-        errors.sort(key=lambda error: error.index)
-        response = batch_response(batch, fee_schedule=terms.view, count=count, errors=errors)
-        if wants_msgpack(request.headers.get("accept"), default=media == MSGPACK):
-            return msgpack_response(response)
-        return json_response(response)
-
-    async def _add_unknown_ticker_errors(self, tickers: list[str], errors: list[RowError]) -> None:
-        in_error = {error.index for error in errors}
-        candidates = {ticker for index, ticker in enumerate(tickers) if ticker and index not in in_error}
-        unknown = await self._quoter.unknown_tickers(sorted(candidates))
-        for index, ticker in enumerate(tickers):
-            if ticker in unknown and index not in in_error:
-                errors.append(
-                    RowError(
-                        index=index,
-                        error_code="TICKER_NOT_FOUND",
-                        error=f"Unknown ticker: {ticker}",
-                        field="ticker",
-                    )
-                )
+        msgpack = wants_msgpack(request.headers.get("accept"), default=media == MSGPACK)
+        parts = encode_batch_parts(decoded, batch, errors, terms.view, msgpack=msgpack)
+        return PartsResponse(parts, b"application/msgpack" if msgpack else b"application/json")
 
     # ---- read-back --------------------------------------------------------------------------
 
@@ -213,122 +150,7 @@ def _flag(raw: str | None, name: str) -> bool:
     raise InvalidParameter.for_field(name, "expected true or false", location="query")
 
 
-def _lenient_rows(
-    positions: list[Any],
-) -> tuple[
-    list[Any], np.ndarray[Any, np.dtype[np.float64]], np.ndarray[Any, np.dtype[np.float64]], list[RowError]
-]:
-    """Columns of loosely decoded rows; a row of the wrong shape or types gets an error and NaNs."""
-    count = len(positions)
-    tickers: list[Any] = [None] * count
-    values = np.full(count, np.nan)
-    days = np.full(count, np.nan)
-    errors: list[RowError] = []
-    for index, row in enumerate(positions):
-        problem = _row_problem(row)
-        if problem is not None:
-            errors.append(
-                RowError(
-                    index=index, error_code="INVALID_PARAMETER", error=problem.message, field=problem.field
-                )
-            )
-            continue
-        tickers[index] = row["ticker"]
-        values[index] = row["position_value"]
-        days[index] = row["loan_days"]
-    return tickers, values, days, errors
-
-
-def _add_written_places_errors(body: bytes, errors: list[RowError]) -> None:
-    """A row error for each position_value written with more than 2 decimals that its float hides
-    (100.00999999999999999 reads as 100.01): the body read again with its numbers exact."""
-    positions = written_json(body).get("positions")
-    in_error = {error.index for error in errors}
-    for index, row in enumerate(positions if isinstance(positions, list) else ()):
-        if index not in in_error and isinstance(row, dict) and written_places(row.get("position_value")) > 2:
-            errors.append(
-                RowError(
-                    index=index,
-                    error_code="INVALID_PARAMETER",
-                    error="position_value: expected a number at most 2 decimals",
-                    field="position_value",
-                )
-            )
-
-
-def _row_problem(row: Any) -> FieldProblem | None:
-    if not isinstance(row, dict):
-        return FieldProblem("position", "body", "expected an object with ticker, position_value, loan_days")
-    unknown = sorted(set(row) - _POSITION_FIELDS)
-    if unknown:
-        return FieldProblem(str(unknown[0]), "body", f"unknown field `{unknown[0]}`")
-    for name in ("ticker", "position_value", "loan_days"):
-        if name not in row:
-            return FieldProblem(name, "body", f"missing required field `{name}`")
-    if not isinstance(row["ticker"], str):
-        return FieldProblem("ticker", "body", "ticker: expected a string")
-    value = row["position_value"]
-    if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) > 1e15:
-        return FieldProblem("position_value", "body", "position_value: expected a number")
-    days = row["loan_days"]
-    # An integral float (30.0) is an integer, as in JSON Schema; _check_rows refuses 30.5.
-    if isinstance(days, bool) or not isinstance(days, int | float) or abs(days) > 1_000_000:
-        return FieldProblem("loan_days", "body", "loan_days: expected an integer from 1 to 365")
-    return None
-
-
-def _check_rows(
-    tickers: list[str],
-    values: np.ndarray[Any, np.dtype[np.float64]],
-    days: np.ndarray[Any, np.dtype[np.float64]],
-    errors: list[RowError],
-) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[RowError]]:
-    """The value rules for every row not already in error (one error per row, first rule broken
-    first); exact cents of each position. `tickers` holds "" where a ticker did not normalise."""
-    already = np.zeros(len(tickers), dtype=bool)
-    for error in errors:
-        already[error.index] = True
-    for index, ticker in enumerate(tickers):
-        if not ticker and not already[index]:
-            errors.append(
-                RowError(
-                    index=index,
-                    error_code="INVALID_PARAMETER",
-                    error=f"ticker: expected {TICKER_RULE}",
-                    field="ticker",
-                )
-            )
-            already[index] = True
-    cents, exact = to_scaled_int(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), 2)
-    finite = np.isfinite(values)
-    in_range = finite & (values >= 0.01) & (values <= MAX_POSITION_VALUE)
-    places_ok = exact & finite
-    days_ok = np.isfinite(days) & (days >= 1) & (days <= 365) & (days == np.floor(days))
-    for index in np.flatnonzero(~already & ~(in_range & places_ok)).tolist():
-        rule = "from 0.01 to 1,000,000,000" if not in_range[index] else "at most 2 decimals"
-        errors.append(
-            RowError(
-                index=index,
-                error_code="INVALID_PARAMETER",
-                error=f"position_value: expected a number {rule}",
-                field="position_value",
-            )
-        )
-        already[index] = True
-    for index in np.flatnonzero(~already & ~days_ok).tolist():
-        errors.append(
-            RowError(
-                index=index,
-                error_code="INVALID_PARAMETER",
-                error="loan_days: expected an integer from 1 to 365",
-                field="loan_days",
-            )
-        )
-    return cents, errors
-
-
 def _atomic_failure(errors: list[RowError]) -> InvalidParameter:
-    errors.sort(key=lambda error: error.index)
     return InvalidParameter(
         f"{len(errors)} invalid position(s); atomic batch rejected",
         problems=[
