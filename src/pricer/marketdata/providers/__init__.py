@@ -20,7 +20,7 @@ from pricer.marketdata.providers import events, lender, volatility
 from pricer.marketdata.providers.book import LenderBook
 from pricer.marketdata.providers.calls import Provider
 from pricer.marketdata.providers.election import AdvisoryLockElection, Election, SoleRefresher
-from pricer.marketdata.providers.refresher import LiveSources, MarketWriter, lane_sizes
+from pricer.marketdata.providers.refresher import LiveSources, MarketWriter, lane_sizes, log_breaker_change
 from pricer.observability.metrics import Metrics
 from pricer.settings import Role, Settings
 from pricer.stores.protocols import SourceStore, Stores
@@ -85,6 +85,24 @@ def build_live_sources(
     else:
         election = SoleRefresher()
     refresher_lanes, cold_lanes = lane_sizes(settings)
+    configured = (
+        (lender.NAME, settings.lender_api_url, settings.lender_api_key),
+        (volatility.NAME, settings.volatility_api_url, settings.volatility_api_key),
+        (events.NAME, settings.event_api_url, settings.event_api_key),
+    )
+    providers = {
+        name: Provider(
+            name,
+            url,
+            key,
+            timeout_seconds=settings.source_timeout_seconds,
+            connections=refresher_lanes + cold_lanes,
+            metrics=metrics,
+            on_breaker_change=log_breaker_change,
+        )
+        for name, url, key in configured
+        if url is not None and refreshes
+    }
     live = LiveSources(
         settings,
         stores=stores,
@@ -93,26 +111,9 @@ def build_live_sources(
         bus=bus,
         book=book,
         election=election,
-        providers={},
+        providers=providers,
         invalidate_local=invalidate_local,
     )
-    configured = (
-        (lender.NAME, settings.lender_api_url, settings.lender_api_key),
-        (volatility.NAME, settings.volatility_api_url, settings.volatility_api_key),
-        (events.NAME, settings.event_api_url, settings.event_api_key),
-    )
-    if refreshes:
-        for name, url, key in configured:
-            if url is not None:
-                live.providers[name] = Provider(
-                    name,
-                    url,
-                    key,
-                    timeout_seconds=settings.source_timeout_seconds,
-                    connections=refresher_lanes + cold_lanes,
-                    metrics=metrics,
-                    on_breaker_change=live.on_breaker_change,
-                )
     if metrics is not None:
         metrics.gauge_readers["circuit_breaker_state"].append(live.breaker_states)
         metrics.gauge_readers["market_data_age_seconds"].append(live.ages)

@@ -50,6 +50,11 @@ _STATUS_SECONDS = 2.0
 _TICK_SECONDS = 0.25
 
 
+def log_breaker_change(name: str, state: BreakerState) -> None:
+    level = logging.WARNING if state is BreakerState.OPEN else logging.INFO
+    log.log(level, "Circuit breaker state changed", extra=fields(name=name, state=state.name.lower()))
+
+
 class MarketWriter(Protocol):
     async def changed(self) -> None: ...
 
@@ -252,7 +257,7 @@ class LiveSources:
         return [t for t in tickers if book.answer(t) is None and not_before.get(t, 0.0) <= now]
 
     async def cold_fetch(self, tickers: Sequence[str]) -> None:
-        """Fetch the tickers (one call each, shared by concurrent quotes); wait SOURCE_COLD_FETCH_MS at most."""
+        """Fetch the tickers (one call each, shared by concurrent quotes); wait up to SOURCE_COLD_FETCH_MS."""
         loop = asyncio.get_running_loop()
         retry_at = time.monotonic() + self._settings.lender_refresh_seconds
         if len(self._not_before) > 100_000:
@@ -306,10 +311,6 @@ class LiveSources:
                 log.warning("Quoted tickers not stored", extra=fields(error=type(error).__name__))
 
     # ---- what operators see -----------------------------------------------------------------------
-
-    def on_breaker_change(self, name: str, state: BreakerState) -> None:
-        level = logging.WARNING if state is BreakerState.OPEN else logging.INFO
-        log.log(level, "Circuit breaker state changed", extra=fields(name=name, state=state.name.lower()))
 
     def _local_status(self, provider: Provider) -> dict[str, Any]:
         return {
