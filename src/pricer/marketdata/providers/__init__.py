@@ -98,6 +98,7 @@ def build_live_sources(
             timeout_seconds=settings.source_timeout_seconds,
             connections=refresher_lanes + cold_lanes,
             metrics=metrics,
+            breaker_open_seconds=settings.source_breaker_open_seconds,
             on_breaker_change=log_breaker_change,
         )
         for name, url, key in configured

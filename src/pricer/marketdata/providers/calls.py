@@ -62,6 +62,7 @@ class Provider:
         timeout_seconds: float,
         connections: int,
         metrics: Metrics | None = None,
+        breaker_open_seconds: float = 30.0,
         on_breaker_change: Callable[[str, BreakerState], None] | None = None,
     ) -> None:
         parts = urlsplit(url)
@@ -78,7 +79,7 @@ class Provider:
         )
         self._timeout = timeout_seconds
         self._metrics = metrics
-        self.breaker = CircuitBreaker(name, on_change=on_breaker_change)
+        self.breaker = CircuitBreaker(name, open_seconds=breaker_open_seconds, on_change=on_breaker_change)
         # What /health/detailed and market_data_age_seconds show.
         self.last_success_at: dt.datetime | None = None
         self.last_latency_ms: float | None = None
