@@ -227,11 +227,13 @@ async def test_malformed_answers_of_the_other_providers_are_refused(
     sim.fault(provider_name, mode="malformed", malformed=kind)
     calls = provider(sim, provider_name)
     lane = asyncio.Semaphore(1)
+    call = (
+        volatility.fetch_reading(calls, lane=lane)
+        if provider_name == "volatility"
+        else events.fetch_events(calls, "AAPL", lane=lane)
+    )
     with pytest.raises(ProviderFailure):
-        if provider_name == "volatility":
-            await volatility.fetch_reading(calls, lane=lane)
-        else:
-            await events.fetch_events(calls, "AAPL", lane=lane)
+        await call
     await calls.aclose()
 
 
