@@ -32,6 +32,9 @@ class Sim:
         assert response.status_code == 200, response.text
         return response.json()
 
+    def stats(self) -> Any:
+        return self.control("GET", "/control/stats")
+
     def fault(self, provider: str, **plan: object) -> None:
         self.control("PUT", f"/control/faults/{provider}", plan)
 
