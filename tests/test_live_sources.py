@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -224,9 +223,7 @@ async def test_two_replicas_make_the_calls_of_one(cluster: Cluster) -> None:
     elapsed = time.monotonic() - started
     cycles = elapsed / REFRESH
     calls = stats["lender"]["by_ticker"].get("ACME", 0)
-    print(
-        f"ACME asked {calls} times in {elapsed:.1f} s ({cycles:.1f} refresh intervals), stats {stats['lender']}"
-    )
+    print(f"ACME asked {calls} times in {elapsed:.1f} s ({cycles:.1f} refresh intervals): {stats['lender']}")
     assert 2 <= calls <= cycles + 1  # one refresher: two would ask about twice per interval
     assert stats["volatility"]["calls"] <= cycles + 1
     assert max(stats["max_concurrent"].values()) <= 8  # SOURCE_MAX_CONCURRENCY
