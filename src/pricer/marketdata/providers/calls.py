@@ -106,7 +106,9 @@ class Provider:
         try:
             await asyncio.wait_for(lane.acquire(), self._timeout)
         except TimeoutError:
-            raise self._failed("timeout", "no free lane before the deadline", what) from None
+            # Our own queue, not the provider's fault: no breaker failure, no warning.
+            self._count("timeout")
+            raise ProviderFailure("no free lane before the deadline") from None
         try:
             return await self._attempts(path, parse, deadline, what)
         finally:

@@ -53,6 +53,7 @@ _NOTE_AGAIN_SECONDS = 600.0  # a ticker quoted again is re-noted in the store at
 _MESSAGE_ANSWERS = 1000  # lender answers per bus message
 _STATUS_SECONDS = 2.0
 _TICK_SECONDS = 0.25
+COLD_FETCHES_PER_CALL = 32  # tickers fetched on demand for one pricing call
 
 
 def log_breaker_change(name: str, state: BreakerState) -> None:
@@ -257,7 +258,12 @@ class LiveSources:
             return []
         now = time.monotonic()
         not_before = self._not_before
-        return [t for t in tickers if book.answer(t) is None and not_before.get(t, 0.0) <= now]
+        unseen = [t for t in tickers if book.answer(t) is None and not_before.get(t, 0.0) <= now]
+        if len(unseen) > COLD_FETCHES_PER_CALL:
+            # A batch of many new tickers: a few are fetched now, the refresher asks about the rest.
+            self._pending_notes.update(unseen[COLD_FETCHES_PER_CALL:])
+            del unseen[COLD_FETCHES_PER_CALL:]
+        return unseen
 
     async def cold_fetch(self, tickers: Sequence[str]) -> None:
         """Fetch the tickers (one call each, shared by concurrent quotes); wait up to SOURCE_COLD_FETCH_MS."""
