@@ -298,3 +298,19 @@ def test_the_simulator_log_and_the_settings_repr_hold_no_key(sim: Sim, tmp_path:
     settings = make_settings(LENDER_API_URL=sim.url, LENDER_API_KEY=KEY)
     assert KEY not in repr(settings)
     assert settings.lender_api_key == KEY
+
+
+async def test_a_refresh_after_an_outage_probes_one_at_a_time_then_runs_at_full_width(sim: Sim) -> None:
+    calls = provider(sim, timeout=0.3)
+    lane = asyncio.Semaphore(4)
+    sim.fault("lender", mode="error")
+    tickers = ["AAPL", "GME", "TSLA", "MSFT", "AMC", "NVDA", "SPCE", "BYND"]
+    assert await lender.fetch_rates(calls, tickers, lane=lane, max_rate=MAX) == []
+    assert calls.breaker.state is BreakerState.OPEN
+    assert await lender.fetch_rates(calls, tickers, lane=lane, max_rate=MAX) == []  # open: no call at all
+    sim.healthy()
+    await asyncio.sleep(0.6)  # past breaker_open_seconds: half-open
+    answers = await lender.fetch_rates(calls, tickers, lane=lane, max_rate=MAX)
+    assert [answer.ticker for answer in answers] == tickers  # every ticker refreshed in this one pass
+    assert calls.breaker.state is BreakerState.CLOSED
+    await calls.aclose()

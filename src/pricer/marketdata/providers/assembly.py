@@ -57,8 +57,8 @@ def build_live_sources(
     metrics: Metrics | None,
     invalidate_local: Callable[[], None],
 ) -> LiveSources | None:
-    if not any_configured(settings):
-        return None
+    if not any_configured(settings) or settings.role is Role.GATEWAY:
+        return None  # the gateway holds no market data (it asks the data service)
     refreshes = settings.role in (Role.ALL, Role.DATA)  # with ROLE split, the data service holds market data
     election: Election
     if not refreshes:
