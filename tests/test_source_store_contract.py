@@ -107,6 +107,8 @@ def test_the_book_keeps_the_newest_answer_and_reports_changes() -> None:
     later = T0 + dt.timedelta(seconds=60 + 900)
     assert book.aged_out_between(T0, later)
     assert not book.in_force(book.answer("AAPL"), later)
+    # The same rate fetched again after it aged out is a change: quotes go back to the lender's rate.
+    assert book.apply([LenderRate("AAPL", 0.15, BorrowStatus.HARD, later)])
 
 
 POLICY = RatePolicy(

@@ -39,14 +39,20 @@ class LenderBook:
         return answer is not None and answer.rate is not None and now - answer.fetched_at < self.max_age
 
     def apply(self, answers: Iterable[LenderRate]) -> bool:
-        """Keep the newer of each answer; True when a rate or status changed (the rate caches must forget)."""
+        """Keep the newer of each answer; True when a rate or status changed, or a rate past its max age is
+        fresh again (the rate caches must forget)."""
         changed = False
         rates = self._rates
         for answer in answers:
             kept = rates.get(answer.ticker)
             if kept is not None and kept.fetched_at > answer.fetched_at:
                 continue
-            if kept is None or kept.rate != answer.rate or kept.status != answer.status:
+            if (
+                kept is None
+                or kept.rate != answer.rate
+                or kept.status != answer.status
+                or kept.fetched_at + self.max_age <= answer.fetched_at  # it had aged out: in force again
+            ):
                 changed = True
             rates[answer.ticker] = answer
         return changed
@@ -57,6 +63,7 @@ class LenderBook:
         old = self._rates
         changed = fresh.keys() != old.keys() or any(
             (answer.rate, answer.status) != (old[ticker].rate, old[ticker].status)
+            or old[ticker].fetched_at + self.max_age <= answer.fetched_at
             for ticker, answer in fresh.items()
         )
         self._rates = fresh
