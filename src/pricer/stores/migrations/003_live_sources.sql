@@ -12,11 +12,11 @@ CREATE TABLE lender_rates (
 );
 
 -- Tickers quoted lately on any replica: the refresher keeps them fresh with the stock records' tickers.
-CREATE TABLE quoted_tickers (
+CREATE TABLE source_quoted_tickers (
     ticker    text PRIMARY KEY,
     quoted_at timestamptz NOT NULL
 );
-CREATE INDEX quoted_tickers_by_time ON quoted_tickers (quoted_at);
+CREATE INDEX source_quoted_tickers_by_time ON source_quoted_tickers (quoted_at);
 
 -- Each provider's state as the elected refresher last saw it (breaker, last good answer, latency), so
 -- that every replica's /health/detailed and metrics tell the same story.

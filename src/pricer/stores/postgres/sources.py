@@ -52,7 +52,7 @@ class PgSourceStore(_PgStore):
         with translate_errors("sources.note_quoted"):
             await self._pool.execute(
                 """
-                INSERT INTO quoted_tickers AS q (ticker, quoted_at)
+                INSERT INTO source_quoted_tickers AS q (ticker, quoted_at)
                 SELECT unnest($1::text[]), $2
                 ON CONFLICT (ticker) DO UPDATE SET quoted_at = greatest(q.quoted_at, EXCLUDED.quoted_at)
                 """,
@@ -62,7 +62,7 @@ class PgSourceStore(_PgStore):
 
     async def quoted_since(self, since: dt.datetime) -> Sequence[str]:
         with translate_errors("sources.quoted_since"):
-            rows = await self._pool.fetch("SELECT ticker FROM quoted_tickers WHERE quoted_at >= $1", since)
+            rows = await self._pool.fetch("SELECT ticker FROM source_quoted_tickers WHERE quoted_at >= $1", since)
         return [str(row[0]) for row in rows]
 
     async def put_status(self, provider: str, status: Mapping[str, object]) -> None:
