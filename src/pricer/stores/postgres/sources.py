@@ -62,7 +62,9 @@ class PgSourceStore(_PgStore):
 
     async def quoted_since(self, since: dt.datetime) -> Sequence[str]:
         with translate_errors("sources.quoted_since"):
-            rows = await self._pool.fetch("SELECT ticker FROM source_quoted_tickers WHERE quoted_at >= $1", since)
+            rows = await self._pool.fetch(
+                "SELECT ticker FROM source_quoted_tickers WHERE quoted_at >= $1", since
+            )
         return [str(row[0]) for row in rows]
 
     async def put_status(self, provider: str, status: Mapping[str, object]) -> None:
