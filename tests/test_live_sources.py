@@ -168,6 +168,18 @@ async def test_rates_and_quotes_from_the_lender_equal_the_exact_reference(cluste
             )
 
         await until(refreshed, 15, "the lender, V and the events in force")
+
+        # A ticker the lender did not know (404, unknown) is asked again once a refresh interval has passed.
+        response = await client.get(
+            cluster.url(0, "/api/v1/rates/ZNEW"), headers={"X-API-Key": cluster.client_key}
+        )
+        assert response.status_code == 404, response.text
+        cluster.sim.control("PUT", "/control/lender/ZNEW", {"rate": 0.0777, "status": "HARD"})
+        await asyncio.sleep(REFRESH + 0.2)
+        for index in (1, 0):  # fetched on demand by replica 1, announced to replica 0
+            listed = await rate(client, cluster, index, "ZNEW")
+            assert listed["source"] == "lender_api", listed
+            assert listed["base_rate"] == 0.0777
         cases = [
             ("AAPL", AAPL_RATE, 7, Decimal("0.0025"), "EASY", 123_456.78),  # the stock's status wins
             ("ACME", ACME_RATE, 0, Decimal("0.02"), "HARD", 1_000_000_000.0),

@@ -4,8 +4,8 @@ database for a ticker it already has).
 
 Every replica holds the same book: the refresher writes each answer to the store and announces it on the
 invalidation bus with the answers themselves (topic `lender`), so a replica applies them before the
-`market` message that follows empties its rate caches; at start and after the bus reconnects (`*`) a
-replica reloads the book from the store.
+`market` message that follows empties its rate caches; at start, after the bus reconnects (`*`) and every
+refresh interval a replica merges the store's answers into its book (the newer answer wins).
 """
 
 from __future__ import annotations
@@ -56,21 +56,6 @@ class LenderBook:
                 changed = True
             rates[answer.ticker] = answer
         return changed
-
-    def replace(self, answers: Iterable[LenderRate]) -> bool:
-        """The store's whole book (at start, after a reconnection); True when anything differs."""
-        fresh = {answer.ticker: answer for answer in answers}
-        old = self._rates
-        changed = fresh.keys() != old.keys() or any(
-            (answer.rate, answer.status) != (old[ticker].rate, old[ticker].status)
-            or old[ticker].fetched_at + self.max_age <= answer.fetched_at
-            for ticker, answer in fresh.items()
-        )
-        self._rates = fresh
-        return changed
-
-    def newest_fetch(self) -> dt.datetime | None:
-        return max((answer.fetched_at for answer in self._rates.values()), default=None)
 
     def aged_out_between(self, since: dt.datetime, now: dt.datetime) -> bool:
         """Whether a rate passed SOURCE_MAX_AGE_SECONDS in (since, now] (its quotes must change source)."""

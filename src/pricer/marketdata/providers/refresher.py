@@ -106,6 +106,7 @@ class LiveSources:
         cold = LENDER in providers and cold_lanes > 0 and settings.source_cold_fetch_ms > 0
         self._cold_lane = asyncio.Semaphore(cold_lanes) if cold else None
         self._cold_wait = settings.source_cold_fetch_ms / 1000
+        self._ask_again = dt.timedelta(seconds=settings.lender_refresh_seconds)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._not_before: dict[str, float] = {}  # ticker -> when a cold fetch may be tried again
         self._noted: dict[str, float] = {}
@@ -181,6 +182,7 @@ class LiveSources:
                 self._invalidate_local()
         elif topic == "*":
             # Messages may have been missed while the bus was away: the store has every answer.
+            self._tasks = [task for task in self._tasks if not task.done()]
             self._tasks.append(asyncio.get_running_loop().create_task(self._reload_book()))
 
     async def _reload_book(self) -> None:
@@ -191,7 +193,8 @@ class LiveSources:
         except Exception as error:
             log.warning("Lender rates not loaded", extra=fields(error=type(error).__name__))
             return
-        if self._book.replace(answers):
+        # Merged, the newer answer winning: answers heard on the bus while the store was read are newer.
+        if self._book.apply(answers):
             self._invalidate_local()
 
     async def _follow_book(self) -> None:
@@ -203,7 +206,9 @@ class LiveSources:
         market-data change (every rate cache forgets)."""
         if not answers or self._book is None:
             return
-        changed = self._book.apply(answers)
+        await self._share(answers, changed=self._book.apply(answers))
+
+    async def _share(self, answers: list[LenderRate], *, changed: bool) -> None:
         for start in range(0, len(answers), _MESSAGE_ANSWERS):
             await self._bus.publish(LENDER_TOPIC, encode_answers(answers[start : start + _MESSAGE_ANSWERS]))
         if changed:
@@ -252,13 +257,24 @@ class LiveSources:
     # ---- the request path: cold fetches and quoted tickers --------------------------------------
 
     def cold_candidates(self, tickers: Sequence[str]) -> list[str]:
-        """Tickers the lender was never asked about (and not given up on lately): a dictionary lookup each."""
+        """Tickers the lender was never asked about, or did not know a refresh interval ago (and not given up
+        on lately): a dictionary lookup each."""
         book = self._book
         if self._cold_lane is None or book is None:
             return []
         now = time.monotonic()
         not_before = self._not_before
-        unseen = [t for t in tickers if book.answer(t) is None and not_before.get(t, 0.0) <= now]
+        # A ticker the lender did not know is asked again once a refresh interval has passed (it may list it).
+        unknown_before = dt.datetime.now(dt.UTC) - self._ask_again
+        unseen = [
+            t
+            for t in tickers
+            if (
+                (answer := book.answer(t)) is None
+                or (answer.rate is None and answer.fetched_at < unknown_before)
+            )
+            and not_before.get(t, 0.0) <= now
+        ]
         if len(unseen) > COLD_FETCHES_PER_CALL:
             # A batch of many new tickers: a few are fetched now, the refresher asks about the rest.
             self._pending_notes.update(unseen[COLD_FETCHES_PER_CALL:])
@@ -290,9 +306,9 @@ class LiveSources:
             )
         except ProviderFailure:
             return
-        self._book.apply([answer])  # the waiting quotes see it at once
+        changed = self._book.apply([answer])  # the waiting quotes see it at once
         try:
-            await self._announce([answer])
+            await self._share([answer], changed=changed)
         except Exception as error:
             log.warning("Cold fetch not shared", extra=fields(error=type(error).__name__))
 
