@@ -26,7 +26,7 @@ from pricer.endpoints.common import utc_now
 from pricer.endpoints.health import DependencyCheck, HealthEndpoints, market_data_check
 from pricer.endpoints.quotes import QuoteEndpoints
 from pricer.endpoints.rates import RateEndpoints
-from pricer.marketdata.providers import build_live_sources, lender_book
+from pricer.marketdata.providers.assembly import build_live_sources, lender_book
 from pricer.marketdata.service import MARKET_TOPIC, MarketData, MarketDataWriter
 from pricer.marketdata.shared_cache import SharedRateCache
 from pricer.middleware.admission import Admit

@@ -101,6 +101,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lender_refresh_seconds: float = 60.0
     volatility_refresh_seconds: float = 300.0
     event_refresh_seconds: float = 3600.0
+    source_breaker_open_seconds: float = 30.0  # how long a provider's open breaker answers before a probe
     api_key_pepper: str = DEV_API_KEY_PEPPER
     jwt_secret_key: str = DEV_JWT_SECRET_KEY
     jwt_ttl_seconds: int = 900
@@ -286,6 +287,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LENDER_REFRESH_SECONDS": ("lender_refresh_seconds", _float_in(0.1, 86_400)),
     "VOLATILITY_REFRESH_SECONDS": ("volatility_refresh_seconds", _float_in(0.1, 86_400)),
     "EVENT_REFRESH_SECONDS": ("event_refresh_seconds", _float_in(0.1, 86_400 * 7)),
+    "SOURCE_BREAKER_OPEN_SECONDS": ("source_breaker_open_seconds", _float_in(0.1, 3600)),
     "API_KEY_PEPPER": ("api_key_pepper", _text),
     "JWT_SECRET_KEY": ("jwt_secret_key", _text),
     "JWT_TTL_SECONDS": ("jwt_ttl_seconds", _int_in(60, 86_400)),

@@ -18,11 +18,12 @@ settings refuse them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -35,6 +36,7 @@ from pricer.outbound.http import ConnectFailed, HttpClient, OutboundError, Outbo
 log = logging.getLogger("pricer.sources")
 
 T = TypeVar("T")
+K = TypeVar("K")
 EXTERNAL_API_ERROR = "External API error"
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
@@ -62,6 +64,7 @@ class Provider:
         timeout_seconds: float,
         connections: int,
         metrics: Metrics | None = None,
+        breaker_open_seconds: float = 30.0,
         on_breaker_change: Callable[[str, BreakerState], None] | None = None,
     ) -> None:
         parts = urlsplit(url)
@@ -78,7 +81,7 @@ class Provider:
         )
         self._timeout = timeout_seconds
         self._metrics = metrics
-        self.breaker = CircuitBreaker(name, on_change=on_breaker_change)
+        self.breaker = CircuitBreaker(name, open_seconds=breaker_open_seconds, on_change=on_breaker_change)
         # What /health/detailed and market_data_age_seconds show.
         self.last_success_at: dt.datetime | None = None
         self.last_latency_ms: float | None = None
@@ -105,7 +108,9 @@ class Provider:
         try:
             await asyncio.wait_for(lane.acquire(), self._timeout)
         except TimeoutError:
-            raise self._failed("timeout", "no free lane before the deadline", what) from None
+            # Our own queue, not the provider's fault: no breaker failure, no warning.
+            self._count("timeout")
+            raise ProviderFailure("no free lane before the deadline") from None
         try:
             return await self._attempts(path, parse, deadline, what)
         finally:
@@ -164,3 +169,34 @@ class Provider:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+_CHUNK = 256  # calls in flight per step of a refresh (the lane bounds the calls at once)
+
+
+async def fetch_each(
+    provider: Provider, keys: Sequence[K], fetch: Callable[[K], Awaitable[T]]
+) -> list[tuple[K, T]]:
+    """`fetch` of every key that got a good answer (a failed key keeps its last good value).
+
+    While the breaker is half-open the calls go one at a time (each is the probe: three successes close it,
+    and the rest of the refresh runs at full width); while it is open the refresh stops (every call would be
+    refused)."""
+    found: list[tuple[K, T]] = []
+    index = 0
+    while index < len(keys) and provider.breaker.state is not BreakerState.CLOSED:
+        if provider.breaker.state is BreakerState.OPEN:
+            return found
+        with contextlib.suppress(ProviderFailure):
+            found.append((keys[index], await fetch(keys[index])))
+        index += 1
+    for start in range(index, len(keys), _CHUNK):
+        chunk = keys[start : start + _CHUNK]
+        results = await asyncio.gather(*(fetch(key) for key in chunk), return_exceptions=True)
+        for key, result in zip(chunk, results, strict=True):
+            if isinstance(result, ProviderFailure):
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            found.append((key, result))
+    return found

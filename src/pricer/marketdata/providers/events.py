@@ -8,12 +8,11 @@ import asyncio
 from collections.abc import Sequence
 from urllib.parse import quote
 
-from pricer.marketdata.providers.calls import Provider, ProviderFailure
+from pricer.marketdata.providers.calls import Provider, fetch_each
 from pricer.marketdata.providers.validation import market_events
 from pricer.models import MarketEvent
 
 NAME = "events"
-_CHUNK = 256
 
 
 async def fetch_events(provider: Provider, ticker: str, *, lane: asyncio.Semaphore) -> list[MarketEvent]:
@@ -26,15 +25,4 @@ async def fetch_all(
     provider: Provider, tickers: Sequence[str], *, lane: asyncio.Semaphore
 ) -> dict[str, list[MarketEvent]]:
     """The events of every ticker that got a good answer."""
-    found: dict[str, list[MarketEvent]] = {}
-    for start in range(0, len(tickers), _CHUNK):
-        chunk = tickers[start : start + _CHUNK]
-        results = await asyncio.gather(
-            *(fetch_events(provider, ticker, lane=lane) for ticker in chunk), return_exceptions=True
-        )
-        for ticker, result in zip(chunk, results, strict=True):
-            if isinstance(result, list):
-                found[ticker] = result
-            elif not isinstance(result, ProviderFailure):
-                raise result
-    return found
+    return dict(await fetch_each(provider, tickers, lambda ticker: fetch_events(provider, ticker, lane=lane)))

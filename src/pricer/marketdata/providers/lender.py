@@ -10,12 +10,11 @@ from decimal import Decimal
 from functools import partial
 from urllib.parse import quote
 
-from pricer.marketdata.providers.calls import Provider, ProviderFailure
+from pricer.marketdata.providers.calls import Provider, fetch_each
 from pricer.marketdata.providers.validation import lender_rate
 from pricer.models import LenderRate
 
 NAME = "lender"
-_CHUNK = 256  # tickers in flight per step of a refresh (the lane bounds the calls at once)
 
 
 async def fetch_rate(
@@ -38,18 +37,7 @@ async def fetch_rates(
     provider: Provider, tickers: Sequence[str], *, lane: asyncio.Semaphore, max_rate: Decimal
 ) -> list[LenderRate]:
     """The answers of every ticker that got a good one (a failed ticker keeps its last good value)."""
-    answers: list[LenderRate] = []
-    for start in range(0, len(tickers), _CHUNK):
-        results = await asyncio.gather(
-            *(
-                fetch_rate(provider, ticker, lane=lane, max_rate=max_rate)
-                for ticker in tickers[start : start + _CHUNK]
-            ),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, LenderRate):
-                answers.append(result)
-            elif not isinstance(result, ProviderFailure):
-                raise result
-    return answers
+    found = await fetch_each(
+        provider, tickers, lambda ticker: fetch_rate(provider, ticker, lane=lane, max_rate=max_rate)
+    )
+    return [answer for _ticker, answer in found]

@@ -31,10 +31,15 @@ from typing import Any, Literal, Protocol
 
 from pricer.invalidation import InvalidationBus
 from pricer.logs import fields
-from pricer.marketdata.providers import events, lender, volatility
 from pricer.marketdata.providers.book import LENDER_TOPIC, LenderBook, decode_answers, encode_answers
 from pricer.marketdata.providers.calls import Provider, ProviderFailure
 from pricer.marketdata.providers.election import Election
+from pricer.marketdata.providers.events import NAME as EVENTS
+from pricer.marketdata.providers.events import fetch_all as fetch_all_events
+from pricer.marketdata.providers.lender import NAME as LENDER
+from pricer.marketdata.providers.lender import fetch_rate, fetch_rates
+from pricer.marketdata.providers.volatility import NAME as VOLATILITY
+from pricer.marketdata.providers.volatility import fetch_reading
 from pricer.models import LenderRate, MarketEvent, VolatilityReading
 from pricer.outbound.breaker import BreakerState
 from pricer.schemas import DependencyHealth
@@ -48,6 +53,7 @@ _NOTE_AGAIN_SECONDS = 600.0  # a ticker quoted again is re-noted in the store at
 _MESSAGE_ANSWERS = 1000  # lender answers per bus message
 _STATUS_SECONDS = 2.0
 _TICK_SECONDS = 0.25
+COLD_FETCHES_PER_CALL = 32  # tickers fetched on demand for one pricing call
 
 
 def log_breaker_change(name: str, state: BreakerState) -> None:
@@ -97,7 +103,7 @@ class LiveSources:
         self._max_rate = Decimal(settings.max_borrow_rate)
         refresher_lanes, cold_lanes = lane_sizes(settings)
         self._refresher_lane = asyncio.Semaphore(refresher_lanes)
-        cold = lender.NAME in providers and cold_lanes > 0 and settings.source_cold_fetch_ms > 0
+        cold = LENDER in providers and cold_lanes > 0 and settings.source_cold_fetch_ms > 0
         self._cold_lane = asyncio.Semaphore(cold_lanes) if cold else None
         self._cold_wait = settings.source_cold_fetch_ms / 1000
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -121,11 +127,11 @@ class LiveSources:
             loops.append(
                 self._every(max(1.0, settings.lender_refresh_seconds), self._follow_book, leader=False)
             )
-        if lender.NAME in self.providers:
+        if LENDER in self.providers:
             loops.append(self._every(settings.lender_refresh_seconds, self._refresh_lender))
-        if volatility.NAME in self.providers:
+        if VOLATILITY in self.providers:
             loops.append(self._every(settings.volatility_refresh_seconds, self._refresh_volatility))
-        if events.NAME in self.providers:
+        if EVENTS in self.providers:
             loops.append(self._every(settings.event_refresh_seconds, self._refresh_events))
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(coroutine) for coroutine in loops]
@@ -215,8 +221,8 @@ class LiveSources:
 
     async def _refresh_lender(self) -> None:
         tickers = await self.tracked_tickers()
-        answers = await lender.fetch_rates(
-            self.providers[lender.NAME], tickers, lane=self._refresher_lane, max_rate=self._max_rate
+        answers = await fetch_rates(
+            self.providers[LENDER], tickers, lane=self._refresher_lane, max_rate=self._max_rate
         )
         await self._announce(answers)
         now = dt.datetime.now(dt.UTC)
@@ -226,9 +232,7 @@ class LiveSources:
 
     async def _refresh_volatility(self) -> None:
         try:
-            reading = await volatility.fetch_reading(
-                self.providers[volatility.NAME], lane=self._refresher_lane
-            )
+            reading = await fetch_reading(self.providers[VOLATILITY], lane=self._refresher_lane)
         except ProviderFailure:
             return
         latest = await self._stores.volatility.latest()
@@ -237,7 +241,7 @@ class LiveSources:
 
     async def _refresh_events(self) -> None:
         tickers = await self.tracked_tickers()
-        found = await events.fetch_all(self.providers[events.NAME], tickers, lane=self._refresher_lane)
+        found = await fetch_all_events(self.providers[EVENTS], tickers, lane=self._refresher_lane)
         changes = {
             ticker: found[ticker] for ticker in found if self._last_events.get(ticker) != found[ticker]
         }
@@ -254,7 +258,12 @@ class LiveSources:
             return []
         now = time.monotonic()
         not_before = self._not_before
-        return [t for t in tickers if book.answer(t) is None and not_before.get(t, 0.0) <= now]
+        unseen = [t for t in tickers if book.answer(t) is None and not_before.get(t, 0.0) <= now]
+        if len(unseen) > COLD_FETCHES_PER_CALL:
+            # A batch of many new tickers: a few are fetched now, the refresher asks about the rest.
+            self._pending_notes.update(unseen[COLD_FETCHES_PER_CALL:])
+            del unseen[COLD_FETCHES_PER_CALL:]
+        return unseen
 
     async def cold_fetch(self, tickers: Sequence[str]) -> None:
         """Fetch the tickers (one call each, shared by concurrent quotes); wait up to SOURCE_COLD_FETCH_MS."""
@@ -276,8 +285,8 @@ class LiveSources:
         assert self._cold_lane is not None
         assert self._book is not None
         try:
-            answer = await lender.fetch_rate(
-                self.providers[lender.NAME], ticker, lane=self._cold_lane, max_rate=self._max_rate
+            answer = await fetch_rate(
+                self.providers[LENDER], ticker, lane=self._cold_lane, max_rate=self._max_rate
             )
         except ProviderFailure:
             return
@@ -361,9 +370,9 @@ class LiveSources:
     def configured(self) -> list[str]:
         settings = self._settings
         urls = {
-            lender.NAME: settings.lender_api_url,
-            volatility.NAME: settings.volatility_api_url,
-            events.NAME: settings.event_api_url,
+            LENDER: settings.lender_api_url,
+            VOLATILITY: settings.volatility_api_url,
+            EVENTS: settings.event_api_url,
         }
         return [name for name, url in urls.items() if url is not None]
 
