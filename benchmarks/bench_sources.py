@@ -75,6 +75,14 @@ LOADS = (
 COLD_FETCH_MS = 200.0  # SOURCE_COLD_FETCH_MS's default, set explicitly on the engines
 HOT_TICKERS_TARGET_PER_MINUTE = 10_000
 BATCH_POSITIONS = 1000
+SOURCE_SETTINGS = (
+    *(f"{provider}_API_{part}" for provider in ("LENDER", "VOLATILITY", "EVENT") for part in ("URL", "KEY")),
+    *(f"{provider}_REFRESH_SECONDS" for provider in ("LENDER", "VOLATILITY", "EVENT")),
+    "SOURCE_TIMEOUT_SECONDS",
+    "SOURCE_MAX_AGE_SECONDS",
+    "SOURCE_COLD_FETCH_MS",
+    "SOURCE_MAX_CONCURRENCY",
+)
 # bench_http's bodies, less XYZQ: the demo's fallback ticker has no row in the loaded IBKR file (404 here).
 BODIES = tuple(body for body in DEFAULT_BODIES if body["ticker"] != "XYZQ")
 NO_PROVIDERS_TEXT = (
@@ -626,6 +634,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if wrk is None:
         print("bench_sources: wrk not found (Debian: apt-get install -y wrk)", file=sys.stderr)
         return 2
+    # The engines inherit this environment (less bench_http's ENGINE_SETTINGS): a provider setting of the
+    # shell must not reach the files-only engine, nor change the providers engine's.
+    for name in SOURCE_SETTINGS:
+        os.environ.pop(name, None)
     server_cpu = None if args.no_pin else args.server_cpu
     wrk_cpu = None if args.no_pin else args.wrk_cpu
     key = secrets.token_urlsafe(24)
