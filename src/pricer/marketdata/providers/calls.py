@@ -100,10 +100,6 @@ class Provider:
     ) -> T:
         """GET `path` under the provider's URL and return `parse(status, body)`; ProviderFailure if no good
         answer came within the deadline."""
-        breaker = self.breaker
-        if not breaker.allow():
-            self._count("circuit_open")
-            raise ProviderFailure("circuit open")
         deadline = time.monotonic() + self._timeout
         try:
             await asyncio.wait_for(lane.acquire(), self._timeout)
@@ -112,7 +108,17 @@ class Provider:
             self._count("timeout")
             raise ProviderFailure("no free lane before the deadline") from None
         try:
-            return await self._attempts(path, parse, deadline, what)
+            # Asked with a lane in hand: a half-open breaker's probe must be sent, and its outcome recorded.
+            if not self.breaker.allow():
+                self._count("circuit_open")
+                raise ProviderFailure("circuit open")
+            try:
+                return await self._attempts(path, parse, deadline, what)
+            except ProviderFailure:
+                raise  # recorded by _attempts
+            except BaseException:
+                self.breaker.record_failure()  # cancelled (shutdown) or unexpected: the probe must not hang
+                raise
         finally:
             lane.release()
 
