@@ -314,3 +314,23 @@ async def test_a_refresh_after_an_outage_probes_one_at_a_time_then_runs_at_full_
     assert [answer.ticker for answer in answers] == tickers  # every ticker refreshed in this one pass
     assert calls.breaker.state is BreakerState.CLOSED
     await calls.aclose()
+
+
+async def test_a_cancelled_probe_does_not_leave_the_breaker_refusing_for_good(sim: Sim) -> None:
+    calls = provider(sim, timeout=2.0)
+    lane = asyncio.Semaphore(1)
+    for _ in range(5):
+        calls.breaker.record_failure()
+    assert calls.breaker.state is BreakerState.OPEN
+    await asyncio.sleep(0.6)  # half-open: the next call is the probe
+    sim.fault("lender", mode="hang")
+    probe = asyncio.ensure_future(lender.fetch_rate(calls, "GME", lane=lane, max_rate=MAX))
+    await asyncio.sleep(0.2)
+    probe.cancel()  # e.g. shutdown, or a cold fetch's task cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert calls.breaker.state is BreakerState.OPEN  # the probe failed: not a probe forever in flight
+    sim.healthy()
+    await asyncio.sleep(0.6)
+    assert (await lender.fetch_rate(calls, "GME", lane=lane, max_rate=MAX)).rate is not None
+    await calls.aclose()
