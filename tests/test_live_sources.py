@@ -318,6 +318,7 @@ async def test_provider_faults_degrade_to_the_last_good_value_then_the_file_then
         assert 'external_api_requests_total{provider="lender",status="timeout"}' in metrics
         assert 'circuit_breaker_state{name="lender"}' in metrics
         assert 'market_data_age_seconds{provider="lender"}' in metrics
+        assert 'external_api_request_duration_seconds_count{provider="lender"}' in metrics
         fallbacks = re.findall(r"^fallback_usage_total (\S+)$", metrics, re.MULTILINE)
         assert sum(float(value) for value in fallbacks) >= 2  # the fallback quotes above, counted
 
