@@ -206,14 +206,21 @@ class LiveSources:
         market-data change (every rate cache forgets)."""
         if not answers or self._book is None:
             return
-        await self._share(answers, changed=self._book.apply(answers))
+        changed = False
+        for start in range(0, len(answers), _MESSAGE_ANSWERS):
+            changed = self._book.apply(answers[start : start + _MESSAGE_ANSWERS]) or changed
+            await asyncio.sleep(0)  # 10^4 answers are work: the quotes on this loop go in between
+        await self._share(answers, changed=changed)
 
     async def _share(self, answers: list[LenderRate], *, changed: bool) -> None:
+        """To every replica (the bus), a chunk at a time, then the market-data change, then the store."""
         for start in range(0, len(answers), _MESSAGE_ANSWERS):
             await self._bus.publish(LENDER_TOPIC, encode_answers(answers[start : start + _MESSAGE_ANSWERS]))
+            await asyncio.sleep(0)
         if changed:
             await self._writer.changed()
-        await self._sources.put_lender(answers)
+        for start in range(0, len(answers), _MESSAGE_ANSWERS):
+            await self._sources.put_lender(answers[start : start + _MESSAGE_ANSWERS])
 
     # ---- the refresher --------------------------------------------------------------------------
 
