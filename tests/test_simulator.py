@@ -220,6 +220,30 @@ def test_without_a_key_configured_any_call_is_answered(tmp_path: Path) -> None:
         _stop(sim)
 
 
+def _ibkr_file(bof: str, rows: list[str]) -> str:
+    header = "#SYM|CUR|NAME|CON|ISIN|REBATERATE|FEERATE|AVAILABLE|"
+    return "\n".join([f"#BOF|{bof}", header, *rows, f"#EOF|{len(rows)}"]) + "\n"
+
+
+def test_the_lender_serves_the_file_with_the_newest_bof_and_skips_a_damaged_one(tmp_path: Path) -> None:
+    # Named so that their names sort the other way round from their #BOF times.
+    (tmp_path / "ibkr_a_newest_but_damaged.txt").write_text("#BOF|2024.01.02|09:00:00\nnot a header\n")
+    (tmp_path / "ibkr_b_newer.txt").write_text(
+        _ibkr_file(
+            "2023.01.02|10:00:00", ["ZZA|USD|ZZA INC|1|X|1.0|12.5|1000|", "ZZB|USD|ZZB INC|2|X|NA|NA|5|"]
+        )
+    )
+    (tmp_path / "ibkr_z_older.txt").write_text(
+        _ibkr_file("2020.01.01|10:00:00", ["ZZA|USD|ZZA INC|1|X|1|0.5|9|"])
+    )
+    sim = _start(["--data-dir", str(tmp_path)], cwd=tmp_path)
+    try:
+        assert sim.client.get("/api/borrows/ZZA").json() == {"rate": 0.125, "status": "HARD"}
+        assert sim.client.get("/api/borrows/ZZB").status_code == 404  # FEERATE NA: no rate, unknown
+    finally:
+        _stop(sim)
+
+
 def test_a_missing_data_directory_stops_it_with_a_message(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pricer", "simulate-sources", "--data-dir", str(tmp_path / "nope")],
