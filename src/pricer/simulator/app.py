@@ -9,7 +9,7 @@ import asyncio
 import datetime as dt
 import hmac
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -212,14 +212,33 @@ async def _provider_call(
         stats.by_ticker[ticker] = stats.by_ticker.get(ticker, 0) + 1
     stats.in_flight += 1
     stats.max_concurrent = max(stats.max_concurrent, stats.in_flight)
+    streaming = False
     try:
         answer = await _faulty(state, provider, request, valid)
+        if isinstance(answer, StreamingResponse):
+            # A drip is in flight until its last byte is sent or its client leaves.
+            answer.body_iterator = _counted(state, provider, answer.body_iterator)
+            streaming = True
     finally:
-        # The stats may have been reset meanwhile: count down on the current record.
-        current = state.stats[provider]
-        current.in_flight -= 1
+        if not streaming:
+            _call_ended(state, provider)
     # Nothing to send: the client is gone; an empty 204 is what uvicorn is told (it writes nothing then).
     return answer if answer is not None else Response(status_code=204)
+
+
+def _call_ended(state: SimulatorState, provider: Provider) -> None:
+    # The stats may have been reset meanwhile: count down on the current record.
+    state.stats[provider].in_flight -= 1
+
+
+async def _counted(
+    state: SimulatorState, provider: Provider, chunks: AsyncIterable[str | bytes | memoryview]
+) -> AsyncIterator[str | bytes | memoryview]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        _call_ended(state, provider)
 
 
 def _provider_routes(state: SimulatorState) -> list[Route]:

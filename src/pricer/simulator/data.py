@@ -86,27 +86,36 @@ def _warn(message: str) -> None:
     print(f"simulator: {message}", file=sys.stderr)
 
 
+def _bof_text(path: Path) -> str:
+    """The first line (`#BOF|YYYY.MM.DD|HH:MM:SS`): it sorts as the time it states (unreadable: "")."""
+    try:
+        with path.open("rb") as file:
+            return file.readline(64).decode("latin-1").strip()
+    except OSError:
+        return ""
+
+
 def _lender_rates(data_dir: Path) -> dict[str, LenderRate]:
     """Every ticker of the newest availability file (by its `#BOF` time) with a FEERATE; `NA` rows are left
-    out (a lender without a rate for a ticker does not know it: 404)."""
-    newest = None
+    out (a lender without a rate for a ticker does not know it: 404).
+
+    Only the newest file is parsed (the others are ordered by their first line alone): a start-up of the
+    simulator, which tests do often, then parses one 17,000-row file rather than every one. A damaged
+    file is skipped for the next newest."""
     loaded_at = dt.datetime.now(dt.UTC)
-    for path in sorted(data_dir.glob(IBKR_PATTERN)):
+    for path in sorted(data_dir.glob(IBKR_PATTERN), key=_bof_text, reverse=True):
         try:
             snapshot = parse_availability(path.read_bytes(), loaded_at=loaded_at)
-        except DataFileError as error:
+        except (OSError, DataFileError) as error:
             _warn(f"{path.name} skipped: {error}")
             continue
-        if newest is None or snapshot.as_of >= newest.as_of:
-            newest = snapshot
-    if newest is None:
-        _warn(f"no IBKR availability file ({IBKR_PATTERN}) in {data_dir}: the lender knows no ticker")
-        return {}
-    return {
-        ticker: LenderRate(rate=entry.fee_rate, status=derive_status(entry.fee_rate))
-        for ticker, entry in newest.entries.items()
-        if entry.fee_rate is not None
-    }
+        return {
+            ticker: LenderRate(rate=entry.fee_rate, status=derive_status(entry.fee_rate))
+            for ticker, entry in snapshot.entries.items()
+            if entry.fee_rate is not None
+        }
+    _warn(f"no usable IBKR availability file ({IBKR_PATTERN}) in {data_dir}: the lender knows no ticker")
+    return {}
 
 
 def _volatility(data_dir: Path) -> VolatilityValue:
