@@ -17,6 +17,7 @@ Sections (each runs as its own process and writes JSON, kept in benchmarks/resul
     batch          bench_batch.py           10^4-position batch round trip; RSS under 10^5 client ids
     million        bench_batch.py --million 10^6-position batches, 4 forms, beside msgspec's own floor
     faults         bench_faults.py          Redis/PostgreSQL down, SIGTERM, SIGKILL, slowloris, flood: loss
+    sources        bench_sources.py         simulated providers vs files only: req/s, hang, cold, refresher
 
 The report quotes machine facts, every figure beside a baseline or variant measured in the same run, the
 issues' targets with PASS/MISS, and the exact commands. A missing or failing benchmark is reported as such;
@@ -45,6 +46,7 @@ AUDIT_SCRIPT = HERE / "bench_audit.py"
 BATCH_SCRIPT = HERE / "bench_batch.py"
 LATENCY_SCRIPT = HERE / "bench_latency.py"
 FAULTS_SCRIPT = HERE / "bench_faults.py"
+SOURCES_SCRIPT = HERE / "bench_sources.py"
 PROFILE_SCRIPT = HERE / "profile_single.py"
 LATENCY_PLOT = HERE / "REPORT-latency.png"
 VARIANT_SECTIONS = ("limiter", "persistence", "observability")
@@ -58,6 +60,7 @@ SECTIONS = (
     "batch",
     "million",
     "faults",
+    "sources",
 )
 SCRIPTS = {
     "pricing": PRICING_SCRIPT,
@@ -69,6 +72,7 @@ SCRIPTS = {
     "batch": BATCH_SCRIPT,
     "million": BATCH_SCRIPT,
     "faults": FAULTS_SCRIPT,
+    "sources": SOURCES_SCRIPT,
 }
 # What --quick adds to each section's command (the HTTP and pricing ones: see run_http / run_pricing).
 QUICK_ARGS = {
@@ -82,6 +86,7 @@ QUICK_ARGS = {
     "batch": ["--duration", "2s", "--rounds", "2", "--clients", "20000"],
     "million": ["--million", "100000", "--million-rounds", "1", "--skip-batch", "--skip-rss"],
     "faults": ["--quick"],
+    "sources": ["--quick"],
 }
 
 # What a full run adds: the persistence target (<= 15 % fewer req/s) lies within what one round varies by
@@ -901,6 +906,20 @@ def faults_section(doc: Mapping[str, Any] | None, command: Sequence[str], error:
     )
 
 
+def sources_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
+    """The "Live sources" section: bench_sources.py renders its own (one place for its arithmetic)."""
+    lines = _problem_lines(error, "Live sources (bench_sources.py)")
+    if doc is None:
+        return lines
+    import bench_sources
+
+    return (
+        lines
+        + bench_sources.render_markdown({**doc, "command": None})
+        + _commands_block([display_command(command)] if command else [])
+    )
+
+
 def batch_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
     lines = _problem_lines(error, "Batch round trip and memory under many clients (bench_batch.py)")
     if doc is None:
@@ -1095,6 +1114,8 @@ def write_report(
             lines += faults_section(data, command, error)
         elif name == "million":
             lines += million_section(data, command, error)
+        elif name == "sources":
+            lines += sources_section(data, command, error)
         else:
             lines += batch_section(data, command, error)
         if name == "persistence":

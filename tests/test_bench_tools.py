@@ -729,6 +729,7 @@ def test_selected_sections() -> None:
         "batch",
         "million",
         "faults",
+        "sources",
     ]
     with pytest.raises(ValueError, match="unknown section"):
         run.selected_sections("limiter,nope", [])

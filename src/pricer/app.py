@@ -26,6 +26,7 @@ from pricer.endpoints.common import utc_now
 from pricer.endpoints.health import DependencyCheck, HealthEndpoints, market_data_check
 from pricer.endpoints.quotes import QuoteEndpoints
 from pricer.endpoints.rates import RateEndpoints
+from pricer.marketdata.providers.assembly import build_live_sources, lender_book
 from pricer.marketdata.service import MARKET_TOPIC, MarketData, MarketDataWriter
 from pricer.marketdata.shared_cache import SharedRateCache
 from pricer.middleware.admission import Admit
@@ -140,9 +141,22 @@ def create_app(
         metrics=metrics,
         shared_cache=shared_rates,
         hears_changes=lambda: backends.bus.connected,
+        lender_book=lender_book(settings),
     )
     backends.bus.subscribe(lambda topic, _key: market.invalidate() if topic in (MARKET_TOPIC, "*") else None)
     writer = MarketDataWriter(stores, backends.bus, shared_rates)
+    # Live market data over HTTP (DESIGN §3.1): None unless a provider's URL is set.
+    live = build_live_sources(
+        settings,
+        stores=stores,
+        sources=backends.sources,
+        writer=writer,
+        bus=backends.bus,
+        book=market.lender_book,
+        metrics=metrics,
+        invalidate_local=market.invalidate,
+    )
+    market.live = live
     hasher = KeyHasher(settings.api_key_pepper)
     lifecycle = Lifecycle()
 
@@ -193,6 +207,11 @@ def create_app(
         {
             **backends.checks,
             "market_data": DependencyCheck(market_data_check(market, settings.market_data_stale_after_hours)),
+            **(
+                {f"{name}_api": DependencyCheck(live.health_check(name)) for name in live.configured}
+                if live is not None
+                else {}
+            ),
         },
         is_draining=lambda: lifecycle.draining,
     )
@@ -235,6 +254,10 @@ def create_app(
     if shared_rates is not None:
         lifecycle.startup.append(shared_rates.load_version)
     lifecycle.shutdown += backends.shutdown
+    if live is not None:
+        # Started after the stores and the bus; stopped before them (shutdown runs in reverse).
+        lifecycle.startup.append(live.start)
+        lifecycle.shutdown.append(live.close)
     if metrics_dir is not None:
         lifecycle.startup.append(metrics.start_publishing)
         lifecycle.shutdown.insert(0, metrics.stop_publishing)  # runs last: after every request

@@ -24,9 +24,9 @@ from pricer.ratelimit.redis import RedisLimiter
 from pricer.schemas import DependencyHealth
 from pricer.settings import Settings
 from pricer.stores.cached import CachedClientStore, CachedKeyStore
-from pricer.stores.memory import memory_stores
+from pricer.stores.memory import MemorySourceStore, memory_stores
 from pricer.stores.pool import DeferredPool
-from pricer.stores.protocols import Stores
+from pricer.stores.protocols import SourceStore, Stores
 
 Step = Callable[[], Awaitable[None]]
 
@@ -42,6 +42,7 @@ class Backends:
     startup: list[Step] = field(default_factory=list)
     shutdown: list[Step] = field(default_factory=list)
     checks: dict[str, DependencyCheck] = field(default_factory=dict)
+    sources: SourceStore = field(default_factory=MemorySourceStore)  # the live providers' answers (§3.1)
 
 
 def redis_client(url: str) -> aioredis.Redis:
@@ -97,6 +98,7 @@ def build_backends(settings: Settings, stores: Stores | None = None) -> Backends
 def _use_postgres(backends: Backends, settings: Settings) -> None:
     from pricer.stores.migrate import migrate
     from pricer.stores.postgres.assembly import postgres_stores
+    from pricer.stores.postgres.sources import PgSourceStore
 
     assert settings.database_url is not None
     pool = DeferredPool(
@@ -124,6 +126,7 @@ def _use_postgres(backends: Backends, settings: Settings) -> None:
     )
     backends.pool = pool
     backends.audit = audit
+    backends.sources = PgSourceStore(pool)
 
     def on_market_change(topic: str, _key: str) -> None:
         if topic in ("market", "*"):

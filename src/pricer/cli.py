@@ -8,6 +8,8 @@ clients put|list                   clients in the database (as PUT /api/v1/admin
 keys create|list|show|revoke       API keys in the database (secrets shown once, stored as HMACs)
 check-db                           database connectivity, as the runbook's check
 seed-demo                          the demo clients, market data and keys, into the database
+simulate-sources                   the lender, volatility and event-calendar providers of DESIGN §3.1,
+                                   simulated on one port with faults switchable at run time
 """
 
 from __future__ import annotations
@@ -97,7 +99,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("key")
     revoke = keys.add_parser("revoke", help="revoke a key (in force on every replica within a second)")
     revoke.add_argument("key_id")
+    simulate = commands.add_parser(
+        "simulate-sources",
+        help="serve simulated lender, volatility and event-calendar APIs (DESIGN §3.1), faults switchable",
+    )
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8100, help="0 takes any free port (printed)")
+    simulate.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("../shared/data"),
+        help="IBKR file, VIX history, earnings calendar",
+    )
+    simulate.add_argument(
+        "--api-key", help="key the provider calls must send as X-API-Key (default: SIMULATOR_API_KEY; none)"
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "simulate-sources":
+        # The simulator runs none of the engine: the engine's settings are neither read nor needed.
+        from pricer.simulator.server import run_simulator
+
+        return run_simulator(host=args.host, port=args.port, data_dir=args.data_dir, api_key=args.api_key)
 
     try:
         settings = load_settings()

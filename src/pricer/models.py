@@ -87,6 +87,18 @@ class VolatilityReading(msgspec.Struct, frozen=True):
     source: str = "admin"
 
 
+class LenderRate(msgspec.Struct, frozen=True, array_like=True):
+    """What the lender API answered for a ticker, as fetched at `fetched_at` (DESIGN §3.1).
+
+    `rate` is the annual fee as a fraction, None when the lender answered that it does not know the
+    ticker (404); `status` is the lender's borrow status (None with no rate)."""
+
+    ticker: str
+    rate: float | None
+    status: BorrowStatus | None
+    fetched_at: dt.datetime
+
+
 class MarketEvent(msgspec.Struct, frozen=True, kw_only=True):
     """An event that raises a ticker's borrow risk.
 

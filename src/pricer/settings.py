@@ -43,6 +43,28 @@ class AuditDurability(enum.StrEnum):
     DISK = "disk"  # fsynced to this process's journal before the response
 
 
+SECRET_FIELDS = frozenset(
+    {
+        "api_key_pepper",
+        "jwt_secret_key",
+        "bootstrap_admin_key",
+        "internal_service_secret",
+        "lender_api_key",
+        "volatility_api_key",
+        "event_api_key",
+    }
+)
+
+
+def _http_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")) or "@" in url:
+        raise ValueError(
+            "expected an http:// or https:// URL without credentials (the key goes in *_API_KEY)"
+        )
+    return url
+
+
 class SettingsError(ValueError):
     """A variable with a value the engine refuses; the message names the variable."""
 
@@ -68,6 +90,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     source_max_age_seconds: float = 900.0
     source_cold_fetch_ms: float = 200.0
     source_max_concurrency: int = 8
+    # Live market data over HTTP (issue 20, DESIGN §3.1): each provider is enabled by its URL. The keys are
+    # secrets: kept out of repr() (see `__repr__`), logs, metrics and health.
+    lender_api_url: str | None = None
+    lender_api_key: str | None = None
+    volatility_api_url: str | None = None
+    volatility_api_key: str | None = None
+    event_api_url: str | None = None
+    event_api_key: str | None = None
+    lender_refresh_seconds: float = 60.0
+    volatility_refresh_seconds: float = 300.0
+    event_refresh_seconds: float = 3600.0
+    source_breaker_open_seconds: float = 30.0  # how long a provider's open breaker answers before a probe
     api_key_pepper: str = DEV_API_KEY_PEPPER
     jwt_secret_key: str = DEV_JWT_SECRET_KEY
     jwt_ttl_seconds: int = 900
@@ -113,6 +147,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_multiproc_dir: str | None = None
     # Market data while PostgreSQL is down (issue 16, PostgreSQL outage): rates priced before it stand in.
     rate_cache_stale_seconds: float = 300.0
+
+    def __repr__(self) -> str:
+        # Every secret shows as *** (a settings struct in a traceback or a debug line must not leak one).
+        shown = (
+            f"{name}={'***' if name in SECRET_FIELDS and value is not None else value!r}"
+            for name, value in msgspec.structs.asdict(self).items()
+        )
+        return f"Settings({', '.join(shown)})"
 
     @property
     def effective_burst(self) -> int:
@@ -236,6 +278,16 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SOURCE_MAX_AGE_SECONDS": ("source_max_age_seconds", _float_in(1, 86_400 * 7)),
     "SOURCE_COLD_FETCH_MS": ("source_cold_fetch_ms", _float_in(0, 60_000)),
     "SOURCE_MAX_CONCURRENCY": ("source_max_concurrency", _int_in(1, 1000)),
+    "LENDER_API_URL": ("lender_api_url", _http_url),
+    "LENDER_API_KEY": ("lender_api_key", _text),
+    "VOLATILITY_API_URL": ("volatility_api_url", _http_url),
+    "VOLATILITY_API_KEY": ("volatility_api_key", _text),
+    "EVENT_API_URL": ("event_api_url", _http_url),
+    "EVENT_API_KEY": ("event_api_key", _text),
+    "LENDER_REFRESH_SECONDS": ("lender_refresh_seconds", _float_in(0.1, 86_400)),
+    "VOLATILITY_REFRESH_SECONDS": ("volatility_refresh_seconds", _float_in(0.1, 86_400)),
+    "EVENT_REFRESH_SECONDS": ("event_refresh_seconds", _float_in(0.1, 86_400 * 7)),
+    "SOURCE_BREAKER_OPEN_SECONDS": ("source_breaker_open_seconds", _float_in(0.1, 3600)),
     "API_KEY_PEPPER": ("api_key_pepper", _text),
     "JWT_SECRET_KEY": ("jwt_secret_key", _text),
     "JWT_TTL_SECONDS": ("jwt_ttl_seconds", _int_in(60, 86_400)),

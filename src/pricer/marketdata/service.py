@@ -1,7 +1,11 @@
 """Market data for pricing: gathers each ticker's rate inputs from the stores and prices them.
 
-Sources of the base rate, in order: a lender API rate, the availability snapshot in force (FEERATE / 100),
-else the floor (`fallback`). A ticker is known when it has a stock record or a row in the snapshot.
+Sources of the base rate, in order (DESIGN §3, §3.1): the lender API's rate when younger than
+SOURCE_MAX_AGE_SECONDS (`lender_api`, as of its fetch), the availability snapshot in force (FEERATE / 100),
+else the floor (`fallback`). Status: the stock's stored one, else the lender's, else derived from the base.
+A ticker is known when it has a stock record, a row in the snapshot or a lender rate. The lender's answers
+are read from the in-process `LenderBook` (a dictionary lookup); a ticker it never had is fetched once on
+demand (`LiveHooks.cold_fetch`, bounded by SOURCE_COLD_FETCH_MS) before its rate is computed.
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import Final, cast
+from typing import Final, Protocol, cast
 
 import numpy as np
 
 from pricer.errors import ServiceUnavailable
 from pricer.invalidation import InvalidationBus
 from pricer.logs import fields
+from pricer.marketdata.providers.book import LenderBook
 from pricer.marketdata.shared_cache import SharedRateCache
 from pricer.models import (
     AvailabilitySnapshot,
@@ -64,6 +69,16 @@ def event_risk(events: Sequence[MarketEvent], today: dt.date) -> int:
 def rate_units_of(value: float) -> int:
     """A rate with at most 8 decimals (validated upstream) in exact 1e-8 units."""
     return int(Decimal(repr(value)).scaleb(RATE_PLACES))
+
+
+class LiveHooks(Protocol):
+    """What the rate computation asks of the live sources (`providers.refresher.LiveSources`)."""
+
+    def cold_candidates(self, tickers: Sequence[str]) -> list[str]: ...
+
+    async def cold_fetch(self, tickers: Sequence[str]) -> None: ...
+
+    def note_priced(self, tickers: Sequence[str]) -> None: ...
 
 
 _MISS: Final = object()
@@ -149,8 +164,11 @@ class MarketData:
         metrics: Metrics | None = None,
         shared_cache: SharedRateCache | None = None,
         hears_changes: Callable[[], bool] = lambda: True,
+        lender_book: LenderBook | None = None,
     ) -> None:
         self._stores = stores
+        self._book = lender_book
+        self.live: LiveHooks | None = None
         self._policy = policy
         self._cache = (
             RateCache(cache_ttl_seconds, hears_changes=hears_changes) if cache_ttl_seconds > 0 else None
@@ -169,6 +187,10 @@ class MarketData:
     @property
     def policy(self) -> RatePolicy:
         return self._policy
+
+    @property
+    def lender_book(self) -> LenderBook | None:
+        return self._book
 
     async def volatility(self) -> VolatilityReading:
         reading = await self._stores.volatility.latest()
@@ -237,12 +259,27 @@ class MarketData:
 
     async def _compute(self, tickers: Sequence[str], now: dt.datetime) -> list[TickerRate | None]:
         stores = self._stores
+        book = self._book
+        live = self.live
+        if live is not None:
+            cold = live.cold_candidates(tickers)
+            if cold:
+                await live.cold_fetch(cold)
         snapshot = await stores.availability.current()
         entries = snapshot.entries if snapshot is not None else {}
         stocks = await stores.stocks.get_many(tickers)
-        known = [ticker for ticker in tickers if ticker in stocks or ticker in entries]
+        answers = {ticker: book.answer(ticker) for ticker in tickers} if book is not None else {}
+        known = [
+            ticker
+            for ticker in tickers
+            if ticker in stocks
+            or ticker in entries
+            or ((answer := answers.get(ticker)) is not None and answer.rate is not None)
+        ]
         if not known:
             return [None] * len(tickers)
+        if live is not None:
+            live.note_priced(known)
         today = now.date()
         events = await stores.events.between(known, today, today + self._event_window)
         reading = await self.volatility()
@@ -263,7 +300,19 @@ class MarketData:
                 if stock.borrow_status is not None:
                     stored_status[row] = _STATUS_CODES[stock.borrow_status]
             entry = entries.get(ticker)
-            if entry is not None and entry.fee_rate is not None:
+            answer = answers.get(ticker)
+            if (
+                book is not None
+                and answer is not None
+                and answer.rate is not None
+                and book.in_force(answer, now)
+            ):
+                base[row] = answer.rate
+                sources.append(RateSource.LENDER_API)
+                as_of.append(answer.fetched_at)
+                if stored_status[row] == NO_STATUS and answer.status is not None:
+                    stored_status[row] = _STATUS_CODES[answer.status]
+            elif entry is not None and entry.fee_rate is not None:
                 base[row] = entry.fee_rate
                 sources.append(RateSource.AVAILABILITY_FILE)
                 as_of.append(snapshot.as_of if snapshot is not None else now)
@@ -324,6 +373,10 @@ class MarketDataWriter:
         self._stores = stores
         self._bus = bus
         self._shared_cache = shared_cache
+
+    async def changed(self) -> None:
+        """Market data changed other than through this writer's methods (the live sources' lender book)."""
+        await self._changed()
 
     async def _changed(self) -> None:
         """Market data changed: every replica's rate caches forget (this one before the call returns)."""

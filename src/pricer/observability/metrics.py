@@ -19,16 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
 import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
-import msgspec
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -50,6 +46,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from pricer.logs import fields
+from pricer.observability.metrics_files import MetricsSnapshot, SharedMetricsDirectory
 
 # Seconds; resolves 0.5 ms to 2.5 s (DESIGN §4).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -206,8 +203,20 @@ class Metrics:
             description="Backend service call latency",
             label_names=("service",),
         )
+        self.external_duration = FixedBucketHistogram(
+            "external_api_request_duration_seconds",
+            unit="s",
+            description="Market-data provider call latency (each attempt)",
+            label_names=("provider",),
+        )
         self._histograms = {
-            h.name: h for h in (self.request_duration, self.calculation_duration, self.backend_duration)
+            h.name: h
+            for h in (
+                self.request_duration,
+                self.calculation_duration,
+                self.backend_duration,
+                self.external_duration,
+            )
         }
         self._view: _Totals | None = None  # what the scrape in progress reports (None: this process)
         self._reader = _HistogramExportingReader(
@@ -227,6 +236,10 @@ class Metrics:
         self.auth_attempts: defaultdict[str, int] = defaultdict(int)
         self.calculations: defaultdict[str, int] = defaultdict(int)
         self.backend_requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.external_requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        # Gauges by name -> {label value: value}, set by whoever knows them (the live sources, DESIGN §3.1):
+        # circuit_breaker_state{name}, market_data_age_seconds{provider}. Read at each scrape.
+        self.gauge_readers: defaultdict[str, list[Callable[[], dict[str, float]]]] = defaultdict(list)
         self.rate_limit_exceeded = 0
         self.fallback_usage = 0
         self.cache_hits = 0
@@ -286,6 +299,33 @@ class Metrics:
             ],
             description="Calls to backend services by outcome",
         )
+        meter.create_observable_counter(
+            "external_api_requests_total",
+            callbacks=[
+                observe(
+                    lambda: (
+                        Observation(count, {"provider": provider, "status": status})
+                        for (provider, status), count in list(self._counts().external_requests.items())
+                    )
+                )
+            ],
+            description="Calls to market-data providers by outcome",
+        )
+        for gauge, label, description in (
+            ("circuit_breaker_state", "name", "Circuit breaker state: 0 closed, 1 half-open, 2 open"),
+            ("market_data_age_seconds", "provider", "Age of the provider's last good answer"),
+        ):
+            meter.create_observable_gauge(
+                gauge,
+                callbacks=[
+                    observe(
+                        lambda gauge=gauge, label=label: (  # type: ignore[misc]
+                            Observation(value, {label: key}) for key, value in self._gauge(gauge).items()
+                        )
+                    )
+                ],
+                description=description,
+            )
         for name, attribute, description in (
             ("rate_limit_exceeded_total", "rate_limit_exceeded", "Requests refused by a rate limit"),
             ("fallback_usage_total", "fallback_usage", "Positions priced on the fallback rate"),
@@ -303,6 +343,17 @@ class Metrics:
                 self._view.plain.get(attribute, 0) if self._view is not None else getattr(self, attribute)
             )
         ]
+
+    def _gauge(self, name: str) -> dict[str, float]:
+        if self._view is not None:
+            return self._view.gauges.get(name, {})
+        return self._read_gauge(name)
+
+    def _read_gauge(self, name: str) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for reader in self.gauge_readers.get(name, ()):
+            values.update(reader())
+        return values
 
     def _counts(self) -> _Totals | Metrics:
         return self._view if self._view is not None else self
@@ -339,6 +390,8 @@ class Metrics:
             calculations=dict(self.calculations),
             backend_requests=[(*labels, count) for labels, count in list(self.backend_requests.items())],
             plain={name: getattr(self, name) for name in PLAIN_COUNTERS},
+            external_requests=[(*labels, count) for labels, count in list(self.external_requests.items())],
+            gauges={name: self._read_gauge(name) for name in list(self.gauge_readers)},
             histograms={
                 name: [
                     (list(labels), list(one.counts), one.count, one.total, one.min, one.max)
@@ -378,18 +431,6 @@ class Metrics:
         self._provider.shutdown()
 
 
-class MetricsSnapshot(msgspec.Struct, array_like=True):
-    """One worker's metric state: counters by label values, histogram series as (labels, bucket
-    counts, count, sum, min, max)."""
-
-    requests: list[tuple[str, str, str, int]]
-    auth_attempts: dict[str, int]
-    calculations: dict[str, int]
-    backend_requests: list[tuple[str, str, int]]
-    plain: dict[str, int]
-    histograms: dict[str, list[tuple[list[str], list[int], int, float, float, float]]]
-
-
 class _Totals:
     """Sums over workers' snapshots, in the shapes the scrape callbacks read."""
 
@@ -399,6 +440,8 @@ class _Totals:
         self.calculations: defaultdict[str, int] = defaultdict(int)
         self.backend_requests: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.plain: defaultdict[str, int] = defaultdict(int)
+        self.external_requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.gauges: dict[str, dict[str, float]] = {}
         self.histograms: dict[str, dict[tuple[str, ...], _Series]] = {}
 
     @classmethod
@@ -415,6 +458,12 @@ class _Totals:
                 totals.backend_requests[(service, status)] += count
             for key, count in snapshot.plain.items():
                 totals.plain[key] += count
+            for provider, status, count in snapshot.external_requests:
+                totals.external_requests[(provider, status)] += count
+            for name, values in snapshot.gauges.items():
+                merged_gauge = totals.gauges.setdefault(name, {})
+                for key, value in values.items():  # the worst worker's: a state code, an age
+                    merged_gauge[key] = max(value, merged_gauge.get(key, value))
             for name, points in snapshot.histograms.items():
                 merged = totals.histograms.setdefault(name, {})
                 for labels, counts, count, total, low, high in points:
@@ -429,30 +478,3 @@ class _Totals:
                     series.min = min(series.min, low)
                     series.max = max(series.max, high)
         return totals
-
-
-class SharedMetricsDirectory:
-    """Per-process snapshot files in one directory (`worker-<pid>-<random token>.msgpack`), replaced
-    atomically. The token makes each process's file its own: a worker that replaces a dead one may get
-    its pid, and must not overwrite the dead worker's last counts (the sums would go backwards)."""
-
-    def __init__(self, directory: str) -> None:
-        self._directory = Path(directory)
-        name = f"worker-{os.getpid()}-{secrets.token_hex(8)}"
-        self._path = self._directory / f"{name}.msgpack"
-        self._temporary = self._directory / f".{name}.tmp"
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(MetricsSnapshot)
-
-    def publish(self, snapshot: MetricsSnapshot) -> None:
-        self._temporary.write_bytes(self._encoder.encode(snapshot))
-        os.replace(self._temporary, self._path)
-
-    def read_all(self) -> list[MetricsSnapshot]:
-        snapshots = []
-        for path in sorted(self._directory.glob("worker-*.msgpack")):
-            try:
-                snapshots.append(self._decoder.decode(path.read_bytes()))
-            except (OSError, msgspec.DecodeError) as error:
-                log.warning("Metrics file unreadable", extra=fields(file=path.name, error=str(error)))
-        return snapshots

@@ -12,6 +12,7 @@ from pricer.models import (
     ApiKeyRecord,
     AvailabilitySnapshot,
     Client,
+    LenderRate,
     MarketEvent,
     Stock,
     VolatilityReading,
@@ -56,6 +57,9 @@ class MemoryStockStore:
         created = stock.ticker not in self._stocks
         self._stocks[stock.ticker] = stock
         return created
+
+    async def tickers(self) -> Sequence[str]:
+        return list(self._stocks)
 
 
 class MemoryAvailabilityStore:
@@ -112,6 +116,35 @@ class MemoryEventStore:
                 if window:
                     found[ticker] = window
         return found
+
+
+class MemorySourceStore:
+    def __init__(self) -> None:
+        self._lender: dict[str, LenderRate] = {}
+        self._quoted: dict[str, dt.datetime] = {}
+        self._statuses: dict[str, Mapping[str, object]] = {}
+
+    async def put_lender(self, rates: Sequence[LenderRate]) -> None:
+        for rate in rates:
+            kept = self._lender.get(rate.ticker)
+            if kept is None or rate.fetched_at >= kept.fetched_at:
+                self._lender[rate.ticker] = rate
+
+    async def lender_rates(self) -> Sequence[LenderRate]:
+        return list(self._lender.values())
+
+    async def note_quoted(self, tickers: Sequence[str], at: dt.datetime) -> None:
+        for ticker in tickers:
+            self._quoted[ticker] = max(at, self._quoted.get(ticker, at))
+
+    async def quoted_since(self, since: dt.datetime) -> Sequence[str]:
+        return [ticker for ticker, at in self._quoted.items() if at >= since]
+
+    async def put_status(self, provider: str, status: Mapping[str, object]) -> None:
+        self._statuses[provider] = dict(status)
+
+    async def statuses(self) -> Mapping[str, Mapping[str, object]]:
+        return dict(self._statuses)
 
 
 class MemoryKeyStore:

@@ -11,6 +11,7 @@ from pricer.models import (
     ApiKeyRecord,
     AvailabilitySnapshot,
     Client,
+    LenderRate,
     MarketEvent,
     Stock,
     VolatilityReading,
@@ -34,6 +35,10 @@ class StockStore(Protocol):
     async def get_many(self, tickers: Sequence[str]) -> Mapping[str, Stock]: ...
 
     async def put(self, stock: Stock) -> bool: ...
+
+    async def tickers(self) -> Sequence[str]:
+        """Every ticker with a stock record (the live sources keep them fresh)."""
+        ...
 
 
 class AvailabilityStore(Protocol):
@@ -89,6 +94,32 @@ class QuoteStore(Protocol):
     async def get(self, quote_id: str) -> PricedQuote | None:
         """The quote as priced (its row as a one-row batch, with its place in the call), or None."""
         ...
+
+
+class SourceStore(Protocol):
+    """What the live market-data sources fetched (DESIGN §3.1), shared by the replicas: the lender's
+    answers per ticker, the tickers quoted lately (the refresher keeps them fresh too) and each provider's
+    state as the refresher last saw it."""
+
+    async def put_lender(self, rates: Sequence[LenderRate]) -> None:
+        """Keep each ticker's latest answer (a newer `fetched_at` replaces an older one, not the reverse)."""
+        ...
+
+    async def lender_rates(self) -> Sequence[LenderRate]:
+        """Every ticker's latest lender answer."""
+        ...
+
+    async def note_quoted(self, tickers: Sequence[str], at: dt.datetime) -> None: ...
+
+    async def quoted_since(self, since: dt.datetime) -> Sequence[str]:
+        """Tickers quoted at or after `since`."""
+        ...
+
+    async def put_status(self, provider: str, status: Mapping[str, object]) -> None:
+        """A provider's state as the refresher sees it (a small JSON-able mapping)."""
+        ...
+
+    async def statuses(self) -> Mapping[str, Mapping[str, object]]: ...
 
 
 @dataclass(frozen=True, slots=True)

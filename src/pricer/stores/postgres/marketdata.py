@@ -77,6 +77,11 @@ class PgStockStore(_PgStore):
             )
         return bool(created)
 
+    async def tickers(self) -> Sequence[str]:
+        with translate_errors("stocks.tickers"):
+            rows = await self._pool.fetch("SELECT ticker FROM stocks")
+        return [str(row[0]) for row in rows]
+
 
 # ---- records in force, cached in process ---------------------------------------------------------
 
