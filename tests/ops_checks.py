@@ -66,29 +66,14 @@ ENGINE_SERIES = (
     | {f"{name}{suffix}" for name in ENGINE_HISTOGRAMS for suffix in ("_bucket", "_count", "_sum")}
 )
 
-# >>> DECLARED BY THE SOURCES WORK (issue 20, branch `sources`) -- the integrator deletes this block, its one
-# use in declared_engine_metrics and the last assertion of test_engine_metric_names_are_declared_by_the_code
-# (which fails on purpose once metrics.py declares these names) after merging that branch: from then on they
-# must be found in src/pricer/observability/metrics.py like the others.
-DECLARED_BY_THE_SOURCES_WORK = frozenset(
-    {
-        "external_api_requests_total",
-        "external_api_request_duration_seconds",
-        "circuit_breaker_state",
-        "market_data_age_seconds",
-    }
-)
-# <<< DECLARED BY THE SOURCES WORK
-
 METRICS_MODULE = REPO / "src" / "pricer" / "observability" / "metrics.py"
 _METRIC_LITERAL = re.compile(r"""["']([a-z][a-z0-9_]*)["']""")
 
 
 def declared_engine_metrics() -> set[str]:
-    """The contract's metric names that the engine's metrics module declares (each as a string literal there),
-    plus the names the sources work declares on its branch (the marked block above)."""
+    """The contract's metric names the engine's metrics module declares (each a string literal there)."""
     literals = set(_METRIC_LITERAL.findall(METRICS_MODULE.read_text(encoding="utf-8")))
-    return (ENGINE_METRICS & literals) | DECLARED_BY_THE_SOURCES_WORK
+    return ENGINE_METRICS & literals
 
 
 def counters_declared_in_code() -> set[str]:

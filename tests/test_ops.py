@@ -884,17 +884,11 @@ def test_dashboard_metrics_are_exported_or_allowed() -> None:
 
 
 def test_engine_metric_names_are_declared_by_the_code() -> None:
-    """The names the alerts and dashboards may use as the engine's are the ones its metrics module declares
-    (and, until branch `sources` is merged, the issue-20 names of the marked block in ops_checks); every
-    counter the module declares is in the list, so a new one cannot be left off the dashboards."""
+    """The names the alerts and dashboards may use as the engine's are the ones its metrics module declares;
+    every counter the module declares is in the list, so a new one cannot be left off the dashboards."""
     declared = ops.declared_engine_metrics()
     assert ops.ENGINE_METRICS - declared == set(), "ops_checks lists metrics the engine does not declare"
     assert ops.counters_declared_in_code() - ops.ENGINE_COUNTERS == set(), "counters missing from ops_checks"
-    # The marked block only holds names that are not declared yet: once they are, it must go.
-    literals = set(re.findall(r'"([a-z_]+)"', ops.METRICS_MODULE.read_text(encoding="utf-8")))
-    assert ops.DECLARED_BY_THE_SOURCES_WORK & literals == set(), (
-        "metrics.py declares these now: delete the DECLARED_BY_THE_SOURCES_WORK block of tests/ops_checks.py"
-    )
 
 
 def test_provider_and_backend_rows_of_the_detailed_dashboard() -> None:
