@@ -32,6 +32,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pricer.settings import SETTING_NAMES
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LUA_SCRIPT = HERE / "wrk_quote.lua"
@@ -541,72 +543,7 @@ def wait_ready(server: Server, ready: Path | None = None, timeout: float = 60.0)
 # Inherited variables that would change what a server does: every server starts from the environment
 # without them (plus what the benchmark sets). The engine's settings (src/pricer/settings.py), OpenTelemetry's
 # and the benchmarks' own.
-ENGINE_SETTINGS = frozenset(
-    {
-        "API_KEY_PEPPER",
-        "AUDIT_DURABILITY",
-        "AUDIT_SPOOL_DIR",
-        "BACKEND_BATCH_TIMEOUT_SECONDS",
-        "BACKEND_TIMEOUT_SECONDS",
-        "BOOTSTRAP_ADMIN_KEY",
-        "CALCULATION_SERVICE_URL",
-        "CORS_ORIGINS",
-        "DATABASE_POOL_SIZE",
-        "DATABASE_SCHEMA",
-        "DATABASE_URL",
-        "DATA_SERVICE_URL",
-        "DEFAULT_VOLATILITY_INDEX",
-        "DEMO_KEYS_FILE",
-        "ENABLE_AUTHENTICATION",
-        "ENABLE_METRICS",
-        "ENABLE_RATE_LIMITING",
-        "ENVIRONMENT",
-        "EVENT_RISK_FACTOR",
-        "EVENT_WINDOW_DAYS",
-        "EXPECTED_REPLICAS",
-        "HOST",
-        "INTERNAL_SERVICE_SECRET",
-        "JWT_AUDIENCE",
-        "JWT_ISSUER",
-        "JWT_SECRET_KEY",
-        "JWT_TTL_SECONDS",
-        "KEY_CACHE_STALE_SECONDS",
-        "KEY_CACHE_TTL_SECONDS",
-        "LOG_LEVEL",
-        "MARKET_DATA_STALE_AFTER_HOURS",
-        "MAX_BATCH_BODY_BYTES",
-        "MAX_BATCH_SIZE",
-        "MAX_BODY_BYTES",
-        "MAX_BORROW_RATE",
-        "MEMORY_QUOTES_MAX_ROWS",
-        "MIGRATE_ON_START",
-        "MIN_BORROW_RATE",
-        "PORT",
-        "POSITIONS_LIMIT_PER_MINUTE",
-        "RATE_CACHE_STALE_SECONDS",
-        "RATE_CACHE_TTL_SECONDS",
-        "RATE_LIMIT_BURST",
-        "RATE_LIMIT_PER_MINUTE",
-        "REDIS_URL",
-        "ROLE",
-        "SEED_DEMO_DATA",
-        "SHUTDOWN_DRAIN_SECONDS",
-        "SLOW_REQUEST_MS",
-        "SOURCE_COLD_FETCH_MS",
-        "SOURCE_MAX_AGE_SECONDS",
-        "SOURCE_MAX_CONCURRENCY",
-        "SOURCE_TIMEOUT_SECONDS",
-        "VOLATILITY_FACTOR",
-        "VOLATILITY_THRESHOLD",
-        "WORKERS",
-        # Connection hygiene, shutdown and several workers (issue 16, server).
-        "BODY_READ_TIMEOUT_SECONDS",
-        "HEADER_READ_TIMEOUT_SECONDS",
-        "MAX_CONNECTIONS",
-        "MAX_HEADER_BYTES",
-        "METRICS_MULTIPROC_DIR",
-    }
-)
+ENGINE_SETTINGS = SETTING_NAMES
 ENGINE_ENV_PREFIXES = ("PRICER_", "BENCH_", "BASELINE_", "OTEL_")
 
 

@@ -336,6 +336,10 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
 }
 
 
+# Every variable the engine reads: what a benchmark or a test scrubs from an inherited environment.
+SETTING_NAMES = frozenset(_PARSERS)
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Parse and check every variable; raise SettingsError naming the first bad one."""
     env = os.environ if environ is None else environ
