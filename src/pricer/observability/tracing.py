@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pricer import __version__
 from pricer.settings import SettingsError
 
 NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+_propagator = TraceContextTextMapPropagator()
 
 
 class Tracing:
@@ -40,6 +42,23 @@ class Tracing:
             # a parent-based sampler), so skip making and attaching them.
             return NO_SPAN
         return self.tracer.start_as_current_span(name, attributes=dict(attributes or {}))
+
+    def request_span(
+        self, name: str, attributes: Mapping[str, Any], headers: Iterable[tuple[bytes, bytes]]
+    ) -> contextlib.AbstractContextManager[Any]:
+        """The span of an incoming request: a child of the caller's span when the request carries a W3C
+        `traceparent` (a gateway calling a backend service: one trace across the services)."""
+        if self.tracer is None:
+            return NO_SPAN
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in headers
+            if name in (b"traceparent", b"tracestate")
+        }
+        if not carrier:
+            return self.tracer.start_as_current_span(name, attributes=dict(attributes))
+        parent = _propagator.extract(carrier)
+        return self.tracer.start_as_current_span(name, context=parent, attributes=dict(attributes))
 
     def shutdown(self) -> None:
         if self.provider is not None:
