@@ -1,0 +1,1 @@
+"""Calls the engine makes to other services: the gateway's backends and the market-data providers."""
