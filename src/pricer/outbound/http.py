@@ -119,8 +119,9 @@ class _Connection(asyncio.Protocol):
     # ---- asyncio.Protocol --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport is not a subclass of asyncio.Transport (an isinstance check fails under
+        # the engine's server, which runs on uvloop), though it has every method used here.
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if self._response is None:
