@@ -78,7 +78,9 @@ class RoleWiring:
             return routes
         if self.role is Role.GATEWAY:
             assert self.forward is not None
-            return [route if owner(route) in (Role.ALL, Role.GATEWAY) else self.forward(route) for route in routes]
+            return [
+                route if owner(route) in (Role.ALL, Role.GATEWAY) else self.forward(route) for route in routes
+            ]
         return [route for route in routes if owner(route) in (Role.ALL, self.role)]
 
     def health_checks(self, checks: dict[str, DependencyCheck]) -> dict[str, DependencyCheck]:

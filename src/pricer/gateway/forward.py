@@ -55,16 +55,16 @@ class Forwarder:
         self._credentials = credentials
         self._tracing = tracing
 
-    def handler(self, timeout: float) -> Handler:
+    def handler(self, seconds: float) -> Handler:
         """The endpoint of a forwarded route, with the deadline of its calls."""
 
         async def forward(request: Request) -> Response:
-            return await self.forward(request, timeout)
+            return await self.forward(request, seconds)
 
         forward.__name__ = f"forward_to_{self._service.name.replace('-', '_')}"
         return forward
 
-    async def forward(self, request: Request, timeout: float) -> Response:
+    async def forward(self, request: Request, seconds: float) -> Response:
         scope = request.scope
         method = scope["method"]
         # HEAD is GET without the body: the server leaves the body out, as for the routes it answers itself.
@@ -90,11 +90,11 @@ class Forwarder:
             ):
                 _propagator.inject(headers)
                 answer = await self._service.call(
-                    outbound_method, target, headers=headers, body=body, timeout=timeout
+                    outbound_method, target, headers=headers, body=body, seconds=seconds
                 )
         else:
             answer = await self._service.call(
-                outbound_method, target, headers=headers, body=body, timeout=timeout
+                outbound_method, target, headers=headers, body=body, seconds=seconds
             )
         relayed = {name: value for name, value in answer.headers.items() if name in _RELAYED}
         return Response(answer.body, status_code=answer.status, headers=relayed)

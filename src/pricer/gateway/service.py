@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Protocol
 
 from pricer.errors import BackendServiceFailed, BackendServiceTimeout, BackendServiceUnavailable
 from pricer.observability.metrics import Metrics
 from pricer.outbound.breaker import BreakerState, CircuitBreaker
-from pricer.outbound.http import HttpResponse, OutboundError, OutboundTimeout
+from pricer.outbound.http import HttpClient, HttpResponse, OutboundError, OutboundTimeout
 
 CALCULATION_SERVICE = "calculation-service"
 DATA_SERVICE = "data-service"
@@ -28,22 +27,8 @@ DATA_SERVICE = "data-service"
 _MIN_RETRY_SECONDS = 0.005
 
 
-class Http(Protocol):
-    async def request(
-        self,
-        method: str,
-        target: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        body: bytes = b"",
-        timeout: float,
-    ) -> HttpResponse: ...
-
-    async def aclose(self) -> None: ...
-
-
 class ServiceClient:
-    def __init__(self, name: str, http: Http, breaker: CircuitBreaker, metrics: Metrics) -> None:
+    def __init__(self, name: str, http: HttpClient, breaker: CircuitBreaker, metrics: Metrics) -> None:
         self.name = name
         self.http = http
         self.breaker = breaker
@@ -59,16 +44,16 @@ class ServiceClient:
         *,
         headers: Mapping[str, str],
         body: bytes,
-        timeout: float,
+        seconds: float,
     ) -> HttpResponse:
         breaker = self.breaker
         if not breaker.allow():
             self._metrics.backend_requests[self._error_label] += 1
             raise BackendServiceUnavailable(self.name, breaker.retry_after())
         started = time.perf_counter()
-        deadline = started + timeout
+        deadline = started + seconds
         try:
-            response = await self._attempts(method, target, headers, body, deadline, timeout)
+            response = await self._attempts(method, target, headers, body, deadline, seconds)
         except BaseException:
             # A cancelled call (the client went away) leaves no probe of a half-open breaker in flight.
             breaker.record_failure()
@@ -85,7 +70,7 @@ class ServiceClient:
         headers: Mapping[str, str],
         body: bytes,
         deadline: float,
-        timeout: float,
+        seconds: float,
     ) -> HttpResponse:
         retried = False
         while True:
@@ -94,7 +79,7 @@ class ServiceClient:
                     method, target, headers=headers, body=body, timeout=deadline - time.perf_counter()
                 )
             except OutboundTimeout:
-                raise BackendServiceTimeout(self.name, timeout) from None
+                raise BackendServiceTimeout(self.name, seconds) from None
             except OutboundError as error:
                 safe = not error.sent or method == "GET"
                 if retried or not safe or deadline - time.perf_counter() < _MIN_RETRY_SECONDS:

@@ -29,7 +29,8 @@ def _breaker_changed(name: str, state: BreakerState) -> None:
 
 
 def gateway_wiring(settings: Settings, *, metrics: Metrics, tracing: Tracing) -> RoleWiring:
-    assert settings.calculation_service_url is not None and settings.data_service_url is not None
+    assert settings.calculation_service_url is not None
+    assert settings.data_service_url is not None
     credentials = internal_credentials(settings)
     services: dict[str, ServiceClient] = {}
     for name, url in (
@@ -42,7 +43,11 @@ def gateway_wiring(settings: Settings, *, metrics: Metrics, tracing: Tracing) ->
             open_seconds=settings.backend_breaker_open_seconds,
             on_change=_breaker_changed,
         )
-        http = HttpClient(url, max_connections=settings.backend_max_connections, max_response_bytes=_MAX_RESPONSE_BYTES[name])
+        http = HttpClient(
+            url,
+            max_connections=settings.backend_max_connections,
+            max_response_bytes=_MAX_RESPONSE_BYTES[name],
+        )
         services[name] = ServiceClient(name, http, breaker, metrics)
     forwarders = {name: Forwarder(service, credentials, tracing) for name, service in services.items()}
 
@@ -57,6 +62,8 @@ def gateway_wiring(settings: Settings, *, metrics: Metrics, tracing: Tracing) ->
 
     wiring = RoleWiring(Role.GATEWAY, forward=forward)
     for name, service in services.items():
-        wiring.checks[name] = DependencyCheck(service_check(service), timeout_seconds=PROBE_TIMEOUT_SECONDS + 0.5)
+        wiring.checks[name] = DependencyCheck(
+            service_check(service), timeout_seconds=PROBE_TIMEOUT_SECONDS + 0.5
+        )
         wiring.shutdown.append(service.http.aclose)
     return wiring
