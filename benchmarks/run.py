@@ -16,6 +16,7 @@ Sections (each runs as its own process and writes JSON, kept in benchmarks/resul
     audit          bench_audit.py           10^5-row audit write: PgQuoteStore, AuditTrail, executemany
     batch          bench_batch.py           10^4-position batch round trip; RSS under 10^5 client ids
     faults         bench_faults.py          Redis/PostgreSQL down, SIGTERM, SIGKILL, slowloris, flood: loss
+    roles          bench_roles.py           gateway -> calculation/data services (3 processes) vs ROLE=all
 
 The report quotes machine facts, every figure beside a baseline or variant measured in the same run, the
 issues' targets with PASS/MISS, and the exact commands. A missing or failing benchmark is reported as such;
@@ -45,9 +46,10 @@ BATCH_SCRIPT = HERE / "bench_batch.py"
 LATENCY_SCRIPT = HERE / "bench_latency.py"
 FAULTS_SCRIPT = HERE / "bench_faults.py"
 PROFILE_SCRIPT = HERE / "profile_single.py"
+ROLES_SCRIPT = HERE / "bench_roles.py"
 LATENCY_PLOT = HERE / "REPORT-latency.png"
 VARIANT_SECTIONS = ("limiter", "persistence", "observability")
-SECTIONS = ("pricing", "http", "latency", "profile", *VARIANT_SECTIONS, "audit", "batch", "faults")
+SECTIONS = ("pricing", "http", "latency", "profile", *VARIANT_SECTIONS, "audit", "batch", "faults", "roles")
 SCRIPTS = {
     "pricing": PRICING_SCRIPT,
     "http": HTTP_SCRIPT,
@@ -57,6 +59,7 @@ SCRIPTS = {
     "audit": AUDIT_SCRIPT,
     "batch": BATCH_SCRIPT,
     "faults": FAULTS_SCRIPT,
+    "roles": ROLES_SCRIPT,
 }
 # What --quick adds to each section's command (the HTTP and pricing ones: see run_http / run_pricing).
 QUICK_ARGS = {
@@ -69,6 +72,7 @@ QUICK_ARGS = {
     "profile": ["--duration", "4s", "--warmup", "1s", "--rounds", "1"],
     "batch": ["--duration", "2s", "--rounds", "2", "--clients", "20000"],
     "faults": ["--quick"],
+    "roles": ["--quick"],
 }
 
 # What a full run adds: the persistence target (<= 15 % fewer req/s) lies within what one round varies by
@@ -878,6 +882,22 @@ def faults_section(doc: Mapping[str, Any] | None, command: Sequence[str], error:
     )
 
 
+def roles_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
+    """The "Roles" section: the split deployment against ROLE=all (bench_roles.py renders its table)."""
+    lines = _problem_lines(error, "Roles: gateway -> calculation and data services (bench_roles.py)")
+    if doc is None:
+        return lines
+    lines += [
+        "Three processes (gateway, calculation service, data service) against ROLE=all, same run, same "
+        "database and Redis, single quotes; medians over alternating rounds. The gateway's CPU per request "
+        "against all's is the split's throughput per gateway core as a share of all's.",
+        "",
+        str(doc.get("table", "")),
+        "",
+    ]
+    return lines + _commands_block([display_command(command)] if command else [])
+
+
 def batch_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
     lines = _problem_lines(error, "Batch round trip and memory under many clients (bench_batch.py)")
     if doc is None:
@@ -1051,6 +1071,8 @@ def write_report(
             lines += audit_section(data, command, error)
         elif name == "faults":
             lines += faults_section(data, command, error)
+        elif name == "roles":
+            lines += roles_section(data, command, error)
         else:
             lines += batch_section(data, command, error)
         if name == "persistence":

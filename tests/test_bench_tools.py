@@ -727,6 +727,7 @@ def test_selected_sections() -> None:
         "audit",
         "batch",
         "faults",
+        "roles",
     ]
     with pytest.raises(ValueError, match="unknown section"):
         run.selected_sections("limiter,nope", [])
