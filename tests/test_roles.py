@@ -95,6 +95,7 @@ class Split:
     data: RunningServer
     directory: Path
     calculation_env: dict[str, str]
+    gateway_env: dict[str, str]
     calculation_port: int
     schema: str
     client_key: str
@@ -132,7 +133,6 @@ def split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Split]:
             **common,
             **traced,
             "ROLE": "calculation",
-            "OTEL_SERVICE_NAME": "calculation-service",
             "AUDIT_SPOOL_DIR": str(directory / "spool-calculation"),
         },
         "data": {**common, "ROLE": "data", "AUDIT_SPOOL_DIR": str(directory / "spool-data")},
@@ -167,6 +167,7 @@ def split(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Split]:
             data=servers["data"],
             directory=directory,
             calculation_env=envs["calculation"],
+            gateway_env=envs["gateway"],
             calculation_port=ports["calculation"],
             schema=schema,
             client_key=demo["DEMO_CLIENT_KEY"],
@@ -402,6 +403,8 @@ async def test_everything_through_the_gateway_equals_all(split: Split) -> None:
         split.answered += quote_ids(routed)
         assert routed.headers["x-request-id"] == "trace-me-123"
         assert await audited_quote_ids(split.schema, "trace-me-123") == [routed.json()["quote_id"]]
+    # Refusals the services decided are in the gateway's log too (the runbook greps the gateway's).
+    assert 'level=WARNING msg="Validation error"' in split.gateway.log()
 
 
 async def audited_quote_ids(schema: str, request_id: str) -> list[str]:
@@ -413,6 +416,36 @@ async def audited_quote_ids(schema: str, request_id: str) -> list[str]:
         if rows or time.monotonic() > deadline:
             return [str(row[0]) for row in rows]
         await asyncio.sleep(0.1)
+
+
+async def test_a_gateway_without_authentication_lets_the_service_charge_the_named_client(
+    split: Split,
+) -> None:
+    """ENABLE_AUTHENTICATION=false (local development): the credential states no principal, the calculation
+    service acts as, and charges, the client the body names (RateLimit headers come back through)."""
+    env = {
+        **{k: v for k, v in split.gateway_env.items() if k != "OTEL_TRACES_EXPORTER"},
+        "ENABLE_AUTHENTICATION": "false",
+        "AUDIT_SPOOL_DIR": str(split.directory / "spool-open-gateway"),
+    }
+    server = start_role(split.directory, free_port(), env, "open-gateway")
+    split.started.append(server)
+    wait_for_health(server)
+    quote = {"ticker": "GME", "position_value": 5000.5, "loan_days": 10, "client_id": "xyz123"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        open_answer = await client.post(f"{server.base_url}/api/v1/calculate-locate", json=quote)
+        keyed = await client.post(
+            f"{split.gateway.base_url}/api/v1/calculate-locate",
+            json=quote,
+            headers={"X-API-Key": split.admin_key},  # admin may act for xyz123
+        )
+    stop_server(server)
+    for answer in (open_answer, keyed):
+        assert answer.status_code == 200, answer.text
+        split.answered += quote_ids(answer)
+    assert scrub(open_answer.json()) == scrub(keyed.json())
+    assert "ratelimit" in open_answer.headers
+    assert open_answer.headers["x-ratelimit-limit"] == keyed.headers["x-ratelimit-limit"]
 
 
 async def test_a_backend_admits_only_the_gateways_credential(split: Split) -> None:
@@ -465,6 +498,9 @@ async def test_one_trace_across_gateway_and_calculation_service(split: Split) ->
             break
         await asyncio.sleep(0.2)
     assert trace_ids[0] & trace_ids[1], "no trace id is shared by the gateway's and the service's spans"
+    # Each role names itself in its spans as the runbook names the service.
+    assert '"service.name": "calculation-service"' in split.calculation.log()
+    assert '"service.name": "api-gateway"' in split.gateway.log()
 
 
 def status_and_code(response: httpx.Response) -> tuple[int, str | None]:

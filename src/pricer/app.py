@@ -38,7 +38,7 @@ from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import Tracing, build_tracing
 from pricer.pricing.core import RatePolicy
 from pricer.ratelimit.limits import ClientLimits
-from pricer.roles import backend_wiring
+from pricer.roles import SERVICE_NAMES, backend_wiring
 from pricer.routes import api_routes
 from pricer.routing import ApiRoute, RouteTable
 from pricer.schemas import utc_text
@@ -114,7 +114,7 @@ def create_app(
         log.warning("Development default in use", extra={"logfmt_fields": {"variable": name}})
 
     metrics = Metrics(enabled=settings.enable_metrics, shared_dir=metrics_dir)
-    tracing = build_tracing(span_processor)
+    tracing = build_tracing(span_processor, service_name=SERVICE_NAMES[settings.role])
     # What the role (DESIGN §1 Roles) changes: which routes are answered here or forwarded, who is admitted.
     wiring = (
         gateway_wiring(settings, metrics=metrics, tracing=tracing)

@@ -21,6 +21,13 @@ from pricer.endpoints.health import DependencyCheck
 from pricer.routing import ApiRoute
 from pricer.settings import Role, Settings
 
+# The runbook's names of the roles (Kubernetes `app` labels, the trace's service.name).
+SERVICE_NAMES = {
+    Role.ALL: "api-gateway",
+    Role.GATEWAY: "api-gateway",
+    Role.CALCULATION: "calculation-service",
+    Role.DATA: "data-service",
+}
 CALCULATION_PATHS = frozenset(
     {"/api/v1/calculate-locate", "/api/v1/calculate-locate/batch", "/api/v1/quotes/{quote_id}"}
 )

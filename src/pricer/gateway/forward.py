@@ -13,17 +13,22 @@ services) and the gateway's signed internal credential stating the principal it 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
+import msgspec
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from pricer.auth.internal import HEADER as CREDENTIAL_HEADER
 from pricer.auth.internal import InternalCredentials
-from pricer.context import PRINCIPAL_KEY, request_id
+from pricer.context import PRINCIPAL_KEY, acting_client, request_id, route_template
 from pricer.gateway.service import ServiceClient
+from pricer.logs import RATE_LIMIT_EXCEEDED, VALIDATION_ERROR, fields
+from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import Tracing
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -45,15 +50,20 @@ _RELAYED = frozenset(
         "x-ratelimit-reset",
     }
 )
+errors_log = logging.getLogger("pricer.errors")
+limits_log = logging.getLogger("pricer.ratelimit")
 _TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
 _propagator = TraceContextTextMapPropagator()
 
 
 class Forwarder:
-    def __init__(self, service: ServiceClient, credentials: InternalCredentials, tracing: Tracing) -> None:
+    def __init__(
+        self, service: ServiceClient, credentials: InternalCredentials, tracing: Tracing, metrics: Metrics
+    ) -> None:
         self._service = service
         self._credentials = credentials
         self._tracing = tracing
+        self._metrics = metrics
 
     def handler(self, seconds: float) -> Handler:
         """The endpoint of a forwarded route, with the deadline of its calls."""
@@ -96,5 +106,42 @@ class Forwarder:
             answer = await self._service.call(
                 outbound_method, target, headers=headers, body=body, seconds=seconds
             )
+        if answer.status in (400, 429):
+            self._log_refusal(scope, answer.status, answer.body)
         relayed = {name: value for name, value in answer.headers.items() if name in _RELAYED}
         return Response(answer.body, status_code=answer.status, headers=relayed)
+
+    def _log_refusal(self, scope: Scope, status: int, body: bytes) -> None:
+        """The runbook greps the gateway's log for `Validation error` and `Rate limit exceeded` and reads
+        `rate_limit_exceeded_total` from its metrics: a refusal the service decided (a bad body, the
+        positions bucket) is written and counted here too, as ROLE=all would."""
+        try:
+            error = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return
+        if not isinstance(error, dict):
+            return
+        endpoint, rid = route_template(scope), request_id(scope)
+        if status == 400:
+            errors_log.warning(
+                VALIDATION_ERROR,
+                extra=fields(
+                    client_id=acting_client(scope),
+                    endpoint=endpoint,
+                    request_id=rid,
+                    error=error.get("error"),
+                ),
+            )
+        elif error.get("error_code") == "RATE_LIMIT_EXCEEDED":
+            self._metrics.rate_limit_exceeded += 1
+            details = error.get("details") or {}
+            limits_log.warning(
+                RATE_LIMIT_EXCEEDED,
+                extra=fields(
+                    client_id=acting_client(scope),
+                    endpoint=endpoint,
+                    request_id=rid,
+                    bucket=details.get("bucket"),
+                    retry_after=details.get("retry_after"),
+                ),
+            )

@@ -54,10 +54,15 @@ class ServiceClient:
         deadline = started + seconds
         try:
             response = await self._attempts(method, target, headers, body, deadline, seconds)
-        except BaseException:
-            # A cancelled call (the client went away) leaves no probe of a half-open breaker in flight.
+        except (BackendServiceFailed, BackendServiceTimeout):
             breaker.record_failure()
             self._observe(started, self._error_label)
+            raise
+        except BaseException:
+            # Cancelled (the client went away) or refused before sending: not the service's failure, but a
+            # half-open breaker's probe must not stay in flight for ever.
+            if breaker.state is BreakerState.HALF_OPEN:
+                breaker.record_failure()
             raise
         breaker.record_success()
         self._observe(started, self._error_label if response.status >= 500 else self._success_label)

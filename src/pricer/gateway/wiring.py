@@ -49,7 +49,9 @@ def gateway_wiring(settings: Settings, *, metrics: Metrics, tracing: Tracing) ->
             max_response_bytes=_MAX_RESPONSE_BYTES[name],
         )
         services[name] = ServiceClient(name, http, breaker, metrics)
-    forwarders = {name: Forwarder(service, credentials, tracing) for name, service in services.items()}
+    forwarders = {
+        name: Forwarder(service, credentials, tracing, metrics) for name, service in services.items()
+    }
 
     def forward(route: ApiRoute) -> ApiRoute:
         name = CALCULATION_SERVICE if route.path in CALCULATION_PATHS else DATA_SERVICE

@@ -87,7 +87,10 @@ def exporter_from_environment(environ: Mapping[str, str] | None = None) -> SpanE
 
 
 def build_tracing(
-    processor: SpanProcessor | None = None, environ: Mapping[str, str] | None = None
+    processor: SpanProcessor | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    service_name: str = "api-gateway",
 ) -> Tracing:
     """Tracing for this process: the given processor (tests), else the OTEL_* exporter, else off.
 
@@ -98,7 +101,8 @@ def build_tracing(
             return Tracing(None)
         processor = BatchSpanProcessor(exporter)
     env = os.environ if environ is None else environ
-    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "api-gateway")})
+    # OTEL_SERVICE_NAME wins; else the runbook's name of the role (api-gateway, calculation-service, ...).
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(processor)
     return Tracing(provider)
