@@ -164,6 +164,35 @@ def outbound_cpu_per_call(url: str, calls: int, concurrency: int = 8) -> dict[st
     }
 
 
+def hop_codec_costs(body: bytes, repeat: int = 50_000) -> dict[str, float]:
+    """CPU (µs) of the choices for a quote's answer on the hop: relayed as the service's JSON (what the
+    gateway does: no decoding, no encoding), or msgpack on the hop (the service encodes msgpack, the gateway
+    decodes it and encodes the client's JSON)."""
+    import msgspec
+
+    from pricer.schemas import QuoteResponse
+
+    record = msgspec.json.decode(body, type=QuoteResponse)
+    json_encoder, msgpack_encoder = msgspec.json.Encoder(), msgspec.msgpack.Encoder()
+    msgpack_decoder = msgspec.msgpack.Decoder(QuoteResponse)
+    packed = msgpack_encoder.encode(record)
+
+    def cost(step: Any) -> float:
+        started = time.process_time()
+        for _ in range(repeat):
+            step()
+        return round(1e6 * (time.process_time() - started) / repeat, 2)
+
+    return {
+        "json_bytes": len(body),
+        "msgpack_bytes": len(packed),
+        "service_json_encode_us": cost(lambda: json_encoder.encode(record)),
+        "service_msgpack_encode_us": cost(lambda: msgpack_encoder.encode(record)),
+        "gateway_relay_us": 0.0,
+        "gateway_msgpack_to_json_us": cost(lambda: json_encoder.encode(msgpack_decoder.decode(packed))),
+    }
+
+
 def summarize_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     def median(path: Sequence[str]) -> float | None:
         values = []
@@ -214,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     schema = f"bench_roles_{secrets.token_hex(6)}"
     rounds: list[dict[str, Any]] = []
     outbound: dict[str, float] = {}
+    codec: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-roles-") as tmp:
         workdir = Path(tmp)
         key = setup_schema(args.database_url, schema, workdir)
@@ -293,6 +323,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rounds.append(entry)
             data_url = split.servers[2].url
             outbound = outbound_cpu_per_call(data_url, args.outbound_calls)
+            import httpx
+
+            answer = httpx.post(
+                f"{everything.front.url}/api/v1/calculate-locate",
+                json={
+                    "ticker": "AAPL",
+                    "position_value": 100000,
+                    "loan_days": 30,
+                    "client_id": "demo_client",
+                },
+                headers={"X-API-Key": key},
+                timeout=10,
+            )
+            codec = hop_codec_costs(answer.content)
         finally:
             everything.stop()
             split.stop()
@@ -340,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{summary['gateway_cpu_us_per_request']} |",
         f"| CPU per request (µs): calculation service | | {summary['calculation_cpu_us_per_request']} |",
         f"| outbound client CPU per call (µs, this process) | | {outbound.get('cpu_us_per_call')} |",
+        f"| quote answer on the hop: gateway CPU (µs), relayed JSON / msgpack re-encoded to JSON | | "
+        f"{codec.get('gateway_relay_us')} / {codec.get('gateway_msgpack_to_json_us')} |",
+        "| quote answer encode at the service (µs): JSON / msgpack | | "
+        f"{codec.get('service_json_encode_us')} / {codec.get('service_msgpack_encode_us')} |",
     ]
     table = "\n".join(lines)
     print(table)
@@ -354,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": targets,
         "summary": summary,
         "outbound_client": outbound,
+        "hop_codec": codec,
         "rounds": rounds,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "table": table,

@@ -41,7 +41,7 @@ from tests.pg import PG_DSN, drop_schema, new_schema_name
 from tests.prometheus_server import PrivatePrometheus
 from tests.test_postgres_engine import audited, base_env, cli_ok, connect, seed_demo, wait_for_rows
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.slow]
 
 REDIS_DB = 8
 SECRET = "test-only-internal-secret-5b8e1d7c"
