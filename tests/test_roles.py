@@ -208,8 +208,8 @@ def quote_ids(response: httpx.Response) -> list[str]:
     body = decoded(response)
     if "quotes" in body:
         return [row["quote_id"] for row in body["quotes"]]
-    if "columns" in body:
-        return []  # columnar batches are not sent here
+    if "columns" in body:  # a row's id: the batch id and its row among the priced ones (pricer.quotes)
+        return [f"{body['batch_id']}{row:08x}" for row in range(body["priced"])]
     return [body["quote_id"]]
 
 
@@ -256,6 +256,22 @@ async def test_everything_through_the_gateway_equals_all(split: Split) -> None:
         {"ticker": "MSFT", "position_value": -1, "loan_days": 30},
     ]
     batch = {"client_id": "demo_client", "positions": positions}
+    tickers = ["AAPL", "GME", "MSFT", "NVDA", "BRK.B", "NOPE"]
+    big = {
+        "client_id": "demo_client",
+        "positions": [
+            {"ticker": tickers[n % 6], "position_value": 1000 + n * 7.31, "loan_days": 1 + n % 365}
+            for n in range(5000)
+        ],
+    }
+    columnar = {
+        "client_id": "demo_client",
+        "columns": {
+            "ticker": [row["ticker"] for row in big["positions"][:2000]],
+            "position_value": [row["position_value"] for row in big["positions"][:2000]],
+            "loan_days": [row["loan_days"] for row in big["positions"][:2000]],
+        },
+    }
     msgpack_headers = {
         **client_headers,
         "Content-Type": "application/msgpack",
@@ -300,6 +316,18 @@ async def test_everything_through_the_gateway_equals_all(split: Split) -> None:
             "POST",
             "/api/v1/calculate-locate/batch",
             {"content": msgspec.msgpack.encode(batch), "headers": msgpack_headers},
+        ),
+        (
+            "batch of 5,000 (a body over 64 KiB)",
+            "POST",
+            "/api/v1/calculate-locate/batch",
+            {"json": big, "headers": client_headers},
+        ),
+        (
+            "columnar batch msgpack",
+            "POST",
+            "/api/v1/calculate-locate/batch",
+            {"content": msgspec.msgpack.encode(columnar), "headers": msgpack_headers},
         ),
         (
             "batch atomic 400",
