@@ -546,7 +546,8 @@ async def test_calculation_service_down_502_then_503_then_recovery(split: Split)
             started = time.monotonic()
             response = await client.post(url, json=quote, headers=headers)
             assert status_and_code(response) == (502, "BACKEND_ERROR"), response.text
-            assert time.monotonic() - started < TIMEOUT_SECONDS + 0.5
+            # Within the deadline: a refused connection is not waited for.
+            assert time.monotonic() - started < TIMEOUT_SECONDS
         assert response.json()["details"] == {"service": "calculation-service"}
         started = time.monotonic()
         refused = await client.post(url, json=quote, headers=headers)
@@ -597,7 +598,9 @@ async def test_a_slow_backend_gives_504_at_the_deadline(split: Split) -> None:
     finally:
         os.kill(split.data.process.pid, signal.SIGCONT)
     assert status_and_code(response) == (504, "BACKEND_TIMEOUT"), response.text
-    assert TIMEOUT_SECONDS - 0.05 <= elapsed < TIMEOUT_SECONDS + 1.0
+    assert (
+        TIMEOUT_SECONDS - 0.05 <= elapsed < TIMEOUT_SECONDS + 2.0
+    )  # the deadline, plus a loaded machine's lag
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.get(f"{split.gateway.base_url}/api/v1/rates/GME", headers=headers)
     assert response.status_code == 200, response.text
