@@ -216,6 +216,10 @@ def summarize_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "all_half_p50_ms": median(["all", "half_p50_ms"]),
         "split_half_p50_ms": median(["split", "half_p50_ms"]),
         "hop_p99_ms": median(["hop_p99_ms"]),
+        "all_sequential_p50_ms": median(["all", "sequential_p50_ms"]),
+        "split_sequential_p50_ms": median(["split", "sequential_p50_ms"]),
+        "all_sequential_p99_ms": median(["all", "sequential_p99_ms"]),
+        "split_sequential_p99_ms": median(["split", "sequential_p99_ms"]),
         "per_gateway_core_share": median(["per_gateway_core_share"]),
     }
 
@@ -293,6 +297,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"round {number + 1} {deployment.name}: {summary['throughput_rps']:.0f} req/s",
                         flush=True,
                     )
+                for deployment in order:
+                    # One connection, one request at a time: the hop's own latency, without queueing.
+                    config = loadtest.RunConfig(
+                        deployment.front.url,
+                        scenario.name,
+                        "closed",
+                        0,
+                        1,
+                        args.capacity_seconds,
+                        args.warmup,
+                        cpu=args.generator_cpu,
+                    )
+                    result, _cpu = run_load(deployment, config, files[deployment.name])
+                    summary = loadtest.summarize(result, scenario)
+                    entry[deployment.name]["sequential_p50_ms"] = summary["latency_ms"]["p50"]
+                    entry[deployment.name]["sequential_p99_ms"] = summary["latency_ms"]["p99"]
                 rate = round(0.5 * float(entry["split"]["capacity_rps"]), 1)
                 for deployment in order:
                     config = loadtest.RunConfig(
@@ -380,6 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{summary['split_half_p99_ms']} |",
         f"| p50 at half of the split's capacity (ms) | {summary['all_half_p50_ms']} | "
         f"{summary['split_half_p50_ms']} |",
+        f"| one request at a time (1 connection): p50 / p99 (ms) | {summary['all_sequential_p50_ms']} / "
+        f"{summary['all_sequential_p99_ms']} | {summary['split_sequential_p50_ms']} / "
+        f"{summary['split_sequential_p99_ms']} |",
         f"| CPU per request (µs): engine / gateway | {summary['all_cpu_us_per_request']} | "
         f"{summary['gateway_cpu_us_per_request']} |",
         f"| CPU per request (µs): calculation service | | {summary['calculation_cpu_us_per_request']} |",
