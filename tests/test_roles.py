@@ -431,6 +431,12 @@ async def test_everything_through_the_gateway_equals_all(split: Split) -> None:
         split.answered += quote_ids(routed)
         assert routed.headers["x-request-id"] == "trace-me-123"
         assert await audited_quote_ids(split.schema, "trace-me-123") == [routed.json()["quote_id"]]
+        async with connect(PG_DSN, split.schema) as connection:
+            row = await connection.fetchrow(
+                "SELECT key_id, client_id FROM quotes WHERE request_id = $1", "trace-me-123"
+            )
+        # The audit record names the key the gateway admitted, as `all`'s records do.
+        assert (row["key_id"], row["client_id"]) == (split.client_key.split("_")[1], "demo_client")
     # Refusals the services decided are in the gateway's log too (the runbook greps the gateway's).
     assert 'level=WARNING msg="Validation error"' in split.gateway.log()
 
