@@ -27,6 +27,13 @@ from pricer.outbound.http import (
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    # The engine runs on uvloop, whose transports differ from asyncio's in when they call back.
+    return ("asyncio", {"use_uvloop": request.param == "uvloop"})
+
+
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -37,7 +44,7 @@ async def scripted_peer(handler: Handler) -> AsyncIterator[str]:
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(writer)
-        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError, asyncio.IncompleteReadError):
             await handler(reader, writer)
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)

@@ -119,8 +119,6 @@ class _Connection(asyncio.Protocol):
     # ---- asyncio.Protocol --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TCPTransport is not a subclass of asyncio.Transport (an isinstance check fails under
-        # the engine's server, which runs on uvloop), though it has every method used here.
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
@@ -341,7 +339,7 @@ class HttpClient:
         if budget <= 0:
             raise OutboundTimeout("deadline passed before connecting", sent=False)
         try:
-            _, connection = await asyncio.wait_for(
+            transport, connection = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: _Connection(max_body),
                     self._host,
@@ -357,6 +355,8 @@ class HttpClient:
             raise ConnectFailed(f"connect timed out after {self._connect_timeout} s") from None
         except (OSError, ssl.SSLError) as error:
             raise ConnectFailed(f"cannot connect: {error.__class__.__name__}") from None
+        # uvloop may return before calling connection_made.
+        connection.transport = transport
         return connection
 
     def _release(self, connection: _Connection) -> None:
