@@ -18,6 +18,7 @@ Sections (each runs as its own process and writes JSON, kept in benchmarks/resul
     million        bench_batch.py --million 10^6-position batches, 4 forms, beside msgspec's own floor
     faults         bench_faults.py          Redis/PostgreSQL down, SIGTERM, SIGKILL, slowloris, flood: loss
     sources        bench_sources.py         simulated providers vs files only: req/s, hang, cold, refresher
+    roles          bench_roles.py           gateway -> calculation/data services (3 processes) vs ROLE=all
 
 The report quotes machine facts, every figure beside a baseline or variant measured in the same run, the
 issues' targets with PASS/MISS, and the exact commands. A missing or failing benchmark is reported as such;
@@ -48,6 +49,7 @@ LATENCY_SCRIPT = HERE / "bench_latency.py"
 FAULTS_SCRIPT = HERE / "bench_faults.py"
 SOURCES_SCRIPT = HERE / "bench_sources.py"
 PROFILE_SCRIPT = HERE / "profile_single.py"
+ROLES_SCRIPT = HERE / "bench_roles.py"
 LATENCY_PLOT = HERE / "REPORT-latency.png"
 VARIANT_SECTIONS = ("limiter", "persistence", "observability")
 SECTIONS = (
@@ -61,6 +63,7 @@ SECTIONS = (
     "million",
     "faults",
     "sources",
+    "roles",
 )
 SCRIPTS = {
     "pricing": PRICING_SCRIPT,
@@ -73,6 +76,7 @@ SCRIPTS = {
     "million": BATCH_SCRIPT,
     "faults": FAULTS_SCRIPT,
     "sources": SOURCES_SCRIPT,
+    "roles": ROLES_SCRIPT,
 }
 # What --quick adds to each section's command (the HTTP and pricing ones: see run_http / run_pricing).
 QUICK_ARGS = {
@@ -87,6 +91,7 @@ QUICK_ARGS = {
     "million": ["--million", "100000", "--million-rounds", "1", "--skip-batch", "--skip-rss"],
     "faults": ["--quick"],
     "sources": ["--quick"],
+    "roles": ["--quick"],
 }
 
 # What a full run adds: the persistence target (<= 15 % fewer req/s) lies within what one round varies by
@@ -920,6 +925,22 @@ def sources_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
     )
 
 
+def roles_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
+    """The "Roles" section: the split deployment against ROLE=all (bench_roles.py renders its table)."""
+    lines = _problem_lines(error, "Roles: gateway -> calculation and data services (bench_roles.py)")
+    if doc is None:
+        return lines
+    lines += [
+        "Three processes (gateway, calculation service, data service) against ROLE=all, same run, same "
+        "database and Redis, single quotes; medians over alternating rounds. The gateway's CPU per request "
+        "against all's is the split's throughput per gateway core as a share of all's.",
+        "",
+        str(doc.get("table", "")),
+        "",
+    ]
+    return lines + _commands_block([display_command(command)] if command else [])
+
+
 def batch_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
     lines = _problem_lines(error, "Batch round trip and memory under many clients (bench_batch.py)")
     if doc is None:
@@ -1116,6 +1137,8 @@ def write_report(
             lines += million_section(data, command, error)
         elif name == "sources":
             lines += sources_section(data, command, error)
+        elif name == "roles":
+            lines += roles_section(data, command, error)
         else:
             lines += batch_section(data, command, error)
         if name == "persistence":

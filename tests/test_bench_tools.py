@@ -730,6 +730,7 @@ def test_selected_sections() -> None:
         "million",
         "faults",
         "sources",
+        "roles",
     ]
     with pytest.raises(ValueError, match="unknown section"):
         run.selected_sections("limiter,nope", [])

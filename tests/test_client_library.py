@@ -327,6 +327,9 @@ def every_engine_error() -> list[engine_errors.PricerError]:
         engine_errors.PayloadTooLarge(1024),
         engine_errors.UnsupportedMediaType("text/xml", ["application/json"]),
         engine_errors.RateLimitExceeded(7),
+        engine_errors.BackendServiceFailed("calculation-service", "ConnectFailed"),
+        engine_errors.BackendServiceTimeout("calculation-service", 2.0),
+        engine_errors.BackendServiceUnavailable("data-service", 7.2),
     ]
     for cls in _subclasses(engine_errors.PricerError):
         if cls.__init__ is engine_errors.PricerError.__init__:

@@ -26,6 +26,7 @@ from pricer.endpoints.common import utc_now
 from pricer.endpoints.health import DependencyCheck, HealthEndpoints, market_data_check
 from pricer.endpoints.quotes import QuoteEndpoints
 from pricer.endpoints.rates import RateEndpoints
+from pricer.gateway.wiring import gateway_wiring
 from pricer.marketdata.providers.assembly import build_live_sources, lender_book
 from pricer.marketdata.service import MARKET_TOPIC, MarketData, MarketDataWriter
 from pricer.marketdata.shared_cache import SharedRateCache
@@ -38,10 +39,11 @@ from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import Tracing, build_tracing
 from pricer.pricing.core import RatePolicy
 from pricer.ratelimit.limits import ClientLimits
+from pricer.roles import SERVICE_NAMES, backend_wiring
 from pricer.routes import api_routes
 from pricer.routing import ApiRoute, RouteTable
 from pricer.schemas import utc_text
-from pricer.settings import Settings, SettingsError, development_defaults_in_use
+from pricer.settings import Role, Settings, SettingsError, development_defaults_in_use
 from pricer.stores.protocols import Stores
 
 log = logging.getLogger("pricer.app")
@@ -113,7 +115,13 @@ def create_app(
         log.warning("Development default in use", extra={"logfmt_fields": {"variable": name}})
 
     metrics = Metrics(enabled=settings.enable_metrics, shared_dir=metrics_dir)
-    tracing = build_tracing(span_processor)
+    tracing = build_tracing(span_processor, service_name=SERVICE_NAMES[settings.role])
+    # What the role (DESIGN §1 Roles) changes: which routes are answered here or forwarded, who is admitted.
+    wiring = (
+        gateway_wiring(settings, metrics=metrics, tracing=tracing)
+        if settings.role is Role.GATEWAY
+        else backend_wiring(settings)
+    )
     policy = RatePolicy(
         volatility_factor=settings.volatility_factor,
         volatility_threshold=settings.volatility_threshold,
@@ -188,6 +196,7 @@ def create_app(
         limits=limits,
         metrics=metrics,
         tracing=tracing,
+        internal=wiring.internal,
     )
     from pricer.quoting import Quoter
 
@@ -204,27 +213,33 @@ def create_app(
         default_burst=settings.effective_burst,
     )
     health = HealthEndpoints(
-        {
-            **backends.checks,
-            "market_data": DependencyCheck(market_data_check(market, settings.market_data_stale_after_hours)),
-            **(
-                {f"{name}_api": DependencyCheck(live.health_check(name)) for name in live.configured}
-                if live is not None
-                else {}
-            ),
-        },
+        wiring.health_checks(
+            {
+                **backends.checks,
+                "market_data": DependencyCheck(
+                    market_data_check(market, settings.market_data_stale_after_hours)
+                ),
+                **(
+                    {f"{name}_api": DependencyCheck(live.health_check(name)) for name in live.configured}
+                    if live is not None
+                    else {}
+                ),
+            }
+        ),
         is_draining=lambda: lifecycle.draining,
     )
     auth_endpoints = AuthEndpoints(tokens, metrics)
 
-    routes = api_routes(
-        settings,
-        health=health,
-        quoting=quoting,
-        rates=rates,
-        admin=admin,
-        auth_endpoints=auth_endpoints,
-        metrics=metrics,
+    routes = wiring.routes(
+        api_routes(
+            settings,
+            health=health,
+            quoting=quoting,
+            rates=rates,
+            admin=admin,
+            auth_endpoints=auth_endpoints,
+            metrics=metrics,
+        )
     )
     chain: ASGIApp = RequestEdge(
         Admit(admission),
@@ -258,6 +273,8 @@ def create_app(
         # Started after the stores and the bus; stopped before them (shutdown runs in reverse).
         lifecycle.startup.append(live.start)
         lifecycle.shutdown.append(live.close)
+    lifecycle.startup += wiring.startup
+    lifecycle.shutdown[:0] = wiring.shutdown  # runs last: the services' connections outlive every request
     if metrics_dir is not None:
         lifecycle.startup.append(metrics.start_publishing)
         lifecycle.shutdown.insert(0, metrics.stop_publishing)  # runs last: after every request

@@ -6,6 +6,7 @@ envelope of DESIGN §2.3 in one place. Nothing here knows about HTTP beyond the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -159,6 +160,40 @@ class BackendTimeout(PricerError):
 class ServiceUnavailable(PricerError):
     status = 503
     code = "SERVICE_UNAVAILABLE"
+
+
+class BackendServiceFailed(BackendError):
+    """A backend service (ROLE=gateway's calculation-service or data-service) could not be reached or
+    answered with something that is not HTTP. `cause` is for the operators' log line, not the client."""
+
+    def __init__(self, service: str, cause: str) -> None:
+        super().__init__(f"The {service} failed", details={"service": service})
+        self.service = service
+        self.cause = cause
+
+
+class BackendServiceTimeout(BackendTimeout):
+    def __init__(self, service: str, timeout_seconds: float) -> None:
+        super().__init__(
+            f"The {service} did not answer within {timeout_seconds:g} s", details={"service": service}
+        )
+        self.service = service
+        self.cause = "timeout"
+
+
+class BackendServiceUnavailable(ServiceUnavailable):
+    """The service's circuit breaker is open: answered at once, with when to try again."""
+
+    def __init__(self, service: str, retry_after: float) -> None:
+        self.retry_after = max(1, math.ceil(retry_after))
+        super().__init__(
+            f"The {service} is unavailable", details={"service": service, "retry_after": self.retry_after}
+        )
+        self.service = service
+        self.cause = "circuit_open"
+
+
+BACKEND_SERVICE_ERRORS = (BackendServiceFailed, BackendServiceTimeout, BackendServiceUnavailable)
 
 
 class Conflict(PricerError):

@@ -86,6 +86,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     internal_service_secret: str | None = None
     backend_timeout_seconds: float = 2.0
     backend_batch_timeout_seconds: float = 30.0
+    backend_breaker_failures: int = 5
+    backend_breaker_open_seconds: float = 10.0
+    backend_max_connections: int = 64
     source_timeout_seconds: float = 2.0
     source_max_age_seconds: float = 900.0
     source_cold_fetch_ms: float = 200.0
@@ -274,6 +277,9 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "INTERNAL_SERVICE_SECRET": ("internal_service_secret", _text),
     "BACKEND_TIMEOUT_SECONDS": ("backend_timeout_seconds", _float_in(0.001, 600)),
     "BACKEND_BATCH_TIMEOUT_SECONDS": ("backend_batch_timeout_seconds", _float_in(0.001, 3600)),
+    "BACKEND_BREAKER_FAILURES": ("backend_breaker_failures", _int_in(1, 1000)),
+    "BACKEND_BREAKER_OPEN_SECONDS": ("backend_breaker_open_seconds", _float_in(0.1, 3600)),
+    "BACKEND_MAX_CONNECTIONS": ("backend_max_connections", _int_in(1, 10_000)),
     "SOURCE_TIMEOUT_SECONDS": ("source_timeout_seconds", _float_in(0.001, 600)),
     "SOURCE_MAX_AGE_SECONDS": ("source_max_age_seconds", _float_in(1, 86_400 * 7)),
     "SOURCE_COLD_FETCH_MS": ("source_cold_fetch_ms", _float_in(0, 60_000)),
@@ -373,7 +379,38 @@ def _check_consistency(settings: Settings, env: Mapping[str, str]) -> None:
         raise SettingsError("MIN_BORROW_RATE: must not exceed MAX_BORROW_RATE")
     if "*" in settings.cors_origins and len(settings.cors_origins) > 1:
         raise SettingsError("CORS_ORIGINS: '*' cannot be mixed with named origins")
+    _check_role(settings)
     _refuse_development_secrets(settings)
+
+
+# At least this many characters: the secret signs every internal call's principal (HMAC-SHA256).
+MIN_INTERNAL_SECRET_LENGTH = 16
+
+
+def _check_role(settings: Settings) -> None:
+    """A split deployment (DESIGN §1 Roles): the gateway needs where its services are, and every part
+    the secret that signs and checks the internal credential. Keys, clients, market data and the audit
+    trail are shared through the database, so every part needs DATABASE_URL (in-memory stores would give
+    each process its own)."""
+    if settings.role is Role.ALL:
+        return
+    name = settings.role.value
+    if settings.role is Role.GATEWAY:
+        for variable, value in (
+            ("CALCULATION_SERVICE_URL", settings.calculation_service_url),
+            ("DATA_SERVICE_URL", settings.data_service_url),
+        ):
+            if not value:
+                raise SettingsError(f"{variable}: required when ROLE is gateway")
+            if not value.startswith(("http://", "https://")):
+                raise SettingsError(f"{variable}: expected http://host[:port] or https://host[:port]")
+    secret = settings.internal_service_secret
+    if not secret:
+        raise SettingsError(f"INTERNAL_SERVICE_SECRET: required when ROLE is {name}")
+    if len(secret) < MIN_INTERNAL_SECRET_LENGTH:
+        raise SettingsError(f"INTERNAL_SERVICE_SECRET: at least {MIN_INTERNAL_SECRET_LENGTH} characters")
+    if settings.database_url is None:
+        raise SettingsError(f"DATABASE_URL: required when ROLE is {name} (the roles share the database)")
 
 
 def _refuse_development_secrets(settings: Settings) -> None:

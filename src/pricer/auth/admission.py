@@ -17,8 +17,10 @@ from typing import Protocol
 
 from starlette.types import Scope
 
+from pricer.auth.internal import HEADER_BYTES as INTERNAL_CREDENTIAL_HEADER
+from pricer.auth.internal import InternalCredentials
 from pricer.auth.keys import KeyVerifier, Principal
-from pricer.context import ACTING_FOR_KEY, EVERY_SCOPE, PRINCIPAL_KEY, RATE_DECISION_KEY
+from pricer.context import ACTING_FOR_KEY, EVERY_SCOPE, PRINCIPAL_KEY, RATE_DECISION_KEY, REQUEST_ID_KEY
 from pricer.errors import Forbidden, Unauthorized
 from pricer.models import Scope as AuthScope
 from pricer.observability.metrics import Metrics
@@ -40,8 +42,12 @@ class Admission:
         limits: ClientLimits | None,
         metrics: Metrics,
         tracing: Tracing,
+        internal: InternalCredentials | None = None,
     ) -> None:
         self._keys = keys
+        # A backend (ROLE=calculation or data) admits only the gateway's signed credential: the gateway
+        # authenticated the client and charged its request bucket; the principal comes with the call.
+        self._internal = internal
         self._tokens = tokens
         self._authenticate = authenticate
         self._limits = limits
@@ -51,6 +57,9 @@ class Admission:
     async def admit(self, scope: Scope, needed: frozenset[AuthScope]) -> None:
         """Authenticate, charge the key's client and check the route's scopes, in this order: a refused
         scope is charged too (every authenticated request costs a token, DESIGN §2.5)."""
+        if self._internal is not None:
+            self._admit_internal(scope, needed)
+            return
         if not self._authenticate:
             return  # local development: the endpoint names the client to charge (act_for)
         try:
@@ -67,11 +76,25 @@ class Admission:
         if self._limits is not None:
             await self._charge(scope, admitted.client_id)
         if not any(map(admitted.allows, needed)):
-            names = sorted(scope.value for scope in needed)
-            raise Forbidden(
-                f"This key lacks the scope this route needs ({' or '.join(names)})",
-                details={"required_scopes": names},
-            )
+            _refuse_scope(needed)
+
+    def _admit_internal(self, scope: Scope, needed: frozenset[AuthScope]) -> None:
+        assert self._internal is not None
+        header = None
+        for name, value in scope["headers"]:
+            if name == INTERNAL_CREDENTIAL_HEADER:
+                header = value
+                break
+        try:
+            admitted = self._internal.verify(header, scope[REQUEST_ID_KEY])
+        except Unauthorized as error:
+            self._attempts[error.reason] += 1
+            raise
+        if admitted is None:
+            return  # the gateway authenticates no one: act_for charges the client the request names
+        scope[PRINCIPAL_KEY] = admitted
+        if not any(map(admitted.allows, needed)):  # the gateway checked it; a second look costs nothing
+            _refuse_scope(needed)
 
     async def act_for(self, scope: Scope, client_id: str) -> Principal:
         """The principal of an admitted request that acts for `client_id` (403 when its key may not).
@@ -112,3 +135,11 @@ class Admission:
                 return await self._tokens.verify(credentials.strip(), now)
             raise Unauthorized("invalid_token")
         raise Unauthorized("missing")
+
+
+def _refuse_scope(needed: frozenset[AuthScope]) -> None:
+    names = sorted(scope.value for scope in needed)
+    raise Forbidden(
+        f"This key lacks the scope this route needs ({' or '.join(names)})",
+        details={"required_scopes": names},
+    )

@@ -121,7 +121,9 @@ class RequestEdge:
                 template = route.path
             if self._tracing.enabled:
                 method = scope["method"]
-                with self._tracing.span(method, {"http.request.method": method}) as span:
+                with self._tracing.request_span(
+                    method, {"http.request.method": method}, scope["headers"]
+                ) as span:
                     await self._run(scope, receive, response, route, allowed, template, preflight)
                     span.update_name(f"{method} {template}")
                     span.set_attribute("http.route", template)

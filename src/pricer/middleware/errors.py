@@ -9,6 +9,8 @@ from typing import Any
 import msgspec
 
 from pricer.errors import (
+    BACKEND_SERVICE_ERRORS,
+    BackendServiceUnavailable,
     InvalidParameter,
     MethodNotAllowed,
     PricerError,
@@ -62,6 +64,8 @@ def _store_operation(error: PricerError) -> str | None:
 def public_view(error: PricerError) -> tuple[str, dict[str, Any] | None]:
     """The message and details the client is answered: for a dependency's failure (503, or a store's 502 /
     504), which dependency and nothing else; for every other error, its own."""
+    if isinstance(error, BACKEND_SERVICE_ERRORS):
+        return error.message, error.details  # names the service (no host, no cause)
     operation = _store_operation(error)
     if isinstance(error, ServiceUnavailable) or operation is not None:
         store = _STORES.get((operation or "").partition(".")[0], "The database")
@@ -93,7 +97,7 @@ def error_headers(error: PricerError) -> list[tuple[bytes, bytes]]:
         headers.append((b"www-authenticate", b'Bearer realm="borrow-rate-engine", ApiKey header="X-API-Key"'))
     elif isinstance(error, MethodNotAllowed):
         headers.append((b"allow", ", ".join(error.allowed).encode()))
-    elif isinstance(error, RateLimitExceeded):
+    elif isinstance(error, RateLimitExceeded | BackendServiceUnavailable):
         headers.append((b"retry-after", str(error.retry_after).encode()))
     elif isinstance(error, ServiceUnavailable):
         headers.append((b"retry-after", b"1"))
@@ -110,7 +114,25 @@ class ErrorLog:
 
     def write(self, error: PricerError, *, endpoint: str, request_id: str, client_id: str | None) -> None:
         operation = _store_operation(error)
-        if operation is not None:
+        if isinstance(error, BACKEND_SERVICE_ERRORS):
+            # Every failed call is counted (backend_requests_total{status="error"}); the line is written
+            # within its budget per service and code, so an outage does not flood the log.
+            skipped = self._backend_lines.take((error.code, error.service))
+            if skipped is not None:
+                log.error(
+                    BACKEND_SERVICE_ERROR,
+                    extra=fields(
+                        service=error.service,
+                        error_code=error.code,
+                        status_code=error.status,
+                        cause=error.cause,
+                        endpoint=endpoint,
+                        request_id=request_id,
+                        client_id=client_id,
+                        suppressed=skipped or None,
+                    ),
+                )
+        elif operation is not None:
             # What the client's body no longer says (which operation, which cause) is for operators.
             details = error.details or {}
             skipped = self._backend_lines.take((error.code, operation))

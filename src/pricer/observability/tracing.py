@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pricer import __version__
 from pricer.settings import SettingsError
 
 NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+_propagator = TraceContextTextMapPropagator()
 
 
 class Tracing:
@@ -40,6 +42,23 @@ class Tracing:
             # a parent-based sampler), so skip making and attaching them.
             return NO_SPAN
         return self.tracer.start_as_current_span(name, attributes=dict(attributes or {}))
+
+    def request_span(
+        self, name: str, attributes: Mapping[str, Any], headers: Iterable[tuple[bytes, bytes]]
+    ) -> contextlib.AbstractContextManager[Any]:
+        """The span of an incoming request: a child of the caller's span when the request carries a W3C
+        `traceparent` (a gateway calling a backend service: one trace across the services)."""
+        if self.tracer is None:
+            return NO_SPAN
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in headers
+            if name in (b"traceparent", b"tracestate")
+        }
+        if not carrier:
+            return self.tracer.start_as_current_span(name, attributes=dict(attributes))
+        parent = _propagator.extract(carrier)
+        return self.tracer.start_as_current_span(name, context=parent, attributes=dict(attributes))
 
     def shutdown(self) -> None:
         if self.provider is not None:
@@ -68,7 +87,10 @@ def exporter_from_environment(environ: Mapping[str, str] | None = None) -> SpanE
 
 
 def build_tracing(
-    processor: SpanProcessor | None = None, environ: Mapping[str, str] | None = None
+    processor: SpanProcessor | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    service_name: str = "api-gateway",
 ) -> Tracing:
     """Tracing for this process: the given processor (tests), else the OTEL_* exporter, else off.
 
@@ -79,7 +101,8 @@ def build_tracing(
             return Tracing(None)
         processor = BatchSpanProcessor(exporter)
     env = os.environ if environ is None else environ
-    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "api-gateway")})
+    # OTEL_SERVICE_NAME wins; else the runbook's name of the role (api-gateway, calculation-service, ...).
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(processor)
     return Tracing(provider)
