@@ -14,7 +14,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from pricer.protocol import ConnectionHygiene, GuardedHttpToolsProtocol, ServerConfig
-from pricer.response_cycle import ResponseCycle
+from pricer.response_cycle import MessageEvent, ResponseCycle
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.anyio
@@ -46,6 +46,7 @@ async def respond(
     keep_alive: bool = True,
     status: int = 200,
     body: bytes = b"{}",
+    more: tuple[bytes, ...] = (),
 ) -> tuple[bytes, bool] | str:
     """What a cycle of `cycle_class` writes for one response (and whether it closed), or its error."""
     transport = RecordingTransport()
@@ -64,7 +65,11 @@ async def respond(
     )
     try:
         await cycle.send({"type": "http.response.start", "status": status, "headers": headers})
-        await cycle.send({"type": "http.response.body", "body": body})
+        parts = (*more, body)
+        for index, part in enumerate(parts):
+            await cycle.send(
+                {"type": "http.response.body", "body": part, "more_body": index < len(parts) - 1}
+            )
     except RuntimeError as error:
         return str(error)
     return b"".join(transport.writes), transport.closed
@@ -99,6 +104,10 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("bad name", {"headers": [(b"content-length", b"2"), (b"x evil", b"a")]}),
     ("body too long", {"headers": [(b"content-length", b"1")]}),
     ("body too short", {"headers": [(b"content-length", b"3")]}),
+    ("body in parts", {"headers": [(b"content-length", b"6")], "more": (b"ab", b"cd"), "body": b"ef"}),
+    ("chunked parts", {"headers": [(b"content-type", b"text/plain")], "more": (b"ab",), "body": b"cd"}),
+    ("parts too long", {"headers": [(b"content-length", b"3")], "more": (b"ab",), "body": b"cd"}),
+    ("head in parts", {"headers": [(b"content-length", b"4")], "method": "HEAD", "more": (b"ab",)}),
 ]
 
 
@@ -163,3 +172,24 @@ async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_and_a_b
     finally:
         server.should_exit = True
         await task
+
+
+async def test_the_message_event_behaves_as_asyncio_event() -> None:
+    for event in (MessageEvent(), asyncio.Event()):
+        assert not event.is_set()
+        waiters = [asyncio.create_task(event.wait()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(waiter.done() for waiter in waiters)
+        event.set()
+        assert event.is_set()
+        assert await asyncio.gather(*waiters) == [True, True, True]
+        assert await event.wait()  # already set: no wait
+        event.clear()
+        assert not event.is_set()
+        late = asyncio.create_task(event.wait())
+        await asyncio.sleep(0.01)
+        assert not late.done()
+        late.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        event.set()  # the cancelled waiter is gone; nothing raises

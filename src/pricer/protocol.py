@@ -22,7 +22,7 @@ from uvicorn.server import ServerState
 
 from pricer.context import BODY_TIMED_OUT_KEY
 from pricer.ids import random_hex
-from pricer.response_cycle import ResponseCycle
+from pricer.response_cycle import MessageEvent, ResponseCycle
 from pricer.schemas import ErrorBody
 
 # How long a connection accepted just before the listener closed may take to send its request.
@@ -77,6 +77,12 @@ def _error_response(status: int, code: str, message: str) -> bytes:
 
 
 _JOIN_LIMIT = 64 * 1024
+
+# Request targets as uvicorn parses them into the scope (path, raw path, query string), by target: most
+# requests name one of a few targets, and parsing one costs more than a dictionary lookup. Bounded: the
+# dictionary is emptied when full (a client sending only new targets gets uvicorn's cost, no more).
+_PARSED_URLS: dict[bytes, tuple[str, bytes, bytes]] = {}
+_PARSED_URLS_KEPT = 1024
 
 
 class OneWriteTransport:
@@ -305,14 +311,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             scope["http_version"] = http_version
         if parser.should_upgrade() and self._should_upgrade():
             return
-        parsed_url = httptools.parse_url(self.url)
-        raw_path = parsed_url.path
-        path = raw_path.decode("ascii")
-        if "%" in path:
-            path = urllib.parse.unquote(path)
+        url = self.url
+        parsed = _PARSED_URLS.get(url)
+        if parsed is None:
+            parsed_url = httptools.parse_url(url)
+            raw_path = parsed_url.path
+            path = raw_path.decode("ascii")
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            parsed = (path, raw_path, parsed_url.query or b"")
+            if len(_PARSED_URLS) >= _PARSED_URLS_KEPT:
+                _PARSED_URLS.clear()
+            _PARSED_URLS[url] = parsed
+        path, raw_path, scope["query_string"] = parsed
         scope["path"] = self.root_path + path
         scope["raw_path"] = self.root_path.encode("ascii") + raw_path if self.root_path else raw_path
-        scope["query_string"] = parsed_url.query or b""
         app = self.app
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
@@ -328,7 +341,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             access_logger=self.access_logger,
             access_log=self.access_log,
             default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
+            message_event=MessageEvent(),  # type: ignore[arg-type]
             expect_100_continue=self.expect_100_continue,
             # Draining: this response tells the client to reconnect (elsewhere) and closes.
             keep_alive=http_version != "1.0" and parser.should_keep_alive() and not draining,

@@ -102,8 +102,12 @@ class Decoder(Generic[T]):
         self.media_types = [JSON, MSGPACK] if accept_msgpack else [JSON]
 
     def media_type(self, request: Request) -> str:
-        content_type = request.headers.get("content-type", "")
-        media = content_type.partition(";")[0].strip().lower()
+        content_type = b""
+        for name, value in request.scope["headers"]:  # the first Content-Type, as request.headers reads it
+            if name == b"content-type":
+                content_type = value
+                break
+        media = content_type.partition(b";")[0].strip().lower().decode("latin-1")
         if media == JSON or (self._msgpack is not None and media in (MSGPACK, "application/x-msgpack")):
             return JSON if media == JSON else MSGPACK
         raise UnsupportedMediaType(media or "(none)", self.media_types)
