@@ -205,7 +205,10 @@ class Quoter:
         The same spans and metrics as a batch of one through `price`, without its NumPy bookkeeping."""
         tracing = self._tracing
         started = time.perf_counter()
-        with tracing.span("market_data", {"tickers": 1}):
+        if tracing.enabled:
+            with tracing.span("market_data", {"tickers": 1}):
+                (rate,) = await self._market.ticker_rates((ticker,), now)
+        else:  # no span to enter and leave when tracing is off
             (rate,) = await self._market.ticker_rates((ticker,), now)
         if rate is None:
             # As `price` does for a batch whose every ticker is unknown: an empty pricing step, timed.
@@ -213,7 +216,10 @@ class Quoter:
                 pass
             self._metrics.observe_calculation(time.perf_counter() - started)
             raise TickerNotFound(ticker)
-        with tracing.span("pricing", {"positions": 1}):
+        if tracing.enabled:
+            with tracing.span("pricing", {"positions": 1}):
+                fees = price_locate(position_cents, loan_days, rate.rate_units, terms.terms)
+        else:
             fees = price_locate(position_cents, loan_days, rate.rate_units, terms.terms)
         finished = time.perf_counter()
         metrics = self._metrics

@@ -26,6 +26,10 @@ from uvicorn.protocols.http.httptools_impl import (
 # deleting them leaves what they forbid (one pass in C over the joined names or values, no regex engine).
 _NAME_ALLOWED = bytes(code for code in range(256) if not HEADER_RE.search(bytes((code,))))
 _VALUE_ALLOWED = bytes(code for code in range(256) if not HEADER_VALUE_RE.search(bytes((code,))))
+# Header names already found lower-case and valid: a response whose every name is one of them skips the
+# name checks (responses repeat the same few dozen names). Bounded: emptied when full.
+_CHECKED_NAMES: set[bytes] = set()
+_CHECKED_NAMES_KEPT = 1024
 _FIELD = b": ".join  # (name, value) -> b"name: value"
 _LINE_BREAK = b"\r\n".join
 _END = b"\r\n\r\n"
@@ -81,12 +85,16 @@ class ResponseCycle(RequestResponseCycle):
         ):
             await super().send(message)
             return
-        names = b"".join(fields)
-        if names != names.lower():
-            await super().send(message)
-            return
-        if names.translate(None, _NAME_ALLOWED):
-            raise RuntimeError("Invalid HTTP header name.")
+        if not _CHECKED_NAMES.issuperset(fields):
+            names = b"".join(fields)
+            if names != names.lower():
+                await super().send(message)
+                return
+            if names.translate(None, _NAME_ALLOWED):
+                raise RuntimeError("Invalid HTTP header name.")
+            if len(_CHECKED_NAMES) >= _CHECKED_NAMES_KEPT:
+                _CHECKED_NAMES.clear()
+            _CHECKED_NAMES.update(fields)
         if b"".join(fields.values()).translate(None, _VALUE_ALLOWED):
             raise RuntimeError("Invalid HTTP header value.")
         self.expected_content_length = int(fields[b"content-length"])
