@@ -2,6 +2,11 @@
 slow or huge clients: a header read timeout (a connection that has not sent complete request headers in
 time is closed: slowloris), a body read timeout (a body that stalls between chunks gets 408), and a limit
 on the request line + headers (431). The connection cap is uvicorn's `limit_concurrency` (503 past it).
+
+And what uvicorn does per request that can be done once or in C: the response cycle is
+`pricer.response_cycle.ResponseCycle`, one keep-alive timer serves a connection's whole life, request targets
+are parsed once, and a connection's responses leave in one write at the end of their event-loop turn
+(`OneWriteTransport`).
 """
 
 from __future__ import annotations
