@@ -99,6 +99,7 @@ LAYER_RULES: tuple[LayerRule, ...] = (
     LayerRule(PROTOCOL, "uvicorn/"),
     LayerRule(PROTOCOL, "pricer/server.py"),  # the connection guards around uvicorn's protocol
     LayerRule(PROTOCOL, "pricer/protocol.py"),
+    LayerRule(PROTOCOL, "pricer/response_cycle.py"),  # uvicorn's response cycle with a leaner response start
     LayerRule("app entry (PricerApp)", "pricer/app.py"),
     # Middlewares: the send wrappers add response headers, whichever middleware defines them.
     LayerRule(RESPONSE_HEADERS, "pricer/middleware/", function=r"<locals>\.send|\.send$|_headers$"),

@@ -35,15 +35,29 @@ class RecordingTransport(asyncio.Transport):
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
 
-async def test_headers_and_body_go_in_one_write() -> None:
+async def test_headers_and_body_go_in_one_write_at_the_end_of_the_turn() -> None:
     raw = RecordingTransport()
     one = OneWriteTransport(raw, asyncio.get_running_loop())
     one.write(HEAD)
     assert raw.writes == []
     one.write(b"{}")
+    assert raw.writes == []  # held with the other responses of this turn
+    await asyncio.sleep(0)
     assert raw.writes == [HEAD + b"{}"]
     await asyncio.sleep(0)
-    assert raw.writes == [HEAD + b"{}"]  # the flush scheduled with the hold finds nothing left
+    assert raw.writes == [HEAD + b"{}"]
+
+
+async def test_the_responses_of_one_turn_leave_after_all_of_them_are_written() -> None:
+    raws = [RecordingTransport() for _ in range(3)]
+    loop = asyncio.get_running_loop()
+    ones = [OneWriteTransport(raw, loop) for raw in raws]
+    for one in ones:
+        one.write(HEAD)
+        one.write(b"{}")
+    assert all(raw.writes == [] for raw in raws)
+    await asyncio.sleep(0)
+    assert all(raw.writes == [HEAD + b"{}"] for raw in raws)
 
 
 async def test_a_large_body_is_not_copied_to_join_its_headers() -> None:

@@ -2,12 +2,17 @@
 slow or huge clients: a header read timeout (a connection that has not sent complete request headers in
 time is closed: slowloris), a body read timeout (a body that stalls between chunks gets 408), and a limit
 on the request line + headers (431). The connection cap is uvicorn's `limit_concurrency` (503 past it).
+
+And what uvicorn does per request that can be done once or in C: the response cycle is
+`pricer.response_cycle.ResponseCycle`, one keep-alive timer serves a connection's whole life, request targets
+are parsed once, and a connection's responses leave in one write at the end of their event-loop turn
+(`OneWriteTransport`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import urllib.parse
 from asyncio.events import TimerHandle
 from dataclasses import dataclass
 from typing import Any
@@ -15,11 +20,13 @@ from typing import Any
 import httptools
 import msgspec
 import uvicorn
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from pricer.context import BODY_TIMED_OUT_KEY
 from pricer.ids import random_hex
+from pricer.response_cycle import MessageEvent, ResponseCycle
 from pricer.schemas import ErrorBody
 
 # How long a connection accepted just before the listener closed may take to send its request.
@@ -75,13 +82,20 @@ def _error_response(status: int, code: str, message: str) -> bytes:
 
 _JOIN_LIMIT = 64 * 1024
 
+# Request targets as uvicorn parses them into the scope (path, raw path, query string), by target: most
+# requests name one of a few targets, and parsing one costs more than a dictionary lookup. Bounded: the
+# dictionary is emptied when full (a client sending only new targets gets uvicorn's cost, no more).
+_PARSED_URLS: dict[bytes, tuple[str, bytes, bytes]] = {}
+_PARSED_URLS_KEPT = 1024
+
 
 class OneWriteTransport:
-    """The connection's transport as a response cycle sees it: a response's header block is held until its
-    body is written and both go in one write (one syscall and one TCP segment instead of two; each write
-    was a tenth of a single quote's server CPU). Whatever else ends the turn first (a HEAD response has
-    no body write, a streaming response awaits between its parts, the connection closes) sends what is
-    held: nothing is held past the event-loop turn it was written in."""
+    """The connection's transport as a response cycle sees it: a response, from its header block on, is held
+    until the end of the event-loop turn it was written in and leaves in one write (one syscall and one TCP
+    segment instead of two; each write was a tenth of a single quote's server CPU), after every request of
+    that turn was answered, so that the client's reader is woken once for all of them. A large body is
+    not copied to join what is held (both are written at once), and a close sends what is held first:
+    nothing is held past the turn it was written in."""
 
     __slots__ = ("_held", "_loop", "_transport")
 
@@ -93,6 +107,12 @@ class OneWriteTransport:
     def write(self, data: bytes) -> None:
         held = self._held
         if held is not None:
+            if len(held) + len(data) <= _JOIN_LIMIT:
+                # The whole response waits for the end of the turn (with the other responses of the turn):
+                # the client's side is woken once for all of them, not once per response (on loopback
+                # each write runs the receiver's TCP path and wakes its reader).
+                self._held = held + data
+                return
             self._held = None
             if len(data) <= _JOIN_LIMIT:
                 self._transport.write(held + data)
@@ -111,8 +131,12 @@ class OneWriteTransport:
             self._held = None
             # Also while closing, as the write would have been had it not been held (a transport closed
             # after a half-close still sends what was written before it is gone).
-            with contextlib.suppress(RuntimeError):  # uvloop: the connection is already gone
+            # A try costs nothing when nothing is raised; contextlib.suppress is an object and two calls
+            # on every response.
+            try:  # noqa: SIM105
                 self._transport.write(held)
+            except RuntimeError:  # uvloop: the connection is already gone
+                pass
 
     def close(self) -> None:
         self.flush()
@@ -156,6 +180,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_timer: TimerHandle | None = None
         self._body_seen_at = 0.0
         self._shutting_down = False
+        self._idle_since: float | None = None  # when the last response ended, None while a request runs
 
     # -- connection -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -174,12 +199,52 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         self._cancel_body_timer()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         super().connection_lost(exc)
+
+    # -- keep-alive -------------------------------------------------------------------------------
+    # uvicorn arms a keep-alive timer after every response and cancels it at the next read: two timer
+    # operations per request. Here the connection notes when it went idle, and one timer, armed when none
+    # is, checks the idle time when it fires (and re-arms for what is left): the same timeout, a timer
+    # operation per timeout period instead of two per request.
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self._keep_alive_check
+            )
+
+    def _keep_alive_check(self) -> None:
+        idle_since = self._idle_since
+        if idle_since is None:  # a request is under way: look again a whole timeout later
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self._keep_alive_check
+            )
+            return
+        left = idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_check)
+            return
+        self.timeout_keep_alive_task = None
+        self.timeout_keep_alive_handler()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._unset_keepalive_if_required()
+        self._idle_since = None
         if self._in_headers:
             self._header_bytes += len(data)
         elif self._body_timer is not None:
@@ -242,11 +307,59 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        super().on_headers_complete()
+        self._start_cycle()
+
+    def _start_cycle(self) -> None:
+        """uvicorn's `on_headers_complete` (its steps in its order), with this engine's response cycle."""
+        parser = self.parser
+        http_version = parser.get_http_version()
+        scope = self.scope
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        url = self.url
+        parsed = _PARSED_URLS.get(url)
+        if parsed is None:
+            parsed_url = httptools.parse_url(url)
+            raw_path = parsed_url.path
+            path = raw_path.decode("ascii")
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            parsed = (path, raw_path, parsed_url.query or b"")
+            if len(_PARSED_URLS) >= _PARSED_URLS_KEPT:
+                _PARSED_URLS.clear()
+            _PARSED_URLS[url] = parsed
+        path, raw_path, scope["query_string"] = parsed
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path if self.root_path else raw_path
+        app = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        existing_cycle = self.cycle
         draining = self._shutting_down or getattr(self.server_state, "draining", False)
-        if draining and self.cycle is not None:
+        self.cycle = ResponseCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=MessageEvent(),  # type: ignore[arg-type]
+            expect_100_continue=self.expect_100_continue,
             # Draining: this response tells the client to reconnect (elsewhere) and closes.
-            self.cycle.keep_alive = False
+            keep_alive=http_version != "1.0" and parser.should_keep_alive() and not draining,
+            on_response=self.on_response_complete,
+        )
+        if existing_cycle is None or existing_cycle.response_complete:
+            self._start_asgi_task(self.cycle, app)
+        else:  # pipelined requests wait for the response before them
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, app))
 
     def on_message_complete(self) -> None:
         self._in_body = False

@@ -68,10 +68,6 @@ class PricingOutcome:
     unknown_rows: list[int]  # rows (of those given) whose ticker is unknown; not priced
 
 
-def _one_row(value: int) -> Int64Array:
-    return np.array((value,), dtype=np.int64)
-
-
 # The rate and request row of every single quote: row 0, rate 0. Shared and read-only, so that no
 # holder of one batch can change another's.
 _ROW_ZERO = np.zeros(1, dtype=np.int64)
@@ -231,7 +227,10 @@ class Quoter:
         The same spans and metrics as a batch of one through `price`, without its NumPy bookkeeping."""
         tracing = self._tracing
         started = time.perf_counter()
-        with tracing.span("market_data", {"tickers": 1}):
+        if tracing.enabled:
+            with tracing.span("market_data", {"tickers": 1}):
+                (rate,) = await self._market.ticker_rates((ticker,), now)
+        else:  # no span to enter and leave when tracing is off
             (rate,) = await self._market.ticker_rates((ticker,), now)
         if rate is None:
             # As `price` does for a batch whose every ticker is unknown: an empty pricing step, timed.
@@ -239,7 +238,10 @@ class Quoter:
                 pass
             self._metrics.observe_calculation(time.perf_counter() - started)
             raise TickerNotFound(ticker)
-        with tracing.span("pricing", {"positions": 1}):
+        if tracing.enabled:
+            with tracing.span("pricing", {"positions": 1}):
+                fees = price_locate(position_cents, loan_days, rate.rate_units, terms.terms)
+        else:
             fees = price_locate(position_cents, loan_days, rate.rate_units, terms.terms)
         finished = time.perf_counter()
         metrics = self._metrics
@@ -247,6 +249,11 @@ class Quoter:
         metrics.calculations["single"] += 1
         if rate.source is RateSource.FALLBACK:
             metrics.fallback_usage += 1
+        # The six one-row columns are slices of one array: one NumPy allocation instead of six.
+        row = np.array(
+            (position_cents, loan_days, fees.borrow_cost, fees.markup, fees.transaction_fees, fees.total_fee),
+            dtype=np.int64,
+        )
         return PricedBatch(
             batch_id=new_batch_id(),
             calculated_at=now,
@@ -257,10 +264,10 @@ class Quoter:
             rates=[rate],
             rate_index=_ROW_ZERO,
             input_index=_ROW_ZERO,
-            position_cents=_one_row(position_cents),
-            loan_days=_one_row(loan_days),
-            borrow_cost=_one_row(fees.borrow_cost),
-            markup=_one_row(fees.markup),
-            transaction_fees=_one_row(fees.transaction_fees),
-            total_fee=_one_row(fees.total_fee),
+            position_cents=row[0:1],
+            loan_days=row[1:2],
+            borrow_cost=row[2:3],
+            markup=row[3:4],
+            transaction_fees=row[4:5],
+            total_fee=row[5:6],
         )

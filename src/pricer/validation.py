@@ -102,8 +102,12 @@ class Decoder(Generic[T]):
         self.media_types = [JSON, MSGPACK] if accept_msgpack else [JSON]
 
     def media_type(self, request: Request) -> str:
-        content_type = request.headers.get("content-type", "")
-        media = content_type.partition(";")[0].strip().lower()
+        content_type = b""
+        for name, value in request.scope["headers"]:  # the first Content-Type, as request.headers reads it
+            if name == b"content-type":
+                content_type = value
+                break
+        media = content_type.partition(b";")[0].strip().lower().decode("latin-1")
         if media == JSON or (self._msgpack is not None and media in (MSGPACK, "application/x-msgpack")):
             return JSON if media == JSON else MSGPACK
         raise UnsupportedMediaType(media or "(none)", self.media_types)
@@ -157,10 +161,22 @@ class Decoder(Generic[T]):
             ) from None
 
 
+# The tickers of single quotes as written -> normalised: a desk quotes the same few hundred names all day,
+# and the lookup costs less than the normalisation. Bounded: emptied when full.
+_NORMALIZED: dict[str, str] = {}
+_NORMALIZED_KEPT = 4096
+
+
 def require_ticker(
     raw: str, *, field: str = "ticker", location: str = "body", valid_params: Sequence[str] = ()
 ) -> str:
-    ticker = normalize_ticker(raw)
+    ticker = _NORMALIZED.get(raw)
+    if ticker is None:
+        ticker = normalize_ticker(raw)
+        if ticker is not None:
+            if len(_NORMALIZED) >= _NORMALIZED_KEPT:
+                _NORMALIZED.clear()
+            _NORMALIZED[raw] = ticker
     if ticker is None:
         raise InvalidParameter.for_field(
             field, f"expected {TICKER_RULE}", location=location, valid_params=valid_params
