@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_left
 
-from pricer.observability.metrics import LATENCY_BUCKETS, FixedBucketHistogram
+from pricer.observability.histogram import LATENCY_BUCKETS, FixedBucketHistogram
 
 
 def test_bulk_counting_equals_counting_each_value() -> None:

@@ -3,8 +3,8 @@
 The request path must stay cheap: a synchronous OTel counter costs about 8 µs per call here and a
 histogram record 3-5 µs, so the hot path only touches plain Python state. Counters are integers handed
 to OTel by observable-counter callbacks when Prometheus scrapes. Histograms (which have no observable
-form in OTel) are aggregated here into fixed buckets (a request appends its value to a list; the values are
-counted into the buckets in bulk when a series is read or a thousand are waiting) and handed to the OTel
+form in OTel) are aggregated into fixed buckets by histogram.py (a request appends its value to a list;
+the values are counted in bulk when a series is read or a thousand are waiting) and handed to the OTel
 Prometheus exporter as OTel histogram data points at each scrape, so naming, unit suffixing and
 exposition are the exporter's own.
 Label values are bounded: `endpoint` is a route template (or `unmatched`), methods outside the known set
@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -31,10 +30,6 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics._internal.exemplar import AlwaysOffExemplarFilter
 from opentelemetry.sdk.metrics.export import (
-    AggregationTemporality,
-    Histogram,
-    HistogramDataPoint,
-    Metric,
     MetricsData,
     ResourceMetrics,
     ScopeMetrics,
@@ -47,10 +42,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from pricer.logs import fields
+from pricer.observability.histogram import FixedBucketHistogram, Series
 from pricer.observability.metrics_files import MetricsSnapshot, SharedMetricsDirectory
 
-# Seconds; resolves 0.5 ms to 2.5 s (DESIGN §4).
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0)
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 AUTH_STATUSES = ("success", "invalid_key", "expired", "revoked", "missing", "invalid_token")
 
@@ -63,104 +57,13 @@ log = logging.getLogger("pricer.metrics")
 _STATUS_TEXT = {code: str(code) for code in range(100, 600)}
 
 
-class _Series:
-    __slots__ = ("count", "counts", "max", "min", "total")
-
-    def __init__(self, buckets: int) -> None:
-        self.counts = [0] * buckets
-        self.count = 0
-        self.total = 0.0
-        self.min = float("inf")
-        self.max = float("-inf")
-
-
-class FixedBucketHistogram:
-    """A cumulative histogram over fixed upper bounds, one series per label-value tuple.
-
-    Bucket i counts values in (bounds[i-1], bounds[i]], the last one everything above, as OTel's
-    explicit-bucket aggregation does."""
-
-    def __init__(self, name: str, *, unit: str, description: str, label_names: Sequence[str]) -> None:
-        self.name = name
-        self.unit = unit
-        self.description = description
-        self.label_names = tuple(label_names)
-        self.bounds = LATENCY_BUCKETS
-        self._series: dict[tuple[str, ...], _Series] = {}
-        # Values observed and not yet counted into their series, by labels: a request appends its value
-        # (a fraction of a bucket search's cost), and the values are counted in bulk when a series is read
-        # or FOLD_AT of them are waiting (so the memory they hold stays bounded).
-        self._pending: dict[tuple[str, ...], list[float]] = {}
-        self._started_ns = time.time_ns()
-
-    FOLD_AT = 1024
-
-    def observe(self, labels: tuple[str, ...], value: float) -> None:
-        pending = self._pending.get(labels)
-        if pending is None:
-            pending = self._pending[labels] = []
-        pending.append(value)
-        if len(pending) >= self.FOLD_AT:
-            self._fold(labels)
-
-    def _fold(self, labels: tuple[str, ...]) -> None:
-        values = self._pending.pop(labels, None)
-        if not values:
-            return
-        series = self._series.get(labels)
-        if series is None:
-            series = self._series[labels] = _Series(len(self.bounds) + 1)
-        bounds, counts, total = self.bounds, series.counts, series.total
-        for value in values:  # in the order observed: the same sum as one addition per observation
-            counts[bisect_left(bounds, value)] += 1
-            total += value
-        series.total = total
-        series.count += len(values)
-        series.min = min(series.min, *values)
-        series.max = max(series.max, *values)
-
-    @property
-    def series(self) -> dict[tuple[str, ...], _Series]:
-        for labels in list(self._pending):
-            self._fold(labels)
-        return self._series
-
-    def to_metric(self, now_ns: int, series: dict[tuple[str, ...], _Series] | None = None) -> Metric | None:
-        """The series (this process's, or the merged ones given) as an OTel histogram (None before the
-        first observation)."""
-        if series is None:
-            series = self.series
-        if not series:
-            return None
-        points = [
-            HistogramDataPoint(
-                attributes=dict(zip(self.label_names, labels, strict=True)),
-                start_time_unix_nano=self._started_ns,
-                time_unix_nano=now_ns,
-                count=one.count,
-                sum=one.total,
-                bucket_counts=list(one.counts),
-                explicit_bounds=self.bounds,
-                min=one.min,
-                max=one.max,
-            )
-            for labels, one in list(series.items())
-        ]
-        return Metric(
-            name=self.name,
-            description=self.description,
-            unit=self.unit,
-            data=Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE),
-        )
-
-
 class _HistogramExportingReader(PrometheusMetricReader):
     """The OTel Prometheus reader, with this process's fixed-bucket histograms added to every collection."""
 
     def __init__(
         self,
         histograms: Sequence[FixedBucketHistogram],
-        series_of: Callable[[FixedBucketHistogram], dict[tuple[str, ...], _Series]],
+        series_of: Callable[[FixedBucketHistogram], dict[tuple[str, ...], Series]],
         **options: Any,
     ) -> None:
         self._histograms = tuple(histograms)
@@ -463,7 +366,7 @@ class _Totals:
         self.plain: defaultdict[str, int] = defaultdict(int)
         self.external_requests: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.gauges: dict[str, dict[str, float]] = {}
-        self.histograms: dict[str, dict[tuple[str, ...], _Series]] = {}
+        self.histograms: dict[str, dict[tuple[str, ...], Series]] = {}
 
     @classmethod
     def merge(cls, snapshots: Iterable[MetricsSnapshot]) -> _Totals:
@@ -490,7 +393,7 @@ class _Totals:
                 for labels, counts, count, total, low, high in points:
                     series = merged.get(tuple(labels))
                     if series is None:
-                        series = merged[tuple(labels)] = _Series(len(counts))
+                        series = merged[tuple(labels)] = Series(len(counts))
                     if len(series.counts) != len(counts):
                         continue  # another bucket layout (another version's file): not summable
                     series.counts = [a + b for a, b in zip(series.counts, counts, strict=True)]
