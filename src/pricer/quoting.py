@@ -85,6 +85,7 @@ class Quoter:
         self._metrics = metrics
         self._tracing = tracing
         self._terms: dict[str, ClientTerms] = {}
+        self._market_seconds = 0.0
 
     async def client_terms(self, client_id: str) -> ClientTerms:
         client = await self._stores.clients.get(client_id)
@@ -105,6 +106,23 @@ class Quoter:
     async def unknown_tickers(self, tickers: Sequence[str]) -> set[str]:
         rates = await self._market.ticker_rates(tickers, dt.datetime.now(dt.UTC))
         return {ticker for ticker, rate in zip(tickers, rates, strict=True) if rate is None}
+
+    async def batch_rates(self, tickers: Sequence[str], now: dt.datetime) -> list[TickerRate | None]:
+        """The rates of a batch's distinct tickers, asked once (None: unknown), timed for the metrics."""
+        started = time.perf_counter()
+        with self._tracing.span("market_data", {"tickers": len(tickers)}):
+            found = list(await self._market.ticker_rates(tickers, now))
+        self._market_seconds = time.perf_counter() - started
+        return found
+
+    def record_batch(self, batch: PricedBatch) -> None:
+        """The metrics of a batch priced from `batch_rates`' rates."""
+        metrics = self._metrics
+        metrics.calculations["batch"] += batch.size
+        metrics.observe_calculation(self._market_seconds)
+        fallback = [slot for slot, rate in enumerate(batch.rates) if rate.source is RateSource.FALLBACK]
+        if fallback:
+            metrics.fallback_usage += int(np.isin(batch.rate_index, fallback).sum())
 
     async def price(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import numpy as np
@@ -9,29 +10,30 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pricer.auth.admission import Admission
+from pricer.batch_pool import BatchPool
 from pricer.context import principal, request_id
-from pricer.endpoints.common import json_response, msgpack_response, utc_now, wants_msgpack
-from pricer.endpoints.views import batch_response, quote_response
+from pricer.endpoints.common import json_response, utc_now, wants_msgpack
+from pricer.endpoints.views import quote_response
 from pricer.errors import FieldProblem, InvalidParameter, NotFound
-from pricer.models import Scope
-from pricer.pricing.core import to_scaled_int
-from pricer.quotes import split_quote_id
+from pricer.models import FeeType, Scope
+from pricer.pricing.core import FeeTerms, to_scaled_int
+from pricer.quotes import TickerRate, new_batch_id, split_quote_id
 from pricer.quoting import Quoter
 from pricer.ratelimit.limits import ClientLimits
 from pricer.schemas import (
     BatchPosition,
     BatchRequest,
+    FeeScheduleView,
     LenientBatchRequest,
     QuoteRequest,
     RowError,
 )
 from pricer.stores.protocols import QuoteStore
-from pricer.tickers import TICKER_RULE, normalize_ticker
+from pricer.tickers import TICKER_RULE
 from pricer.validation import (
     JSON,
     MSGPACK,
     Decoder,
-    may_hide_places,
     require_places,
     require_ticker,
     whole_number,
@@ -52,6 +54,7 @@ class QuoteEndpoints:
         admission: Admission,
         limits: ClientLimits | None,
         max_batch_size: int,
+        pool: BatchPool,
     ) -> None:
         self._quoter = quoter
         self._quotes = quotes
@@ -60,6 +63,8 @@ class QuoteEndpoints:
         # ...and the positions bucket the batch endpoint draws from (None: rate limiting is off).
         self._limits = limits
         self._max_batch_size = max_batch_size
+        # Large batches are decoded, priced and encoded off the event loop there.
+        self._pool = pool
         self._single = Decoder(QuoteRequest, places={"position_value": 2})
         self._batch = Decoder(BatchRequest, accept_msgpack=True)
         self._lenient_batch = Decoder(LenientBatchRequest, accept_msgpack=True)
@@ -101,79 +106,44 @@ class QuoteEndpoints:
     async def calculate_batch(self, request: Request) -> Response:
         media = self._batch.media_type(request)
         atomic = _flag(request.query_params.get("atomic"), "atomic")
-        body = await request.body()
-        try:
-            parsed = self._batch.decode(body, media)
-            client_id, rows = parsed.client_id, parsed.positions
-            tickers_raw = [row.ticker for row in rows]
-            values = np.fromiter((row.position_value for row in rows), dtype=np.float64, count=len(rows))
-            days = np.fromiter((row.loan_days for row in rows), dtype=np.float64, count=len(rows))
-            errors: list[RowError] = []
-        except InvalidParameter:
-            # Some rows are malformed: decode leniently so that each bad row gets its own error.
-            lenient = self._lenient_batch.decode(body, media)
-            client_id = lenient.client_id
-            tickers_raw, values, days, errors = _lenient_rows(lenient.positions)
-        if media == JSON and may_hide_places(body):
-            _add_written_places_errors(body, errors)
-        count = len(tickers_raw)
-        if count > self._max_batch_size:
-            raise InvalidParameter.for_field(
-                "positions", f"at most {self._max_batch_size} positions per batch (got {count})"
+        async with self._pool.decode(request, media, max_batch_size=self._max_batch_size) as job:
+            decoded = job.summary
+            scope = request.scope
+            now = utc_now()
+            rates: list[TickerRate | None] | None = None
+            if atomic:
+                # Every invalid row listed, unknown tickers included (ticker existence is market data, not
+                # anything of the client's), and the whole batch refused before anything is drawn.
+                rates = await self._quoter.batch_rates(decoded.tickers, now)
+                if decoded.error_count or None in rates:
+                    check = await job.price(
+                        _price_arguments(rates, CHECK_TERMS, None, None, "", now, decoded.client_id),
+                        None,
+                        content_type=b"",
+                        keep=True,
+                    )
+                    if check.error_count:
+                        raise _atomic_failure(check.errors, check.error_count)
+            acting = await self._admission.act_for(scope, decoded.client_id)
+            terms = await self._quoter.client_terms(decoded.client_id)
+            if rates is None:
+                # Market data asked once, for the distinct tickers: one snapshot for the whole batch.
+                rates = await self._quoter.batch_rates(decoded.tickers, now)
+            if self._limits is not None:
+                drawn = decoded.count - decoded.error_count
+                await self._limits.draw_positions(scope, decoded.client_id, drawn)
+            msgpack = wants_msgpack(request.headers.get("accept"), default=media == MSGPACK)
+            outcome = await job.price(
+                _price_arguments(rates, terms.terms, terms.view, acting.key_id, request_id(scope), now, ""),
+                {"fee_schedule": terms.view, "msgpack": msgpack},
+                content_type=b"application/msgpack" if msgpack else b"application/json",
             )
-
-        tickers = [normalize_ticker(raw) or "" if isinstance(raw, str) else "" for raw in tickers_raw]
-        cents, errors = _check_rows(tickers, values, days, errors)
-        if atomic:
-            # List every invalid row, unknown tickers included (ticker existence is market data, not
-            # anything of the client's), and refuse the whole batch before anything is drawn or priced.
-            await self._add_unknown_ticker_errors(tickers, errors)
-            if errors:
-                raise _atomic_failure(errors)
-
-        scope = request.scope
-        acting = await self._admission.act_for(scope, client_id)
-        terms = await self._quoter.client_terms(client_id)
-        limits = self._limits
-
-        async def draw_positions(priced: int) -> None:
-            if limits is not None:
-                await limits.draw_positions(scope, client_id, priced)
-
-        bad = np.zeros(count, dtype=bool)
-        for error in errors:
-            bad[error.index] = True
-        good = np.flatnonzero(~bad)
-        outcome = await self._quoter.price(
-            terms,
-            tickers=[tickers[index] for index in good.tolist()],
-            position_cents=cents[good],
-            loan_days=days[good].astype(np.int64),
-            input_index=good.astype(np.int64),
-            key_id=acting.key_id,
-            request_id=request_id(scope),
-            now=utc_now(),
-            admit=draw_positions,
-        )
-        for row in outcome.unknown_rows:
-            index = int(good[row])
-            errors.append(
-                RowError(
-                    index=index,
-                    error_code="TICKER_NOT_FOUND",
-                    error=f"Unknown ticker: {tickers[index]}",
-                    field="ticker",
-                )
-            )
-        if atomic and errors:
-            raise _atomic_failure(errors)
-        batch = outcome.batch
-        await self._quotes.add(batch)
-        errors.sort(key=lambda error: error.index)
-        response = batch_response(batch, fee_schedule=terms.view, count=count, errors=errors)
-        if wants_msgpack(request.headers.get("accept"), default=media == MSGPACK):
-            return msgpack_response(response)
-        return json_response(response)
+        if atomic and outcome.error_count:
+            raise _atomic_failure(outcome.errors, outcome.error_count)
+        self._quoter.record_batch(outcome.batch)
+        await self._quotes.add(outcome.batch)
+        assert outcome.response is not None
+        return outcome.response
 
     async def _add_unknown_ticker_errors(self, tickers: list[str], errors: list[RowError]) -> None:
         in_error = {error.index for error in errors}
@@ -200,6 +170,33 @@ class QuoteEndpoints:
             # Another client's quote is not disclosed, not even its existence.
             raise NotFound("Unknown quote", details={"quote_id": quote_id})
         return json_response(quote_response(quote))
+
+
+# Terms an atomic batch's rows are checked with before the client's own are read (the figures are not kept).
+CHECK_TERMS = FeeTerms(day_count=365, markup_units=0, percentage_fee=False, transaction_units=0)
+_CHECK_VIEW = FeeScheduleView(
+    markup_percentage=0.0, transaction_fee_type=FeeType.FLAT, transaction_amount=0.0, day_count=365
+)
+
+
+def _price_arguments(
+    rates: list[TickerRate | None],
+    terms: FeeTerms,
+    view: FeeScheduleView | None,
+    key_id: str | None,
+    request: str,
+    now: dt.datetime,
+    _client: str,
+) -> dict[str, Any]:
+    return {
+        "terms": terms,
+        "rates": rates,
+        "batch_id": new_batch_id(),
+        "key_id": key_id,
+        "request_id": request,
+        "now": now,
+        "fee_schedule": view or _CHECK_VIEW,
+    }
 
 
 def _flag(raw: str | None, name: str) -> bool:
@@ -327,16 +324,17 @@ def _check_rows(
     return cents, errors
 
 
-def _atomic_failure(errors: list[RowError]) -> InvalidParameter:
+def _atomic_failure(errors: list[RowError], count: int | None = None) -> InvalidParameter:
     errors.sort(key=lambda error: error.index)
+    count = len(errors) if count is None else count
     return InvalidParameter(
-        f"{len(errors)} invalid position(s); atomic batch rejected",
+        f"{count} invalid position(s); atomic batch rejected",
         problems=[
             FieldProblem(f"positions[{error.index}].{error.field or 'position'}", "body", error.error)
             for error in errors[:1000]
         ],
         details={
-            "invalid_rows": len(errors),
+            "invalid_rows": count,
             "errors": [
                 {"index": e.index, "error_code": e.error_code, "error": e.error, "field": e.field}
                 for e in errors[:1000]

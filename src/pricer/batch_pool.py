@@ -1,0 +1,506 @@
+"""Large batches are decoded, priced and encoded off the event loop (DESIGN §1, "Batches never stall a
+replica"), in a pool of worker processes (`BATCH_WORKERS`, default 1; 0 runs every batch inline).
+
+Why processes: msgspec's decode and encode hold the GIL, so a thread would stall the loop just the same.
+Each uvicorn worker (WORKERS > 1) has a pool of its own: the pool is part of the app, started by its
+lifespan and stopped after the server has drained, and nothing is shared between workers.
+
+A batch body of up to `BATCH_INLINE_MAX_BYTES` is handled inline (a worker's round trips cost more than
+such a batch takes). A larger one:
+1. streams from the socket into a file in the pool's scratch directory (tmpfs: /dev/shm), chunk by chunk,
+   never joined in the main process;
+2. a leased worker decodes it and keeps the decoded columns; the main process gets the client id, the row
+   count, the distinct tickers and the first row errors (`BatchSummary`), no object per row;
+3. the main process checks the client, draws the positions, and asks market data once for the distinct
+   tickers: one snapshot for the whole batch, handed to the worker with the terms;
+4. the worker prices and encodes; the priced columns come back as a file the main process maps (the audit
+   record `PricedBatch` is queued in the main process, as for any batch), the response as a file the main
+   process streams to the client in 1 MiB chunks.
+
+A worker that dies (SIGKILL, OOM) is replaced. If it died while decoding, nothing was committed and the
+batch is decoded again on another worker, once; if it died while pricing (positions already drawn) the
+batch answers 503 SERVICE_UNAVAILABLE, and the client may send it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import mmap
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from pricer.batch_worker import ERRORS_SHOWN, summary_of
+from pricer.batches import DecodedBatch, decode_batch, encode_batch_response, price_decoded
+from pricer.endpoints.common import EncodedResponse
+from pricer.errors import PricerError, ServiceUnavailable
+from pricer.logs import fields
+from pricer.quotes import ROW_COLUMNS, PricedBatch
+from pricer.schemas import RowError
+
+log = logging.getLogger("pricer.batches")
+
+DEFAULT_INLINE_MAX_BYTES = 256 << 10
+RESPONSE_CHUNK_BYTES = 1 << 20
+RESTART_DELAY_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSummary:
+    """A decoded batch as the main process sees it: no object per row."""
+
+    form: str
+    client_id: str
+    count: int
+    tickers: list[str]  # distinct normalised tickers
+    error_count: int  # rows already in error (validation)
+    errors: list[RowError]  # the first of them, by index
+
+
+@dataclass(frozen=True, slots=True)
+class PricedOutcome:
+    batch: PricedBatch
+    error_count: int  # every row error: validation and unknown tickers
+    errors: list[RowError]  # the first of them, by index
+    response: Response | None  # the encoded response (None when not asked for)
+
+
+class WorkerDied(Exception):
+    """The worker's pipe closed: the process is gone."""
+
+
+class _Worker:
+    """One worker process and its two pipes. Spawned with posix_spawn and reaped by pid (no Popen: an app
+    that is never shut down, as in tests of logic, leaves a worker that exits when its pipe closes)."""
+
+    def __init__(self) -> None:
+        to_worker_read, to_worker_write = os.pipe()
+        from_worker_read, from_worker_write = os.pipe()
+        try:
+            for fd in (to_worker_read, from_worker_write):
+                os.set_inheritable(fd, True)
+            argv = [sys.executable, "-m", "pricer.batch_worker", str(to_worker_read), str(from_worker_write)]
+            self.pid = os.posix_spawn(sys.executable, argv, os.environ)
+        except BaseException:
+            for fd in (to_worker_write, from_worker_read):
+                os.close(fd)
+            raise
+        finally:
+            os.close(to_worker_read)
+            os.close(from_worker_write)
+        self.requests = Connection(to_worker_write, readable=False)
+        self.replies = Connection(from_worker_read, writable=False)
+        self.reaped = False
+
+    async def call(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        self.send(message)
+        try:
+            reply: tuple[Any, ...] = await asyncio.to_thread(self.replies.recv)
+        except (EOFError, OSError) as error:
+            raise WorkerDied from error
+        return reply
+
+    def send(self, message: tuple[Any, ...] | None) -> None:
+        try:
+            self.requests.send(message)
+        except OSError as error:
+            raise WorkerDied from error
+
+    def kill(self) -> None:
+        if not self.reaped:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.close()
+
+    def close(self) -> None:
+        for connection in (self.requests, self.replies):
+            with contextlib.suppress(OSError):
+                connection.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Reap the process (blocking: run on a thread); False if it is still running after `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.reaped:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG if deadline is not None else 0)
+            except ChildProcessError:
+                pid = self.pid
+            if pid == self.pid:
+                self.reaped = True
+            elif deadline is not None and time.monotonic() >= deadline:
+                return False
+            elif deadline is not None:
+                time.sleep(0.02)
+        return True
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+class BatchPool:
+    def __init__(self, workers: int, *, inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES) -> None:
+        self.size = workers
+        self.inline_max_bytes = inline_max_bytes
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._workers: set[_Worker] = set()
+        self._scratch: Path | None = None
+        self._closing = False
+        self._starting: set[asyncio.Task[None]] = set()
+        self.restarts = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        """The workers start with the first batch that needs one (a replica that never gets a large batch
+        runs no worker), and are kept from then on."""
+        if self._scratch is not None or self._closing:
+            return
+        root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()  # noqa: S108
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"pricer-batches-{os.getpid()}-", dir=root))
+        atexit.register(shutil.rmtree, self._scratch, ignore_errors=True)
+        for _ in range(self.size):
+            self._spawn()
+
+    def _spawn(self, delay: float = 0.0) -> None:
+        task = asyncio.get_running_loop().create_task(self._start_worker(delay))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start_worker(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if self._closing or self._scratch is None:
+            return
+        worker = _Worker()
+        self._workers.add(worker)
+        try:
+            ready = await asyncio.to_thread(worker.replies.recv)
+        except (EOFError, OSError):
+            ready = None
+        if self._closing:
+            return
+        if not ready or ready[0] != "ready":
+            log.error("Batch worker failed to start", extra=fields(pid=worker.pid))
+            self._lost(worker, delay=RESTART_DELAY_SECONDS)
+            return
+        self._idle.put_nowait(worker)
+
+    async def stop(self) -> None:
+        """After the server's drain (in-flight batches have answered): stop every worker, remove the
+        scratch directory."""
+        self._closing = True
+        for task in list(self._starting):
+            task.cancel()
+        workers = list(self._workers)
+        self._workers.clear()
+        for worker in workers:
+            with contextlib.suppress(WorkerDied):
+                worker.send(None)
+        for worker in workers:
+            if not await asyncio.to_thread(worker.wait, 5.0):
+                worker.kill()
+                await asyncio.to_thread(worker.wait)
+            worker.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def _lost(self, worker: _Worker, *, delay: float = 0.0) -> None:
+        """A worker found dead (or left in an unknown state): killed, reaped, replaced."""
+        worker.kill()
+        self._workers.discard(worker)
+        asyncio.get_running_loop().run_in_executor(None, worker.wait)
+        if not self._closing:
+            self.restarts += 1
+            self._spawn(delay)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return sorted(worker.pid for worker in self._workers)
+
+    @property
+    def scratch(self) -> Path | None:
+        return self._scratch
+
+    # ---- a batch ---------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def decode(self, request: Request, media: str, *, max_batch_size: int) -> AsyncIterator[BatchJob]:
+        """The batch of `request` decoded: inline when small (or without workers), else in a worker."""
+        body = await self._read_body(request)
+        job: BatchJob
+        if isinstance(body, bytes):
+            job = InlineJob(decode_batch(body, media, max_batch_size=max_batch_size))
+        else:
+            try:
+                job = await self._decode_in_worker(body, media, max_batch_size)
+            finally:
+                _unlink(body)
+        try:
+            yield job
+        finally:
+            job.close()
+
+    async def _read_body(self, request: Request) -> bytes | Path:
+        """The body as bytes when it is small (or the pool has no workers), else as a scratch file written
+        chunk by chunk as it arrives."""
+        chunks: list[bytes] = []
+        size = 0
+        fd: int | None = None
+        path: Path | None = None
+        try:
+            async for chunk in request.stream():
+                if fd is None:
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > self.inline_max_bytes and self.size > 0 and not self._closing:
+                        self._ensure_started()
+                        path = self._new_path("body")
+                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        for held in chunks:
+                            _write_all(fd, held)
+                        chunks.clear()
+                else:
+                    _write_all(fd, chunk)
+        except BaseException:
+            if path is not None:
+                _unlink(path)
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return path if path is not None else b"".join(chunks)
+
+    def _new_path(self, kind: str) -> Path:
+        assert self._scratch is not None
+        return self._scratch / f"{kind}-{secrets.token_hex(8)}"
+
+    async def _decode_in_worker(self, body: Path, media: str, max_batch_size: int) -> PooledJob:
+        for attempt in (1, 2):
+            worker = await self._idle.get()
+            try:
+                reply = await self._call(worker, ("decode", str(body), media, max_batch_size))
+            except WorkerDied:
+                # Nothing was committed: the batch is decoded again, on another worker, once.
+                log.warning(
+                    "Batch worker died, starting another", extra=fields(pid=worker.pid, step="decode")
+                )
+                self._lost(worker)
+                if attempt == 2:
+                    raise _worker_failure() from None
+                continue
+            if reply[0] != "decoded":
+                self._idle.put_nowait(worker)
+                raise _reply_error(reply)
+            return PooledJob(self, worker, BatchSummary(*reply[1]))
+        raise AssertionError("unreachable")
+
+    async def _call(self, worker: _Worker, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        try:
+            return await worker.call(message)
+        except asyncio.CancelledError:
+            # The request was cancelled with the worker busy: its state is unknown, it is replaced.
+            self._lost(worker)
+            raise
+
+    def _give_back(self, worker: _Worker) -> None:
+        if worker in self._workers:
+            self._idle.put_nowait(worker)
+
+    def map_batch(self, header: tuple[Any, ...], path: Path) -> PricedBatch:
+        """The priced batch whose columns the worker wrote to `path`: NumPy views of a read-only mapping
+        of the file (unlinked at once: its memory goes when the last view does)."""
+        batch_id, calculated_at, request_id, client_id, key_id, fee_schedule, rates, size = header
+        try:
+            if size:
+                with open(path, "rb") as file:
+                    mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+                table = np.frombuffer(mapped, dtype=np.int64).reshape(len(ROW_COLUMNS), size)
+            else:
+                table = np.zeros((len(ROW_COLUMNS), 0), dtype=np.int64)
+        finally:
+            _unlink(path)
+        columns = dict(zip(ROW_COLUMNS, table, strict=True))
+        return PricedBatch(
+            batch_id=batch_id,
+            calculated_at=calculated_at,
+            request_id=request_id,
+            client_id=client_id,
+            key_id=key_id,
+            fee_schedule=fee_schedule,
+            rates=rates,
+            **columns,
+        )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with memoryview(data) as view:
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+
+
+def _worker_failure() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "A batch worker failed while this batch was processed; it was not priced. Send it again.",
+        details={"retry_after": 1},
+    )
+
+
+def _reply_error(reply: tuple[Any, ...]) -> Exception:
+    if reply[0] == "error" and isinstance(reply[1], PricerError):
+        return reply[1]
+    log.error("Batch worker error", extra=fields(traceback=str(reply[1]) if len(reply) > 1 else repr(reply)))
+    return PricerError("Internal error")
+
+
+class BatchJob:
+    """One batch between its decode and its response."""
+
+    summary: BatchSummary
+
+    async def price(
+        self,
+        price: dict[str, Any],
+        encode: dict[str, Any] | None,
+        *,
+        content_type: bytes,
+        keep: bool = False,
+    ) -> PricedOutcome:
+        """Price with `price_decoded(decoded, **price)`; encode the response with
+        `encode_batch_response(decoded, batch, errors, **encode)` unless `encode` is None. `keep`: the
+        decoded batch is kept for another `price` (an atomic batch's check of its rows), else dropped."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class InlineJob(BatchJob):
+    def __init__(self, decoded: DecodedBatch) -> None:
+        self._decoded = decoded
+        self.summary = BatchSummary(*summary_of(decoded))
+
+    async def price(
+        self, price: dict[str, Any], encode: dict[str, Any] | None, *, content_type: bytes, keep: bool = False
+    ) -> PricedOutcome:
+        batch, errors = price_decoded(self._decoded, **price)
+        response = None
+        if encode is not None:
+            body = encode_batch_response(self._decoded, batch, errors, **encode)
+            response = EncodedResponse(body, 200, content_type)
+        shown = sorted(errors, key=lambda error: error.index)[:ERRORS_SHOWN]
+        return PricedOutcome(batch=batch, error_count=len(errors), errors=shown, response=response)
+
+    def close(self) -> None:
+        pass
+
+
+class PooledJob(BatchJob):
+    def __init__(self, pool: BatchPool, worker: _Worker, summary: BatchSummary) -> None:
+        self._pool = pool
+        self._worker: _Worker | None = worker
+        self.summary = summary
+
+    async def price(
+        self, price: dict[str, Any], encode: dict[str, Any] | None, *, content_type: bytes, keep: bool = False
+    ) -> PricedOutcome:
+        worker, self._worker = self._worker, None
+        assert worker is not None, "a batch is priced once"
+        pool = self._pool
+        arrays, body = pool._new_path("priced"), pool._new_path("response")
+        arguments = {"price": price, "encode": encode}
+        message = ("price", arguments, encode is not None, str(arrays), str(body), keep)
+        try:
+            reply = await pool._call(worker, message)
+        except WorkerDied:
+            log.warning("Batch worker died, starting another", extra=fields(pid=worker.pid, step="price"))
+            pool._lost(worker)
+            _unlink(arrays)
+            _unlink(body)
+            raise _worker_failure() from None
+        if keep:
+            self._worker = worker
+        else:
+            pool._give_back(worker)
+        if reply[0] != "priced":
+            _unlink(arrays)
+            _unlink(body)
+            raise _reply_error(reply)
+        _, header, error_count, errors, body_size = reply
+        batch = pool.map_batch(header, arrays)
+        response = None if body_size is None else _file_response(body, body_size, content_type)
+        return PricedOutcome(batch=batch, error_count=error_count, errors=errors, response=response)
+
+    def close(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        # Left before pricing (a 4xx, a refused draw): the worker drops the decoded batch.
+        try:
+            worker.send(("drop",))
+        except WorkerDied:
+            self._pool._lost(worker)
+            return
+        self._pool._give_back(worker)
+
+
+def _file_response(path: Path, size: int, content_type: bytes) -> Response:
+    fd = os.open(path, os.O_RDONLY)
+    _unlink(path)  # the open descriptor keeps the data until the response is sent
+    return StreamedFileResponse(fd, size, content_type)
+
+
+class StreamedFileResponse(Response):
+    """A response body read from an open file in chunks as the client takes them (flow control is the
+    server's: `send` waits while the transport's buffer is full). The file is closed at the end."""
+
+    def __init__(self, fd: int, size: int, content_type: bytes) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = b""
+        self._fd = fd
+        self._size = size
+        self.raw_headers = [(b"content-type", content_type), (b"content-length", str(size).encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            offset = 0
+            while offset < self._size:
+                data = os.pread(self._fd, min(RESPONSE_CHUNK_BYTES, self._size - offset), offset)
+                if not data:
+                    raise OSError(f"batch response file ended at {offset} of {self._size} bytes")
+                offset += len(data)
+                await send({"type": "http.response.body", "body": data, "more_body": offset < self._size})
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+__all__ = ["BatchJob", "BatchPool", "BatchSummary", "PricedOutcome"]

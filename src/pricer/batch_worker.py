@@ -1,0 +1,163 @@
+"""A batch worker process: runs the batch steps (`pricer.batches`) for the main process's event loop.
+
+Started by `pricer.batch_pool.BatchPool` as `python -m pricer.batch_worker READ_FD WRITE_FD`. Requests and
+replies are small pickled tuples on two pipes; the big data goes through files in the pool's scratch
+directory (tmpfs: /dev/shm when there is one): the request body in, the priced columns and the encoded
+response out. The worker holds one decoded batch between its `decode` and `price` requests, so that the
+main process never receives a Python object per row.
+
+The worker ignores SIGINT and SIGTERM: a stop signal sent to the whole process group (Ctrl+C, `tini -g`)
+must not cut a batch in flight; the main process stops it when its own shutdown has drained (`None` on
+the request pipe), and the worker also ends when that pipe closes (the main process is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from pricer.batches import DecodedBatch, decode_batch, encode_batch_response, price_decoded
+from pricer.errors import PricerError
+from pricer.quotes import ROW_COLUMNS, PricedBatch
+from pricer.schemas import RowError
+
+# How many row errors travel back to the main process (an atomic batch's 400 lists at most this many).
+ERRORS_SHOWN = 1000
+
+
+def _release_memory() -> Callable[[], None]:
+    """glibc keeps freed heap memory (a 10^6-row batch's objects) in its arenas; giving it back after each
+    batch keeps the worker's RSS at its idle size between batches."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is None:
+        return lambda: None
+    return lambda: trim(0) and None
+
+
+def write_file(path: str, parts: Sequence[Any]) -> int:
+    """Write buffers to a new file (refusing an existing one); return the bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    total = 0
+    try:
+        for part in parts:
+            with memoryview(part) as view, view.cast("B") as data:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                total += written
+    finally:
+        os.close(fd)
+    return total
+
+
+def summary_of(decoded: DecodedBatch) -> tuple[Any, ...]:
+    """What the main process needs of a decoded batch: never a per-row object."""
+    return (
+        decoded.form,
+        decoded.client_id,
+        decoded.count,
+        decoded.tickers,
+        len(decoded.errors),
+        decoded.errors[:ERRORS_SHOWN],
+    )
+
+
+def priced_header(batch: PricedBatch) -> tuple[Any, ...]:
+    """A priced batch without its row columns (those go through a file)."""
+    return (
+        batch.batch_id,
+        batch.calculated_at,
+        batch.request_id,
+        batch.client_id,
+        batch.key_id,
+        batch.fee_schedule,
+        batch.rates,
+        batch.size,
+    )
+
+
+def _first_errors(errors: list[RowError]) -> list[RowError]:
+    return sorted(errors, key=lambda error: error.index)[:ERRORS_SHOWN]
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.decoded: DecodedBatch | None = None
+        self.release_memory = _release_memory()
+
+    def handle(self, message: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        kind = message[0]
+        if kind == "decode":
+            _, path, media, max_batch_size = message
+            self.decoded = None
+            with open(path, "rb") as file:
+                body = file.read()
+            self.decoded = decode_batch(body, media, max_batch_size=max_batch_size)
+            del body
+            return ("decoded", summary_of(self.decoded))
+        if kind == "price":
+            _, arguments, encode, arrays_path, body_path, keep = message
+            decoded = self.decoded
+            if decoded is None:
+                raise RuntimeError("price without a decoded batch")
+            if not keep:
+                self.decoded = None
+            batch, errors = price_decoded(decoded, **arguments["price"])
+            write_file(arrays_path, [np.ascontiguousarray(getattr(batch, name)) for name in ROW_COLUMNS])
+            body_size = None
+            if encode:
+                body = encode_batch_response(decoded, batch, errors, **arguments["encode"])
+                body_size = write_file(body_path, [body])
+            return ("priced", priced_header(batch), len(errors), _first_errors(errors), body_size)
+        if kind == "drop":
+            self.decoded = None
+            return None
+        raise RuntimeError(f"unknown request {kind!r}")
+
+
+def serve(requests: Connection, replies: Connection) -> None:
+    worker = Worker()
+    replies.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = requests.recv()
+        except (EOFError, OSError):
+            return  # the main process is gone
+        if message is None:
+            return
+        try:
+            reply = worker.handle(message)
+        except PricerError as error:
+            reply = ("error", error)
+        except Exception:
+            worker.decoded = None
+            reply = ("crash", traceback.format_exc())
+        finally:
+            if worker.decoded is None:
+                worker.release_memory()
+        if reply is not None:
+            replies.send(reply)
+
+
+def main(argv: list[str]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    requests = Connection(int(argv[1]), writable=False)
+    replies = Connection(int(argv[2]), readable=False)
+    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
+        serve(requests, replies)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
