@@ -625,10 +625,11 @@ async def test_positions_bucket() -> None:
         assert too_big.status_code == 400, too_big.text
         assert too_big.json()["validation_errors"][0]["field"] == "positions"
 
-        # Eleven rows, two unknown: nine priced, drawn from the (untouched) bucket of ten.
-        mixed = await post(url, json=batch(["AAPL"] * 9 + ["ZZZZQ", "QQQQZ"]), headers=http.client_key)
+        # Nine rows, one unknown ticker and one invalid: seven priced, yet all nine drawn (every decoded
+        # row costs work, priced or not: DESIGN §2.5).
+        mixed = await post(url, json=batch(["AAPL"] * 7 + ["ZZZZQ", "!!"]), headers=http.client_key)
         assert mixed.status_code == 200, mixed.text
-        assert mixed.json()["priced"] == 9
+        assert mixed.json()["priced"] == 7
         assert len(mixed.json()["errors"]) == 2
 
         # One position left.
@@ -636,15 +637,48 @@ async def test_positions_bucket() -> None:
         assert two.status_code == 429, two.text
         assert two.json()["error_code"] == "RATE_LIMIT_EXCEEDED"
         assert two.json()["details"]["bucket"] == "positions"
-        assert int(two.headers["retry-after"]) >= 1
-        # The headers stay those of the request bucket.
-        assert two.headers["x-ratelimit-limit"] == "1000000"
+        # The headers describe the bucket that refused it, the positions bucket (10 a minute, one left,
+        # a token every 6 s), not the request bucket that admitted the request.
+        assert two.headers["x-ratelimit-limit"] == "10"
+        assert two.headers["x-ratelimit-remaining"] == "1"
+        assert two.headers["ratelimit-policy"].startswith('"positions";q=10;')
+        assert two.headers["ratelimit"].startswith('"positions";r=1;')
+        assert 1 <= int(two.headers["retry-after"]) <= 6
+        assert 1 <= int(two.headers["x-ratelimit-reset"]) <= 60
         one = await post(url, json=batch(["MSFT"]), headers=http.client_key)
         assert one.status_code == 200
         assert (await post(url, json=batch(["MSFT"]), headers=http.client_key)).status_code == 429
         # Single quotes are not drawn from the positions bucket.
         single = await post("/api/v1/calculate-locate", json=QUOTE, headers=http.client_key)
         assert single.status_code == 200
+
+
+async def test_invalid_rows_drain_the_positions_bucket() -> None:
+    """A batch of nothing but invalid rows is not free: its rows are drawn as priced ones would be."""
+    http = await http_app(POSITIONS_LIMIT_PER_MINUTE="10")
+    async with http.client:
+        url = "/api/v1/calculate-locate/batch"
+        # 1e999 as written (beyond float range): a row error like the others.
+        invalid = (
+            b'{"client_id": "demo_client", "columns": {"ticker": ["!!", "AAPL", "AAPL"],'
+            b' "position_value": [1, -5, 1e999], "loan_days": [1, 1, 1]}}'
+        )
+        headers = {**http.client_key, "content-type": "application/json"}
+        for _ in range(3):  # 9 of 10 positions
+            response = await http.client.post(url, content=invalid, headers=headers)
+            assert response.status_code == 200, response.text
+            assert response.json()["priced"] == 0
+            assert [error["field"] for error in response.json()["errors"]] == [
+                "ticker",
+                *["position_value"] * 2,
+            ]
+        rows = [{"ticker": "AAPL", "position_value": 1000, "loan_days": 0}] * 2
+        refused = await http.client.post(
+            url, json={"client_id": "demo_client", "positions": rows}, headers=http.client_key
+        )
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["details"]["bucket"] == "positions"
+        assert refused.headers["x-ratelimit-remaining"] == "1"
 
 
 async def test_without_authentication_the_named_client_is_charged() -> None:

@@ -32,23 +32,19 @@ import mmap
 import os
 import secrets
 import shutil
-import signal
-import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
-from pricer.batch_worker import ERRORS_SHOWN, summary_of
-from pricer.batches import DecodedBatch, decode_batch, encode_batch_response, price_decoded
+from pricer.batch_process import StreamedFileResponse, WorkerDied, WorkerProcess, unlink
+from pricer.batch_worker import ERRORS_SHOWN, price_and_encode, summary_of
+from pricer.batches import DecodedBatch, decode_batch
 from pricer.endpoints.common import EncodedResponse
 from pricer.errors import PricerError, ServiceUnavailable
 from pricer.logs import fields
@@ -73,95 +69,26 @@ class BatchSummary:
     error_count: int  # rows already in error (validation)
     errors: list[RowError]  # the first of them, by index
 
+    @property
+    def valid(self) -> int:
+        return self.count - self.error_count
+
 
 @dataclass(frozen=True, slots=True)
 class PricedOutcome:
     batch: PricedBatch
     error_count: int  # every row error: validation and unknown tickers
     errors: list[RowError]  # the first of them, by index
-    response: Response | None  # the encoded response (None when not asked for)
-
-
-class WorkerDied(Exception):
-    """The worker's pipe closed: the process is gone."""
-
-
-class _Worker:
-    """One worker process and its two pipes. Spawned with posix_spawn and reaped by pid (no Popen: an app
-    that is never shut down, as in tests of logic, leaves a worker that exits when its pipe closes)."""
-
-    def __init__(self) -> None:
-        to_worker_read, to_worker_write = os.pipe()
-        from_worker_read, from_worker_write = os.pipe()
-        try:
-            for fd in (to_worker_read, from_worker_write):
-                os.set_inheritable(fd, True)
-            argv = [sys.executable, "-m", "pricer.batch_worker", str(to_worker_read), str(from_worker_write)]
-            self.pid = os.posix_spawn(sys.executable, argv, os.environ)
-        except BaseException:
-            for fd in (to_worker_write, from_worker_read):
-                os.close(fd)
-            raise
-        finally:
-            os.close(to_worker_read)
-            os.close(from_worker_write)
-        self.requests = Connection(to_worker_write, readable=False)
-        self.replies = Connection(from_worker_read, writable=False)
-        self.reaped = False
-
-    async def call(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        self.send(message)
-        try:
-            reply: tuple[Any, ...] = await asyncio.to_thread(self.replies.recv)
-        except (EOFError, OSError) as error:
-            raise WorkerDied from error
-        return reply
-
-    def send(self, message: tuple[Any, ...] | None) -> None:
-        try:
-            self.requests.send(message)
-        except OSError as error:
-            raise WorkerDied from error
-
-    def kill(self) -> None:
-        if not self.reaped:
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGKILL)
-        self.close()
-
-    def close(self) -> None:
-        for connection in (self.requests, self.replies):
-            with contextlib.suppress(OSError):
-                connection.close()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Reap the process (blocking: run on a thread); False if it is still running after `timeout`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.reaped:
-            try:
-                pid, _ = os.waitpid(self.pid, os.WNOHANG if deadline is not None else 0)
-            except ChildProcessError:
-                pid = self.pid
-            if pid == self.pid:
-                self.reaped = True
-            elif deadline is not None and time.monotonic() >= deadline:
-                return False
-            elif deadline is not None:
-                time.sleep(0.02)
-        return True
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+    response: Response | None  # None: not encoded (an atomic batch with a row in error)
+    pricing_seconds: float
 
 
 class BatchPool:
     def __init__(self, workers: int, *, inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES) -> None:
         self.size = workers
         self.inline_max_bytes = inline_max_bytes
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
-        self._workers: set[_Worker] = set()
+        self._idle: asyncio.Queue[WorkerProcess] = asyncio.Queue()
+        self._workers: set[WorkerProcess] = set()
         self._scratch: Path | None = None
         self._closing = False
         self._starting: set[asyncio.Task[None]] = set()
@@ -190,7 +117,7 @@ class BatchPool:
             await asyncio.sleep(delay)
         if self._closing or self._scratch is None:
             return
-        worker = _Worker()
+        worker = WorkerProcess()
         self._workers.add(worker)
         try:
             ready = await asyncio.to_thread(worker.replies.recv)
@@ -223,7 +150,7 @@ class BatchPool:
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
-    def _lost(self, worker: _Worker, *, delay: float = 0.0) -> None:
+    def _lost(self, worker: WorkerProcess, *, delay: float = 0.0) -> None:
         """A worker found dead (or left in an unknown state): killed, reaped, replaced."""
         worker.kill()
         self._workers.discard(worker)
@@ -253,7 +180,7 @@ class BatchPool:
             try:
                 job = await self._decode_in_worker(body, media, max_batch_size)
             finally:
-                _unlink(body)
+                unlink(body)
         try:
             yield job
         finally:
@@ -282,7 +209,7 @@ class BatchPool:
                     _write_all(fd, chunk)
         except BaseException:
             if path is not None:
-                _unlink(path)
+                unlink(path)
             raise
         finally:
             if fd is not None:
@@ -313,7 +240,7 @@ class BatchPool:
             return PooledJob(self, worker, BatchSummary(*reply[1]))
         raise AssertionError("unreachable")
 
-    async def _call(self, worker: _Worker, message: tuple[Any, ...]) -> tuple[Any, ...]:
+    async def _call(self, worker: WorkerProcess, message: tuple[Any, ...]) -> tuple[Any, ...]:
         try:
             return await worker.call(message)
         except asyncio.CancelledError:
@@ -321,7 +248,7 @@ class BatchPool:
             self._lost(worker)
             raise
 
-    def _give_back(self, worker: _Worker) -> None:
+    def _give_back(self, worker: WorkerProcess) -> None:
         if worker in self._workers:
             self._idle.put_nowait(worker)
 
@@ -337,7 +264,7 @@ class BatchPool:
             else:
                 table = np.zeros((len(ROW_COLUMNS), 0), dtype=np.int64)
         finally:
-            _unlink(path)
+            unlink(path)
         columns = dict(zip(ROW_COLUMNS, table, strict=True))
         return PricedBatch(
             batch_id=batch_id,
@@ -380,14 +307,14 @@ class BatchJob:
     async def price(
         self,
         price: dict[str, Any],
-        encode: dict[str, Any] | None,
+        encode: dict[str, Any],
         *,
         content_type: bytes,
-        keep: bool = False,
+        encode_with_errors: bool = True,
     ) -> PricedOutcome:
-        """Price with `price_decoded(decoded, **price)`; encode the response with
-        `encode_batch_response(decoded, batch, errors, **encode)` unless `encode` is None. `keep`: the
-        decoded batch is kept for another `price` (an atomic batch's check of its rows), else dropped."""
+        """Price with `price_decoded(decoded, **price)` and encode the response with
+        `encode_batch_response(decoded, batch, errors, **encode)` (not when a row is in error and
+        `encode_with_errors` is false). Once per job."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -400,55 +327,58 @@ class InlineJob(BatchJob):
         self.summary = BatchSummary(*summary_of(decoded))
 
     async def price(
-        self, price: dict[str, Any], encode: dict[str, Any] | None, *, content_type: bytes, keep: bool = False
+        self,
+        price: dict[str, Any],
+        encode: dict[str, Any],
+        *,
+        content_type: bytes,
+        encode_with_errors: bool = True,
     ) -> PricedOutcome:
-        batch, errors = price_decoded(self._decoded, **price)
-        response = None
-        if encode is not None:
-            body = encode_batch_response(self._decoded, batch, errors, **encode)
-            response = EncodedResponse(body, 200, content_type)
-        shown = sorted(errors, key=lambda error: error.index)[:ERRORS_SHOWN]
-        return PricedOutcome(batch=batch, error_count=len(errors), errors=shown, response=response)
+        arguments = {"price": price, "encode": encode, "encode_with_errors": encode_with_errors}
+        batch, errors, body, seconds = price_and_encode(self._decoded, arguments)
+        response = None if body is None else EncodedResponse(body, 200, content_type)
+        return PricedOutcome(batch, len(errors), errors[:ERRORS_SHOWN], response, seconds)
 
     def close(self) -> None:
         pass
 
 
 class PooledJob(BatchJob):
-    def __init__(self, pool: BatchPool, worker: _Worker, summary: BatchSummary) -> None:
+    def __init__(self, pool: BatchPool, worker: WorkerProcess, summary: BatchSummary) -> None:
         self._pool = pool
-        self._worker: _Worker | None = worker
+        self._worker: WorkerProcess | None = worker
         self.summary = summary
 
     async def price(
-        self, price: dict[str, Any], encode: dict[str, Any] | None, *, content_type: bytes, keep: bool = False
+        self,
+        price: dict[str, Any],
+        encode: dict[str, Any],
+        *,
+        content_type: bytes,
+        encode_with_errors: bool = True,
     ) -> PricedOutcome:
         worker, self._worker = self._worker, None
         assert worker is not None, "a batch is priced once"
         pool = self._pool
         arrays, body = pool._new_path("priced"), pool._new_path("response")
-        arguments = {"price": price, "encode": encode}
-        message = ("price", arguments, encode is not None, str(arrays), str(body), keep)
+        arguments = {"price": price, "encode": encode, "encode_with_errors": encode_with_errors}
         try:
-            reply = await pool._call(worker, message)
+            reply = await pool._call(worker, ("price", arguments, str(arrays), str(body)))
         except WorkerDied:
             log.warning("Batch worker died, starting another", extra=fields(pid=worker.pid, step="price"))
             pool._lost(worker)
-            _unlink(arrays)
-            _unlink(body)
+            unlink(arrays)
+            unlink(body)
             raise _worker_failure() from None
-        if keep:
-            self._worker = worker
-        else:
-            pool._give_back(worker)
+        pool._give_back(worker)
         if reply[0] != "priced":
-            _unlink(arrays)
-            _unlink(body)
+            unlink(arrays)
+            unlink(body)
             raise _reply_error(reply)
-        _, header, error_count, errors, body_size = reply
+        _, header, error_count, errors, body_size, seconds = reply
         batch = pool.map_batch(header, arrays)
-        response = None if body_size is None else _file_response(body, body_size, content_type)
-        return PricedOutcome(batch=batch, error_count=error_count, errors=errors, response=response)
+        response = None if body_size is None else StreamedFileResponse.of(body, body_size, content_type)
+        return PricedOutcome(batch, error_count, errors, response, seconds)
 
     def close(self) -> None:
         worker, self._worker = self._worker, None
@@ -461,46 +391,6 @@ class PooledJob(BatchJob):
             self._pool._lost(worker)
             return
         self._pool._give_back(worker)
-
-
-def _file_response(path: Path, size: int, content_type: bytes) -> Response:
-    fd = os.open(path, os.O_RDONLY)
-    _unlink(path)  # the open descriptor keeps the data until the response is sent
-    return StreamedFileResponse(fd, size, content_type)
-
-
-class StreamedFileResponse(Response):
-    """A response body read from an open file in chunks as the client takes them (flow control is the
-    server's: `send` waits while the transport's buffer is full). The file is closed at the end."""
-
-    def __init__(self, fd: int, size: int, content_type: bytes) -> None:
-        self.status_code = 200
-        self.background = None
-        self.body = b""
-        self._fd = fd
-        self._size = size
-        self.raw_headers = [(b"content-type", content_type), (b"content-length", str(size).encode())]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            offset = 0
-            while offset < self._size:
-                data = os.pread(self._fd, min(RESPONSE_CHUNK_BYTES, self._size - offset), offset)
-                if not data:
-                    raise OSError(f"batch response file ended at {offset} of {self._size} bytes")
-                offset += len(data)
-                await send({"type": "http.response.body", "body": data, "more_body": offset < self._size})
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:
-        self.close()
 
 
 __all__ = ["BatchJob", "BatchPool", "BatchSummary", "PricedOutcome"]

@@ -19,6 +19,7 @@ import ctypes.util
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pricer.batches import DecodedBatch, decode_batch, encode_batch_response, price_decoded
+from pricer.batches import DecodedBatch, decode_batch, encode_batch_response, merge_errors, price_decoded
 from pricer.errors import PricerError
 from pricer.quotes import ROW_COLUMNS, PricedBatch
 from pricer.schemas import RowError
@@ -87,8 +88,20 @@ def priced_header(batch: PricedBatch) -> tuple[Any, ...]:
     )
 
 
-def _first_errors(errors: list[RowError]) -> list[RowError]:
-    return sorted(errors, key=lambda error: error.index)[:ERRORS_SHOWN]
+def price_and_encode(
+    decoded: DecodedBatch, arguments: dict[str, Any]
+) -> tuple[PricedBatch, list[RowError], bytes | None, float]:
+    """The batch priced (`price_decoded(decoded, **arguments["price"])`), every row error sorted by index,
+    the encoded response (`encode_batch_response(..., **arguments["encode"])`; None when
+    `arguments["encode_with_errors"]` is false and a row is in error) and the pricing's seconds."""
+    started = time.perf_counter()
+    batch, unknown = price_decoded(decoded, **arguments["price"])
+    seconds = time.perf_counter() - started
+    errors = merge_errors(decoded.errors, unknown)
+    body = None
+    if arguments["encode_with_errors"] or not errors:
+        body = encode_batch_response(decoded, batch, errors, **arguments["encode"])
+    return batch, errors, body, seconds
 
 
 class Worker:
@@ -102,24 +115,21 @@ class Worker:
             _, path, media, max_batch_size = message
             self.decoded = None
             with open(path, "rb") as file:
-                body = file.read()
-            self.decoded = decode_batch(body, media, max_batch_size=max_batch_size)
-            del body
+                request_body = file.read()
+            self.decoded = decode_batch(request_body, media, max_batch_size=max_batch_size)
+            del request_body
             return ("decoded", summary_of(self.decoded))
         if kind == "price":
-            _, arguments, encode, arrays_path, body_path, keep = message
-            decoded = self.decoded
+            _, arguments, arrays_path, body_path = message
+            decoded, self.decoded = self.decoded, None
             if decoded is None:
                 raise RuntimeError("price without a decoded batch")
-            if not keep:
-                self.decoded = None
-            batch, errors = price_decoded(decoded, **arguments["price"])
+            outcome = price_and_encode(decoded, arguments)
+            batch, errors, body, seconds = outcome
             write_file(arrays_path, [np.ascontiguousarray(getattr(batch, name)) for name in ROW_COLUMNS])
-            body_size = None
-            if encode:
-                body = encode_batch_response(decoded, batch, errors, **arguments["encode"])
-                body_size = write_file(body_path, [body])
-            return ("priced", priced_header(batch), len(errors), _first_errors(errors), body_size)
+            body_size = None if body is None else write_file(body_path, [body])
+            del body, outcome
+            return ("priced", priced_header(batch), len(errors), errors[:ERRORS_SHOWN], body_size, seconds)
         if kind == "drop":
             self.decoded = None
             return None

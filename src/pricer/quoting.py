@@ -85,7 +85,10 @@ class Quoter:
         self._metrics = metrics
         self._tracing = tracing
         self._terms: dict[str, ClientTerms] = {}
-        self._market_seconds = 0.0
+
+    @property
+    def tracing(self) -> Tracing:
+        return self._tracing
 
     async def client_terms(self, client_id: str) -> ClientTerms:
         client = await self._stores.clients.get(client_id)
@@ -107,22 +110,23 @@ class Quoter:
         rates = await self._market.ticker_rates(tickers, dt.datetime.now(dt.UTC))
         return {ticker for ticker, rate in zip(tickers, rates, strict=True) if rate is None}
 
-    async def batch_rates(self, tickers: Sequence[str], now: dt.datetime) -> list[TickerRate | None]:
-        """The rates of a batch's distinct tickers, asked once (None: unknown), timed for the metrics."""
+    async def batch_rates(
+        self, tickers: Sequence[str], now: dt.datetime
+    ) -> tuple[list[TickerRate | None], float]:
+        """The rates of a batch's distinct tickers, asked once (None: unknown), and the seconds it took."""
         started = time.perf_counter()
         with self._tracing.span("market_data", {"tickers": len(tickers)}):
-            found = list(await self._market.ticker_rates(tickers, now))
-        self._market_seconds = time.perf_counter() - started
-        return found
+            found = await self._market.ticker_rates(tickers, now)
+        return list(found), time.perf_counter() - started
 
-    def record_batch(self, batch: PricedBatch) -> None:
-        """The metrics of a batch priced from `batch_rates`' rates."""
+    def record_batch(self, batch: PricedBatch, seconds: float) -> None:
+        """A priced batch in the metrics: its rows, its calculation time, its rows at a fallback rate."""
         metrics = self._metrics
         metrics.calculations["batch"] += batch.size
-        metrics.observe_calculation(self._market_seconds)
-        fallback = [slot for slot, rate in enumerate(batch.rates) if rate.source is RateSource.FALLBACK]
-        if fallback:
-            metrics.fallback_usage += int(np.isin(batch.rate_index, fallback).sum())
+        metrics.observe_calculation(seconds)
+        fallback_slots = [slot for slot, rate in enumerate(batch.rates) if rate.source is RateSource.FALLBACK]
+        if fallback_slots:
+            metrics.fallback_usage += int(np.isin(batch.rate_index, fallback_slots).sum())
 
     async def price(
         self,

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any
-
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -15,21 +11,12 @@ from pricer.context import principal, request_id
 from pricer.endpoints.common import json_response, utc_now, wants_msgpack
 from pricer.endpoints.views import quote_response
 from pricer.errors import FieldProblem, InvalidParameter, NotFound
-from pricer.models import FeeType, Scope
-from pricer.pricing.core import FeeTerms, to_scaled_int
-from pricer.quotes import TickerRate, new_batch_id, split_quote_id
+from pricer.models import Scope
+from pricer.quotes import new_batch_id, split_quote_id
 from pricer.quoting import Quoter
 from pricer.ratelimit.limits import ClientLimits
-from pricer.schemas import (
-    BatchPosition,
-    BatchRequest,
-    FeeScheduleView,
-    LenientBatchRequest,
-    QuoteRequest,
-    RowError,
-)
+from pricer.schemas import BatchRequest, QuoteRequest, RowError
 from pricer.stores.protocols import QuoteStore
-from pricer.tickers import TICKER_RULE
 from pricer.validation import (
     JSON,
     MSGPACK,
@@ -37,12 +24,7 @@ from pricer.validation import (
     require_places,
     require_ticker,
     whole_number,
-    written_json,
-    written_places,
 )
-
-MAX_POSITION_VALUE = 1_000_000_000
-_POSITION_FIELDS = frozenset(BatchPosition.__struct_fields__)
 
 
 class QuoteEndpoints:
@@ -63,11 +45,11 @@ class QuoteEndpoints:
         # ...and the positions bucket the batch endpoint draws from (None: rate limiting is off).
         self._limits = limits
         self._max_batch_size = max_batch_size
-        # Large batches are decoded, priced and encoded off the event loop there.
+        # Runs the batch steps: inline for a small body, in a worker process for a large one.
         self._pool = pool
         self._single = Decoder(QuoteRequest, places={"position_value": 2})
+        # The batch body is decoded by `pricer.batches`; this one only tells its media type.
         self._batch = Decoder(BatchRequest, accept_msgpack=True)
-        self._lenient_batch = Decoder(LenientBatchRequest, accept_msgpack=True)
 
     # ---- single -----------------------------------------------------------------------------
 
@@ -104,61 +86,47 @@ class QuoteEndpoints:
     # ---- batch ------------------------------------------------------------------------------
 
     async def calculate_batch(self, request: Request) -> Response:
+        """decode -> who may act for the client -> its terms -> the positions bucket (every decoded row) ->
+        market data (once, for the distinct tickers) -> price and encode -> audit. The steps are the
+        synchronous functions of `pricer.batches`, run by the batch pool: inline for a small body, in a
+        worker process for a large one (`pricer.batch_pool`), so that no batch holds the event loop."""
         media = self._batch.media_type(request)
         atomic = _flag(request.query_params.get("atomic"), "atomic")
         async with self._pool.decode(request, media, max_batch_size=self._max_batch_size) as job:
             decoded = job.summary
+            client_id = decoded.client_id
             scope = request.scope
-            now = utc_now()
-            rates: list[TickerRate | None] | None = None
-            if atomic:
-                # Every invalid row listed, unknown tickers included (ticker existence is market data, not
-                # anything of the client's), and the whole batch refused before anything is drawn.
-                rates = await self._quoter.batch_rates(decoded.tickers, now)
-                if decoded.error_count or None in rates:
-                    check = await job.price(
-                        _price_arguments(rates, CHECK_TERMS, None, None, "", now, decoded.client_id),
-                        None,
-                        content_type=b"",
-                        keep=True,
-                    )
-                    if check.error_count:
-                        raise _atomic_failure(check.errors, check.error_count)
-            acting = await self._admission.act_for(scope, decoded.client_id)
-            terms = await self._quoter.client_terms(decoded.client_id)
-            if rates is None:
-                # Market data asked once, for the distinct tickers: one snapshot for the whole batch.
-                rates = await self._quoter.batch_rates(decoded.tickers, now)
+            acting = await self._admission.act_for(scope, client_id)
+            terms = await self._quoter.client_terms(client_id)
             if self._limits is not None:
-                drawn = decoded.count - decoded.error_count
-                await self._limits.draw_positions(scope, decoded.client_id, drawn)
+                # Every decoded row costs work, priced or not (DESIGN §2.5): invalid rows are not free.
+                await self._limits.draw_positions(scope, client_id, decoded.count)
+            now = utc_now()
+            rates, market_seconds = await self._quoter.batch_rates(decoded.tickers, now)
             msgpack = wants_msgpack(request.headers.get("accept"), default=media == MSGPACK)
-            outcome = await job.price(
-                _price_arguments(rates, terms.terms, terms.view, acting.key_id, request_id(scope), now, ""),
-                {"fee_schedule": terms.view, "msgpack": msgpack},
-                content_type=b"application/msgpack" if msgpack else b"application/json",
-            )
+            with self._quoter.tracing.span("pricing", {"positions": decoded.valid}):
+                outcome = await job.price(
+                    {
+                        "terms": terms.terms,
+                        "rates": rates,
+                        "fee_schedule": terms.view,
+                        "batch_id": new_batch_id(),
+                        "key_id": acting.key_id,
+                        "request_id": request_id(scope),
+                        "now": now,
+                    },
+                    {"fee_schedule": terms.view, "msgpack": msgpack},
+                    content_type=b"application/msgpack" if msgpack else b"application/json",
+                    # An atomic batch with an invalid row is refused: its response is not encoded.
+                    encode_with_errors=not atomic,
+                )
+        self._quoter.record_batch(outcome.batch, market_seconds + outcome.pricing_seconds)
         if atomic and outcome.error_count:
+            # Every invalid row listed, unknown tickers included (market data was asked once for all).
             raise _atomic_failure(outcome.errors, outcome.error_count)
-        self._quoter.record_batch(outcome.batch)
         await self._quotes.add(outcome.batch)
         assert outcome.response is not None
         return outcome.response
-
-    async def _add_unknown_ticker_errors(self, tickers: list[str], errors: list[RowError]) -> None:
-        in_error = {error.index for error in errors}
-        candidates = {ticker for index, ticker in enumerate(tickers) if ticker and index not in in_error}
-        unknown = await self._quoter.unknown_tickers(sorted(candidates))
-        for index, ticker in enumerate(tickers):
-            if ticker in unknown and index not in in_error:
-                errors.append(
-                    RowError(
-                        index=index,
-                        error_code="TICKER_NOT_FOUND",
-                        error=f"Unknown ticker: {ticker}",
-                        field="ticker",
-                    )
-                )
 
     # ---- read-back --------------------------------------------------------------------------
 
@@ -172,33 +140,6 @@ class QuoteEndpoints:
         return json_response(quote_response(quote))
 
 
-# Terms an atomic batch's rows are checked with before the client's own are read (the figures are not kept).
-CHECK_TERMS = FeeTerms(day_count=365, markup_units=0, percentage_fee=False, transaction_units=0)
-_CHECK_VIEW = FeeScheduleView(
-    markup_percentage=0.0, transaction_fee_type=FeeType.FLAT, transaction_amount=0.0, day_count=365
-)
-
-
-def _price_arguments(
-    rates: list[TickerRate | None],
-    terms: FeeTerms,
-    view: FeeScheduleView | None,
-    key_id: str | None,
-    request: str,
-    now: dt.datetime,
-    _client: str,
-) -> dict[str, Any]:
-    return {
-        "terms": terms,
-        "rates": rates,
-        "batch_id": new_batch_id(),
-        "key_id": key_id,
-        "request_id": request,
-        "now": now,
-        "fee_schedule": view or _CHECK_VIEW,
-    }
-
-
 def _flag(raw: str | None, name: str) -> bool:
     if raw is None:
         return False
@@ -210,123 +151,8 @@ def _flag(raw: str | None, name: str) -> bool:
     raise InvalidParameter.for_field(name, "expected true or false", location="query")
 
 
-def _lenient_rows(
-    positions: list[Any],
-) -> tuple[
-    list[Any], np.ndarray[Any, np.dtype[np.float64]], np.ndarray[Any, np.dtype[np.float64]], list[RowError]
-]:
-    """Columns of loosely decoded rows; a row of the wrong shape or types gets an error and NaNs."""
-    count = len(positions)
-    tickers: list[Any] = [None] * count
-    values = np.full(count, np.nan)
-    days = np.full(count, np.nan)
-    errors: list[RowError] = []
-    for index, row in enumerate(positions):
-        problem = _row_problem(row)
-        if problem is not None:
-            errors.append(
-                RowError(
-                    index=index, error_code="INVALID_PARAMETER", error=problem.message, field=problem.field
-                )
-            )
-            continue
-        tickers[index] = row["ticker"]
-        values[index] = row["position_value"]
-        days[index] = row["loan_days"]
-    return tickers, values, days, errors
-
-
-def _add_written_places_errors(body: bytes, errors: list[RowError]) -> None:
-    """A row error for each position_value written with more than 2 decimals that its float hides
-    (100.00999999999999999 reads as 100.01): the body read again with its numbers exact."""
-    positions = written_json(body).get("positions")
-    in_error = {error.index for error in errors}
-    for index, row in enumerate(positions if isinstance(positions, list) else ()):
-        if index not in in_error and isinstance(row, dict) and written_places(row.get("position_value")) > 2:
-            errors.append(
-                RowError(
-                    index=index,
-                    error_code="INVALID_PARAMETER",
-                    error="position_value: expected a number at most 2 decimals",
-                    field="position_value",
-                )
-            )
-
-
-def _row_problem(row: Any) -> FieldProblem | None:
-    if not isinstance(row, dict):
-        return FieldProblem("position", "body", "expected an object with ticker, position_value, loan_days")
-    unknown = sorted(set(row) - _POSITION_FIELDS)
-    if unknown:
-        return FieldProblem(str(unknown[0]), "body", f"unknown field `{unknown[0]}`")
-    for name in ("ticker", "position_value", "loan_days"):
-        if name not in row:
-            return FieldProblem(name, "body", f"missing required field `{name}`")
-    if not isinstance(row["ticker"], str):
-        return FieldProblem("ticker", "body", "ticker: expected a string")
-    value = row["position_value"]
-    if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) > 1e15:
-        return FieldProblem("position_value", "body", "position_value: expected a number")
-    days = row["loan_days"]
-    # An integral float (30.0) is an integer, as in JSON Schema; _check_rows refuses 30.5.
-    if isinstance(days, bool) or not isinstance(days, int | float) or abs(days) > 1_000_000:
-        return FieldProblem("loan_days", "body", "loan_days: expected an integer from 1 to 365")
-    return None
-
-
-def _check_rows(
-    tickers: list[str],
-    values: np.ndarray[Any, np.dtype[np.float64]],
-    days: np.ndarray[Any, np.dtype[np.float64]],
-    errors: list[RowError],
-) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[RowError]]:
-    """The value rules for every row not already in error (one error per row, first rule broken
-    first); exact cents of each position. `tickers` holds "" where a ticker did not normalise."""
-    already = np.zeros(len(tickers), dtype=bool)
-    for error in errors:
-        already[error.index] = True
-    for index, ticker in enumerate(tickers):
-        if not ticker and not already[index]:
-            errors.append(
-                RowError(
-                    index=index,
-                    error_code="INVALID_PARAMETER",
-                    error=f"ticker: expected {TICKER_RULE}",
-                    field="ticker",
-                )
-            )
-            already[index] = True
-    cents, exact = to_scaled_int(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), 2)
-    finite = np.isfinite(values)
-    in_range = finite & (values >= 0.01) & (values <= MAX_POSITION_VALUE)
-    places_ok = exact & finite
-    days_ok = np.isfinite(days) & (days >= 1) & (days <= 365) & (days == np.floor(days))
-    for index in np.flatnonzero(~already & ~(in_range & places_ok)).tolist():
-        rule = "from 0.01 to 1,000,000,000" if not in_range[index] else "at most 2 decimals"
-        errors.append(
-            RowError(
-                index=index,
-                error_code="INVALID_PARAMETER",
-                error=f"position_value: expected a number {rule}",
-                field="position_value",
-            )
-        )
-        already[index] = True
-    for index in np.flatnonzero(~already & ~days_ok).tolist():
-        errors.append(
-            RowError(
-                index=index,
-                error_code="INVALID_PARAMETER",
-                error="loan_days: expected an integer from 1 to 365",
-                field="loan_days",
-            )
-        )
-    return cents, errors
-
-
-def _atomic_failure(errors: list[RowError], count: int | None = None) -> InvalidParameter:
-    errors.sort(key=lambda error: error.index)
-    count = len(errors) if count is None else count
+def _atomic_failure(errors: list[RowError], count: int) -> InvalidParameter:
+    """The 400 of an atomic batch with `count` invalid rows, the first of which are `errors`."""
     return InvalidParameter(
         f"{count} invalid position(s); atomic batch rejected",
         problems=[

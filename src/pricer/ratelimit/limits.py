@@ -11,7 +11,7 @@ import logging
 
 from starlette.types import Scope
 
-from pricer.context import request_id, route_template
+from pricer.context import RATE_DECISION_KEY, request_id, route_template
 from pricer.errors import InvalidParameter, RateLimitExceeded
 from pricer.logs import RATE_LIMIT_EXCEEDED, fields
 from pricer.observability.metrics import Metrics
@@ -67,7 +67,7 @@ class ClientLimits:
 
     def positions_bucket(self, client_id: str) -> BucketSpec:
         return BucketSpec(
-            f"ratelimit:{client_id}:positions", self._positions_per_minute, self._positions_per_minute
+            f"ratelimit:{client_id}{POSITIONS_SUFFIX}", self._positions_per_minute, self._positions_per_minute
         )
 
     async def charge_request(self, client_id: str) -> Decision:
@@ -90,6 +90,9 @@ class ClientLimits:
             )
         decision = await self.limiter.acquire(bucket, count)
         if not decision.allowed:
+            # The 429's RateLimit headers and Retry-After describe the bucket that refused it: the request
+            # bucket's (which admitted this request) would tell the client to retry at once.
+            scope[RATE_DECISION_KEY] = decision
             self.refuse(scope, client_id, decision, "positions")
 
     def refuse(self, scope: Scope, client_id: str, decision: Decision, bucket: str) -> None:
@@ -115,20 +118,27 @@ def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
         # What depends on the bucket's spec only, made once per spec (every response carries it).
         if len(_SPEC_HEADERS) >= 4096:
             _SPEC_HEADERS.clear()
-        policy = f'"default";q={spec.capacity};w={decision.refill_window}'.encode()
+        policy = f'"{_policy_name(spec)}";q={spec.capacity};w={decision.refill_window}'.encode()
         static = _SPEC_HEADERS[spec] = (
             (b"ratelimit-policy", policy),
             (b"x-ratelimit-limit", str(spec.per_minute).encode()),
+            f'"{_policy_name(spec)}";r='.encode(),
         )
     remaining = str(decision.remaining).encode()
     reset = str(decision.reset_after).encode()
     return [
         static[0],
-        (b"ratelimit", b'"default";r=' + remaining + b";t=" + reset),
+        (b"ratelimit", static[2] + remaining + b";t=" + reset),
         static[1],
         (b"x-ratelimit-remaining", remaining),
         (b"x-ratelimit-reset", reset),
     ]
 
 
-_SPEC_HEADERS: dict[BucketSpec, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
+def _policy_name(spec: BucketSpec) -> str:
+    """The policy a RateLimit header names: the positions bucket's own on the 429 it causes."""
+    return "positions" if spec.key.endswith(POSITIONS_SUFFIX) else "default"
+
+
+POSITIONS_SUFFIX = ":positions"
+_SPEC_HEADERS: dict[BucketSpec, tuple[tuple[bytes, bytes], tuple[bytes, bytes], bytes]] = {}
