@@ -2,8 +2,10 @@
 replica"), in a pool of worker processes (`BATCH_WORKERS`, default 1; 0 runs every batch inline).
 
 Why processes: msgspec's decode and encode hold the GIL, so a thread would stall the loop just the same.
-Each uvicorn worker (WORKERS > 1) has a pool of its own: the pool is part of the app, started by its
-lifespan and stopped after the server has drained, and nothing is shared between workers.
+Each uvicorn worker (WORKERS > 1) has a pool of its own: the pool is part of the app, nothing is shared
+between server processes (a host runs WORKERS x BATCH_WORKERS batch workers). The workers start with the
+first batch that needs one (about half a second: a replica that never gets a large batch runs none) and
+are stopped by the lifespan shutdown, after the server has drained: an in-flight batch answers first.
 
 A batch body of up to `BATCH_INLINE_MAX_BYTES` is handled inline (a worker's round trips cost more than
 such a batch takes). A larger one:
@@ -54,7 +56,6 @@ from pricer.schemas import RowError
 log = logging.getLogger("pricer.batches")
 
 DEFAULT_INLINE_MAX_BYTES = 256 << 10
-RESPONSE_CHUNK_BYTES = 1 << 20
 RESTART_DELAY_SECONDS = 1.0
 
 
