@@ -140,7 +140,9 @@ SECRET_ENV_VARS = frozenset(
     }
 )
 # Engine variables beyond DESIGN's list that the ConfigMap sets for a cluster.
-EXTRA_ENV_VARS = frozenset({"SEED_DEMO_DATA", "DEMO_KEYS_FILE", "AUDIT_DURABILITY"})
+EXTRA_ENV_VARS = frozenset(
+    {"SEED_DEMO_DATA", "DEMO_KEYS_FILE", "AUDIT_DURABILITY", "BATCH_WORKERS", "BATCH_INLINE_MAX_BYTES"}
+)
 
 
 def design_env_vars() -> list[str]:
