@@ -45,12 +45,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pricer.batch_process import StreamedFileResponse, WorkerDied, WorkerProcess, unlink
-from pricer.batch_worker import ERRORS_SHOWN, price_and_encode, summary_of
+from pricer.batch_worker import (
+    ERRORS_SHOWN,
+    decode_errors,
+    encode_rates,
+    price_and_encode,
+    summary_of,
+)
 from pricer.batches import DecodedBatch, decode_batch
 from pricer.endpoints.common import EncodedResponse
 from pricer.errors import PricerError, ServiceUnavailable
 from pricer.logs import fields
-from pricer.quotes import ROW_COLUMNS, PricedBatch
+from pricer.quotes import ROW_COLUMNS, PricedBatch, TickerRate
 from pricer.schemas import RowError
 
 log = logging.getLogger("pricer.batches")
@@ -238,7 +244,7 @@ class BatchPool:
             if reply[0] != "decoded":
                 self._idle.put_nowait(worker)
                 raise _reply_error(reply)
-            return PooledJob(self, worker, BatchSummary(*reply[1]))
+            return PooledJob(self, worker, _summary(reply[1]))
         raise AssertionError("unreachable")
 
     async def _call(self, worker: WorkerProcess, message: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -253,10 +259,12 @@ class BatchPool:
         if worker in self._workers:
             self._idle.put_nowait(worker)
 
-    def map_batch(self, header: tuple[Any, ...], path: Path) -> PricedBatch:
+    def map_batch(self, header: tuple[Any, ...], sent: list[TickerRate | None], path: Path) -> PricedBatch:
         """The priced batch whose columns the worker wrote to `path`: NumPy views of a read-only mapping
-        of the file (unlinked at once: its memory goes when the last view does)."""
-        batch_id, calculated_at, request_id, client_id, key_id, fee_schedule, rates, size = header
+        of the file (unlinked at once: its memory goes when the last view does); its rates are those of
+        `sent` (the rates handed to the worker) at the positions the header gives."""
+        batch_id, calculated_at, request_id, client_id, key_id, fee_schedule, positions, size = header
+        rates = [sent[position] for position in positions]
         try:
             if size:
                 with open(path, "rb") as file:
@@ -274,7 +282,7 @@ class BatchPool:
             client_id=client_id,
             key_id=key_id,
             fee_schedule=fee_schedule,
-            rates=rates,
+            rates=[rate for rate in rates if rate is not None],
             **columns,
         )
 
@@ -284,6 +292,11 @@ def _write_all(fd: int, data: bytes) -> None:
         written = 0
         while written < len(view):
             written += os.write(fd, view[written:])
+
+
+def _summary(fields: tuple[Any, ...]) -> BatchSummary:
+    form, client_id, count, tickers, error_count, errors = fields
+    return BatchSummary(form, client_id, count, tickers, error_count, decode_errors(errors))
 
 
 def _worker_failure() -> ServiceUnavailable:
@@ -325,7 +338,7 @@ class BatchJob:
 class InlineJob(BatchJob):
     def __init__(self, decoded: DecodedBatch) -> None:
         self._decoded = decoded
-        self.summary = BatchSummary(*summary_of(decoded))
+        self.summary = _summary(summary_of(decoded))
 
     async def price(
         self,
@@ -362,9 +375,12 @@ class PooledJob(BatchJob):
         assert worker is not None, "a batch is priced once"
         pool = self._pool
         arrays, body = pool._new_path("priced"), pool._new_path("response")
+        rates = price["rates"]
+        price = {name: value for name, value in price.items() if name != "rates"}
         arguments = {"price": price, "encode": encode, "encode_with_errors": encode_with_errors}
+        message = ("price", arguments, encode_rates(rates), str(arrays), str(body))
         try:
-            reply = await pool._call(worker, ("price", arguments, str(arrays), str(body)))
+            reply = await pool._call(worker, message)
         except WorkerDied:
             log.warning("Batch worker died, starting another", extra=fields(pid=worker.pid, step="price"))
             pool._lost(worker)
@@ -377,9 +393,9 @@ class PooledJob(BatchJob):
             unlink(body)
             raise _reply_error(reply)
         _, header, error_count, errors, body_size, seconds = reply
-        batch = pool.map_batch(header, arrays)
+        batch = pool.map_batch(header, rates, arrays)
         response = None if body_size is None else StreamedFileResponse.of(body, body_size, content_type)
-        return PricedOutcome(batch, error_count, errors, response, seconds)
+        return PricedOutcome(batch, error_count, decode_errors(errors), response, seconds)
 
     def close(self) -> None:
         worker, self._worker = self._worker, None
