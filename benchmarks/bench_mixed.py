@@ -280,7 +280,8 @@ def mixed_run(
         def spy() -> None:
             time.sleep(args.warmup + 1.0)
             seconds = max(1.0, min(8.0, args.duration - 2.0))
-            profile.update(profile_main(engine.pid, seconds, workdir / f"{name}-profile.txt") or {})
+            where = args.profile_dir or workdir
+            profile.update(profile_main(engine.pid, seconds, where / f"{name}-profile.txt") or {})
 
         profiler = threading.Thread(target=spy, daemon=True)
         profiler.start()
@@ -414,10 +415,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile-dir", type=Path, help="keep the raw py-spy profiles there")
     args = parser.parse_args(argv)
     tickers = ibkr_tickers()
     doc: dict[str, Any] = {
-        "settings": {**vars(args), "json": str(args.json) if args.json else None, "tickers": len(tickers)},
+        "settings": {
+            **vars(args),
+            "json": str(args.json) if args.json else None,
+            "profile_dir": str(args.profile_dir) if args.profile_dir else None,
+            "tickers": len(tickers),
+        },
         "started_at": dt.datetime.now(dt.UTC).isoformat(),
         "machine": loadtest.machine_facts(),
         "mixed": {},

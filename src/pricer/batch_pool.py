@@ -44,7 +44,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pricer.batch_process import StreamedFileResponse, WorkerDied, WorkerProcess, unlink
+from pricer.batch_process import StreamedFileResponse, WorkerDied, WorkerProcess, unlink, unlink_later
 from pricer.batch_worker import (
     ERRORS_SHOWN,
     decode_errors,
@@ -187,7 +187,7 @@ class BatchPool:
             try:
                 job = await self._decode_in_worker(body, media, max_batch_size)
             finally:
-                unlink(body)
+                unlink_later(body)
         try:
             yield job
         finally:
