@@ -726,6 +726,7 @@ def test_selected_sections() -> None:
         "observability",
         "audit",
         "batch",
+        "mixed",
         "faults",
     ]
     with pytest.raises(ValueError, match="unknown section"):
