@@ -17,7 +17,7 @@ such a batch takes). A larger one:
    tickers: one snapshot for the whole batch, handed to the worker with the terms;
 4. the worker prices and encodes; the priced columns come back as a file the main process maps (the audit
    record `PricedBatch` is queued in the main process, as for any batch), the response as a file the main
-   process streams to the client in 1 MiB chunks.
+   process streams to the client in 256 KiB chunks.
 
 A worker that dies (SIGKILL, OOM) is replaced. If it died while decoding, nothing was committed and the
 batch is decoded again on another worker, once; if it died while pricing (positions already drawn) the
