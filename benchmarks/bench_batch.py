@@ -1,6 +1,7 @@
 """Batch round trip over HTTP and the engine's memory under many clients.
 
     python benchmarks/bench_batch.py [--positions 10000] [--clients 100000] [--json out.json]
+    python benchmarks/bench_batch.py --million 1000000 --skip-batch --skip-rss   # 10^6 batches only
 
 1. Batch round trip: `POST /api/v1/calculate-locate/batch` with one 10^4-position batch, as a JSON body and
    as a msgpack body (the response comes in the same format), sent by wrk over one connection (`-c1`: one
@@ -16,6 +17,9 @@
    CLIENT_NOT_FOUND (every answer is checked). RSS (VmRSS from /proc) idle, after start-up, and after.
    The load comes from an asyncio HTTP/1.1 client in this process (32 connections, pinned to CPU 1), which
    sends exactly one request per client id.
+3. With `--million N`: N-position batches in the four forms (row and columnar, JSON and msgpack) with the
+   real 2022 IBKR file loaded: round trip, server CPU and peak RSS beside msgspec's own decode + encode of
+   the same bodies (bench_million.py).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from bench_http import (
     start_engine,
     summarize_runs,
 )
+from bench_million import MILLION_ENV, run_million
 from bench_variants import COMMON_ENV, Variant, engine_command, make_target, round_order
 
 BATCH_PATH = "/api/v1/calculate-locate/batch"
@@ -281,6 +286,31 @@ def measure_rss(
         server.stop()
 
 
+def measure_million(
+    workdir: Path, server_cpu: str | None, client_cpu: str | None, positions: int, rounds: int
+) -> dict[str, Any]:
+    """bench_million's section, a fresh engine per format (the client in this process, pinned)."""
+    env = {**BATCH_ENV, **MILLION_ENV}
+
+    def start(name: str) -> tuple[Server, str]:
+        label = "million-" + name.replace(" ", "-").lower()
+        server = start_engine(workdir, server_cpu, env, name=label)
+        return server, bench_http.read_env_file(workdir / f"{label}-demo-keys.env")["DEMO_ADMIN_KEY"]
+
+    affinity = os.sched_getaffinity(0)
+    try:
+        if client_cpu is not None:
+            os.sched_setaffinity(0, set(parse_cpu_list(client_cpu)))
+        result = run_million(start, positions, rounds)
+    finally:
+        os.sched_setaffinity(0, affinity)
+    result["commands"] = [
+        "# large-batch engine (one per format): "
+        + engine_command(Variant("million", "", env), server_cpu, {"DEMO_KEYS_FILE": "<tmp>/million.env"})
+    ]
+    return result
+
+
 # ---- main ----------------------------------------------------------------------------------------------
 
 
@@ -299,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settle", type=float, default=1.0, help="seconds before reading the RSS (1)")
     parser.add_argument("--skip-rss", action="store_true", help="only the batch round trip")
     parser.add_argument("--skip-batch", action="store_true", help="only the RSS test")
+    parser.add_argument(
+        "--million",
+        type=int,
+        default=0,
+        help="also the large-batch section (bench_million.py) at this many positions (0: not run)",
+    )
+    parser.add_argument("--million-rounds", type=int, default=2, help="requests per format there (2)")
     parser.add_argument("--server-cpu", default="0", help="CPU list for the engine (taskset -c)")
     parser.add_argument("--wrk-cpu", default="1", help="CPU list for wrk and the client (taskset -c)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin")
@@ -336,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems: list[str] = []
     batch_summary: dict[str, Any] = {}
     rss: dict[str, Any] | None = None
+    million: dict[str, Any] | None = None
     body_sizes: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         workdir = Path(tmp)
@@ -404,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 summary["request_bytes"] = body_sizes[name]
                 summary["per_round_p50_ms"] = [r["latency_ms"]["p50"] for r in chosen]
                 batch_summary[name] = summary
+        if args.million:
+            million = measure_million(workdir, server_cpu, wrk_cpu, args.million, args.million_rounds)
+            problems += million["problems"]
         if not args.skip_rss:
             print(f"RSS test: {args.clients:,} distinct client ids ...", flush=True)
             rss = measure_rss(
@@ -460,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if condition:
             target["verdict"] = f"n/a (other size: {target['verdict']})"
         targets.append(target)
+
+    if million is not None:
+        targets += million["targets"]
 
     print()
     for name, s in batch_summary.items():
@@ -518,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "batch": batch_summary,
         "rss": rss,
+        "million": million,
         "targets": targets,
         "runs": [r.as_dict() for r in runs],
         "problems": problems,

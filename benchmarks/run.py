@@ -15,6 +15,7 @@ Sections (each runs as its own process and writes JSON, kept in benchmarks/resul
     observability  bench_variants.py        metrics on/off, tracing on/off
     audit          bench_audit.py           10^5-row audit write: PgQuoteStore, AuditTrail, executemany
     batch          bench_batch.py           10^4-position batch round trip; RSS under 10^5 client ids
+    million        bench_batch.py --million 10^6-position batches, 4 forms, beside msgspec's own floor
     mixed          bench_mixed.py           single quotes at 100/s during 10^6-position batches, inline vs
                                             batch pool (py-spy of the main process); peak memory per form
     faults         bench_faults.py          Redis/PostgreSQL down, SIGTERM, SIGKILL, slowloris, flood: loss
@@ -50,7 +51,18 @@ PROFILE_SCRIPT = HERE / "profile_single.py"
 MIXED_SCRIPT = HERE / "bench_mixed.py"
 LATENCY_PLOT = HERE / "REPORT-latency.png"
 VARIANT_SECTIONS = ("limiter", "persistence", "observability")
-SECTIONS = ("pricing", "http", "latency", "profile", *VARIANT_SECTIONS, "audit", "batch", "mixed", "faults")
+SECTIONS = (
+    "pricing",
+    "http",
+    "latency",
+    "profile",
+    *VARIANT_SECTIONS,
+    "audit",
+    "batch",
+    "million",
+    "mixed",
+    "faults",
+)
 SCRIPTS = {
     "pricing": PRICING_SCRIPT,
     "http": HTTP_SCRIPT,
@@ -59,6 +71,7 @@ SCRIPTS = {
     **{name: VARIANTS_SCRIPT for name in VARIANT_SECTIONS},
     "audit": AUDIT_SCRIPT,
     "batch": BATCH_SCRIPT,
+    "million": BATCH_SCRIPT,
     "mixed": MIXED_SCRIPT,
     "faults": FAULTS_SCRIPT,
 }
@@ -72,13 +85,17 @@ QUICK_ARGS = {
     "latency": ["--capacity-seconds", "4", "--duration", "4", "--warmup", "1"],
     "profile": ["--duration", "4s", "--warmup", "1s", "--rounds", "1"],
     "batch": ["--duration", "2s", "--rounds", "2", "--clients", "20000"],
+    "million": ["--million", "100000", "--million-rounds", "1", "--skip-batch", "--skip-rss"],
     "mixed": ["--positions", "100000", "--duration", "5", "--warmup", "1"],
     "faults": ["--quick"],
 }
 
 # What a full run adds: the persistence target (<= 15 % fewer req/s) lies within what one round varies by
 # on a shared 2-CPU VM (its per-round ratios have spread over 0.8-1.1), so its median takes more rounds.
-FULL_ARGS = {"persistence": ["--rounds", "5"]}
+FULL_ARGS = {
+    "persistence": ["--rounds", "5"],
+    "million": ["--million", "1000000", "--skip-batch", "--skip-rss"],
+}
 
 # ---- pure helpers (tested in tests/test_bench_tools.py) ------------------------------------------------
 
@@ -1009,6 +1026,25 @@ def mixed_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: 
     return lines
 
 
+def million_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
+    lines = _problem_lines(error, "10^6-position batches in four forms (bench_batch.py --million)")
+    million = (doc or {}).get("million")
+    if doc is None or not million:
+        return lines
+    import bench_million
+
+    lines += bench_million.render_markdown(million)
+    rows = [("million", target) for target in doc.get("targets", [])]
+    if rows:
+        lines += ["Targets:", "", *targets_table(rows), ""]
+    problems = [f"INVALID: {problem}" for problem in doc.get("problems", [])]
+    if problems:
+        lines += ["Notes:", "", *[f"- {problem}" for problem in problems], ""]
+    return lines + _commands_block(
+        [*([display_command(command)] if command else []), *million.get("commands", [])]
+    )
+
+
 def collect_targets(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
     """(section, target) of every section's JSON, in the standard order."""
     rows = []
@@ -1128,6 +1164,8 @@ def write_report(
             lines += audit_section(data, command, error)
         elif name == "faults":
             lines += faults_section(data, command, error)
+        elif name == "million":
+            lines += million_section(data, command, error)
         elif name == "mixed":
             lines += mixed_section(data, command, error)
         else:

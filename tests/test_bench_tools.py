@@ -36,6 +36,7 @@ bench_variants = _load("bench_variants")
 bench_audit = _load("bench_audit")
 bench_batch = _load("bench_batch")
 bench_faults = _load("bench_faults")
+bench_million = _load("bench_million")
 
 WRK_OUTPUT = """\
 Running 10s test @ http://127.0.0.1:40000/api/v1/calculate-locate
@@ -726,6 +727,7 @@ def test_selected_sections() -> None:
         "observability",
         "audit",
         "batch",
+        "million",
         "mixed",
         "faults",
     ]
@@ -1136,3 +1138,45 @@ def test_a_regenerated_report_keeps_its_hand_written_sections(tmp_path: Path) ->
     fresh = tmp_path / "new.md"
     run.write_report(fresh, quick=True, results={})
     assert run.KEPT_MARKER not in fresh.read_text()
+
+
+def test_million_section_renders_the_four_forms_and_targets() -> None:
+    fmt = {
+        "request_bytes": 62_000_000,
+        "response_bytes": 248_000_000,
+        "round_trip_s": 2.5,
+        "server_cpu_s": 2.0,
+        "peak_rss_mb": 512.0,
+        "decode_s": 0.4,
+        "encode_s": 0.9,
+        "floor_s": 1.3,
+        "server_cpu_over_floor": 2.0 / 1.3,
+        "rounds": 2,
+    }
+    million = {
+        "positions": 1_000_000,
+        "tickers": 5000,
+        "data_file": "ibkr_usa_2022-08-06.txt",
+        "formats": {"row JSON": fmt, "columnar msgpack": {**fmt, "round_trip_s": 0.4}},
+        "commands": ["# large-batch engine: python -m pricer serve"],
+    }
+    target = bench_http.make_target("row JSON: server / floor", 1.54, 2.0, "<=", "x")
+    text = "\n".join(run.million_section({"million": million, "targets": [target]}, [], None))
+    assert "| row JSON | 62 | 248 | 2.50 | 2.00 | 1.30 (0.40 + 0.90) | 1.54 | 512 |" in text
+    assert "| columnar msgpack | 62 | 248 | 0.40 |" in text
+    assert "PASS" in text
+    assert "python -m pricer serve" in text
+    assert run.million_section(None, [], "bench_batch.py exited with status 1")  # the failure is reported
+
+
+def test_million_bodies_carry_the_same_positions_in_every_form() -> None:
+    columns = bench_million.million_columns(50, ["AAA", "BBB"])
+    sent = bench_million.bodies("demo_client", columns)
+    import msgspec
+
+    rows = msgspec.json.decode(sent["row JSON"])["positions"]
+    assert msgspec.msgpack.decode(sent["row msgpack"])["positions"] == rows
+    assert msgspec.json.decode(sent["columnar JSON"])["columns"] == columns
+    assert msgspec.msgpack.decode(sent["columnar msgpack"])["columns"] == columns
+    assert [row["ticker"] for row in rows] == columns["ticker"]
+    assert all(0 < row["position_value"] <= 10**9 and 1 <= row["loan_days"] <= 365 for row in rows)

@@ -53,7 +53,7 @@ from pricer.batch_worker import (
     summary_of,
 )
 from pricer.batches import DecodedBatch, decode_batch
-from pricer.endpoints.common import EncodedResponse
+from pricer.endpoints.common import PartsResponse
 from pricer.errors import PricerError, ServiceUnavailable
 from pricer.logs import fields
 from pricer.quotes import ROW_COLUMNS, PricedBatch, TickerRate
@@ -327,7 +327,7 @@ class BatchJob:
         encode_with_errors: bool = True,
     ) -> PricedOutcome:
         """Price with `price_decoded(decoded, **price)` and encode the response with
-        `encode_batch_response(decoded, batch, errors, **encode)` (not when a row is in error and
+        `encode_batch_parts(decoded, batch, errors, **encode)` (not when a row is in error and
         `encode_with_errors` is false). Once per job."""
         raise NotImplementedError
 
@@ -350,7 +350,7 @@ class InlineJob(BatchJob):
     ) -> PricedOutcome:
         arguments = {"price": price, "encode": encode, "encode_with_errors": encode_with_errors}
         batch, errors, body, seconds = price_and_encode(self._decoded, arguments)
-        response = None if body is None else EncodedResponse(body, 200, content_type)
+        response = None if body is None else PartsResponse(body, content_type)
         return PricedOutcome(batch, len(errors), errors[:ERRORS_SHOWN], response, seconds)
 
     def close(self) -> None:

@@ -92,10 +92,16 @@ def build_openapi(routes: Sequence[ApiRoute]) -> dict[str, Any]:
     types: list[Any] = [ErrorBody]
     for route in routes:
         for kind in (route.request_body, route.query, *route.responses.values()):
-            if kind is not None:
-                types.append(kind)
+            # A tuple of Structs is a body of either form (the batch's rows or columns): `oneOf` them.
+            types.extend(kind if isinstance(kind, tuple) else () if kind is None else (kind,))
     schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
-    ref = dict(zip([id(kind) for kind in types], schemas, strict=True))
+    by_id = dict(zip([id(kind) for kind in types], schemas, strict=True))
+
+    def schema_of(kind: Any) -> Any:
+        if isinstance(kind, tuple):
+            return {"oneOf": [by_id[id(one)] for one in kind]}
+        return by_id[id(kind)]
+
     _integers(components)
     if "ClientBody" in components:
         components["ClientBody"]["allOf"] = [_CLIENT_FEE_RULES]
@@ -123,7 +129,7 @@ def build_openapi(routes: Sequence[ApiRoute]) -> dict[str, Any]:
                 operation["requestBody"] = {
                     "required": True,
                     "content": {
-                        media: {"schema": ref[id(route.request_body)]} for media in route.request_media
+                        media: {"schema": schema_of(route.request_body)} for media in route.request_media
                     },
                 }
             elif method == "POST" and route.request_media[0].startswith("text/"):
@@ -135,13 +141,13 @@ def build_openapi(routes: Sequence[ApiRoute]) -> dict[str, Any]:
             for status, kind in route.responses.items():
                 operation["responses"][str(status)] = {
                     "description": "Success" if status < 300 else "",
-                    "content": {"application/json": {"schema": ref[id(kind)]}} if kind is not None else {},
+                    "content": {"application/json": {"schema": schema_of(kind)}} if kind is not None else {},
                 }
             for error in _ERRORS:
                 if error.status >= 400 and str(error.status) not in operation["responses"]:
                     operation["responses"][str(error.status)] = {
                         "description": error.code,
-                        "content": {"application/json": {"schema": ref[id(ErrorBody)]}},
+                        "content": {"application/json": {"schema": schema_of(ErrorBody)}},
                     }
             paths.setdefault(path, {})[method.lower()] = operation
     return {

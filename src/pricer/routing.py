@@ -35,6 +35,11 @@ class ApiRequest(Request):
             self._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return self._body
 
+    def forget_body(self) -> None:
+        """Let go of the body read: a batch's (up to MAX_BATCH_BODY_BYTES) is not needed once decoded, while
+        the batch is priced and answered. `body()` must not be called again."""
+        self.__dict__.pop("_body", None)
+
 
 def asgi_endpoint(handler: Handler, query_params: Callable[[str], frozenset[str]] | None = None) -> ASGIApp:
     """An ASGI app from `handler(request) -> response`; errors propagate to the error edge.

@@ -134,11 +134,19 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
     positions: list[BatchPosition]
 
 
-class LenientBatchRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """Decodes a batch whose rows may be malformed, so that each bad row gets its own error."""
+class PositionColumns(msgspec.Struct, forbid_unknown_fields=True):
+    """The positions of a columnar batch: row i is (ticker[i], position_value[i], loan_days[i])."""
+
+    ticker: list[TickerText]
+    position_value: list[PositionValue]
+    loan_days: list[LoanDays]
+
+
+class ColumnarBatchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """A batch as columns (equal lengths): for large batches, answered as columns too."""
 
     client_id: ClientId
-    positions: list[Any]
+    columns: PositionColumns
 
 
 class BatchQuote(msgspec.Struct):
@@ -167,6 +175,33 @@ class BatchResponse(msgspec.Struct, kw_only=True):
     count: int
     priced: int
     quotes: list[BatchQuote]
+    errors: list[RowError]
+
+
+class PricedColumns(msgspec.Struct):
+    """The priced rows of a columnar batch: entry j of every column is the quote with id
+    `batch_id + format(j, "08x")`, priced from request row `index[j]`."""
+
+    index: list[int]
+    total_fee: list[Money]
+    borrow_cost: list[Money]
+    markup: list[Money]
+    transaction_fees: list[Money]
+    borrow_rate_used: list[Rate]
+
+
+class ColumnarBatchResponse(msgspec.Struct, kw_only=True):
+    """The answer to a columnar batch; `rates` holds the components of each (normalised) ticker's rate."""
+
+    status: Literal["success"] = "success"
+    client_id: str
+    fee_schedule: FeeScheduleView
+    calculated_at: dt.datetime
+    count: int
+    priced: int
+    batch_id: str
+    columns: PricedColumns
+    rates: dict[str, RateComponents]
     errors: list[RowError]
 
 

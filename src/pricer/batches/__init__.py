@@ -16,7 +16,8 @@ its terms, the positions bucket, market data, the audit):
     encode_batch_response(decoded: DecodedBatch, batch: PricedBatch, errors: list[RowError],
                           fee_schedule: FeeScheduleView, *, msgpack: bool) -> bytes
         The response body in the request's form; `errors` is every row error sorted by index
-        (`merge_errors(decoded.errors, unknown)`).
+        (`merge_errors(decoded.errors, unknown)`). `encode_batch_parts` (same arguments) gives the body as
+        consecutive parts, never joined (the endpoint sends them one by one: a 10^6-row JSON body is 250 MB).
 
 Columnar responses: row j of `columns` (the j-th entry of every column) is the quote whose id is
 `batch_id + format(j, "08x")` (PricedBatch.quote_id), read back with GET /api/v1/quotes/{id}; its request
@@ -24,7 +25,7 @@ row is `columns.index[j]`.
 """
 
 from pricer.batches.decode import COLUMNS, ROWS, DecodedBatch, decode_batch
-from pricer.batches.encode import encode_batch_response
+from pricer.batches.encode import encode_batch_parts, encode_batch_response
 from pricer.batches.price import merge_errors, price_decoded
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ROWS",
     "DecodedBatch",
     "decode_batch",
+    "encode_batch_parts",
     "encode_batch_response",
     "merge_errors",
     "price_decoded",

@@ -301,6 +301,7 @@ def _finish(
     days = np.where(bad, 0, np.where(days_ok, days_float, 0.0)).astype(np.int64)
     cents[bad] = 0
     ticker_index[bad] = -1
+    tickers, ticker_index = _used_only(tickers, ticker_index)
     errors.sort(key=attrgetter("index"))
     return DecodedBatch(
         form=form,
@@ -317,10 +318,10 @@ def _finish(
 def _normalise(tickers_raw: Sequence[Any]) -> tuple[list[str], Int32Array]:
     """Distinct normalised tickers, and each row's index into them (-1: not a ticker); each distinct text
     is normalised once (a 10^6-row book names a few thousand tickers)."""
-    slot: dict[Any, int] = {}
-    raw_index = np.fromiter(
-        (slot.setdefault(raw, len(slot)) for raw in tickers_raw), dtype=np.int32, count=len(tickers_raw)
-    )
+    # Every loop over the rows runs in C (dict.fromkeys, map): a generator here costs more than the decode.
+    distinct = list(dict.fromkeys(tickers_raw))
+    slot = {raw: position for position, raw in enumerate(distinct)}
+    raw_index = np.fromiter(map(slot.__getitem__, tickers_raw), dtype=np.int32, count=len(tickers_raw))
     tickers: list[str] = []
     where: dict[str, int] = {}
     remap = np.full(len(slot), -1, dtype=np.int32)
@@ -333,6 +334,17 @@ def _normalise(tickers_raw: Sequence[Any]) -> tuple[list[str], Int32Array]:
                 tickers.append(ticker)
             remap[position] = found
     return tickers, remap[raw_index] if len(slot) else np.zeros(0, dtype=np.int32)
+
+
+def _used_only(tickers: list[str], ticker_index: Int32Array) -> tuple[list[str], Int32Array]:
+    """The tickers of valid rows only (market data is asked for those), each row's index remapped."""
+    used = np.bincount(ticker_index[ticker_index >= 0], minlength=len(tickers)) > 0
+    if used.all():
+        return tickers, ticker_index
+    remap = np.full(len(tickers) + 1, -1, dtype=np.int32)  # the last slot: -1 stays -1
+    kept = np.flatnonzero(used)
+    remap[kept] = np.arange(kept.shape[0], dtype=np.int32)
+    return [tickers[position] for position in kept.tolist()], remap[ticker_index]
 
 
 def _hidden_places_rows(body: bytes, form: str, count: int) -> list[int]:

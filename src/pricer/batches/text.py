@@ -17,53 +17,60 @@ from pricer.pricing.core import Int64Array
 
 UInt8Matrix = npt.NDArray[np.uint8]
 
-# Widest non-negative integer written: a fee of a 10^9-dollar position at 1,000 % for 366 days is below
-# 10^13 cents, an index below 10^7; 19 digits hold every int64.
-INT_WIDTH: Final = 19
-MONEY_DOLLAR_WIDTH: Final = 13
-_ZERO: Final = ord("0")
 _HEX: Final = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _HEX_SHIFTS: Final = np.arange(28, -1, -4, dtype=np.int64)
 
 
-def _cents_fraction_table() -> UInt8Matrix:
+def _group_table(*, lead: bool, last: bool) -> npt.NDArray[np.uint32]:
+    """Each number below 10^4 as four ASCII digits, viewed as one uint32 (so that a gather moves four
+    digits at once); `lead`: its leading zeros NUL (the group that starts a number), `last`: 0 is "0"."""
+    out = np.zeros((10_000, 4), dtype=np.uint8)
+    for number in range(10_000):
+        written = f"{number:04d}".encode()
+        if lead:
+            shown = str(number).encode() if number or last else b""
+            written = b"\x00" * (4 - len(shown)) + shown
+        out[number] = np.frombuffer(written, dtype=np.uint8)
+    return out.view(np.uint32).ravel()
+
+
+_INNER: Final = _group_table(lead=False, last=False)
+_LEADING: Final = _group_table(lead=True, last=False)
+_ONLY: Final = _group_table(lead=True, last=True)
+
+
+def _cents_fraction_table() -> npt.NDArray[np.uint32]:
     """The text after the dollars of `cents / 100` as msgspec writes it (shortest repr): `.0`, `.5`, `.05`."""
-    table = np.zeros((100, 3), dtype=np.uint8)
+    table = np.zeros((100, 4), dtype=np.uint8)
     for cents in range(100):
-        text = repr(cents / 100)[1:].encode()  # "0.05" -> ".05", "0.5" -> ".5", "0.0" -> ".0"
-        table[cents, : len(text)] = np.frombuffer(text, dtype=np.uint8)
-    return table
+        written = repr(cents / 100)[1:].encode()  # "0.05" -> ".05", "0.5" -> ".5", "0.0" -> ".0"
+        table[cents, : len(written)] = np.frombuffer(written, dtype=np.uint8)
+    return table.view(np.uint32).ravel()
 
 
 _FRACTION: Final = _cents_fraction_table()
 
 
-def digits(values: Int64Array, width: int = INT_WIDTH) -> UInt8Matrix:
-    """Decimal digits of non-negative integers, right-aligned in `width` places, leading places NUL."""
+def digits(values: Int64Array) -> UInt8Matrix:
+    """Decimal digits of non-negative integers, right-aligned, leading places NUL; as many places (a
+    multiple of 4) as the largest value needs."""
     count = values.shape[0]
-    out = np.zeros((count, width), dtype=np.uint8)
-    remaining = values.astype(np.int64, copy=True)
-    for place in range(width - 1, -1, -1):
-        out[:, place] = remaining % 10
-        remaining //= 10
-        if place < width - 1 and not remaining.any():
-            # Every value fits in the places written so far: the rest stay NUL.
-            out[:, place:] += _ZERO
-            started = np.logical_or.accumulate(out[:, place:] != _ZERO, axis=1)
-            started[:, -1] = True
-            out[:, place:][~started] = 0
-            return out
-    out += _ZERO
-    started = np.logical_or.accumulate(out != _ZERO, axis=1)
-    started[:, -1] = True
-    out[~started] = 0
-    return out
+    top = int(values.max()) if count else 0
+    groups = max(1, (len(str(top)) + 3) // 4)
+    out = np.empty((count, groups), dtype=np.uint32)
+    remaining = values
+    for group in range(groups - 1, -1, -1):  # the last four digits first
+        remaining, low = np.divmod(remaining, 10_000)
+        starts = remaining == 0  # no digit above: this group starts the number (or is above it, all NUL)
+        table = _ONLY if group == groups - 1 else _LEADING
+        out[:, group] = np.where(starts, table[low], _INNER[low])
+    return out.view(np.uint8)
 
 
 def money(cents: Int64Array) -> UInt8Matrix:
     """`cents / 100` as msgspec writes that float (410.96, 25.0, 0.5), for non-negative cents below 10^15."""
-    whole = digits(cents // 100, MONEY_DOLLAR_WIDTH)
-    return np.concatenate((whole, _FRACTION[cents % 100]), axis=1)
+    dollars, fraction = np.divmod(cents, 100)
+    return np.concatenate((digits(dollars), _FRACTION[fraction][:, None].view(np.uint8)), axis=1)
 
 
 def hex8(values: Int64Array) -> UInt8Matrix:
@@ -91,7 +98,7 @@ def join_rows(blocks: Sequence[UInt8Matrix]) -> bytes:
     """The text of records laid out side by side in `blocks`, NULs dropped."""
     if not blocks or blocks[0].shape[0] == 0:
         return b""
-    return np.concatenate(blocks, axis=1).tobytes().replace(b"\x00", b"")
+    return np.concatenate(blocks, axis=1).tobytes().translate(None, b"\x00")
 
 
 def join_column(block: UInt8Matrix) -> bytes:

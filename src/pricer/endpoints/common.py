@@ -32,6 +32,28 @@ class EncodedResponse(Response):
         await send({"type": "http.response.body", "body": self.body})
 
 
+class PartsResponse(Response):
+    """A 200 whose encoded body comes in parts, sent one ASGI message each and let go of once sent (a large
+    batch's answer is never joined into one copy)."""
+
+    def __init__(self, parts: list[bytes], content_type: bytes) -> None:
+        self.status_code = 200
+        self.background = None
+        self._parts = parts
+        length = sum(len(part) for part in parts)
+        self.raw_headers = [(b"content-type", content_type), (b"content-length", str(length).encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        parts = self._parts
+        parts.reverse()
+        if not parts:
+            parts.append(b"")
+        while parts:
+            part = parts.pop()
+            await send({"type": "http.response.body", "body": part, "more_body": bool(parts)})
+
+
 def json_response(body: Any, status: int = 200) -> Response:
     return EncodedResponse(_encoder.encode(body), status, b"application/json")
 
