@@ -63,6 +63,7 @@ log = logging.getLogger("pricer.batches")
 
 DEFAULT_INLINE_MAX_BYTES = 256 << 10
 RESTART_DELAY_SECONDS = 1.0
+SCRATCH_PREFIX = "pricer-batches-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,8 @@ class BatchPool:
         if self._scratch is not None or self._closing:
             return
         root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()  # noqa: S108
-        self._scratch = Path(tempfile.mkdtemp(prefix=f"pricer-batches-{os.getpid()}-", dir=root))
+        _remove_orphans(Path(root))
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root))
         atexit.register(shutil.rmtree, self._scratch, ignore_errors=True)
         for _ in range(self.size):
             self._spawn()
@@ -285,6 +287,14 @@ class BatchPool:
             rates=[rate for rate in rates if rate is not None],
             **columns,
         )
+
+
+def _remove_orphans(root: Path) -> None:
+    """Scratch directories of processes that are gone (killed before their exit could remove them)."""
+    for directory in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = directory.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _write_all(fd: int, data: bytes) -> None:
