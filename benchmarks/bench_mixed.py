@@ -414,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-mixed", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile-dir", type=Path, help="keep the raw py-spy profiles there")
     args = parser.parse_args(argv)
@@ -431,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench-mixed-") as directory:
         workdir = Path(directory)
-        for name, env in (("inline", {"BATCH_WORKERS": "0"}), ("pool", {})):
+        for name, env in () if args.skip_mixed else (("inline", {"BATCH_WORKERS": "0"}), ("pool", {})):
             print(
                 f"bench_mixed: {name}: singles at {args.rate:g}/s during {args.positions:,}-position batches",
                 file=sys.stderr,

@@ -55,11 +55,23 @@ def decode_errors(data: bytes) -> list[RowError]:
     return _errors_decoder.decode(data)
 
 
+# glibc's M_MMAP_THRESHOLD: blocks from this size are mapped on their own and unmapped when freed.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
 def _release_memory() -> Callable[[], None]:
     """glibc keeps freed heap memory (a 10^6-row batch's objects) in its arenas; giving it back after each
-    batch keeps the worker's RSS at its idle size between batches."""
+    batch keeps the worker's RSS at its idle size between batches. Blocks of 1 MiB and more (a response's
+    parts, NumPy columns) are mapped on their own, so that each is given back as soon as it is freed (glibc
+    raises that threshold as large blocks come and go: a written response part then stayed in the heap,
+    and the response was held twice, in the worker and in its file)."""
     name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    libc = ctypes.CDLL(name) if name else None
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    trim = getattr(libc, "malloc_trim", None)
     if trim is None:
         return lambda: None
     return lambda: trim(0) and None
