@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from tests.conftest import RunningServer, start_server, stop_server
@@ -165,6 +166,18 @@ def test_figures_from_the_pool_equal_inline_and_the_decimal_reference(
         got = quote["breakdown"]
         figures = (got["borrow_cost"], got["markup"], got["transaction_fees"], quote["total_fee"])
         assert tuple(Decimal(str(value)) for value in figures) == expected, quote
+    # The columnar form, msgpack in and out, priced in the worker: the same figures row by row.
+    columns = {name: [row[name] for row in rows] for name in ("ticker", "position_value", "loan_days")}
+    columnar = httpx.post(
+        pooled.base_url + BATCH,
+        content=msgspec.msgpack.encode({"client_id": "demo_client", "columns": columns}),
+        headers={**headers_of(pooled), "Content-Type": "application/msgpack"},
+        timeout=60,
+    )
+    assert columnar.status_code == 200, columnar.text
+    got = msgspec.msgpack.decode(columnar.content)["columns"]
+    assert got["index"] == [quote["index"] for quote in pooled_body["quotes"]]
+    assert got["total_fee"] == [quote["total_fee"] for quote in pooled_body["quotes"]]
     # Read back from the audit record the worker's columns were mapped into.
     quote = pooled_body["quotes"][-1]
     read = httpx.get(f"{pooled.base_url}/api/v1/quotes/{quote['quote_id']}", headers=headers_of(pooled))
