@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -287,7 +288,12 @@ def measure_rss(
 
 
 def measure_million(
-    workdir: Path, server_cpu: str | None, client_cpu: str | None, positions: int, rounds: int
+    workdir: Path,
+    server_cpu: str | None,
+    client_cpu: str | None,
+    positions: int,
+    rounds: int,
+    profile_path: Path | None = None,
 ) -> dict[str, Any]:
     """bench_million's section, a fresh engine per format (the client in this process, pinned)."""
     env = {**BATCH_ENV, **MILLION_ENV}
@@ -301,7 +307,10 @@ def measure_million(
     try:
         if client_cpu is not None:
             os.sched_setaffinity(0, set(parse_cpu_list(client_cpu)))
-        result = run_million(start, positions, rounds)
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        result = run_million(
+            start, positions, rounds, py_spy=py_spy if profile_path else None, profile_path=profile_path
+        )
     finally:
         os.sched_setaffinity(0, affinity)
     result["commands"] = [
@@ -336,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also the large-batch section (bench_million.py) at this many positions (0: not run)",
     )
     parser.add_argument("--million-rounds", type=int, default=2, help="requests per format there (2)")
+    parser.add_argument(
+        "--million-profile",
+        type=Path,
+        help="py-spy the row-JSON requests of the large-batch section into this raw profile",
+    )
     parser.add_argument("--server-cpu", default="0", help="CPU list for the engine (taskset -c)")
     parser.add_argument("--wrk-cpu", default="1", help="CPU list for wrk and the client (taskset -c)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin")
@@ -443,7 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 summary["per_round_p50_ms"] = [r["latency_ms"]["p50"] for r in chosen]
                 batch_summary[name] = summary
         if args.million:
-            million = measure_million(workdir, server_cpu, wrk_cpu, args.million, args.million_rounds)
+            million = measure_million(
+                workdir, server_cpu, wrk_cpu, args.million, args.million_rounds, args.million_profile
+            )
             problems += million["problems"]
         if not args.skip_rss:
             print(f"RSS test: {args.clients:,} distinct client ids ...", flush=True)

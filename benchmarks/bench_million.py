@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import http.client
 import random
+import signal
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -192,8 +194,35 @@ def check_answer(name: str, answer: Mapping[str, Any], positions: int) -> list[s
     return problems
 
 
+def top_lines(raw: str, count: int = 5) -> list[dict[str, Any]]:
+    """The `count` lines of code with the most samples of their own in a py-spy raw profile
+    (`frame;frame;...;leaf count` per line), as {"line", "share"} (share of all samples)."""
+    own: dict[str, int] = {}
+    total = 0
+    for text in raw.splitlines():
+        stack, _, samples = text.rpartition(" ")
+        if not stack or not samples.isdigit():
+            continue
+        total += int(samples)
+        leaf = stack.rsplit(";", 1)[-1]
+        own[leaf] = own.get(leaf, 0) + int(samples)
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:count]
+    return [{"line": line, "share": samples / total} for line, samples in ranked] if total else []
+
+
+def start_profile(py_spy: str, pid: int, path: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the engine (200 Hz, non-blocking: wall-clock samples of the running thread)."""
+    command = [py_spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw"]
+    return subprocess.Popen([*command, "-o", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_million(
-    start_engine: Callable[[str], tuple[Server, str]], positions: int, rounds: int
+    start_engine: Callable[[str], tuple[Server, str]],
+    positions: int,
+    rounds: int,
+    *,
+    py_spy: str | None = None,
+    profile_path: Path | None = None,
 ) -> dict[str, Any]:
     """The section's results (see the module docstring). Each format gets a fresh engine from
     `start_engine(name) -> (server, admin key)`, so that its peak RSS is its own, not the high-water mark
@@ -205,6 +234,7 @@ def run_million(
     problems: list[str] = []
     figures: dict[str, Any] = {}
     loaded: dict[str, Any] = {}
+    profile: list[dict[str, Any]] = []
     for name, form, media in FORMS:
         body = sent[name]
         runs = []
@@ -214,6 +244,10 @@ def run_million(
             loaded = upload_availability(server, admin_key)
             send(server, warm_up[name], media)
             idle_mb = (status_kb(Path(f"/proc/{server.process.pid}/status"), "VmRSS") or 0) / 1024
+            spy = None
+            if py_spy is not None and profile_path is not None and name == "row JSON":
+                spy = start_profile(py_spy, server.process.pid, profile_path)
+                time.sleep(1.5)  # py-spy attached before the first request
             for _ in range(rounds):
                 elapsed, cpu, peak_mb, answer, status = send(server, body, media)
                 if status != 200:
@@ -221,6 +255,10 @@ def run_million(
                     break
                 runs.append((elapsed, cpu, peak_mb))
                 last = answer
+            if spy is not None and profile_path is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
+                profile = top_lines(profile_path.read_text()) if profile_path.exists() else []
         finally:
             server.stop()
         if not runs:
@@ -306,6 +344,7 @@ def run_million(
         "formats": results,
         "targets": targets,
         "problems": problems,
+        "row_json_profile": profile,
     }
 
 
@@ -328,6 +367,13 @@ def render_markdown(doc: Mapping[str, Any]) -> list[str]:
             f"({s['decode_s']:.2f} + {s['encode_s']:.2f}) | {s['server_cpu_over_floor']:.2f} | "
             f"{s['peak_rss_mb']:.0f} |"
         )
+    if doc.get("row_json_profile"):
+        lines += [
+            "",
+            "Where the row-JSON batch's time goes (py-spy, lines with the most samples of their own):",
+            "",
+        ]
+        lines += [f"- {entry['share']:.1%} `{entry['line']}`" for entry in doc["row_json_profile"]]
     lines += [
         "",
         "Each format ran on a fresh engine (its peak RSS is its own); idle RSS with the file loaded: "

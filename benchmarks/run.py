@@ -94,7 +94,14 @@ QUICK_ARGS = {
 # on a shared 2-CPU VM (its per-round ratios have spread over 0.8-1.1), so its median takes more rounds.
 FULL_ARGS = {
     "persistence": ["--rounds", "5"],
-    "million": ["--million", "1000000", "--skip-batch", "--skip-rss"],
+    "million": [
+        "--million",
+        "1000000",
+        "--skip-batch",
+        "--skip-rss",
+        "--million-profile",
+        str(HERE / "results" / "million-row-json.txt"),
+    ],
 }
 
 # ---- pure helpers (tested in tests/test_bench_tools.py) ------------------------------------------------

@@ -1180,3 +1180,10 @@ def test_million_bodies_carry_the_same_positions_in_every_form() -> None:
     assert msgspec.msgpack.decode(sent["columnar msgpack"])["columns"] == columns
     assert [row["ticker"] for row in rows] == columns["ticker"]
     assert all(0 < row["position_value"] <= 10**9 and 1 <= row["loan_days"] <= 365 for row in rows)
+
+
+def test_million_top_lines_of_a_raw_profile() -> None:
+    raw = "main (a.py:1);f (b.py:2) 30\nmain (a.py:1);g (c.py:3) 10\nmain (a.py:1);f (b.py:2) 20\nbad line\n"
+    top = bench_million.top_lines(raw, 2)
+    assert [entry["line"] for entry in top] == ["f (b.py:2)", "g (c.py:3)"]
+    assert [round(entry["share"], 2) for entry in top] == [0.83, 0.17]
