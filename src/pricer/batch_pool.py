@@ -109,7 +109,7 @@ class BatchPool:
         runs no worker), and are kept from then on."""
         if self._scratch is not None or self._closing:
             return
-        root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()  # noqa: S108
+        root = _scratch_root()
         _remove_orphans(Path(root))
         self._scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root))
         atexit.register(shutil.rmtree, self._scratch, ignore_errors=True)
@@ -287,6 +287,21 @@ class BatchPool:
             rates=[rate for rate in rates if rate is not None],
             **columns,
         )
+
+
+# tmpfs is used only with this much room: a container's default /dev/shm is 64 MB (Docker), too small for
+# one 10^6-row body; the system temp directory serves then (ops/k8s mounts a memory emptyDir at /dev/shm).
+SHM_MIN_FREE_BYTES = 512 << 20
+
+
+def _scratch_root() -> str:
+    shm = "/dev/shm"  # noqa: S108 - a private directory is made under it (mkdtemp, mode 0700)
+    try:
+        stats = os.statvfs(shm)
+    except OSError:
+        return tempfile.gettempdir()
+    roomy = stats.f_bavail * stats.f_frsize >= SHM_MIN_FREE_BYTES
+    return shm if roomy and os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
 def _remove_orphans(root: Path) -> None:
