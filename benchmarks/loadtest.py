@@ -42,6 +42,7 @@ from typing import Any
 import bench_http
 import hdr
 import scenarios
+from background import BackgroundRequests
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "loadgen" / "openloop.c"
@@ -283,7 +284,27 @@ def prepare_requests(args: argparse.Namespace, workdir: Path) -> tuple[scenarios
     requests = scenarios.build_requests(scenario, keys, parts.netloc)
     path = workdir / "requests.bin"
     scenarios.write_requests_file(requests, path)
+    background = scenarios.build_background(scenario, keys, parts.netloc)
+    if background is not None:
+        (workdir / "background.bin").write_bytes(background)
     return scenario, path, len(keys)
+
+
+def run_with_background(
+    config: RunConfig, requests_file: Path, background: bytes | None, **options: Any
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The generator's run, with the scenario's background request sent back to back meanwhile (from before
+    the warm-up to the end): the generator's figures are those of its requests during the background ones."""
+    if background is None:
+        return run_generator(config, requests_file, **options), None
+    host, port = config.host_port
+    sender = BackgroundRequests(host, port, background)
+    sender.start()
+    try:
+        result = run_generator(config, requests_file, **options)
+    finally:
+        sender.stop()
+    return result, sender.summary()
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -330,8 +351,14 @@ def command_run(args: argparse.Namespace) -> int:
             f"{key_count} key(s)",
             file=sys.stderr,
         )
-        result = run_generator(config, requests_file, progress=not args.quiet, server_pid=args.server_pid)
+        background_file = Path(workdir) / "background.bin"
+        background = background_file.read_bytes() if background_file.exists() else None
+        result, behind = run_with_background(
+            config, requests_file, background, progress=not args.quiet, server_pid=args.server_pid
+        )
     summary = summarize(result, scenario)
+    if behind is not None:
+        summary["background"] = behind
     label = args.label or f"{scenario.name} {mode}" + (f" {rate:g}/s" if mode == "open" else "")
     print(table([(label, summary)]))
     print(f"bottleneck: {summary['bottleneck']}")
@@ -340,6 +367,13 @@ def command_run(args: argparse.Namespace) -> int:
             f"offered {rate:g} req/s, completed {summary['throughput_rps']:.0f} req/s, "
             f"largest backlog {summary['max_backlog']} request(s); service time p99 "
             f"{summary['service_ms']['p99']:.3f} ms"
+        )
+    if behind is not None:
+        positions = scenario.background.positions if scenario.background else 0
+        print(
+            f"background: {behind['requests']} request(s) of {positions} positions, round trip median "
+            f"{behind['round_trip_s']['median']} s, statuses {behind['statuses']}; meanwhile p99 "
+            f"{summary['latency_ms']['p99']:.3f} ms, max {summary['latency_ms']['max']:.3f} ms"
         )
     for problem in summary["problems"]:
         print(f"INVALID: {problem}")

@@ -16,6 +16,8 @@ Sections (each runs as its own process and writes JSON, kept in benchmarks/resul
     audit          bench_audit.py           10^5-row audit write: PgQuoteStore, AuditTrail, executemany
     batch          bench_batch.py           10^4-position batch round trip; RSS under 10^5 client ids
     million        bench_batch.py --million 10^6-position batches, 4 forms, beside msgspec's own floor
+    mixed          bench_mixed.py           single quotes at 100/s during 10^6-position batches, inline vs
+                                            batch pool (py-spy of the main process); peak memory per form
     faults         bench_faults.py          Redis/PostgreSQL down, SIGTERM, SIGKILL, slowloris, flood: loss
     sources        bench_sources.py         simulated providers vs files only: req/s, hang, cold, refresher
     roles          bench_roles.py           gateway -> calculation/data services (3 processes) vs ROLE=all
@@ -50,6 +52,7 @@ FAULTS_SCRIPT = HERE / "bench_faults.py"
 SOURCES_SCRIPT = HERE / "bench_sources.py"
 PROFILE_SCRIPT = HERE / "profile_single.py"
 ROLES_SCRIPT = HERE / "bench_roles.py"
+MIXED_SCRIPT = HERE / "bench_mixed.py"
 LATENCY_PLOT = HERE / "REPORT-latency.png"
 VARIANT_SECTIONS = ("limiter", "persistence", "observability")
 SECTIONS = (
@@ -61,6 +64,7 @@ SECTIONS = (
     "audit",
     "batch",
     "million",
+    "mixed",
     "faults",
     "sources",
     "roles",
@@ -74,6 +78,7 @@ SCRIPTS = {
     "audit": AUDIT_SCRIPT,
     "batch": BATCH_SCRIPT,
     "million": BATCH_SCRIPT,
+    "mixed": MIXED_SCRIPT,
     "faults": FAULTS_SCRIPT,
     "sources": SOURCES_SCRIPT,
     "roles": ROLES_SCRIPT,
@@ -89,6 +94,7 @@ QUICK_ARGS = {
     "profile": ["--duration", "4s", "--warmup", "1s", "--rounds", "1"],
     "batch": ["--duration", "2s", "--rounds", "2", "--clients", "20000"],
     "million": ["--million", "100000", "--million-rounds", "1", "--skip-batch", "--skip-rss"],
+    "mixed": ["--positions", "100000", "--duration", "5", "--warmup", "1"],
     "faults": ["--quick"],
     "sources": ["--quick"],
     "roles": ["--quick"],
@@ -995,6 +1001,78 @@ def batch_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: 
     return lines
 
 
+def mixed_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
+    """Single quotes during 10^6-position batches, inline vs the batch pool (bench_mixed.py)."""
+    lines = _problem_lines(error, "Single quotes during 10^6-position batches (bench_mixed.py)")
+    if doc is None:
+        return lines
+    settings = doc["settings"]
+    lines += [
+        f"Single quotes (POST) at {format_value(settings['rate'])}/s open loop (C generator) for "
+        f"{format_value(settings['duration'])} s after a {format_value(settings['warmup'])} s warm-up, while "
+        f"{settings['positions']:,}-position JSON batches arrive back to back on a connection of their own, "
+        f"over the 2022 IBKR file ({settings['tickers']:,} tickers). The same run, one engine after the "
+        "other: batches priced on the event loop (BATCH_WORKERS=0, before issue 14) and in the default batch "
+        "pool. Server CPU: main process and batch workers over the run.",
+        "",
+        "| engine | singles | p50 ms | p99 ms | max ms | batches | batch round trip s (median) "
+        "| server CPU s | peak RSS MB | peak tmpfs MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in doc["mixed"].items():
+        latency, batches, peak = run["singles"]["latency_ms"], run["batches"] or {}, run["peak"]
+        lines.append(
+            f"| {name} | {run['singles']['completed']} | {format_value(latency['p50'])} | "
+            f"{format_value(latency['p99'])} | {format_value(latency['max'])} | {batches.get('requests')} | "
+            f"{format_value((batches.get('round_trip_s') or {}).get('median'))} | "
+            f"{format_value(run['server_cpu_s'])} | {format_value(peak['rss_mb'])} | "
+            f"{format_value(peak['scratch_mb'])} |"
+        )
+    lines.append("")
+    inline, pool = doc["mixed"].get("inline"), doc["mixed"].get("pool")
+    if inline and pool:
+        ratio = {
+            key: inline["singles"]["latency_ms"][key] / max(pool["singles"]["latency_ms"][key], 1e-9)
+            for key in ("p99", "max")
+        }
+        lines += [
+            f"Inline / pool: singles p99 {ratio_text(ratio['p99'])}, max {ratio_text(ratio['max'])}.",
+            "",
+        ]
+    for name, run in doc["mixed"].items():
+        profile = run.get("profile_main") or {}
+        if profile.get("top"):
+            top = "; ".join(f"{entry['frame']} {entry['share']:.0%}" for entry in profile["top"])
+            lines += [
+                f"py-spy of the {name} engine's main process during the batches: busy "
+                f"{format_value(profile['busy_share'])} of the time; top frames: {top}.",
+                "",
+            ]
+    memory = doc.get("memory")
+    if memory:
+        lines += [
+            "Memory: a fresh engine (default pool) per form, one batch: peak RSS of the main process and its "
+            "batch workers, peak of its tmpfs scratch files, and the peak of their sum.",
+            "",
+            "| form | request MB | response MB | round trip s | RSS idle MB | peak RSS MB | peak tmpfs MB "
+            "| peak sum MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for form, m in memory.items():
+            sizes = f"{format_value(m['request_bytes'] / 1e6)} | {format_value(m['response_bytes'] / 1e6)}"
+            lines.append(
+                f"| {form} | {sizes} | {format_value(m['round_trip_s'])} | "
+                f"{format_value(m['rss_idle_mb'])} | {format_value(m['rss_mb'])} | "
+                f"{format_value(m['scratch_mb'])} | {format_value(m['total_mb'])} |"
+            )
+        lines.append("")
+    rows = [("mixed", target) for target in doc.get("targets", [])]
+    if rows:
+        lines += ["Targets:", "", *targets_table(rows), ""]
+    lines += _commands_block([display_command(command)] if command else [])
+    return lines
+
+
 def million_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
     lines = _problem_lines(error, "10^6-position batches in four forms (bench_batch.py --million)")
     million = (doc or {}).get("million")
@@ -1139,6 +1217,8 @@ def write_report(
             lines += sources_section(data, command, error)
         elif name == "roles":
             lines += roles_section(data, command, error)
+        elif name == "mixed":
+            lines += mixed_section(data, command, error)
         else:
             lines += batch_section(data, command, error)
         if name == "persistence":

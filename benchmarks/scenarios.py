@@ -73,6 +73,9 @@ class Scenario:
     position_value: tuple[float, float] = (1000.0, 5_000_000.0)
     loan_days: tuple[int, int] = (1, 365)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # A batch sent back to back on a connection of its own for the whole run (`[background]`): what the
+    # generator's requests meet, e.g. single quotes while 10^6-position batches are priced.
+    background: RequestKind | None = None
 
 
 def available() -> list[str]:
@@ -103,6 +106,7 @@ def parse_scenario(name: str, document: Mapping[str, Any]) -> Scenario:
         "position_value",
         "loan_days",
         "request",
+        "background",
     }
     unknown = sorted(set(document) - known)
     if unknown:
@@ -121,7 +125,13 @@ def parse_scenario(name: str, document: Mapping[str, Any]) -> Scenario:
     days = _pair(name, "loan_days", document.get("loan_days", [1, 365]))
     if not (1 <= days[0] <= days[1] <= 365) or days != (int(days[0]), int(days[1])):
         raise ScenarioError(f"{name}: loan_days must be whole days within 1-365 and ordered")
+    background = None
+    if "background" in document:
+        background = _request_kind(name, -1, document["background"])
+        if background.kind != "batch":
+            raise ScenarioError(f'{name}: background: only kind = "batch" runs in the background')
     return Scenario(
+        background=background,
         name=name,
         description=str(document.get("description", "")),
         requests=requests,
@@ -136,7 +146,7 @@ def parse_scenario(name: str, document: Mapping[str, Any]) -> Scenario:
 
 
 def _request_kind(name: str, index: int, raw: Any) -> RequestKind:
-    where = f"{name}: request {index + 1}"
+    where = f"{name}: request {index + 1}" if index >= 0 else f"{name}: background"
     if not isinstance(raw, dict):
         raise ScenarioError(f"{where}: must be a table")
     unknown = sorted(set(raw) - {"kind", "weight", "positions", "format"})
@@ -242,6 +252,13 @@ def build_requests(scenario: Scenario, keys: Sequence[ApiKey], host: str) -> lis
         key = keys[number % len(keys)]
         out.append(build_request(kind, scenario, key, host, rng))
     return out
+
+
+def build_background(scenario: Scenario, keys: Sequence[ApiKey], host: str) -> bytes | None:
+    """The raw request of the scenario's background batch (None without one)."""
+    if scenario.background is None:
+        return None
+    return build_request(scenario.background, scenario, keys[0], host, random.Random(scenario.seed + 1))
 
 
 def _value(rng: random.Random, scenario: Scenario) -> float:

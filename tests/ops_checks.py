@@ -191,7 +191,15 @@ SECRET_ENV_VARS = frozenset(
 )
 # Engine variables beyond DESIGN's list that the ConfigMap sets for a cluster.
 EXTRA_ENV_VARS = frozenset(
-    {"SEED_DEMO_DATA", "DEMO_KEYS_FILE", "AUDIT_DURABILITY", *SOURCE_URL_VARS, *SOURCE_REFRESH_DEFAULTS}
+    {
+        "SEED_DEMO_DATA",
+        "DEMO_KEYS_FILE",
+        "AUDIT_DURABILITY",
+        "BATCH_WORKERS",
+        "BATCH_INLINE_MAX_BYTES",
+        *SOURCE_URL_VARS,
+        *SOURCE_REFRESH_DEFAULTS,
+    }
 )
 
 

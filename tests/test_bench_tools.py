@@ -728,6 +728,7 @@ def test_selected_sections() -> None:
         "audit",
         "batch",
         "million",
+        "mixed",
         "faults",
         "sources",
         "roles",

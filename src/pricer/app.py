@@ -19,6 +19,7 @@ from pricer.auth.admission import Admission
 from pricer.auth.keys import KeyHasher, KeyVerifier, make_record, parse_key
 from pricer.auth.tokens import TokenService
 from pricer.backends import Backends, build_backends
+from pricer.batch_pool import BatchPool
 from pricer.demo import ADMIN_CLIENT_ID, DemoKeys, seed_demo
 from pricer.endpoints.admin import AdminEndpoints
 from pricer.endpoints.auth import AuthEndpoints
@@ -70,6 +71,7 @@ class PricerApp:
         self.metrics: Metrics | None = None
         self.backends: Backends | None = None
         self.tracing: Tracing | None = None
+        self.batch_pool: BatchPool | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -201,8 +203,14 @@ def create_app(
     from pricer.quoting import Quoter
 
     quoter = Quoter(stores, market, metrics=metrics, tracing=tracing)
+    pool = BatchPool(settings.batch_workers, inline_max_bytes=settings.batch_inline_max_bytes)
     quoting = QuoteEndpoints(
-        quoter, stores.quotes, admission=admission, limits=limits, max_batch_size=settings.max_batch_size
+        quoter,
+        stores.quotes,
+        admission=admission,
+        limits=limits,
+        max_batch_size=settings.max_batch_size,
+        pool=pool,
     )
     rates = RateEndpoints(market)
     admin = AdminEndpoints(
@@ -266,6 +274,9 @@ def create_app(
             await ensure_bootstrap_admin(stores, hasher, settings.bootstrap_admin_key, now)
 
     lifecycle.startup += [*backends.startup, seed]
+    # Stopped once the server has drained (in-flight batches have answered), before the backends close.
+    lifecycle.shutdown.append(pool.stop)
+    app.batch_pool = pool
     if shared_rates is not None:
         lifecycle.startup.append(shared_rates.load_version)
     lifecycle.shutdown += backends.shutdown

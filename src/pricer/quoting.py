@@ -122,7 +122,9 @@ class Quoter:
         metrics.observe_calculation(seconds)
         fallback_slots = [slot for slot, rate in enumerate(batch.rates) if rate.source is RateSource.FALLBACK]
         if fallback_slots:
-            metrics.fallback_usage += int(np.isin(batch.rate_index, fallback_slots).sum())
+            # Rows per rate by counting (a few ms for 10^6 rows; np.isin sorted them: 50 ms on the loop).
+            per_rate = np.bincount(batch.rate_index, minlength=len(batch.rates))
+            metrics.fallback_usage += int(per_rate[fallback_slots].sum())
 
     async def price(
         self,

@@ -150,6 +150,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_multiproc_dir: str | None = None
     # Market data while PostgreSQL is down (issue 16, PostgreSQL outage): rates priced before it stand in.
     rate_cache_stale_seconds: float = 300.0
+    # Batches off the event loop (issue 14): worker processes per server process (0: inline), and the body
+    # size up to which a batch is handled inline (cheaper than a worker's round trips).
+    batch_workers: int = 1
+    batch_inline_max_bytes: int = 256 << 10
 
     def __repr__(self) -> str:
         # Every secret shows as *** (a settings struct in a traceback or a debug line must not leak one).
@@ -339,6 +343,9 @@ _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METRICS_MULTIPROC_DIR": ("metrics_multiproc_dir", _existing_directory),
     # Market data while PostgreSQL is down (issue 16, PostgreSQL outage).
     "RATE_CACHE_STALE_SECONDS": ("rate_cache_stale_seconds", _float_in(0, 86_400)),
+    # Batches off the event loop (issue 14).
+    "BATCH_WORKERS": ("batch_workers", _int_in(0, 64)),
+    "BATCH_INLINE_MAX_BYTES": ("batch_inline_max_bytes", _int_in(0, 1 << 32)),
 }
 
 

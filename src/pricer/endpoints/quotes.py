@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 from starlette.requests import Request
 from starlette.responses import Response
 
 from pricer.auth.admission import Admission
-from pricer.batches import decode_batch, encode_batch_parts, merge_errors, price_decoded
+from pricer.batch_pool import BatchPool
 from pricer.context import principal, request_id
-from pricer.endpoints.common import PartsResponse, json_response, utc_now, wants_msgpack
+from pricer.endpoints.common import json_response, utc_now, wants_msgpack
 from pricer.endpoints.views import quote_response
 from pricer.errors import FieldProblem, InvalidParameter, NotFound
 from pricer.models import Scope
 from pricer.quotes import new_batch_id, split_quote_id
 from pricer.quoting import Quoter
 from pricer.ratelimit.limits import ClientLimits
-from pricer.routing import ApiRequest
 from pricer.schemas import BatchRequest, QuoteRequest, RowError
 from pricer.stores.protocols import QuoteStore
 from pricer.validation import (
@@ -39,6 +36,7 @@ class QuoteEndpoints:
         admission: Admission,
         limits: ClientLimits | None,
         max_batch_size: int,
+        pool: BatchPool,
     ) -> None:
         self._quoter = quoter
         self._quotes = quotes
@@ -47,6 +45,8 @@ class QuoteEndpoints:
         # ...and the positions bucket the batch endpoint draws from (None: rate limiting is off).
         self._limits = limits
         self._max_batch_size = max_batch_size
+        # Runs the batch steps: inline for a small body, in a worker process for a large one.
+        self._pool = pool
         self._single = Decoder(QuoteRequest, places={"position_value": 2})
         # The batch body is decoded by `pricer.batches`; this one only tells its media type.
         self._batch = Decoder(BatchRequest, accept_msgpack=True)
@@ -87,45 +87,46 @@ class QuoteEndpoints:
 
     async def calculate_batch(self, request: Request) -> Response:
         """decode -> who may act for the client -> its terms -> the positions bucket (every decoded row) ->
-        market data (once, for the distinct tickers) -> price -> audit -> encode. The three steps are the
-        synchronous functions of `pricer.batches`."""
+        market data (once, for the distinct tickers) -> price and encode -> audit. The steps are the
+        synchronous functions of `pricer.batches`, run by the batch pool: inline for a small body, in a
+        worker process for a large one (`pricer.batch_pool`), so that no batch holds the event loop."""
         media = self._batch.media_type(request)
         atomic = _flag(request.query_params.get("atomic"), "atomic")
-        body = await request.body()
-        decoded = decode_batch(body, media, max_batch_size=self._max_batch_size)
-        del body
-        if isinstance(request, ApiRequest):
-            request.forget_body()  # tens of MB the rest of the request does not need
-        client_id = decoded.client_id
-        scope = request.scope
-        acting = await self._admission.act_for(scope, client_id)
-        terms = await self._quoter.client_terms(client_id)
-        if self._limits is not None:
-            # Every decoded row costs work, priced or not (DESIGN §2.5): invalid rows are not free.
-            await self._limits.draw_positions(scope, client_id, decoded.count)
-        now = utc_now()
-        rates, market_seconds = await self._quoter.batch_rates(decoded.tickers, now)
-        started = time.perf_counter()
-        with self._quoter.tracing.span("pricing", {"positions": decoded.valid}):
-            batch, unknown = price_decoded(
-                decoded,
-                terms.terms,
-                rates,
-                fee_schedule=terms.view,
-                batch_id=new_batch_id(),
-                key_id=acting.key_id,
-                request_id=request_id(scope),
-                now=now,
-            )
-        self._quoter.record_batch(batch, market_seconds + time.perf_counter() - started)
-        errors = merge_errors(decoded.errors, unknown)
-        if atomic and errors:
+        async with self._pool.decode(request, media, max_batch_size=self._max_batch_size) as job:
+            decoded = job.summary
+            client_id = decoded.client_id
+            scope = request.scope
+            acting = await self._admission.act_for(scope, client_id)
+            terms = await self._quoter.client_terms(client_id)
+            if self._limits is not None:
+                # Every decoded row costs work, priced or not (DESIGN §2.5): invalid rows are not free.
+                await self._limits.draw_positions(scope, client_id, decoded.count)
+            now = utc_now()
+            rates, market_seconds = await self._quoter.batch_rates(decoded.tickers, now)
+            msgpack = wants_msgpack(request.headers.get("accept"), default=media == MSGPACK)
+            with self._quoter.tracing.span("pricing", {"positions": decoded.valid}):
+                outcome = await job.price(
+                    {
+                        "terms": terms.terms,
+                        "rates": rates,
+                        "fee_schedule": terms.view,
+                        "batch_id": new_batch_id(),
+                        "key_id": acting.key_id,
+                        "request_id": request_id(scope),
+                        "now": now,
+                    },
+                    {"fee_schedule": terms.view, "msgpack": msgpack},
+                    content_type=b"application/msgpack" if msgpack else b"application/json",
+                    # An atomic batch with an invalid row is refused: its response is not encoded.
+                    encode_with_errors=not atomic,
+                )
+        self._quoter.record_batch(outcome.batch, market_seconds + outcome.pricing_seconds)
+        if atomic and outcome.error_count:
             # Every invalid row listed, unknown tickers included (market data was asked once for all).
-            raise _atomic_failure(errors)
-        await self._quotes.add(batch)
-        msgpack = wants_msgpack(request.headers.get("accept"), default=media == MSGPACK)
-        parts = encode_batch_parts(decoded, batch, errors, terms.view, msgpack=msgpack)
-        return PartsResponse(parts, b"application/msgpack" if msgpack else b"application/json")
+            raise _atomic_failure(outcome.errors, outcome.error_count)
+        await self._quotes.add(outcome.batch)
+        assert outcome.response is not None
+        return outcome.response
 
     # ---- read-back --------------------------------------------------------------------------
 
@@ -150,15 +151,16 @@ def _flag(raw: str | None, name: str) -> bool:
     raise InvalidParameter.for_field(name, "expected true or false", location="query")
 
 
-def _atomic_failure(errors: list[RowError]) -> InvalidParameter:
+def _atomic_failure(errors: list[RowError], count: int) -> InvalidParameter:
+    """The 400 of an atomic batch with `count` invalid rows, the first of which are `errors`."""
     return InvalidParameter(
-        f"{len(errors)} invalid position(s); atomic batch rejected",
+        f"{count} invalid position(s); atomic batch rejected",
         problems=[
             FieldProblem(f"positions[{error.index}].{error.field or 'position'}", "body", error.error)
             for error in errors[:1000]
         ],
         details={
-            "invalid_rows": len(errors),
+            "invalid_rows": count,
             "errors": [
                 {"index": e.index, "error_code": e.error_code, "error": e.error, "field": e.field}
                 for e in errors[:1000]

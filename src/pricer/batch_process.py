@@ -1,0 +1,167 @@
+"""The main process's side of a batch worker (see `pricer.batch_pool`): the process and its pipes, and the
+response streamed from the file a worker wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+RESPONSE_CHUNK_BYTES = 256 << 10  # per loop turn: a few hundred µs of socket work
+
+
+def unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+# Freeing a large tmpfs file (unlinking it, or closing the last descriptor of an unlinked one) frees its
+# pages in the system call: 10^6 rows' response (250 MB) took tens of milliseconds. Done on this thread,
+# never on the event loop.
+_RELEASER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-files")
+
+
+def unlink_later(path: Path) -> None:
+    try:
+        _RELEASER.submit(unlink, path)
+    except RuntimeError:  # the interpreter is exiting
+        unlink(path)
+
+
+def close_later(fd: int) -> None:
+    try:
+        _RELEASER.submit(os.close, fd)
+    except RuntimeError:  # the interpreter is exiting
+        os.close(fd)
+
+
+class WorkerDied(Exception):
+    """The worker's pipe closed: the process is gone."""
+
+
+class WorkerProcess:
+    """One worker process and its two pipes. Spawned with posix_spawn and reaped by pid (no Popen: an app
+    that is never shut down, as in tests of logic, leaves a worker that exits when its pipe closes)."""
+
+    def __init__(self) -> None:
+        to_worker_read, to_worker_write = os.pipe()
+        from_worker_read, from_worker_write = os.pipe()
+        try:
+            for fd in (to_worker_read, from_worker_write):
+                os.set_inheritable(fd, True)
+            argv = [sys.executable, "-m", "pricer.batch_worker", str(to_worker_read), str(from_worker_write)]
+            self.pid = os.posix_spawn(sys.executable, argv, os.environ)
+        except BaseException:
+            for fd in (to_worker_write, from_worker_read):
+                os.close(fd)
+            raise
+        finally:
+            os.close(to_worker_read)
+            os.close(from_worker_write)
+        self.requests = Connection(to_worker_write, readable=False)
+        self.replies = Connection(from_worker_read, writable=False)
+        self.reaped = False
+
+    async def call(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        self.send(message)
+        try:
+            reply: tuple[Any, ...] = await asyncio.to_thread(self.replies.recv)
+        except (EOFError, OSError) as error:
+            raise WorkerDied from error
+        return reply
+
+    def send(self, message: tuple[Any, ...] | None) -> None:
+        try:
+            self.requests.send(message)
+        except OSError as error:
+            raise WorkerDied from error
+
+    def kill(self) -> None:
+        if not self.reaped:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.close()
+
+    def close(self) -> None:
+        for connection in (self.requests, self.replies):
+            with contextlib.suppress(OSError):
+                connection.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Reap the process (blocking: run on a thread); False if it is still running after `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.reaped:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG if deadline is not None else 0)
+            except ChildProcessError:
+                pid = self.pid
+            if pid == self.pid:
+                self.reaped = True
+            elif deadline is not None and time.monotonic() >= deadline:
+                return False
+            elif deadline is not None:
+                time.sleep(0.02)
+        return True
+
+
+class StreamedFileResponse(Response):
+    """A response body read from an open file in chunks as the client takes them (flow control is the
+    server's: `send` waits while the transport's buffer is full). The file is closed at the end."""
+
+    def __init__(self, fd: int, size: int, content_type: bytes) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = b""
+        self._fd = fd
+        self._size = size
+        self.raw_headers = [(b"content-type", content_type), (b"content-length", str(size).encode())]
+
+    @classmethod
+    def of(cls, path: Path, size: int, content_type: bytes) -> StreamedFileResponse:
+        """The response of the file at `path`, unlinked at once (the open descriptor keeps its data until
+        the response has been sent)."""
+        fd = os.open(path, os.O_RDONLY)
+        unlink(path)
+        return cls(fd, size, content_type)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            offset = 0
+            while offset < self._size:
+                data = os.pread(self._fd, min(RESPONSE_CHUNK_BYTES, self._size - offset), offset)
+                if not data:
+                    raise OSError(f"batch response file ended at {offset} of {self._size} bytes")
+                offset += len(data)
+                await send({"type": "http.response.body", "body": data, "more_body": offset < self._size})
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            close_later(self._fd)  # the last descriptor of an unlinked file: its pages are freed
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+__all__ = [
+    "RESPONSE_CHUNK_BYTES",
+    "StreamedFileResponse",
+    "WorkerDied",
+    "WorkerProcess",
+    "close_later",
+    "unlink",
+    "unlink_later",
+]
