@@ -142,9 +142,17 @@ class RateLimitExceeded(PricerError):
     status = 429
     code = "RATE_LIMIT_EXCEEDED"
 
-    def __init__(self, retry_after: int, bucket: str = "requests") -> None:
+    def __init__(
+        self,
+        retry_after: int,
+        bucket: str = "requests",
+        limit_headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         super().__init__("Rate limit exceeded", details={"retry_after": retry_after, "bucket": bucket})
         self.retry_after = retry_after
+        # The RateLimit headers of the bucket that refused, when it is not the request bucket (whose
+        # headers every response carries already).
+        self.limit_headers = tuple(limit_headers)
 
 
 class BackendError(PricerError):

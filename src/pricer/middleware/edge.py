@@ -67,10 +67,15 @@ class _Response:
             self.started = True
             headers = [*message.get("headers", ()), *self._headers]
             decision = self._scope.get(RATE_DECISION_KEY)
-            if decision is not None:
+            if decision is not None and not (self.status == 429 and _has_rate_limit(headers)):
+                # The request bucket's headers, unless a 429 of another bucket carries that bucket's own.
                 headers += rate_limit_headers(decision)
             message["headers"] = headers
         await self._send(message)
+
+
+def _has_rate_limit(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"ratelimit" for name, _ in headers)
 
 
 class RequestEdge:

@@ -97,7 +97,10 @@ def error_headers(error: PricerError) -> list[tuple[bytes, bytes]]:
         headers.append((b"www-authenticate", b'Bearer realm="borrow-rate-engine", ApiKey header="X-API-Key"'))
     elif isinstance(error, MethodNotAllowed):
         headers.append((b"allow", ", ".join(error.allowed).encode()))
-    elif isinstance(error, RateLimitExceeded | BackendServiceUnavailable):
+    elif isinstance(error, RateLimitExceeded):
+        headers.append((b"retry-after", str(error.retry_after).encode()))
+        headers += error.limit_headers
+    elif isinstance(error, BackendServiceUnavailable):
         headers.append((b"retry-after", str(error.retry_after).encode()))
     elif isinstance(error, ServiceUnavailable):
         headers.append((b"retry-after", b"1"))

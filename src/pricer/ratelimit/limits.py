@@ -11,7 +11,7 @@ import logging
 
 from starlette.types import Scope
 
-from pricer.context import RATE_DECISION_KEY, request_id, route_template
+from pricer.context import request_id, route_template
 from pricer.errors import InvalidParameter, RateLimitExceeded
 from pricer.logs import RATE_LIMIT_EXCEEDED, fields
 from pricer.observability.metrics import Metrics
@@ -92,7 +92,6 @@ class ClientLimits:
         if not decision.allowed:
             # The 429's RateLimit headers and Retry-After describe the bucket that refused it: the request
             # bucket's (which admitted this request) would tell the client to retry at once.
-            scope[RATE_DECISION_KEY] = decision
             self.refuse(scope, client_id, decision, "positions")
 
     def refuse(self, scope: Scope, client_id: str, decision: Decision, bucket: str) -> None:
@@ -108,7 +107,8 @@ class ClientLimits:
                 retry_after=decision.retry_after,
             ),
         )
-        raise RateLimitExceeded(decision.retry_after, bucket=bucket)
+        own_headers = rate_limit_headers(decision) if bucket != "requests" else ()
+        raise RateLimitExceeded(decision.retry_after, bucket=bucket, limit_headers=own_headers)
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
