@@ -643,6 +643,9 @@ async def test_positions_bucket() -> None:
         assert two.headers["x-ratelimit-remaining"] == "1"
         assert two.headers["ratelimit-policy"].startswith('"positions";q=10;')
         assert two.headers["ratelimit"].startswith('"positions";r=1;')
+        # One set of headers: the request bucket's must not ride along.
+        for name in ("ratelimit", "ratelimit-policy", "x-ratelimit-limit", "x-ratelimit-remaining"):
+            assert len(two.headers.get_list(name)) == 1, name
         assert 1 <= int(two.headers["retry-after"]) <= 6
         assert 1 <= int(two.headers["x-ratelimit-reset"]) <= 60
         one = await post(url, json=batch(["MSFT"]), headers=http.client_key)
