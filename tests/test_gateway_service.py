@@ -146,6 +146,69 @@ async def test_a_get_quote_is_not_sent_again_after_a_broken_answer_a_quote_read_
             await shutdown()
 
 
+async def test_a_repeated_content_type_is_forwarded_as_role_all_reads_it_the_first() -> None:
+    """ROLE=all decodes a body by its first Content-Type (and answers by the first Accept); found in
+    review: the gateway forwarded the last one, so a body sent with two types was decoded as the other
+    media by the calculation service."""
+    seen: list[bytes] = []
+
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            seen.append(await read_request(reader))
+            writer.write(answer(200, b'{"ok":true}', b"Content-Type: application/json"))
+            await writer.drain()
+
+    async def unused(_request: Request) -> Response:
+        raise AssertionError("the gateway forwards this route")
+
+    async with scripted_peer(answers) as url:
+        settings = make_settings(
+            ROLE="gateway",
+            DATABASE_URL="postgresql://x@127.0.0.1/db",
+            INTERNAL_SERVICE_SECRET="s" * 32,
+            CALCULATION_SERVICE_URL=url,
+            DATA_SERVICE_URL=url,
+            **TEST_SECRETS,
+        )
+        wiring = gateway_wiring(settings, metrics=Metrics(), tracing=build_tracing())
+        assert wiring.forward is not None
+        path = "/api/v1/calculate-locate"
+        route = ApiRoute(path, unused, methods=["POST"], scope=Scope.QUOTE, body_limit=1024)
+        body = b'{"ticker":"AAPL"}'
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        request = Request(
+            {
+                "type": "http",
+                "method": "POST",
+                "path": path,
+                "raw_path": path.encode(),
+                "query_string": b"",
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"accept", b"application/json"),
+                    (b"content-type", b"application/msgpack"),
+                    (b"accept", b"application/msgpack"),
+                ],
+                REQUEST_ID_KEY: "req-1",
+                PRINCIPAL_KEY: PRINCIPAL,
+            },
+            receive,
+        )
+        response = await wiring.forward(route).endpoint(request)
+        assert response.status_code == 200
+        (sent,) = seen
+        head = sent.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+        assert [line for line in head if line.startswith((b"content-type:", b"accept:"))] == [
+            b"content-type: application/json",
+            b"accept: application/json",
+        ]
+        for shutdown in wiring.shutdown:
+            await shutdown()
+
+
 async def test_refused_connections_retry_once_then_open_the_breaker_which_answers_at_once() -> None:
     client, metrics = service(closed_port_url(), failures_to_open=2)
     for _ in range(2):

@@ -92,7 +92,8 @@ class Forwarder:
         for name, value in scope["headers"]:
             # Without tracing here, the client's trace context goes on to the service untouched.
             if name in _FORWARDED or (not tracing and name in _TRACE_CONTEXT):
-                headers[name.decode()] = value.decode("latin-1")
+                # The first of a repeated header, as ROLE=all reads it (Content-Type, Accept).
+                headers.setdefault(name.decode(), value.decode("latin-1"))
         raw_path: bytes | None = scope.get("raw_path")
         target = raw_path.decode("latin-1") if raw_path else quote(scope["path"])
         if scope.get("query_string"):
