@@ -9,11 +9,14 @@ worker processes, on real servers over loopback.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +28,8 @@ import httpx
 import msgspec
 import pytest
 
+from pricer import batch_pool
+from pricer.batch_pool import SCRATCH_PREFIX, BatchPool
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.decimal_reference import reference_fee
 
@@ -325,3 +330,48 @@ def _sigterm_during_a_batch(pooled: RunningServer) -> None:
     while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{worker}").exists(), "the batch worker stopped with the server"
+
+
+def test_a_scratch_directory_of_a_killed_server_goes_though_its_pid_was_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server killed mid-batch (SIGKILL, OOM) leaves its scratch files; the next server removes them at
+    its first batch. In a restarted container the new server has the same pid (and a memory emptyDir at
+    /dev/shm outlives the restart, its files counted against the pod's memory): found in review, a
+    directory whose pid was alive again was kept for ever. Here the killed process's directory is given
+    the pid of a live process (this one) to stand for the reused pid."""
+    script = (
+        "import sys, time\n"
+        "import pricer.batch_pool as bp\n"
+        "bp._scratch_root = lambda: sys.argv[1]\n"
+        "pool = bp.BatchPool(0)\n"
+        "pool._ensure_started()\n"
+        "(pool.scratch / 'body-left').write_bytes(bytes(1 << 20))\n"
+        "print(pool.scratch, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as killed:
+        assert killed.stdout is not None
+        left = Path(killed.stdout.readline().strip())
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=10)
+    assert (left / "body-left").exists()
+    owner = left.name.removeprefix(SCRATCH_PREFIX)
+    reused = left.with_name(f"{SCRATCH_PREFIX}{os.getpid()}-{owner.partition('-')[2]}")
+    left.rename(reused)
+
+    monkeypatch.setattr(batch_pool, "_scratch_root", lambda: str(tmp_path))
+    pool = BatchPool(0)
+    pool._ensure_started()
+    assert pool.scratch is not None
+    assert pool.scratch.is_dir()
+    assert not reused.exists(), "the killed server's scratch files were removed"
+    again = BatchPool(0)
+    again._ensure_started()  # another live server process's pool (WORKERS > 1) keeps the first one's
+    assert pool.scratch.is_dir()
+    assert again.scratch is not None
+    for live in (pool, again):
+        asyncio.run(live.stop())
+    assert not any(tmp_path.iterdir())

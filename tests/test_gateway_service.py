@@ -13,9 +13,12 @@ import socket
 import time
 
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
 
 from pricer.auth.internal import LIFETIME_SECONDS, InternalCredentials
 from pricer.auth.keys import Principal
+from pricer.context import PRINCIPAL_KEY, REQUEST_ID_KEY
 from pricer.errors import (
     BackendServiceFailed,
     BackendServiceTimeout,
@@ -23,10 +26,13 @@ from pricer.errors import (
     Unauthorized,
 )
 from pricer.gateway.service import CALCULATION_SERVICE, ServiceClient
+from pricer.gateway.wiring import gateway_wiring
 from pricer.models import Scope
 from pricer.observability.metrics import Metrics
+from pricer.observability.tracing import build_tracing
 from pricer.outbound.breaker import BreakerState, CircuitBreaker
 from pricer.outbound.http import HttpClient
+from pricer.routing import ApiRoute
 from pricer.settings import SettingsError
 from tests.conftest import TEST_SECRETS, make_settings
 from tests.test_outbound import answer, read_request, scripted_peer
@@ -73,6 +79,134 @@ async def test_a_read_is_retried_once_after_a_broken_answer_a_write_is_not() -> 
     assert metrics.backend_requests[(CALCULATION_SERVICE, "error")] == 1
     series = metrics.backend_duration.series[(CALCULATION_SERVICE,)]
     assert series.count == 2
+
+
+async def test_a_get_quote_is_not_sent_again_after_a_broken_answer_a_quote_read_back_is() -> None:
+    """A GET quote prices and records a quote: the service may have done both before the connection broke,
+    so the gateway's forwarding route must not send it again (two audit records for one answer). Found
+    in review: every GET was retried, calculate-locate's GET form included."""
+    seen: list[bytes] = []
+    broken: set[bytes] = set()
+
+    async def first_breaks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await read_request(reader)
+            seen.append(request)
+            target = request.split(b" ")[1]
+            if target not in broken:  # each target's first request: read, then closed without an answer
+                broken.add(target)
+                writer.close()
+                return
+            writer.write(answer(200, b'{"ok":true}', b"Content-Type: application/json"))
+            await writer.drain()
+
+    async def unused(_request: Request) -> Response:
+        raise AssertionError("the gateway forwards this route")
+
+    async with scripted_peer(first_breaks) as url:
+        settings = make_settings(
+            ROLE="gateway",
+            DATABASE_URL="postgresql://x@127.0.0.1/db",
+            INTERNAL_SERVICE_SECRET="s" * 32,
+            CALCULATION_SERVICE_URL=url,
+            DATA_SERVICE_URL=url,
+            **TEST_SECRETS,
+        )
+        wiring = gateway_wiring(settings, metrics=Metrics(), tracing=build_tracing())
+        assert wiring.forward is not None
+        forwarded = {
+            path: wiring.forward(
+                ApiRoute(path, unused, methods=["GET"], scope=Scope.QUOTE, body_limit=1024)
+            ).endpoint
+            for path in ("/api/v1/calculate-locate", "/api/v1/quotes/{quote_id}")
+        }
+
+        def get(path: str, query: bytes) -> Request:
+            return Request(
+                {
+                    "type": "http",
+                    "method": "GET",
+                    "path": path,
+                    "raw_path": path.encode(),
+                    "query_string": query,
+                    "headers": [],
+                    REQUEST_ID_KEY: "req-1",
+                    PRINCIPAL_KEY: PRINCIPAL,
+                }
+            )
+
+        quote = get("/api/v1/calculate-locate", b"ticker=AAPL&position_value=100&loan_days=30")
+        with pytest.raises(BackendServiceFailed):
+            await forwarded["/api/v1/calculate-locate"](quote)
+        assert len(seen) == 1  # priced (maybe) once, not twice
+        read_back = await forwarded["/api/v1/quotes/{quote_id}"](get("/api/v1/quotes/q1", b""))
+        assert read_back.status_code == 200
+        assert len(seen) == 3  # a read-back is safe to send again: one retry
+        for shutdown in wiring.shutdown:
+            await shutdown()
+
+
+async def test_a_repeated_content_type_is_forwarded_as_role_all_reads_it_the_first() -> None:
+    """ROLE=all decodes a body by its first Content-Type (and answers by the first Accept); found in
+    review: the gateway forwarded the last one, so a body sent with two types was decoded as the other
+    media by the calculation service."""
+    seen: list[bytes] = []
+
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            seen.append(await read_request(reader))
+            writer.write(answer(200, b'{"ok":true}', b"Content-Type: application/json"))
+            await writer.drain()
+
+    async def unused(_request: Request) -> Response:
+        raise AssertionError("the gateway forwards this route")
+
+    async with scripted_peer(answers) as url:
+        settings = make_settings(
+            ROLE="gateway",
+            DATABASE_URL="postgresql://x@127.0.0.1/db",
+            INTERNAL_SERVICE_SECRET="s" * 32,
+            CALCULATION_SERVICE_URL=url,
+            DATA_SERVICE_URL=url,
+            **TEST_SECRETS,
+        )
+        wiring = gateway_wiring(settings, metrics=Metrics(), tracing=build_tracing())
+        assert wiring.forward is not None
+        path = "/api/v1/calculate-locate"
+        route = ApiRoute(path, unused, methods=["POST"], scope=Scope.QUOTE, body_limit=1024)
+        body = b'{"ticker":"AAPL"}'
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        request = Request(
+            {
+                "type": "http",
+                "method": "POST",
+                "path": path,
+                "raw_path": path.encode(),
+                "query_string": b"",
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"accept", b"application/json"),
+                    (b"content-type", b"application/msgpack"),
+                    (b"accept", b"application/msgpack"),
+                ],
+                REQUEST_ID_KEY: "req-1",
+                PRINCIPAL_KEY: PRINCIPAL,
+            },
+            receive,
+        )
+        response = await wiring.forward(route).endpoint(request)
+        assert response.status_code == 200
+        (sent,) = seen
+        head = sent.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+        assert [line for line in head if line.startswith((b"content-type:", b"accept:"))] == [
+            b"content-type: application/json",
+            b"accept: application/json",
+        ]
+        for shutdown in wiring.shutdown:
+            await shutdown()
 
 
 async def test_refused_connections_retry_once_then_open_the_breaker_which_answers_at_once() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -198,6 +199,31 @@ async def test_bodies_over_the_bound_are_refused_declared_or_counted() -> None:
         for target in ("/declared", "/counted"):
             with pytest.raises(ResponseTooLarge):
                 await client.request("GET", target, timeout=3)
+
+
+async def test_a_response_head_over_the_bound_is_refused_before_the_deadline() -> None:
+    """Found in review: only the body was bounded; a peer (a provider, a compromised backend) streaming
+    headers without end was read into memory until the deadline, as fast as the link allowed."""
+
+    async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        if b"/one-long-value" in request:
+            writer.write(b"X-Long: ")
+        with contextlib.suppress(RuntimeError):  # uvloop: writing after the client closed
+            for index in range(1_000_000):
+                long_value = b"/one-long-value" in request
+                writer.write(b"x" * 1000 if long_value else b"X-H%d: %s\r\n" % (index, b"v" * 1000))
+                await writer.drain()
+
+    async with scripted_peer(endless_head) as url:
+        client = HttpClient(url)
+        for target in ("/many-headers", "/one-long-value"):
+            started = time.perf_counter()
+            with pytest.raises(BadResponse, match="head over"):
+                await client.request("GET", target, timeout=20)
+            assert time.perf_counter() - started < 10  # refused on size, not at the deadline
+        await client.aclose()
 
 
 async def test_redirects_are_answers_not_followed_and_chunked_and_close_delimited_bodies_are_read() -> None:

@@ -80,6 +80,8 @@ def test_lender_statuses(raw: str | None, status: BorrowStatus) -> None:
         (200, b'{"rate": NaN}', "not JSON"),
         (200, b'{"rate": Infinity}', "not JSON"),
         (200, b'{"rate": 1e999}', "not JSON"),
+        # An integer past float range: OverflowError, not a refusal, aborted the whole lender refresh.
+        (200, b'{"rate": ' + b"9" * 400 + b"}", "not finite"),
         (200, b'{"rate": -0.05}', "negative"),
         (200, b'{"rate": 10.5}', "above MAX_BORROW_RATE"),
         (200, b'{"rate": 0.1234567890123456}', "significant digits"),
@@ -106,6 +108,9 @@ def test_bad_lender_answers_are_refused(status: int, body: bytes, reason: str) -
         (b'{"value": 20.5, "timestamp": 1733322600}', "timestamp missing"),
         (b'{"value": 20.5, "timestamp": "yesterday"}', "not ISO-8601"),
         (b'{"value": 20.5, "timestamp": "2026-12-04T14:30:00"}', "no time zone"),
+        # Valid ISO-8601 whose UTC time is outside datetime's range: OverflowError, not a refusal.
+        (b'{"value": 20.5, "timestamp": "9999-12-31T23:59:59-14:00"}', "out of range"),
+        (b'{"value": 20.5, "timestamp": "0001-01-01T00:00:00+14:00"}', "out of range"),
     ],
 )
 def test_bad_volatility_answers_are_refused(body: bytes, reason: str) -> None:

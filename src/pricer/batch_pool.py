@@ -111,7 +111,10 @@ class BatchPool:
             return
         root = _scratch_root()
         _remove_orphans(Path(root))
-        self._scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=root))
+        # Named by the pid and the process's start time: a pid alone is reused (a restarted container's
+        # server has the same pid, and a memory emptyDir outlives the restart).
+        owner = f"{os.getpid()}-s{_process_started(str(os.getpid()))}"
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{owner}-", dir=root))
         atexit.register(shutil.rmtree, self._scratch, ignore_errors=True)
         for _ in range(self.size):
             self._spawn()
@@ -305,11 +308,27 @@ def _scratch_root() -> str:
 
 
 def _remove_orphans(root: Path) -> None:
-    """Scratch directories of processes that are gone (killed before their exit could remove them)."""
+    """Scratch directories of processes that are gone (killed before their exit could remove them): no
+    process has their pid, or the one that has it started at another time (the pid was reused)."""
     for directory in root.glob(f"{SCRATCH_PREFIX}*-*"):
-        pid = directory.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        pid, _, rest = directory.name.removeprefix(SCRATCH_PREFIX).partition("-")
+        started, _, suffix = rest.partition("-")
+        if not pid.isdigit():
+            continue
+        now_started = _process_started(pid)
+        # `pricer-batches-PID-RANDOM` (no start time): the pid alone tells.
+        reused = suffix != "" and started.startswith("s") and now_started != started[1:]
+        if now_started is None or reused:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _process_started(pid: str) -> str | None:
+    """The start time of process `pid` (clock ticks since boot, /proc/PID/stat field 22); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -43,6 +43,9 @@ DATA_PATHS = frozenset(
         "/api/v1/admin/events/{ticker}",
     }
 )
+# Routes whose GET prices and records a quote: the gateway never sends such a GET twice (a retry after a
+# broken answer the service may have priced would record the quote twice).
+PRICED_BY_READ_PATHS = frozenset({"/api/v1/calculate-locate"})
 # Calls that may carry a large body (MAX_BATCH_BODY_BYTES) get BACKEND_BATCH_TIMEOUT_SECONDS.
 BATCH_PATHS = frozenset(
     {

@@ -65,21 +65,24 @@ class Forwarder:
         self._tracing = tracing
         self._metrics = metrics
 
-    def handler(self, seconds: float) -> Handler:
-        """The endpoint of a forwarded route, with the deadline of its calls."""
+    def handler(self, seconds: float, *, reads_repeatable: bool = True) -> Handler:
+        """The endpoint of a forwarded route, with the deadline of its calls. `reads_repeatable` False: a
+        GET of this route is not sent again after a broken answer (it prices: a quote would be recorded
+        twice)."""
 
         async def forward(request: Request) -> Response:
-            return await self.forward(request, seconds)
+            return await self.forward(request, seconds, reads_repeatable=reads_repeatable)
 
         forward.__name__ = f"forward_to_{self._service.name.replace('-', '_')}"
         return forward
 
-    async def forward(self, request: Request, seconds: float) -> Response:
+    async def forward(self, request: Request, seconds: float, *, reads_repeatable: bool = True) -> Response:
         scope = request.scope
         method = scope["method"]
         # HEAD is GET without the body: the server leaves the body out, as for the routes it answers itself.
         outbound_method = "GET" if method == "HEAD" else method
         body = b"" if outbound_method == "GET" else await request.body()
+        retry_sent = outbound_method == "GET" and reads_repeatable
         rid = request_id(scope)
         headers: dict[str, str] = {
             "x-request-id": rid,
@@ -89,7 +92,8 @@ class Forwarder:
         for name, value in scope["headers"]:
             # Without tracing here, the client's trace context goes on to the service untouched.
             if name in _FORWARDED or (not tracing and name in _TRACE_CONTEXT):
-                headers[name.decode()] = value.decode("latin-1")
+                # The first of a repeated header, as ROLE=all reads it (Content-Type, Accept).
+                headers.setdefault(name.decode(), value.decode("latin-1"))
         raw_path: bytes | None = scope.get("raw_path")
         target = raw_path.decode("latin-1") if raw_path else quote(scope["path"])
         if scope.get("query_string"):
@@ -100,11 +104,16 @@ class Forwarder:
             ):
                 _propagator.inject(headers)
                 answer = await self._service.call(
-                    outbound_method, target, headers=headers, body=body, seconds=seconds
+                    outbound_method,
+                    target,
+                    headers=headers,
+                    body=body,
+                    seconds=seconds,
+                    retry_sent=retry_sent,
                 )
         else:
             answer = await self._service.call(
-                outbound_method, target, headers=headers, body=body, seconds=seconds
+                outbound_method, target, headers=headers, body=body, seconds=seconds, retry_sent=retry_sent
             )
         if answer.status in (400, 429):
             self._log_refusal(scope, answer.status, answer.body)

@@ -3,8 +3,9 @@ where it is safe, the service's circuit breaker and its metrics.
 
 Retries: a call whose request cannot have reached the service (`sent=False`: refused connection, nothing
 written) is retried once whatever its method; a read (GET) is retried once after any failure but a
-timeout. Both only within the call's deadline, which the first attempt shares. A timeout is never retried:
-the deadline is what the caller waits at most.
+timeout, unless the caller says the read is not safe to repeat (`retry_sent=False`: a GET quote prices and
+records a quote, which a second attempt would do twice). Both only within the call's deadline, which the
+first attempt shares. A timeout is never retried: the deadline is what the caller waits at most.
 
 The breaker counts transport failures only (nothing usable came back). A service that answers, even with
 a 5xx of its own (its database down: 503 SERVICE_UNAVAILABLE), is up, and its answer is the client's
@@ -45,7 +46,10 @@ class ServiceClient:
         headers: Mapping[str, str],
         body: bytes,
         seconds: float,
+        retry_sent: bool | None = None,
     ) -> HttpResponse:
+        """`retry_sent`: whether a request that may have reached the service is sent again after a broken
+        answer (default: only a GET)."""
         breaker = self.breaker
         if not breaker.allow():
             self._metrics.backend_requests[self._error_label] += 1
@@ -53,7 +57,8 @@ class ServiceClient:
         started = time.perf_counter()
         deadline = started + seconds
         try:
-            response = await self._attempts(method, target, headers, body, deadline, seconds)
+            retry = method == "GET" if retry_sent is None else retry_sent
+            response = await self._attempts(method, target, headers, body, deadline, seconds, retry)
         except (BackendServiceFailed, BackendServiceTimeout):
             breaker.record_failure()
             self._observe(started, self._error_label)
@@ -76,6 +81,7 @@ class ServiceClient:
         body: bytes,
         deadline: float,
         seconds: float,
+        retry_sent: bool,
     ) -> HttpResponse:
         retried = False
         while True:
@@ -86,7 +92,7 @@ class ServiceClient:
             except OutboundTimeout:
                 raise BackendServiceTimeout(self.name, seconds) from None
             except OutboundError as error:
-                safe = not error.sent or method == "GET"
+                safe = not error.sent or retry_sent
                 if retried or not safe or deadline - time.perf_counter() < _MIN_RETRY_SECONDS:
                     raise BackendServiceFailed(self.name, type(error).__name__) from None
                 retried = True

@@ -14,7 +14,14 @@ from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import Tracing
 from pricer.outbound.breaker import BreakerState, CircuitBreaker
 from pricer.outbound.http import HttpClient
-from pricer.roles import BATCH_PATHS, CALCULATION_PATHS, RoleWiring, copy_route, internal_credentials
+from pricer.roles import (
+    BATCH_PATHS,
+    CALCULATION_PATHS,
+    PRICED_BY_READ_PATHS,
+    RoleWiring,
+    copy_route,
+    internal_credentials,
+)
 from pricer.routing import ApiRoute
 from pricer.settings import Role, Settings
 
@@ -61,7 +68,8 @@ def gateway_wiring(settings: Settings, *, metrics: Metrics, tracing: Tracing) ->
             if route.path in BATCH_PATHS
             else settings.backend_timeout_seconds
         )
-        return copy_route(route, forwarders[name].handler(timeout))
+        handler = forwarders[name].handler(timeout, reads_repeatable=route.path not in PRICED_BY_READ_PATHS)
+        return copy_route(route, handler)
 
     breakers = [service.breaker for service in services.values()]
     # circuit_breaker_state{name="calculation-service"|"data-service"}, beside the providers' breakers.

@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_RESPONSE_BYTES: Final = 64 * 1024 * 1024
+# The status line and headers of a response: httptools sets no bound of its own, and the deadline bounds
+# time, not bytes (a peer streaming headers on a fast link would fill memory before it).
+MAX_HEAD_BYTES: Final = 64 * 1024
 _METHODS: Final = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH"})
 
 
@@ -90,6 +93,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_body_size",
+        "_head_bytes",
         "_headers",
         "_headers_done",
         "_max_body",
@@ -113,6 +117,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._headers_done = False
+        self._head_bytes = 0
         self._refusal: OutboundError | None = None
         self._status = 0
 
@@ -132,6 +137,13 @@ class _Connection(asyncio.Protocol):
             # httptools wraps what a callback raised: the callback left the real reason in _refusal.
             refusal = self._refusal or BadResponse(f"malformed HTTP response: {error}", sent=True)
             self._fail(refusal)
+            return
+        if not self._headers_done and self._response is not None:
+            # Counted only while the head is incomplete: the read that completes it is bounded by the
+            # transport's read size, whatever part of it is body.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(BadResponse(f"response head over {MAX_HEAD_BYTES} bytes", sent=True))
 
     def eof_received(self) -> bool | None:
         return False
@@ -193,6 +205,7 @@ class _Connection(asyncio.Protocol):
         self._body = []
         self._body_size = 0
         self._headers_done = False
+        self._head_bytes = 0
         assert self.transport is not None
         self.transport.write(request)
 

@@ -56,7 +56,10 @@ def json_object(status: int, body: bytes) -> dict[str, Any]:
 def finite_number(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadAnswer(f"{field} is not a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits: JSON allows it
+        raise BadAnswer(f"{field} is not finite") from None
     if not math.isfinite(number):
         raise BadAnswer(f"{field} is not finite")
     return number
@@ -112,7 +115,10 @@ def volatility_reading(status: int, body: bytes) -> tuple[float, dt.datetime]:
         raise BadAnswer("timestamp is not ISO-8601") from None
     if as_of.tzinfo is None:
         raise BadAnswer("timestamp has no time zone")
-    return value, as_of.astimezone(dt.UTC)
+    try:
+        return value, as_of.astimezone(dt.UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is after datetime.max in UTC
+        raise BadAnswer("timestamp out of range") from None
 
 
 def market_events(status: int, body: bytes) -> list[MarketEvent]:
