@@ -431,6 +431,12 @@ class PooledJob(BatchJob):
             unlink(arrays)
             unlink(body)
             raise _worker_failure() from None
+        except BaseException:
+            # Cancelled (the client left, or shutdown): _call let the worker go; what it wrote must go too
+            # (off the loop: freeing a 10^6-row answer's pages takes tens of ms).
+            unlink_later(arrays)
+            unlink_later(body)
+            raise
         pool._give_back(worker)
         if reply[0] != "priced":
             unlink(arrays)
