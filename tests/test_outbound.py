@@ -45,7 +45,10 @@ async def scripted_peer(handler: Handler) -> AsyncIterator[str]:
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(writer)
-        with contextlib.suppress(ConnectionError, asyncio.CancelledError, asyncio.IncompleteReadError):
+        # uvloop raises RuntimeError, not ConnectionError, for a write after the client hung up.
+        with contextlib.suppress(
+            ConnectionError, RuntimeError, asyncio.CancelledError, asyncio.IncompleteReadError
+        ):
             await handler(reader, writer)
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
