@@ -1,7 +1,7 @@
 """Live sources (issue 20, DESIGN §3.1): what pulling the lender, volatility and event providers costs.
 
     python benchmarks/bench_sources.py --json benchmarks/results/sources.json
-    python benchmarks/bench_sources.py --quick          # shorter runs, fewer samples (about 4 minutes)
+    python benchmarks/bench_sources.py --quick          # shorter runs, fewer samples (~4 min; full ~8)
 
 The providers are the simulator (`pricer simulate-sources`, on the wrk CPU), serving the newest IBKR file's
 FEERATE, the VIX history's last close and the earnings calendar. Two engines (`python -m pricer serve`, one
@@ -627,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--duration", default="10s", help="measured wrk run length (10s)")
     parser.add_argument("--warmup", default="3s", help="warm-up before each throughput run (3s)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
     parser.add_argument("--hang-rounds", type=int, default=4, help="healthy/hanging round pairs (4)")
     parser.add_argument("--connections", type=int, default=32, help="connections for throughput (32)")
     parser.add_argument("--light-connections", type=int, default=4, help="connections of the paced load (4)")
