@@ -1,7 +1,7 @@
 """Live sources (issue 20, DESIGN §3.1): what pulling the lender, volatility and event providers costs.
 
     python benchmarks/bench_sources.py --json benchmarks/results/sources.json
-    python benchmarks/bench_sources.py --quick          # shorter runs, fewer samples (about 4 minutes)
+    python benchmarks/bench_sources.py --quick          # shorter runs, fewer samples (~4 min; full ~8)
 
 The providers are the simulator (`pricer simulate-sources`, on the wrk CPU), serving the newest IBKR file's
 FEERATE, the VIX history's last close and the earnings calendar. Two engines (`python -m pricer serve`, one
@@ -111,6 +111,10 @@ class Simulator:
             self.process.kill()
             raise RuntimeError(f"the simulator did not start: {line!r} {self.log_path.read_text()}")
         self.url = line.rsplit(" ", 1)[1]
+
+    def cpu_seconds(self) -> float:
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        return bench_http.parse_proc_stat_cpu(stat, os.sysconf("SC_CLK_TCK"))
 
     def call(self, method: str, path: str, body: object = None) -> Any:
         status, answer = request_json(self.url, method, path, body)
@@ -256,20 +260,35 @@ def percentile(values: Sequence[float], p: float) -> float | None:
 # ---- the measurements ----------------------------------------------------------------------------------
 
 
-def throughput(driver: Driver, servers: Mapping[str, Server], args: argparse.Namespace) -> dict[str, Any]:
+def throughput(
+    driver: Driver, servers: Mapping[str, Server], simulator: Simulator, args: argparse.Namespace
+) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     for round_number in range(args.rounds):
         order = list(servers) if round_number % 2 == 0 else list(reversed(servers))
         for name in order:
             common = {"target": name, "round_number": round_number, "connections": args.connections}
             driver.run(servers[name], load="warmup", duration=args.warmup, **common)
+            simulator_before = simulator.cpu_seconds()
             run = driver.run(servers[name], load="throughput", duration=args.duration, **common)
+            # The simulator shares wrk's CPU: its share shows whether provider traffic took wrk's time.
+            run.extra["simulator_cpu_percent"] = (
+                (simulator.cpu_seconds() - simulator_before) / run.wall_s * 100
+            )
             runs[name].append(run.as_dict())
-            print(f"  {name:9} round {round_number}: {run.result.requests_per_sec:,.0f} req/s", flush=True)
+            print(
+                f"  {name:9} round {round_number}: {run.result.requests_per_sec:,.0f} req/s, server CPU "
+                f"{run.as_dict()['server_cpu_percent']:.0f} %, wrk CPUs busy {run.wrk_cpus_busy or 0:.0f} %, "
+                f"simulator {run.extra['simulator_cpu_percent']:.1f} %",
+                flush=True,
+            )
     summary = {
         name: {
             "requests_per_sec": median_or_none(run["requests_per_sec"] for run in rows),
             "cpu_us_per_request": median_or_none(run["cpu_us_per_request"] for run in rows),
+            "server_cpu_percent": median_or_none(run["server_cpu_percent"] for run in rows),
+            "wrk_cpus_busy_percent": median_or_none(run["wrk_cpus_busy_percent"] for run in rows),
+            "simulator_cpu_percent": median_or_none(run["simulator_cpu_percent"] for run in rows),
             "errors": sum(run["errors"] for run in rows),
         }
         for name, rows in runs.items()
@@ -523,11 +542,14 @@ def render_markdown(doc: Mapping[str, Any]) -> list[str]:
     through = doc.get("throughput")
     if through:
         lines += [
-            "| engine | req/s (median) | server CPU µs/quote | errors |",
-            "|---|---|---|---|",
+            "| engine | req/s | server CPU µs/quote | server CPU % | wrk CPU busy % | simulator CPU % "
+            "| errors |",
+            "|---|---|---|---|---|---|---|",
             *(
                 f"| {name} | {_f(row['requests_per_sec'], ',.0f')} | {_f(row['cpu_us_per_request'])} "
-                f"| {row['errors']} |"
+                f"| {_f(row.get('server_cpu_percent'), '.0f')} "
+                f"| {_f(row.get('wrk_cpus_busy_percent'), '.0f')} "
+                f"| {_f(row.get('simulator_cpu_percent'), '.1f')} | {row['errors']} |"
                 for name, row in ((name, through[name]) for name in ("files", "providers"))
             ),
             "",
@@ -605,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--duration", default="10s", help="measured wrk run length (10s)")
     parser.add_argument("--warmup", default="3s", help="warm-up before each throughput run (3s)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
     parser.add_argument("--hang-rounds", type=int, default=4, help="healthy/hanging round pairs (4)")
     parser.add_argument("--connections", type=int, default=32, help="connections for throughput (32)")
     parser.add_argument("--light-connections", type=int, default=4, help="connections of the paced load (4)")
@@ -678,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems = figures_disagree(servers["files"], servers["providers"])
             notes += [f"figures differ: {problem}" for problem in problems]
             print("throughput (warm):", flush=True)
-            doc["throughput"] = throughput(driver, servers, args)
+            doc["throughput"] = throughput(driver, servers, simulator, args)
             doc["throughput"]["errors_total"] = sum(doc["throughput"][name]["errors"] for name in servers)
             files_rate = doc["throughput"]["files"]["requests_per_sec"] or 400.0
             # Cold tickers before the hang runs: a hang opens the providers' breakers, and a cold quote with
