@@ -11,8 +11,9 @@ Per single quote (µs, median over the rounds; each round runs every variant onc
                  awaits a future; one `loop.call_soon` flush prices every pending row in one `price_locates`
                  call and resolves the futures; c quotes wait at a time (c=1: a lone quote);
 * quoter_price / quoter_price_single: the quoter's whole step for one quote on embedded (memory) stores,
-                 market data from its cache, spans off: `Quoter.price` with one-row arrays (the batch path a
-                 single quote took) against `Quoter.price_single`, each with the response body built.
+                 market data from its cache, spans off: the batch endpoint's steps (`batch_rates`,
+                 `pricer.batches.price_decoded`) for a batch of one against `Quoter.price_single`, each with
+                 the response body built.
 
 The event loop is uvloop's, as the server runs. CPU time is what is measured (`time.process_time`), so a
 busy machine inflates the figures less than wall time would; compare the variants' ratios within one run.
@@ -38,12 +39,16 @@ try:
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from pricer.pricing.core import FeeRow, FeeTerms, price_locate, price_locates
+from pricer.batches.decode import ROWS as BATCH_ROWS
+from pricer.batches.decode import DecodedBatch
+from pricer.batches.price import price_decoded
 from pricer.endpoints.views import quote_response
 from pricer.marketdata.service import MarketData
 from pricer.models import AvailabilityEntry, AvailabilitySnapshot, Client, FeeType
 from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import build_tracing
 from pricer.pricing.core import RatePolicy
+from pricer.quotes import new_batch_id
 from pricer.quoting import Quoter
 from pricer.stores.memory import memory_stores
 
@@ -162,18 +167,25 @@ async def measure(quotes: int, rounds: int) -> dict[str, float]:
         return await batcher.price(position, days, rate)
 
     async def through_price(index: int) -> object:
+        # The batch endpoint's steps for a batch of one: market data for its ticker, price_decoded.
         position, days, _ = ROWS[index % len(ROWS)]
-        outcome = await quoter.price(
-            terms,
-            tickers=[TICKERS[index % len(TICKERS)]],
-            position_cents=np.array([position], dtype=np.int64),
-            loan_days=np.array([days], dtype=np.int64),
-            input_index=np.zeros(1, dtype=np.int64),
-            key_id=None,
-            request_id="r",
-            now=now,
+        ticker = TICKERS[index % len(TICKERS)]
+        decoded = DecodedBatch(
+            form=BATCH_ROWS,
+            client_id="c",
+            count=1,
+            tickers=[ticker],
+            ticker_index=np.zeros(1, dtype=np.int32),
+            cents=np.array([position], dtype=np.int64),
+            days=np.array([days], dtype=np.int64),
+            errors=[],
         )
-        return quote_response(outcome.batch)
+        rates, _ = await quoter.batch_rates([ticker], now)
+        batch, _ = price_decoded(
+            decoded, terms.terms, rates, fee_schedule=terms.view, batch_id=new_batch_id(),
+            key_id=None, request_id="r", now=now,
+        )  # fmt: skip
+        return quote_response(batch)
 
     async def through_price_single(index: int) -> object:
         position, days, _ = ROWS[index % len(ROWS)]

@@ -17,6 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pricer.batches.decode import ROWS, DecodedBatch
+from pricer.batches.price import price_decoded
 from pricer.endpoints.views import quote_response
 from pricer.errors import TickerNotFound
 from pricer.marketdata.service import MarketData
@@ -24,7 +26,7 @@ from pricer.models import AvailabilityEntry, AvailabilitySnapshot, Client, FeeTy
 from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import build_tracing
 from pricer.pricing.core import FeeRow, RatePolicy, price_locate
-from pricer.quotes import PricedBatch, batch_to_columns
+from pricer.quotes import PricedBatch, batch_to_columns, new_batch_id
 from pricer.quoting import Quoter
 from pricer.stores.memory import memory_stores
 from tests.decimal_reference import reference_rate
@@ -142,18 +144,33 @@ def test_single_path_and_batch_path_equal_decimal(
                 )
             )
         )
-        outcome = await quoter.price(
-            terms,
-            tickers=tickers,
-            position_cents=np.array(case.positions, dtype=np.int64),
-            loan_days=np.array(case.days, dtype=np.int64),
-            input_index=np.arange(len(tickers), dtype=np.int64),
+        # The batch endpoint's own steps (pricer.batches): market data once for the distinct tickers, then
+        # price_decoded over the decoded columns, then the batch's metrics.
+        distinct = sorted(set(tickers))
+        decoded = DecodedBatch(
+            form=ROWS,
+            client_id="prop_client",
+            count=len(tickers),
+            tickers=distinct,
+            ticker_index=np.array([distinct.index(ticker) for ticker in tickers], dtype=np.int32),
+            cents=np.array(case.positions, dtype=np.int64),
+            days=np.array(case.days, dtype=np.int64),
+            errors=[],
+        )
+        rates, market_seconds = await quoter.batch_rates(distinct, now)
+        batch, unknown = price_decoded(
+            decoded,
+            terms.terms,
+            rates,
+            fee_schedule=terms.view,
+            batch_id=new_batch_id(),
             key_id="k1",
             request_id="req-batch",
             now=now,
         )
-        assert outcome.unknown_rows == []
-        return list(singles), outcome.batch, metrics
+        assert unknown == []
+        quoter.record_batch(batch, market_seconds)
+        return list(singles), batch, metrics
 
     singles, batch, metrics = asyncio.run(price_both())
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 
@@ -23,9 +22,7 @@ from pricer.observability.tracing import Tracing
 from pricer.pricing.core import (
     PERCENT_PLACES,
     FeeTerms,
-    Int64Array,
     price_locate,
-    price_locates,
     to_scaled_int,
 )
 from pricer.quotes import PricedBatch, TickerRate, new_batch_id
@@ -62,12 +59,6 @@ def fee_schedule_view(client: Client) -> FeeScheduleView:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class PricingOutcome:
-    batch: PricedBatch
-    unknown_rows: list[int]  # rows (of those given) whose ticker is unknown; not priced
-
-
 # The rate and request row of every single quote: row 0, rate 0. Shared and read-only, so that no
 # holder of one batch can change another's.
 _ROW_ZERO = np.zeros(1, dtype=np.int64)
@@ -102,10 +93,6 @@ class Quoter:
             )
         return cached
 
-    async def unknown_tickers(self, tickers: Sequence[str]) -> set[str]:
-        rates = await self._market.ticker_rates(tickers, dt.datetime.now(dt.UTC))
-        return {ticker for ticker, rate in zip(tickers, rates, strict=True) if rate is None}
-
     async def batch_rates(
         self, tickers: Sequence[str], now: dt.datetime
     ) -> tuple[list[TickerRate | None], float]:
@@ -125,93 +112,6 @@ class Quoter:
             # Rows per rate by counting (a few ms for 10^6 rows; np.isin sorted them: 50 ms on the loop).
             per_rate = np.bincount(batch.rate_index, minlength=len(batch.rates))
             metrics.fallback_usage += int(per_rate[fallback_slots].sum())
-
-    async def price(
-        self,
-        terms: ClientTerms,
-        *,
-        tickers: Sequence[str],
-        position_cents: Int64Array,
-        loan_days: Int64Array,
-        input_index: Int64Array,
-        key_id: str | None,
-        request_id: str,
-        now: dt.datetime,
-        admit: Callable[[int], Awaitable[None]] | None = None,
-    ) -> PricingOutcome:
-        """Price rows of normalised tickers; rows with unknown tickers are left out and reported.
-
-        `admit(count)` runs once the rows to price are known and before they are priced (the batch
-        endpoint draws them from the positions bucket there; it raises to refuse)."""
-        if len(tickers) == 1:
-            row_slot = np.zeros(1, dtype=np.int64)
-            unique = list(tickers)
-        else:
-            slot: dict[str, int] = {}
-            row_slot = np.fromiter(
-                (slot.setdefault(ticker, len(slot)) for ticker in tickers), dtype=np.int64, count=len(tickers)
-            )
-            unique = list(slot)
-        tracing = self._tracing
-        started = time.perf_counter()
-        with tracing.span("market_data", {"tickers": len(unique)}):
-            found = await self._market.ticker_rates(unique, now)
-        market_seconds = time.perf_counter() - started
-        known_rates: list[TickerRate]
-        unknown_rows: list[int] = []
-        if None not in found:
-            # Every ticker is known (the usual case, and every priced single quote): slots are rate rows.
-            known_rates = cast(list[TickerRate], found)
-            rate_index = row_slot
-        else:
-            known_rates = []
-            remap = np.full(len(unique), -1, dtype=np.int64)
-            for position, rate in enumerate(found):
-                if rate is not None:
-                    remap[position] = len(known_rates)
-                    known_rates.append(rate)
-            rate_index = remap[row_slot]
-            priced = rate_index >= 0
-            unknown_rows = np.flatnonzero(~priced).tolist()
-        if admit is not None:
-            await admit(len(tickers) - len(unknown_rows))
-        if unknown_rows:
-            rate_index = rate_index[priced]
-            position_cents = position_cents[priced]
-            loan_days = loan_days[priced]
-            input_index = input_index[priced]
-        pricing_started = time.perf_counter()
-        rows = int(position_cents.shape[0])
-        with tracing.span("pricing", {"positions": rows}):
-            rate_units = np.array([rate.rate_units for rate in known_rates], dtype=np.int64)
-            if len(known_rates) > 1 or rate_index.shape[0] > 1:
-                rate_units = rate_units[rate_index]
-            fees = price_locates(position_cents, loan_days, rate_units, terms.terms)
-        finished = time.perf_counter()
-        metrics = self._metrics
-        metrics.calculations["batch"] += rows
-        metrics.observe_calculation(market_seconds + finished - pricing_started)
-        fallback_slots = [slot for slot, rate in enumerate(known_rates) if rate.source is RateSource.FALLBACK]
-        if fallback_slots:
-            metrics.fallback_usage += int(np.isin(rate_index, fallback_slots).sum())
-        batch = PricedBatch(
-            batch_id=new_batch_id(),
-            calculated_at=now,
-            request_id=request_id,
-            client_id=terms.client.client_id,
-            key_id=key_id,
-            fee_schedule=terms.view,
-            rates=known_rates,
-            rate_index=rate_index,
-            input_index=input_index,
-            position_cents=position_cents,
-            loan_days=loan_days,
-            borrow_cost=fees.borrow_cost,
-            markup=fees.markup,
-            transaction_fees=fees.transaction_fees,
-            total_fee=fees.total_fee,
-        )
-        return PricingOutcome(batch=batch, unknown_rows=unknown_rows)
 
     async def price_single(
         self,
