@@ -8,9 +8,11 @@ tickers, random values (whole and odd cents) and random days. Each body is sent 
 time, from this process (pinned to CPU 1) over one HTTP/1.1 connection; per format, medians of:
 
 - round trip: from the first byte sent to the last byte of the answer read (wall clock);
-- server CPU: the engine process's utime + stime over the request (/proc/<pid>/stat), all its threads;
-- peak RSS: the engine's largest VmRSS sampled every 5 ms during the request; each format runs on a fresh
-  engine (with the file loaded), so that an earlier format's high-water mark is not counted.
+- server CPU: utime + stime over the request (/proc/<pid>/stat) of the engine process and its batch
+  worker processes (a large batch is decoded, priced and encoded in a worker), all their threads;
+- peak RSS: the largest sum of VmRSS of the engine and its batch workers, sampled every 5 ms during the
+  request; each format runs on a fresh engine (with the file loaded), so that an earlier format's
+  high-water mark is not counted.
 
 The floor beside them is msgspec's own work on the same bodies, measured in this process (CPU time): the
 request decoded (untyped) plus the response encoded (from the objects msgspec decodes it into). The
@@ -33,6 +35,7 @@ from typing import Any
 import msgspec
 
 from bench_http import ROOT, Server, make_target
+from bench_mixed import cpu_seconds, rss_mb, tree
 
 DATA_FILE = ROOT.parent / "shared" / "data" / "ibkr_usa_2022-08-06.txt"
 TICKERS = 5_000
@@ -114,17 +117,18 @@ def upload_availability(server: Server, admin_key: str) -> dict[str, Any]:
 
 
 class RssSampler:
-    """The largest VmRSS of a process, sampled every 5 ms in a thread while it runs."""
+    """The largest VmRSS of the server and its batch workers together (the replica), sampled every 5 ms in
+    a thread while it runs."""
 
     def __init__(self, pid: int) -> None:
-        self._path = Path(f"/proc/{pid}/status")
+        self._pid = pid
         self.peak_kb = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, status_kb(self._path, "VmRSS") or 0)
+            self.peak_kb = max(self.peak_kb, int(rss_mb(self._pid) * 1024))
             self._stop.wait(0.005)
 
     def __enter__(self) -> RssSampler:
@@ -136,22 +140,13 @@ class RssSampler:
         self._thread.join()
 
 
-def status_kb(path: Path, field: str) -> int | None:
-    try:
-        for line in path.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def send(server: Server, body: bytes, media: str) -> tuple[float, float, float, bytes, int]:
     """(round trip s, server CPU s, peak RSS MB, response body, status) of one batch."""
     host, port = server.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=600)
     connection.connect()
-    cpu_before = server.cpu_seconds()
+    # The replica's CPU: the server and its batch worker processes (large batches are priced there).
+    cpu_before = cpu_seconds(tree(server.process.pid))
     with RssSampler(server.process.pid) as sampler:
         started = time.perf_counter()
         connection.request(
@@ -163,7 +158,7 @@ def send(server: Server, body: bytes, media: str) -> tuple[float, float, float, 
         response = connection.getresponse()
         answer = response.read()
         elapsed = time.perf_counter() - started
-    cpu = server.cpu_seconds() - cpu_before
+    cpu = cpu_seconds(tree(server.process.pid)) - cpu_before
     connection.close()
     return elapsed, cpu, sampler.peak_kb / 1024, answer, response.status
 
@@ -243,7 +238,7 @@ def run_million(
         try:
             loaded = upload_availability(server, admin_key)
             send(server, warm_up[name], media)
-            idle_mb = (status_kb(Path(f"/proc/{server.process.pid}/status"), "VmRSS") or 0) / 1024
+            idle_mb = rss_mb(server.process.pid)
             spy = None
             if py_spy is not None and profile_path is not None and name == "row JSON":
                 spy = start_profile(py_spy, server.process.pid, profile_path)
