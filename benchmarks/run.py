@@ -223,29 +223,28 @@ def targets_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
 # these 2-core machines (from the profiles in the latency section and the measurements behind them). Shown
 # only for targets that the run at hand reports as MISS.
 MISS_ANALYSIS: dict[str, str] = {
-    "req/s engine / FastAPI baseline": (
-        "The engine spends about 120-140 µs of server CPU per quote where the raw-ASGI ceiling spends "
-        "about 31 µs and the FastAPI baseline about 265 µs (issue 13's work took it from about 100-200 µs: "
-        "one admission step, one request edge instead of six middlewares, single quotes priced on Python "
-        "ints, one socket write per response, no HMAC for a key presented again). The profile section "
-        "shows where the rest goes: uvicorn's protocol and the socket write ~38 % (the write of one "
-        "response alone ~19 %: on loopback it runs the kernel's TCP path and wakes the client), uvloop "
-        "~10 %, and the engine's own steps a few µs each (decode and validation, the quoter, JSON, the "
-        "response headers, the limiter, the quote record, the memory store). What would close it: fewer "
-        "Python steps per request across the board (each is now 2-9 µs), a leaner HTTP protocol than "
-        "uvicorn's httptools cycle, and fewer response headers. More worker processes (WORKERS) add "
-        "throughput but not throughput per core, which is what this ratio measures."
-    ),
+    # The production shape first: its row's name also holds "req/s engine / FastAPI baseline".
     "Redis limiter + PostgreSQL": (
         "The production shape adds to the embedded engine's CPU per quote its Redis and PostgreSQL "
         "clients' work: the limiter's script calls (leases make most decisions local to the process, for "
         "clients whose burst allows a lease), the audit writer's statements on the event loop, and Redis's "
-        "and PostgreSQL's own processes sharing the two cores. What would close it: the embedded path's "
-        "savings first (see above), then the audit writer off the event loop."
+        "and PostgreSQL's own processes sharing the two cores (the backends server's CPU reads 85-90 %: "
+        "the rest of the core goes to them). What would close it: the audit writer in a process of its "
+        "own, and a Redis path that costs no round trip per request when requests do not overlap."
+    ),
+    "req/s engine / FastAPI baseline": (
+        "The engine spends about 70-100 µs of server CPU per quote where the raw-ASGI ceiling spends "
+        "about 31 µs and the FastAPI baseline about 240-265 µs (issue 13's work: one admission step, one "
+        "request edge, single quotes on Python ints, responses held to the end of their event-loop turn "
+        "and written together, uvicorn's response checks done in C). The profile section shows where the "
+        "rest goes: uvicorn's protocol and socket writes ~29 %, uvloop ~15 %, the engine's own steps a "
+        "few µs each. More worker processes (WORKERS) add throughput but not throughput per core, which "
+        "is what this ratio measures."
     ),
     "raw-ASGI ceiling": (
-        "Same cause as the FastAPI ratio: the ceiling does no authentication, limiting, pricing, "
-        "auditing or metrics; the engine's own code is about three quarters of its time per request."
+        "The engine spends about 70-100 µs of server CPU per quote against the ceiling's ~31 µs: the "
+        "ceiling does no authentication, limiting, pricing, auditing or metrics. The profile section "
+        "shows the rest spread over a few µs per step (admission, rate limit, decode, JSON, the quoter)."
     ),
     "p99 at half capacity": (
         "At half of its capacity in requests per second the engine is busier than half in CPU (each "
@@ -263,6 +262,38 @@ MISS_ANALYSIS: dict[str, str] = {
         "work is off the request path but not off the core), or single quotes priced together per "
         "event-loop turn (one batch, one set of columns)."
     ),
+    "msgspec floor": (
+        "With the batch pool the body goes to a tmpfs file, a worker decodes, prices and encodes, and the "
+        "answer comes back through another file: each pass over 60-250 MB costs about 0.1-0.3 s beside "
+        "the floor's 0.9 s. In process (BATCH_WORKERS=0) the same steps measured 1.6-2.0x the floor. What "
+        "would close it: the answer streamed from the worker through a pipe instead of a file, and the "
+        "body handed to the worker as it arrives."
+    ),
+    "columnar msgpack batch: round trip": (
+        "The floor is 0.13 s; the pool's passes through tmpfs (16 MB in, 55 MB out) and the priced "
+        "columns mapped back for the audit record cost more than the pricing. Pricing it inline would "
+        "hold the event loop for over 100 ms, so that is no way out. What would close it: the body "
+        "handed to the worker through a pipe as it arrives, and the answer streamed back the same way."
+    ),
+    "during 10^6 batches": (
+        "The main process is busy only about 18 % of the time during the batches, so the tail is a few "
+        "stalls per batch, not a busy loop: candidates are the memory quote store freeing an evicted "
+        "10^6-row batch, the first computation of 5,000 tickers' rates, and the worker (nice 10) taking "
+        "the core the loop wants on a 2-core machine. What would close it: a per-stall profile "
+        "(py-spy with --idle at the stall times), then moving what it shows off the loop."
+    ),
+    "p99 added by the hop": (
+        "At half of the split's capacity three engine processes, PostgreSQL, Redis and wrk share two "
+        "cores: the hop adds 0.26 ms at p50 and 0.31 ms at p99 one request at a time, but under load "
+        "the tail is queueing behind the CPU. The calculation service spends about 140 µs per quote "
+        "against the all-in-one engine's 94 µs (it checks the internal credential and the body again). "
+        "What would close it: the calculation service's own path as lean as the single-quote path."
+    ),
+    "providers warm / files only": (
+        "Rounds vary: in one run three of five rounds read 0.91-0.93 while the files-only engine stayed "
+        "within 4 %; a second run of 7 rounds read 0.981 (REPORT's hand-written part). The throughput "
+        "phase quotes three tickers, so the refresher's work is small; the slow rounds are not explained."
+    ),
     "10^5-position batch": (
         "PostgreSQL-bound: the rows go by binary COPY into the narrow `quote_rows` table (migration 002), "
         "cut in two parts on two connections; what is left is the heap insert, one uuid B-tree and WAL. "
@@ -278,9 +309,12 @@ def miss_analysis(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
         if target.get("verdict") != "MISS":
             continue
         for key, text in MISS_ANALYSIS.items():
-            if key in str(target.get("name", "")) and key not in shown:
-                shown.add(key)
-                lines.append(f"- **{target['name']}**: {text}")
+            if key in str(target.get("name", "")):
+                # The first key a target's name holds is its analysis (the dict is ordered for that).
+                if key not in shown:
+                    shown.add(key)
+                    lines.append(f"- **{target['name']}**: {text}")
+                break
     if not lines:
         return []
     return ["## Misses: where the time goes and what would close them", "", *lines, ""]
