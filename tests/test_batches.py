@@ -25,11 +25,10 @@ from pricer.batches import (
     merge_errors,
     price_decoded,
 )
-from pricer.endpoints.views import batch_response
 from pricer.errors import InvalidParameter
 from pricer.models import BorrowStatus, FeeType, RateSource
-from pricer.quotes import TickerRate
-from pricer.schemas import FeeScheduleView
+from pricer.quotes import PricedBatch, TickerRate
+from pricer.schemas import BatchQuote, BatchResponse, Breakdown, FeeScheduleView, RowError
 from pricer.validation import JSON, MSGPACK
 from tests.conftest import Engine
 from tests.test_api_quotes import BATCH, assert_quote_reproducible, current_rates, expected_fees
@@ -65,6 +64,53 @@ def ticker_rate(ticker: str, rate_units: int) -> TickerRate:
         source=RateSource.AVAILABILITY_FILE,
         available_shares=None,
         as_of=NOW,
+    )
+
+
+# The reference the column-wise encoder is checked against: the row-form response as msgspec Structs (what
+# the endpoint answered before pricer.batches wrote its text column-wise).
+def batch_quotes(batch: PricedBatch) -> list[BatchQuote]:
+    """The `quotes` list of a batch response, built column-wise (no per-row Python arithmetic)."""
+    tickers = [rate.ticker for rate in batch.rates]
+    rates = [rate.rate for rate in batch.rates]
+    return [
+        BatchQuote(
+            index=index,
+            quote_id=quote_id,
+            ticker=tickers[which],
+            position_value=position,
+            loan_days=days,
+            total_fee=total,
+            breakdown=Breakdown(borrow_cost=cost, markup=markup, transaction_fees=fees),
+            borrow_rate_used=rates[which],
+        )
+        for index, quote_id, which, position, days, total, cost, markup, fees in zip(
+            batch.input_index.tolist(),
+            batch.quote_ids(),
+            batch.rate_index.tolist(),
+            (batch.position_cents / 100).tolist(),
+            batch.loan_days.tolist(),
+            (batch.total_fee / 100).tolist(),
+            (batch.borrow_cost / 100).tolist(),
+            (batch.markup / 100).tolist(),
+            (batch.transaction_fees / 100).tolist(),
+            strict=True,
+        )
+    ]
+
+
+def batch_response(
+    batch: PricedBatch, *, fee_schedule: FeeScheduleView, count: int, errors: list[RowError]
+) -> BatchResponse:
+    """The body of a batch: its priced rows and the errors of the `count` rows asked for."""
+    return BatchResponse(
+        client_id=batch.client_id,
+        fee_schedule=fee_schedule,
+        calculated_at=batch.calculated_at,
+        count=count,
+        priced=batch.size,
+        quotes=batch_quotes(batch),
+        errors=errors,
     )
 
 

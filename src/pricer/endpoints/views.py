@@ -7,14 +7,10 @@ from pricer.models import RateSource
 from pricer.pricing.core import RATE_SCALE
 from pricer.quotes import PricedBatch, PricedQuote, TickerRate
 from pricer.schemas import (
-    BatchQuote,
-    BatchResponse,
     Breakdown,
-    FeeScheduleView,
     QuoteResponse,
     RateComponents,
     RateResponse,
-    RowError,
 )
 
 # The rate components of the TickerRates in use, by object: the market data cache hands out one TickerRate
@@ -91,49 +87,4 @@ def quote_response(quote: PricedQuote | PricedBatch) -> QuoteResponse:
         borrow_rate_used=rate.rate,
         rate=rate_components(rate),
         calculated_at=batch.calculated_at,
-    )
-
-
-def batch_quotes(batch: PricedBatch) -> list[BatchQuote]:
-    """The `quotes` list of a batch response, built column-wise (no per-row Python arithmetic)."""
-    tickers = [rate.ticker for rate in batch.rates]
-    rates = [rate.rate for rate in batch.rates]
-    return [
-        BatchQuote(
-            index=index,
-            quote_id=quote_id,
-            ticker=tickers[which],
-            position_value=position,
-            loan_days=days,
-            total_fee=total,
-            breakdown=Breakdown(borrow_cost=cost, markup=markup, transaction_fees=fees),
-            borrow_rate_used=rates[which],
-        )
-        for index, quote_id, which, position, days, total, cost, markup, fees in zip(
-            batch.input_index.tolist(),
-            batch.quote_ids(),
-            batch.rate_index.tolist(),
-            (batch.position_cents / 100).tolist(),
-            batch.loan_days.tolist(),
-            (batch.total_fee / 100).tolist(),
-            (batch.borrow_cost / 100).tolist(),
-            (batch.markup / 100).tolist(),
-            (batch.transaction_fees / 100).tolist(),
-            strict=True,
-        )
-    ]
-
-
-def batch_response(
-    batch: PricedBatch, *, fee_schedule: FeeScheduleView, count: int, errors: list[RowError]
-) -> BatchResponse:
-    """The body of a batch: its priced rows and the errors of the `count` rows asked for."""
-    return BatchResponse(
-        client_id=batch.client_id,
-        fee_schedule=fee_schedule,
-        calculated_at=batch.calculated_at,
-        count=count,
-        priced=batch.size,
-        quotes=batch_quotes(batch),
-        errors=errors,
     )
