@@ -44,7 +44,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pricer.batch_process import StreamedFileResponse, WorkerDied, WorkerProcess, unlink, unlink_later
+from pricer.batch_process import StreamedFileResponse, WorkerDied, WorkerProcess
 from pricer.batch_worker import (
     ERRORS_SHOWN,
     decode_errors,
@@ -56,7 +56,8 @@ from pricer.batches import DecodedBatch, decode_batch
 from pricer.endpoints.common import PartsResponse
 from pricer.errors import PricerError, ServiceUnavailable
 from pricer.logs import fields
-from pricer.quotes import ROW_COLUMNS, PricedBatch, TickerRate
+from pricer.quotes import ROW_COLUMNS, PricedBatch, TickerRate, fallback_rows
+from pricer.releaser import unlink, unlink_later
 from pricer.schemas import RowError
 
 log = logging.getLogger("pricer.batches")
@@ -89,6 +90,7 @@ class PricedOutcome:
     errors: list[RowError]  # the first of them, by index
     response: Response | None  # None: not encoded (an atomic batch with a row in error)
     pricing_seconds: float
+    fallback_rows: int  # rows priced at a fallback rate (for the metrics)
 
 
 class BatchPool:
@@ -395,7 +397,9 @@ class InlineJob(BatchJob):
         arguments = {"price": price, "encode": encode, "encode_with_errors": encode_with_errors}
         batch, errors, body, seconds = price_and_encode(self._decoded, arguments)
         response = None if body is None else PartsResponse(body, content_type)
-        return PricedOutcome(batch, len(errors), errors[:ERRORS_SHOWN], response, seconds)
+        return PricedOutcome(
+            batch, len(errors), errors[:ERRORS_SHOWN], response, seconds, fallback_rows(batch)
+        )
 
     def close(self) -> None:
         pass
@@ -442,10 +446,10 @@ class PooledJob(BatchJob):
             unlink(arrays)
             unlink(body)
             raise _reply_error(reply)
-        _, header, error_count, errors, body_size, seconds = reply
+        _, header, error_count, errors, body_size, seconds, fallback = reply
         batch = pool.map_batch(header, rates, arrays)
         response = None if body_size is None else StreamedFileResponse.of(body, body_size, content_type)
-        return PricedOutcome(batch, error_count, decode_errors(errors), response, seconds)
+        return PricedOutcome(batch, error_count, decode_errors(errors), response, seconds, fallback)
 
     def close(self) -> None:
         worker, self._worker = self._worker, None

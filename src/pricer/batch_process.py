@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -17,32 +16,9 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-RESPONSE_CHUNK_BYTES = 256 << 10  # per loop turn: a few hundred µs of socket work
+from pricer.releaser import close_later, unlink
 
-
-def unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-# Freeing a large tmpfs file (unlinking it, or closing the last descriptor of an unlinked one) frees its
-# pages in the system call: 10^6 rows' response (250 MB) took tens of milliseconds. Done on this thread,
-# never on the event loop.
-_RELEASER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-files")
-
-
-def unlink_later(path: Path) -> None:
-    try:
-        _RELEASER.submit(unlink, path)
-    except RuntimeError:  # the interpreter is exiting
-        unlink(path)
-
-
-def close_later(fd: int) -> None:
-    try:
-        _RELEASER.submit(os.close, fd)
-    except RuntimeError:  # the interpreter is exiting
-        os.close(fd)
+RESPONSE_CHUNK_BYTES = 256 << 10  # per loop turn: about a hundred µs of copying and socket work
 
 
 class WorkerDied(Exception):
@@ -73,7 +49,10 @@ class WorkerProcess:
         self.reaped = False
 
     async def call(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        self.send(message)
+        # Sent from a thread: a message over the pipe's 64 KiB (a batch's rates: hundreds of KB for 5,000
+        # tickers) blocks the writer until the worker has read it, and the worker runs niced (10-18 ms
+        # of the loop's time measured when it was sent from the loop).
+        await asyncio.to_thread(self.send, message)
         try:
             reply: tuple[Any, ...] = await asyncio.to_thread(self.replies.recv)
         except (EOFError, OSError) as error:
@@ -144,6 +123,10 @@ class StreamedFileResponse(Response):
                     raise OSError(f"batch response file ended at {offset} of {self._size} bytes")
                 offset += len(data)
                 await send({"type": "http.response.body", "body": data, "more_body": offset < self._size})
+                # The server's `send` returns without a loop turn while the socket takes the data (a
+                # client reading as fast as loopback goes): without this, tens of chunks went in one
+                # turn (50-120 ms of the loop measured during 10^6-row batches).
+                await asyncio.sleep(0)
         finally:
             self.close()
 
@@ -156,12 +139,4 @@ class StreamedFileResponse(Response):
         self.close()
 
 
-__all__ = [
-    "RESPONSE_CHUNK_BYTES",
-    "StreamedFileResponse",
-    "WorkerDied",
-    "WorkerProcess",
-    "close_later",
-    "unlink",
-    "unlink_later",
-]
+__all__ = ["RESPONSE_CHUNK_BYTES", "StreamedFileResponse", "WorkerDied", "WorkerProcess"]

@@ -30,7 +30,7 @@ import numpy as np
 
 from pricer.batches import DecodedBatch, decode_batch, encode_batch_parts, merge_errors, price_decoded
 from pricer.errors import PricerError
-from pricer.quotes import ROW_COLUMNS, PricedBatch, TickerRate
+from pricer.quotes import ROW_COLUMNS, PricedBatch, TickerRate, fallback_rows
 from pricer.schemas import RowError
 
 # How many row errors travel back to the main process (an atomic batch's 400 lists at most this many).
@@ -168,7 +168,8 @@ class Worker:
             body_size = None if body is None else write_file(body_path, body)
             del body, outcome
             header = priced_header(batch, rates)
-            return ("priced", header, len(errors), encode_errors(errors), body_size, seconds)
+            fallback = fallback_rows(batch)
+            return ("priced", header, len(errors), encode_errors(errors), body_size, seconds, fallback)
         if kind == "drop":
             self.decoded = None
             return None

@@ -120,7 +120,8 @@ class QuoteEndpoints:
                     # An atomic batch with an invalid row is refused: its response is not encoded.
                     encode_with_errors=not atomic,
                 )
-        self._quoter.record_batch(outcome.batch, market_seconds + outcome.pricing_seconds)
+        seconds = market_seconds + outcome.pricing_seconds
+        self._quoter.record_batch(outcome.batch, seconds, fallback=outcome.fallback_rows)
         if atomic and outcome.error_count:
             # Every invalid row listed, unknown tickers included (market data was asked once for all).
             raise _atomic_failure(outcome.errors, outcome.error_count)

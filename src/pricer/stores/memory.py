@@ -26,6 +26,7 @@ from pricer.quotes import (
     batch_from_columns,
     split_quote_id,
 )
+from pricer.releaser import drop_later
 from pricer.stores.protocols import Stores
 
 
@@ -228,8 +229,14 @@ class MemoryQuoteStore:
         )
         segment.rows += size
         self._rows += size
+        evicted: list[_Segment] = []
         while self._rows > self._max_rows and len(self._segments) > 1:
-            self._rows -= self._segments.popleft().rows
+            evicted.append(self._segments.popleft())
+            self._rows -= evicted[-1].rows
+        if evicted:
+            # Freed off the loop: a 10^6-row batch's columns map a file of the batch pool, and unmapping
+            # it (the last reference) frees its pages: 10-25 ms of the loop when done here.
+            drop_later(evicted)
 
     async def get(self, quote_id: str) -> PricedQuote | None:
         where = split_quote_id(quote_id)
