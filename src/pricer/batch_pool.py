@@ -221,6 +221,9 @@ class BatchPool:
                         chunks.clear()
                 else:
                     _write_all(fd, chunk)
+                    # The server hands over what it has buffered without a loop turn: without this, a
+                    # 10^6-row body's chunks went to the file tens at a time (10-25 ms of the loop).
+                    await asyncio.sleep(0)
         except BaseException:
             if path is not None:
                 unlink(path)

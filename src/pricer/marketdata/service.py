@@ -10,6 +10,7 @@ demand (`LiveHooks.cold_fetch`, bounded by SOURCE_COLD_FETCH_MS) before its rate
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -69,6 +70,10 @@ def event_risk(events: Sequence[MarketEvent], today: dt.date) -> int:
 def rate_units_of(value: float) -> int:
     """A rate with at most 8 decimals (validated upstream) in exact 1e-8 units."""
     return int(Decimal(repr(value)).scaleb(RATE_PLACES))
+
+
+# Rows of `_compute` per loop turn: a few ms of Python each.
+_ROWS_PER_TURN = 500
 
 
 class LiveHooks(Protocol):
@@ -258,6 +263,9 @@ class MarketData:
         return found
 
     async def _compute(self, tickers: Sequence[str], now: dt.datetime) -> list[TickerRate | None]:
+        """The rates of `tickers` from one read of the stores. A batch over every ticker of the file (5,000)
+        held the loop for 50-70 ms here: the rows are built a few hundred per loop turn (after the reads,
+        so that the whole batch still sees one snapshot)."""
         stores = self._stores
         book = self._book
         live = self.live
@@ -294,6 +302,8 @@ class MarketData:
         available: list[int | None] = []
         as_of: list[dt.datetime] = []
         for row, ticker in enumerate(known):
+            if row and not row % _ROWS_PER_TURN:
+                await asyncio.sleep(0)
             stock: Stock | None = stocks.get(ticker)
             if stock is not None:
                 stock_min[row] = rate_units_of(stock.min_borrow_rate)
@@ -340,8 +350,11 @@ class MarketData:
         statuses = priced.status.tolist()
         bases = base.tolist()
         risks = risk.tolist()
-        by_ticker = {
-            ticker: TickerRate(
+        by_ticker: dict[str, TickerRate] = {}
+        for row, ticker in enumerate(known):
+            if row and not row % _ROWS_PER_TURN:
+                await asyncio.sleep(0)
+            by_ticker[ticker] = TickerRate(
                 ticker=ticker,
                 rate_units=rate_units[row],
                 base_rate=bases[row],
@@ -355,8 +368,6 @@ class MarketData:
                 available_shares=available[row],
                 as_of=as_of[row],
             )
-            for row, ticker in enumerate(known)
-        }
         return [by_ticker.get(ticker) for ticker in tickers]
 
 
