@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import os
 import signal
 import sys
@@ -55,33 +56,33 @@ def decode_errors(data: bytes) -> list[RowError]:
     return _errors_decoder.decode(data)
 
 
-# glibc's M_MMAP_THRESHOLD: blocks from this size are mapped on their own and unmapped when freed.
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
 def _release_memory() -> Callable[[], None]:
     """glibc keeps freed heap memory (a 10^6-row batch's objects) in its arenas; giving it back after each
-    batch keeps the worker's RSS at its idle size between batches. Blocks of 1 MiB and more (a response's
-    parts, NumPy columns) are mapped on their own, so that each is given back as soon as it is freed (glibc
-    raises that threshold as large blocks come and go: a written response part then stayed in the heap,
-    and the response was held twice, in the worker and in its file)."""
+    batch keeps the worker's RSS at its idle size between batches, and giving it back while a response is
+    written (`write_file`) keeps the response from being held twice, in the worker and in its file.
+
+    glibc's own thresholds are kept: blocks of 1 MiB and more mapped each on its own (M_MMAP_THRESHOLD)
+    gave each back as it was freed, but every NumPy temporary of a batch (8 MB per column) was then a
+    fresh mapping to fault in and unmap: a third of a columnar batch's pricing and encoding time."""
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     trim = getattr(libc, "malloc_trim", None)
     if trim is None:
         return lambda: None
     return lambda: trim(0) and None
 
 
-def write_file(path: str, parts: list[Any]) -> int:
-    """Write buffers to a new file (refusing an existing one), letting go of each once written (a 10^6-row
-    response is 250 MB: it is never held twice, in memory and in the file); return the bytes written."""
+# While a response is written, the memory of its written parts is given back every this many bytes.
+RELEASE_EVERY_BYTES = 8 << 20
+
+
+def write_file(path: str, parts: list[Any], release: Callable[[], None] | None = None) -> int:
+    """Write buffers to a new file (refusing an existing one), letting go of each once written and calling
+    `release` every `RELEASE_EVERY_BYTES` (a 10^6-row response is 250 MB: it is never held twice, in memory
+    and in the file); return the bytes written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     total = 0
+    unreleased = 0
     parts.reverse()
     try:
         while parts:
@@ -90,7 +91,12 @@ def write_file(path: str, parts: list[Any]) -> int:
                 written = 0
                 while written < len(data):
                     written += os.write(fd, data[written:])
-                total += written
+            del part
+            total += written
+            unreleased += written
+            if release is not None and unreleased >= RELEASE_EVERY_BYTES:
+                release()
+                unreleased = 0
     finally:
         os.close(fd)
     return total
@@ -165,7 +171,7 @@ class Worker:
             outcome = price_and_encode(decoded, arguments)
             batch, errors, body, seconds = outcome
             write_file(arrays_path, [np.ascontiguousarray(getattr(batch, name)) for name in ROW_COLUMNS])
-            body_size = None if body is None else write_file(body_path, body)
+            body_size = None if body is None else write_file(body_path, body, self.release_memory)
             del body, outcome
             header = priced_header(batch, rates)
             fallback = fallback_rows(batch)
@@ -178,6 +184,10 @@ class Worker:
 
 def serve(requests: Connection, replies: Connection) -> None:
     worker = Worker()
+    # No cyclic garbage collection during a batch: a decoded batch holds lists of 10^6 items, which every
+    # full collection walks (about 10% of a columnar batch's time in the worker). What a batch leaves in
+    # cycles is collected once it is done, after the reply.
+    gc.disable()
     replies.send(("ready", os.getpid()))
     while True:
         try:
@@ -193,11 +203,13 @@ def serve(requests: Connection, replies: Connection) -> None:
         except Exception:
             worker.decoded = None
             reply = ("crash", traceback.format_exc())
-        finally:
-            if worker.decoded is None:
-                worker.release_memory()
         if reply is not None:
             replies.send(reply)
+        # After the reply: the batch's answer does not wait for the collection and the trim. Trimmed after
+        # the decode too: the decoder's 10^6 objects are freed by then, and the pricing's peak starts lower.
+        if worker.decoded is None:
+            gc.collect()
+        worker.release_memory()
 
 
 # Niceness of a worker: a batch is throughput work, the main process's event loop is latency work (single

@@ -318,13 +318,15 @@ def _finish(
 def _normalise(tickers_raw: Sequence[Any]) -> tuple[list[str], Int32Array]:
     """Distinct normalised tickers, and each row's index into them (-1: not a ticker); each distinct text
     is normalised once (a 10^6-row book names a few thousand tickers)."""
-    # Every loop over the rows runs in C (dict.fromkeys, map): a generator here costs more than the decode.
-    distinct = list(dict.fromkeys(tickers_raw))
-    slot = {raw: position for position, raw in enumerate(distinct)}
-    raw_index = np.fromiter(map(slot.__getitem__, tickers_raw), dtype=np.int32, count=len(tickers_raw))
+    # Every loop over the rows runs in C (map): a generator here costs more than the decode. One dict
+    # operation per row (each row's text is an object of its own, hashed once): every text is keyed by the
+    # first row that has it, and each row gets that row's number.
+    count = len(tickers_raw)
+    slot: dict[Any, int] = {}
+    raw_index = np.fromiter(map(slot.setdefault, tickers_raw, range(count)), dtype=np.int64, count=count)
     tickers: list[str] = []
     where: dict[str, int] = {}
-    remap = np.full(len(slot), -1, dtype=np.int32)
+    remap = np.full(count, -1, dtype=np.int32)
     for raw, position in slot.items():
         ticker = normalize_ticker(raw) if isinstance(raw, str) else None
         if ticker is not None:
