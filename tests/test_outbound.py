@@ -132,6 +132,11 @@ async def test_calls_reuse_pooled_keep_alive_connections_and_carry_bodies() -> N
         assert got.body == b"GET /prefix/x "
         # Sequential calls use one connection; concurrent ones at most max_connections.
         assert seen["connections"] == 1
+        # ...with Nagle off: a request written while the peer delays its ACK is not held 40 ms.
+        (pooled,) = client._idle
+        assert pooled.transport is not None
+        pooled_socket = pooled.transport.get_extra_info("socket")
+        assert pooled_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         replies = await asyncio.gather(
             *(client.request("GET", "/y", headers={"X-Delay": "0.05"}, timeout=5) for _ in range(16))
         )
