@@ -40,15 +40,15 @@ _FORWARDED = frozenset({b"content-type", b"content-encoding", b"accept"})
 # and CORS headers and, when it charged the request bucket, the RateLimit headers.
 _RELAYED = frozenset(
     {
-        "content-type",
-        "retry-after",
-        "www-authenticate",
-        "allow",
-        "ratelimit",
-        "ratelimit-policy",
-        "x-ratelimit-limit",
-        "x-ratelimit-remaining",
-        "x-ratelimit-reset",
+        b"content-type",
+        b"retry-after",
+        b"www-authenticate",
+        b"allow",
+        b"ratelimit",
+        b"ratelimit-policy",
+        b"x-ratelimit-limit",
+        b"x-ratelimit-remaining",
+        b"x-ratelimit-reset",
     }
 )
 errors_log = logging.getLogger("pricer.errors")
@@ -130,11 +130,7 @@ class Forwarder:
         if answer.status in (400, 429):
             self._log_refusal(scope, answer.status, answer.body)
         status = answer.status
-        relayed = [
-            (name.encode(), value.encode("latin-1"))
-            for name, value in answer.headers.items()
-            if name in _RELAYED
-        ]
+        relayed = [(name, value) for name, value in answer.raw_headers if name in _RELAYED]
         if not (status < 200 or status in (204, 304)):  # the statuses with a body, as Starlette's Response
             relayed.append((b"content-length", str(len(answer.body)).encode()))
         return RelayedResponse(answer.body, status, relayed)
