@@ -283,11 +283,21 @@ MISS_ANALYSIS: dict[str, str] = {
         "(py-spy with --idle at the stall times), then moving what it shows off the loop."
     ),
     "p99 added by the hop": (
-        "At half of the split's capacity three engine processes, PostgreSQL, Redis and wrk share two "
-        "cores: the hop adds 0.26 ms at p50 and 0.31 ms at p99 one request at a time, but under load "
-        "the tail is queueing behind the CPU. The calculation service spends about 140 µs per quote "
-        "against the all-in-one engine's 94 µs (it checks the internal credential and the body again). "
-        "What would close it: the calculation service's own path as lean as the single-quote path."
+        "The hop's own work is small: one request at a time the split adds about 0.2 ms at p50 (two more "
+        "socket reads and writes, the credential, the relay), and its CPU per hop was cut by about 12 % on "
+        "the gateway and 16 % on the calculation service (one HMAC from precomputed keyed states on each "
+        "side, headers relayed as received, no Starlette Response). The tail is CPU sharing: at the half "
+        "rate every request pays its own wake-ups (CPU per request in every process is 2-3x its capacity "
+        "figure), so with the three processes on one core that core ran ~70 % busy where all's ran ~30 %. "
+        "Loop turns were timed on each process at the half rate: turns over 1 ms are 0.02 % (gateway) to "
+        "0.1 % (calculation, all) of turns, mostly the audit writer's group-commit step (1-4 ms, in all as "
+        "well), too rare to make a p99; TCP_NODELAY is on for the pooled connections and each request and "
+        "answer is one write. The latency phases now run the backends on a core of their own, as deployed "
+        "(the calculation service requests a CPU of its own in ops/k8s). On a machine loaded by other "
+        "work (load average ~6, every p99 9-22 ms, so no figure of that run can show the 1 ms target), "
+        "in the rounds it did not swamp the split's p99 was 0.67-1.01x all's with the backends on their "
+        "own core and 1.04-3.2x with the three on one core. What would close it: this measured on the "
+        "quiet machine; fewer wake-ups per forwarded request."
     ),
     "providers warm / files only": (
         "Rounds vary: in one run three of five rounds read 0.91-0.93 while the files-only engine stayed "
@@ -973,7 +983,9 @@ def roles_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: 
     lines += [
         "Three processes (gateway, calculation service, data service) against ROLE=all, same run, same "
         "database and Redis, single quotes; medians over alternating rounds. The gateway's CPU per request "
-        "against all's is the split's throughput per gateway core as a share of all's.",
+        "against all's is the split's throughput per gateway core as a share of all's. The capacity phase "
+        "runs the three on one core; the latency rows run the calculation and data services on a core of "
+        "their own, as deployed (the one-core row is the shape the latency was first measured in).",
         "",
         str(doc.get("table", "")),
         "",
