@@ -25,8 +25,10 @@ deployed: a backend runs in a pod of its own, not on its gateway's CPU. With all
 request waits for the core twice more (gateway, service, gateway again) behind the other processes'
 turns, and at the half-capacity rate that core is about 70 % busy where the all-in-one engine's is about
 30 % (CPU per request at that rate is 2-3x the capacity figure: every request pays its own wake-ups), so
-the p99 difference measured the sharing of one core, not the hop. That one-core p99 is still measured and
-shown ("split, one core"); the target compares the deployed shape. --backend-cpu same keeps the old method.
+the p99 difference measured mostly the sharing of one core, not the hop. That one-core p99 is still
+measured and shown ("split, one core"); the target compares the deployed shape. The generator shares
+--backend-cpu with the services (a C program on epoll: light beside them).
+--backend-cpu same keeps the old method.
 """
 
 from __future__ import annotations
