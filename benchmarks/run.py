@@ -298,11 +298,25 @@ MISS_ANALYSIS: dict[str, str] = {
         "market-data load, and a core the loop does not share."
     ),
     "p99 added by the hop": (
-        "At half of the split's capacity three engine processes, PostgreSQL, Redis and wrk share two "
-        "cores: the hop adds 0.26 ms at p50 and 0.31 ms at p99 one request at a time, but under load "
-        "the tail is queueing behind the CPU. The calculation service spends about 140 µs per quote "
-        "against the all-in-one engine's 94 µs (it checks the internal credential and the body again). "
-        "What would close it: the calculation service's own path as lean as the single-quote path."
+        "The hop's own work is small: one request at a time the split adds about 0.2-0.35 ms at p50 (two "
+        "more socket reads and writes and wake-ups, the credential, the relay). Its Python part was cut "
+        "(the credential: one HMAC from precomputed keyed states, 5.5 -> 2.3 µs to verify and 3.0 -> 2.6 "
+        "µs to sign; headers relayed as received, no Starlette Response); what is left on each side is "
+        "mostly the event loop and the socket writes (about half of the gateway's and the calculation "
+        "service's samples). At capacity the calculation service spent 1.0-1.2x all's CPU per quote in "
+        "this session's runs (main's code 0.95-1.3x: the earlier 140 vs 94 µs was not reproduced). The "
+        "tail is CPU sharing: at the half rate every request pays its "
+        "own wake-ups (CPU per request in every process is 2-3x its capacity figure), so the three "
+        "processes on one core ran it ~70 % busy where all's ran ~30 %. Loop turns timed on each process "
+        "at the half rate: turns over 1 ms are 0.02 % (gateway) to 0.1 % (calculation, all) of turns, "
+        "most of them a task woken by a timer or event (likely the audit writer's group commit, 1-4 ms, "
+        "in all as well): too rare to make a p99. "
+        "TCP_NODELAY is on for the pooled connections (now set explicitly) and each request and answer is "
+        "one write. The latency phases now run the backends on a core of their own, as deployed (the "
+        "calculation service requests a CPU of its own in ops/k8s). This session's runs were on a machine "
+        "loaded by other work (load average 5-8): p99s of 5 ms to seconds in both shapes, so none of them "
+        "can show the 1 ms target either way. What would close it: this measured on the quiet machine; "
+        "fewer wake-ups per forwarded request."
     ),
     "providers warm / files only": (
         "Rounds vary: in one run three of five rounds read 0.91-0.93 while the files-only engine stayed "
@@ -988,7 +1002,9 @@ def roles_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: 
     lines += [
         "Three processes (gateway, calculation service, data service) against ROLE=all, same run, same "
         "database and Redis, single quotes; medians over alternating rounds. The gateway's CPU per request "
-        "against all's is the split's throughput per gateway core as a share of all's.",
+        "against all's is the split's throughput per gateway core as a share of all's. The capacity phase "
+        "runs the three on one core; the latency rows run the calculation and data services on a core of "
+        "their own, as deployed (the one-core row is the shape the latency was first measured in).",
         "",
         str(doc.get("table", "")),
         "",

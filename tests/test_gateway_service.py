@@ -9,6 +9,8 @@ a POST whose request may have arrived never; a timeout never. The breaker counts
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import socket
 import time
 
@@ -277,6 +279,20 @@ def test_a_credential_states_the_principal_for_its_request_only() -> None:
     assert credentials.verify(anonymous, "req-3") is None
 
 
+def test_the_credential_mac_is_hmac_sha256_of_the_secret() -> None:
+    # A gateway and a backend of different versions sign and check the same bytes; the MAC is built from
+    # precomputed keyed states, so it is compared with the standard library's for short and long secrets.
+    for secret in ("s" * 32, "a much longer secret than one SHA-256 block of sixty-four bytes, so hashed"):
+        credentials = InternalCredentials(secret)
+        for payload in (b"", b"x", b"payload" * 40):
+            assert credentials.mac(payload) == hmac.digest(secret.encode(), payload, "sha256")
+    credentials = InternalCredentials("s" * 32)
+    header = credentials.sign(PRINCIPAL, "req-1")
+    payload, signature = header.split(".")[1:]
+    expected = base64.urlsafe_b64encode(hmac.digest(b"s" * 32, payload.encode(), "sha256")).rstrip(b"=")
+    assert signature == expected.decode()
+
+
 def test_forged_tampered_expired_or_missing_credentials_are_refused() -> None:
     now = [1_000_000.0]
     credentials = InternalCredentials("s" * 32, clock=lambda: now[0])
@@ -294,6 +310,10 @@ def test_forged_tampered_expired_or_missing_credentials_are_refused() -> None:
     with pytest.raises(Unauthorized):
         credentials.verify(None, "req-1")
     assert credentials.verify(header.encode(), "req-1") == PRINCIPAL
+    # Its principal's parse is cached now; the signature is still checked on every call.
+    resigned = f"{version}.{payload}.{forged.split('.')[2]}"
+    with pytest.raises(Unauthorized):
+        credentials.verify(resigned.encode(), "req-1")
     now[0] += LIFETIME_SECONDS + 1
     with pytest.raises(Unauthorized):
         credentials.verify(header.encode(), "req-1")  # expired, though its check is cached

@@ -132,6 +132,11 @@ async def test_calls_reuse_pooled_keep_alive_connections_and_carry_bodies() -> N
         assert got.body == b"GET /prefix/x "
         # Sequential calls use one connection; concurrent ones at most max_connections.
         assert seen["connections"] == 1
+        # ...with Nagle off: a request written while the peer delays its ACK is not held 40 ms.
+        (pooled,) = client._idle
+        assert pooled.transport is not None
+        pooled_socket = pooled.transport.get_extra_info("socket")
+        assert pooled_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         replies = await asyncio.gather(
             *(client.request("GET", "/y", headers={"X-Delay": "0.05"}, timeout=5) for _ in range(16))
         )
@@ -233,7 +238,7 @@ async def test_redirects_are_answers_not_followed_and_chunked_and_close_delimite
     async def various(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await read_request(reader)
         if b"/redirect" in request:
-            writer.write(answer(302, b"", b"Location: http://169.254.169.254/"))
+            writer.write(answer(302, b"", b"Location: http://169.254.169.254/", b"X-Twice: 1", b"x-TWICE: 2"))
         elif b"/chunked" in request:
             writer.write(
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
@@ -251,6 +256,15 @@ async def test_redirects_are_answers_not_followed_and_chunked_and_close_delimite
         redirect = await client.request("GET", "/redirect", timeout=2)
         assert redirect.status == 302
         assert redirect.headers["location"] == "http://169.254.169.254/"
+        # Raw headers as received (names lower-cased, repeats kept, in order: a relay passes them on);
+        # as text, the last of repeated ones.
+        assert redirect.raw_headers == [
+            (b"content-length", b"0"),
+            (b"location", b"http://169.254.169.254/"),
+            (b"x-twice", b"1"),
+            (b"x-twice", b"2"),
+        ]
+        assert redirect.headers["x-twice"] == "2"
         chunked = await client.request("GET", "/chunked", timeout=2)
         assert chunked.body == b"abcde"
         ending = await client.request("GET", "/close", timeout=2)
