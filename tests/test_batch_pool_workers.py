@@ -131,12 +131,14 @@ def warm_both_pools(server: Server) -> dict[int, set[int]]:
         with ThreadPoolExecutor(4) as pool:
             statuses = list(
                 pool.map(
-                    lambda _: httpx.post(
-                        server.base_url + "/api/v1/calculate-locate/batch",
-                        content=body,
-                        headers=server.headers(),
-                        timeout=60,
-                    ).status_code,
+                    lambda _: (
+                        httpx.post(
+                            server.base_url + "/api/v1/calculate-locate/batch",
+                            content=body,
+                            headers=server.headers(),
+                            timeout=60,
+                        ).status_code
+                    ),
                     range(4),
                 )
             )

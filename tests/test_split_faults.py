@@ -46,6 +46,12 @@ QUOTE = {"ticker": "AAPL", "position_value": 100000, "loan_days": 30, "client_id
 # PRICER_TEST_LARGE_BATCH_ROWS=1000000 runs the DESIGN's 10^6 (about a minute more on a 2-core machine).
 LARGE_ROWS = int(os.environ.get("PRICER_TEST_LARGE_BATCH_ROWS", "200000"))
 BODY_READ_TIMEOUT = 2.0
+# Cached keys and clients expire this soon, so that a database outage meets expired entries.
+KEY_CACHE_TTL = 1.0
+HUNG_SECONDS = 6.0
+# A request waits at most the stores' read deadlines (pricer.stores.cached: 1 s for the key, 1 s for the
+# client, on the gateway and again on the calculation service) plus a loaded machine's lag.
+STORE_DEADLINE = 4.0
 TICKERS = ["AAPL", "GME", "MSFT", "NVDA", "BRK.B", "TSLA", "AMC", "NOPE"]
 
 
@@ -92,6 +98,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             "DATABASE_POOL_SIZE": "4",
             "POSITIONS_LIMIT_PER_MINUTE": "100000000",
             "LOG_LEVEL": "INFO",  # the workers' start-up lines (wait_for_workers)
+            "KEY_CACHE_TTL_SECONDS": str(KEY_CACHE_TTL),
         }
         cli_ok(common, "migrate")
         demo = seed_demo(common, directory)
@@ -378,6 +385,7 @@ class Traffic:
         self._done = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
         self.answers: list[tuple[float, str, int, str]] = []  # started, what, status, error code
+        self.timed: list[tuple[float, str, float, str]] = []
 
     def _run(self, n: int) -> None:
         d = self._deployment
@@ -403,6 +411,7 @@ class Traffic:
                     continue
                 code = "" if response.status_code == 200 else response.json().get("error_code", "")
                 self.answers.append((started, what, response.status_code, code))
+                self.timed.append((started, what, time.monotonic() - started, code))
                 d.record(response)
                 time.sleep(0.01)
 
@@ -415,6 +424,9 @@ class Traffic:
         self._done.set()
         for thread in self._threads:
             thread.join(timeout=60)
+
+    def latencies(self, start: float, end: float) -> list[float]:
+        return [seconds for started, _, seconds, _ in self.timed if start <= started <= end]
 
     def outcomes(self, start: float, end: float = float("inf")) -> dict[tuple[int, str], int]:
         counts: dict[tuple[int, str], int] = {}
@@ -494,6 +506,65 @@ def test_postgres_stopped_under_traffic_cached_keys_answer_and_nothing_is_lost(
     assert refused.status_code == 503, refused.text
     assert refused.json()["error_code"] == "SERVICE_UNAVAILABLE"
     assert outage["dependencies"]["database"]["status"] != "healthy", outage
+    assert_all_up(deployment)
+
+
+def test_redis_hung_under_traffic_quotes_keep_their_latency(deployment: Deployment) -> None:
+    """A Redis that answers nothing (SIGSTOP): each process decides its limits locally within the
+    limiter's time budget, so quotes keep answering quickly."""
+    with Traffic(deployment) as traffic:
+        time.sleep(0.5)
+        paused_at = time.monotonic()
+        deployment.redis.pause()
+        try:
+            time.sleep(2.0)
+        finally:
+            deployment.redis.resume()
+        resumed_at = time.monotonic()
+        time.sleep(1.0)
+    assert set(traffic.outcomes(0)) == {(200, "")}, traffic.outcomes(0)
+    during = traffic.latencies(paused_at, resumed_at)
+    assert len(during) >= 20
+    assert max(during) < 1.0, max(during)
+    assert_all_up(deployment)
+
+
+def test_postgres_hung_under_traffic_answers_within_a_deadline(deployment: Deployment) -> None:
+    """A database that answers nothing (SIGSTOP, as a hung or partitioned server): a key or client whose
+    cache entry expires meanwhile is served from the stale entry, a key never seen gets 503, each within
+    the store's read deadline rather than after the driver's timeouts (found here: 60 s, every request
+    of an expired entry waiting for it)."""
+    unknown_key = "bre_zy" + "0" * 10 + "_" + "A" * 40
+    with Traffic(deployment) as traffic:
+        time.sleep(0.5)
+        paused_at = time.monotonic()
+        deployment.postgres.pause()
+        try:
+            time.sleep(KEY_CACHE_TTL + 0.2)  # the cached entries have expired
+            started = time.monotonic()
+            try:
+                refused: httpx.Response | None = httpx.post(
+                    deployment.gateway.base_url + QUOTE_PATH,
+                    json=QUOTE,
+                    headers={"X-API-Key": unknown_key},
+                    timeout=HUNG_SECONDS,
+                )
+            except httpx.TimeoutException:
+                refused = None
+            refused_after = time.monotonic() - started
+            time.sleep(max(0.0, paused_at + HUNG_SECONDS - time.monotonic()))
+        finally:
+            deployment.postgres.resume()
+        resumed_at = time.monotonic()
+        time.sleep(2.0)
+    assert refused is not None, f"no answer within {refused_after:.1f} s"
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error_code"] == "SERVICE_UNAVAILABLE"
+    assert refused_after < STORE_DEADLINE, refused_after
+    assert set(traffic.outcomes(0)) == {(200, "")}, traffic.outcomes(0)
+    during = traffic.latencies(paused_at, resumed_at)
+    slow = [(round(s - paused_at, 2), w, round(t, 2)) for s, w, t, _ in traffic.timed if t > 1]
+    assert max(during) < STORE_DEADLINE, slow
     assert_all_up(deployment)
 
 
