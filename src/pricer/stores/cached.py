@@ -28,8 +28,9 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
+from pricer.deadline import within
 from pricer.errors import ServiceUnavailable
 from pricer.invalidation import InvalidationBus
 from pricer.logs import fields
@@ -157,21 +158,12 @@ class _Cache(Generic[V]):
         return await asyncio.shield(task)
 
     async def _read_in_time(self, key: str, read: Callable[[str], Awaitable[V | None]]) -> V | None:
-        attempt = asyncio.ensure_future(read(key))
         try:
-            await asyncio.wait((attempt,), timeout=self._read_timeout)
-        except asyncio.CancelledError:
-            attempt.cancel()
-            raise
-        if attempt.done():
-            return attempt.result()
-        # Not waited for: a query cancelled on a hung connection keeps the driver busy until its own
-        # timeouts (it resets the connection before giving it back to the pool).
-        attempt.cancel()
-        attempt.add_done_callback(_retrieved)
-        raise ServiceUnavailable(
-            "The database did not answer in time", details={"operation": f"{self._topic}.get"}
-        )
+            return await within(self._read_timeout, read(key))
+        except TimeoutError:
+            raise ServiceUnavailable(
+                "The database did not answer in time", details={"operation": f"{self._topic}.get"}
+            ) from None
 
     def _read_done(self, key: str, task: asyncio.Task[V | None]) -> None:
         if self._reads.get(key) is task:
@@ -198,11 +190,6 @@ class _Cache(Generic[V]):
         self._serving_stale = False
         self._put(key, value, generation)
         return value
-
-
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 class CachedKeyStore:
