@@ -51,10 +51,12 @@ LARGE_ROWS = int(os.environ.get("PRICER_TEST_LARGE_BATCH_ROWS", "200000"))
 BODY_READ_TIMEOUT = 2.0
 # Cached keys and clients expire this soon, so that a database outage meets expired entries.
 KEY_CACHE_TTL = 1.0
-HUNG_SECONDS = 6.0
+HUNG_SECONDS = 8.0
 # A request waits at most the stores' read deadlines (pricer.stores.cached: 1 s for the key, 1 s for the
 # client, on the gateway and again on the calculation service) plus a loaded machine's lag.
 STORE_DEADLINE = 4.0
+# A rate the database must compute: the key's and the client's read deadlines, then the rates' (2 s).
+RATES_DEADLINE = 6.0
 # SIGTERM to exit with the database hung: the drain, the audit trail's write given up and spooled.
 HUNG_EXIT_DEADLINE = 20.0
 TICKERS = ["AAPL", "GME", "MSFT", "NVDA", "BRK.B", "TSLA", "AMC", "NOPE"]
@@ -544,6 +546,8 @@ def test_postgres_hung_under_traffic_answers_within_a_deadline(deployment: Deplo
     the store's read deadline rather than after the driver's timeouts (found here: 60 s, every request
     of an expired entry waiting for it)."""
     unknown_key = "bre_zy" + "0" * 10 + "_" + "A" * 40
+    warm = httpx.get(deployment.all.base_url + "/api/v1/rates/AAPL", headers=deployment.headers())
+    assert warm.status_code == 200, warm.text  # the key is cached on the ROLE=all engine too
     with Traffic(deployment) as traffic:
         time.sleep(0.5)
         paused_at = time.monotonic()
@@ -561,6 +565,17 @@ def test_postgres_hung_under_traffic_answers_within_a_deadline(deployment: Deplo
             except httpx.TimeoutException:
                 refused = None
             refused_after = time.monotonic() - started
+            # A ticker nothing has priced yet: its rate needs the database (no cached rate to serve).
+            started = time.monotonic()
+            try:
+                rate: httpx.Response | None = httpx.get(
+                    deployment.all.base_url + "/api/v1/rates/SPCE",
+                    headers=deployment.headers(),
+                    timeout=HUNG_SECONDS,
+                )
+            except httpx.TimeoutException:
+                rate = None
+            rate_after = time.monotonic() - started
             time.sleep(max(0.0, paused_at + HUNG_SECONDS - time.monotonic()))
         finally:
             deployment.postgres.resume()
@@ -570,6 +585,10 @@ def test_postgres_hung_under_traffic_answers_within_a_deadline(deployment: Deplo
     assert refused.status_code == 503, refused.text
     assert refused.json()["error_code"] == "SERVICE_UNAVAILABLE"
     assert refused_after < STORE_DEADLINE, refused_after
+    assert rate is not None, f"no rate within {rate_after:.1f} s"
+    assert rate.status_code == 503, rate.text
+    assert rate.json()["error_code"] == "SERVICE_UNAVAILABLE"
+    assert rate_after < RATES_DEADLINE, rate_after
     assert set(traffic.outcomes(0)) == {(200, "")}, traffic.outcomes(0)
     during = traffic.latencies(paused_at, resumed_at)
     slow = [(round(s - paused_at, 2), w, round(t, 2)) for s, w, t, _ in traffic.timed if t > 1]
