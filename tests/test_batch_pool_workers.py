@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # A body above this goes to a pool worker (the default threshold is 256 KiB).
 SMALL_INLINE_MAX = "4096"
-BUSY_ROWS = 120_000
+BUSY_ROWS = 60_000
 DRAIN_SECONDS = 0.5
 
 
@@ -98,8 +98,10 @@ class Server:
         return headers_of(self.keys)
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the module (each start costs seconds); the SIGTERM test, last, stops it."""
+    tmp_path = tmp_path_factory.mktemp("pool-workers")
     schema = new_schema_name()
     env = {"DATABASE_URL": PG_DSN, "DATABASE_SCHEMA": schema, "REDIS_URL": REDIS_URL}
     running: RunningServer | None = None
@@ -237,6 +239,37 @@ def test_a_pool_worker_killed_mid_batch_under_two_server_workers(server: Server)
     ]
     assert set(after) == {200}, after
     assert "Batch worker died" in server.running.log()
+
+
+def test_a_server_worker_killed_mid_batch_leaves_no_pool_worker_nor_scratch(server: Server) -> None:
+    """A uvicorn worker SIGKILLed (an OOM kill) while its pool worker prices a batch: the pool worker
+    exits too (no orphan pricing for nobody), the worker is replaced, and the killed one's scratch
+    directory (tmpfs: memory) is removed by the next pool to start."""
+    pools = warm_both_pools(server)
+    victim_worker, victim_pool = next((worker, next(iter(pool))) for worker, pool in pools.items())
+    results: list[dict[str, Any]] = [{} for _ in range(4)]
+    senders = [
+        threading.Thread(
+            target=post_raw,
+            args=(server.running, batch_body(random_rows(BUSY_ROWS, 70 + n)), results[n]),
+        )
+        for n in range(4)
+    ]
+    for sender in senders:
+        sender.start()
+    wait_until_busy(victim_pool)
+    assert scratch_of({victim_worker})
+    os.kill(victim_worker, signal.SIGKILL)
+    for sender in senders:
+        sender.join(timeout=120)
+    deadline = time.monotonic() + 30
+    while alive(victim_pool) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(victim_pool), "the killed worker's pool worker is still running"
+    # The replacement's pool starts with its first large batch and removes what the killed one left.
+    assert victim_worker not in warm_both_pools(server)
+    assert not scratch_of({victim_worker}), "the killed worker's scratch directory is left"
+    assert {result.get("status") for result in results} <= {200, None}, results
 
 
 def test_sigterm_while_batches_run_on_both_workers(server: Server) -> None:
