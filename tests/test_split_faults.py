@@ -286,6 +286,18 @@ def test_hostile_bodies_are_refused_while_quotes_flow(deployment: Deployment) ->
                 status, seconds = read_status(sock, timeout=5)
                 assert status == 413, (path, length, status)
                 assert seconds < 1.0, seconds
+        # A body the limit admits, from a client that is not authenticated: refused before any of it is
+        # read (authentication runs before the endpoint reads the body), so nobody unknown makes the
+        # gateway buffer up to MAX_BATCH_BODY_BYTES.
+        with socket.create_connection(address) as sock:
+            sock.sendall(
+                request_head(deployment, BATCH_PATH, 100 << 20).replace(
+                    deployment.client_key.encode(), b"bre_x"
+                )
+            )
+            status, seconds = read_status(sock, timeout=5)
+            assert status == 401, status
+            assert seconds < 1.0, seconds
         # Slow bodies: 40 connections sending one byte every half second (each within the idle timeout).
         body = b'{"client_id": "demo_client", "positions": []}'
         for _ in range(40):
@@ -381,7 +393,6 @@ def test_a_client_gone_mid_batch_leaves_the_gateway_serving_and_the_batch_audite
     priced = rows * 7 // 8  # NOPE (every eighth row) is unknown
     for what, request_id in request_ids.items():
         ids = asyncio.run(audited_for(deployment, request_id, priced))
-        print(what, len(ids))
         assert len(ids) == priced, (what, len(ids))
         with deployment.lock:
             deployment.answered += ids
@@ -455,23 +466,24 @@ def detailed(server: RunningServer) -> dict[str, Any]:
 
 
 def test_redis_stopped_under_traffic_quotes_go_on_and_limits_return_to_redis(deployment: Deployment) -> None:
+    """Redis killed (as a crash) under traffic through the gateway: the gateway and the calculation service
+    decide limits locally and say so (degraded), every quote answers 200, and once Redis is back the
+    gateway's /health/detailed is healthy again and its buckets are in Redis."""
     with Traffic(deployment) as traffic:
-        time.sleep(0.5)
+        time.sleep(0.3)
         stopped_at = time.monotonic()
         deployment.redis.kill()
         try:
-            time.sleep(1.0)
+            time.sleep(0.8)
             outage = {
                 name: detailed(server)
                 for name, server in (("gateway", deployment.gateway), ("calculation", deployment.calculation))
             }
-            time.sleep(1.5)
+            time.sleep(0.7)
         finally:
             deployment.redis.start()
         restarted_at = time.monotonic()
-        time.sleep(2.0)
-    print("redis outage", traffic.outcomes(stopped_at, restarted_at), "after", traffic.outcomes(restarted_at))
-    print({name: (h["status"], h["dependencies"].get("redis")) for name, h in outage.items()})
+        time.sleep(1.0)
     assert set(traffic.outcomes(0)) == {(200, "")}, traffic.outcomes(0)
     assert sum(traffic.outcomes(stopped_at, restarted_at).values()) >= 20
     for name, health in outage.items():
@@ -494,24 +506,26 @@ def test_redis_stopped_under_traffic_quotes_go_on_and_limits_return_to_redis(dep
 def test_postgres_stopped_under_traffic_cached_keys_answer_and_nothing_is_lost(
     deployment: Deployment,
 ) -> None:
+    """PostgreSQL stopped (`pg_ctl stop -m fast`) under traffic through the gateway: keys and clients
+    cached, or served stale once expired, keep answering 200; a key never seen is 503
+    SERVICE_UNAVAILABLE (DESIGN §2.3); the audit records spool and reach the database once it is back
+    (test_no_audit_record_is_lost)."""
     unknown_key = "bre_zz" + "0" * 10 + "_" + "A" * 40
     with Traffic(deployment) as traffic:
-        time.sleep(0.5)
+        time.sleep(0.3)
         stopped_at = time.monotonic()
         deployment.postgres.stop()
         try:
-            time.sleep(1.0)
+            time.sleep(0.8)
             refused = httpx.post(
                 deployment.gateway.base_url + QUOTE_PATH, json=QUOTE, headers={"X-API-Key": unknown_key}
             )
             outage = detailed(deployment.gateway)
-            time.sleep(1.5)
+            time.sleep(0.7)
         finally:
             deployment.postgres.start()
         restarted_at = time.monotonic()
-        time.sleep(2.0)
-    print("pg outage", traffic.outcomes(stopped_at, restarted_at), "after", traffic.outcomes(restarted_at))
-    print(refused.status_code, refused.text, outage)
+        time.sleep(1.0)
     assert set(traffic.outcomes(0)) == {(200, "")}, traffic.outcomes(0)
     assert sum(traffic.outcomes(stopped_at, restarted_at).values()) >= 20
     assert refused.status_code == 503, refused.text
@@ -524,11 +538,11 @@ def test_redis_hung_under_traffic_quotes_keep_their_latency(deployment: Deployme
     """A Redis that answers nothing (SIGSTOP): each process decides its limits locally within the
     limiter's time budget, so quotes keep answering quickly."""
     with Traffic(deployment) as traffic:
-        time.sleep(0.5)
+        time.sleep(0.3)
         paused_at = time.monotonic()
         deployment.redis.pause()
         try:
-            time.sleep(2.0)
+            time.sleep(1.5)
         finally:
             deployment.redis.resume()
         resumed_at = time.monotonic()
@@ -549,7 +563,7 @@ def test_postgres_hung_under_traffic_answers_within_a_deadline(deployment: Deplo
     warm = httpx.get(deployment.all.base_url + "/api/v1/rates/AAPL", headers=deployment.headers())
     assert warm.status_code == 200, warm.text  # the key is cached on the ROLE=all engine too
     with Traffic(deployment) as traffic:
-        time.sleep(0.5)
+        time.sleep(0.3)
         paused_at = time.monotonic()
         deployment.postgres.pause()
         try:
@@ -580,7 +594,7 @@ def test_postgres_hung_under_traffic_answers_within_a_deadline(deployment: Deplo
         finally:
             deployment.postgres.resume()
         resumed_at = time.monotonic()
-        time.sleep(2.0)
+        time.sleep(1.0)
     assert refused is not None, f"no answer within {refused_after:.1f} s"
     assert refused.status_code == 503, refused.text
     assert refused.json()["error_code"] == "SERVICE_UNAVAILABLE"
@@ -636,6 +650,7 @@ def test_sigterm_with_the_database_hung_spools_the_audit_trail_and_exits(deploym
         with deployment.lock:
             deployment.answered += ids
     assert returncode == 0, server.log()[-3000:]
+    assert exited_after < HUNG_EXIT_DEADLINE  # printed with -s: how long the shutdown took
     print(f"exited {exited_after:.1f} s after SIGTERM")
 
 
