@@ -4,20 +4,26 @@ own (BATCH_WORKERS=1), as production runs it (tests/test_batch_pool.py has one s
 - batches and single quotes at once on both workers: every answer 200, each worker's batches priced in
   its own pool worker;
 - a pool worker SIGKILLed mid-batch: a clean answer, the worker replaced, both server workers go on;
+- a server worker SIGKILLed mid-batch: its pool worker exits, its scratch directory is removed by the next
+  pool to start;
 - SIGTERM while batches run on both workers: they answer 200, the parent exits 0, every priced position
   is audited, and no scratch directory nor any process of the server is left.
+
+The kernel hands a new connection to whichever worker accepts first, often the same one for many in a row:
+the batches are sent on connections known to have been accepted by each worker (`accepted_by`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,7 @@ import pytest
 from pricer.batch_pool import SCRATCH_PREFIX, _scratch_root
 from tests.conftest import RunningServer, stop_server
 from tests.pg import PG_DSN, drop_schema, new_schema_name
-from tests.test_batch_pool import QUOTE, batch_body, post_raw, random_rows, wait_until_busy
+from tests.test_batch_pool import QUOTE, batch_body, cpu_ticks, random_rows
 from tests.test_postgres_engine import cli_ok, connect, seed_demo
 from tests.test_workers import REDIS_URL, start_workers
 from tests.test_workers import worker_pids as server_workers
@@ -60,6 +66,102 @@ def descendants(pid: int) -> set[int]:
                     found.add(child)
                     pending.append(child)
     return found
+
+
+def busy_now(pids: list[int], window: float = 0.1) -> set[int]:
+    """The processes that use CPU now (at least 30 ms of it over the window)."""
+    before = {pid: cpu_ticks(pid) for pid in pids}
+    time.sleep(window)
+    return {pid for pid in pids if cpu_ticks(pid) - before[pid] >= 3}
+
+
+def accepted_by(client_port: int, server_port: int, workers: set[int], timeout: float = 10.0) -> int:
+    """The server worker that accepted the connection from `client_port` (the kernel hands each new
+    connection to whichever worker accepts first, often the same one: found by the socket's inode)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        inode = None
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port, remote_port = (int(address.split(":")[1], 16) for address in fields[1:3])
+            if local_port == server_port and remote_port == client_port:
+                inode = f"socket:[{fields[9]}]"
+        for worker in workers:
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{worker}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{worker}/fd/{fd}") == inode:
+                            return worker
+        assert time.monotonic() < deadline, f"no worker accepted the connection from port {client_port}"
+        time.sleep(0.01)
+
+
+class Batches:
+    """Large batches posted from threads, each on a connection of its own, with a request id each, so many
+    on each server worker."""
+
+    def __init__(self, server: Server, rows: int, seed: int) -> None:
+        self._server = server
+        self._seed = seed
+        self._body = batch_body(random_rows(rows, seed))  # one body for all
+        self.results: list[dict[str, Any]] = []
+        self.request_ids: list[str] = []
+        self._threads: list[threading.Thread] = []
+
+    def _connections(self, each: int) -> list[http.client.HTTPConnection]:
+        host, port = self._server.base_url.removeprefix("http://").split(":")
+        workers = set(server_workers(self._server.running.process.pid))
+        chosen: dict[int, list[http.client.HTTPConnection]] = {worker: [] for worker in workers}
+        spare: list[http.client.HTTPConnection] = []
+        for _ in range(200):
+            if all(len(held) >= each for held in chosen.values()):
+                break
+            connection = http.client.HTTPConnection(host, int(port), timeout=120)
+            connection.connect()
+            assert connection.sock is not None
+            worker = accepted_by(connection.sock.getsockname()[1], int(port), workers)
+            (chosen[worker] if len(chosen[worker]) < each else spare).append(connection)
+        for connection in spare:
+            connection.close()
+        assert all(len(held) >= each for held in chosen.values()), "a worker accepted no connection"
+        return [connection for held in chosen.values() for connection in held]
+
+    def _send(self, n: int, connection: http.client.HTTPConnection) -> None:
+        result = self.results[n]
+        try:
+            connection.request(
+                "POST",
+                "/api/v1/calculate-locate/batch",
+                body=self._body,
+                headers={**self._server.headers(), "X-Request-ID": self.request_ids[n]},
+            )
+            response = connection.getresponse()
+            result["status"] = response.status
+            result["body"] = response.read()
+        except OSError as error:
+            result["error"] = error
+        finally:
+            connection.close()
+
+    def send(self, each: int = 2) -> None:
+        """`each` batches on every server worker, all sent at once."""
+        for n, connection in enumerate(self._connections(each)):
+            self.results.append({})
+            self.request_ids.append(f"{self._seed:04x}{n:04x}" * 4)
+            self._threads.append(threading.Thread(target=self._send, args=(n, connection)))
+        for thread in self._threads:
+            thread.start()
+
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+
+def wait_until_all_busy(pids: list[int], timeout: float = 30.0) -> None:
+    """Until the processes all use CPU at once (each pricing a batch)."""
+    deadline = time.monotonic() + timeout
+    while busy_now(pids) != set(pids):
+        assert time.monotonic() < deadline, f"the pool workers {pids} were never all busy at once"
 
 
 def alive(pid: int) -> bool:
@@ -126,29 +228,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def warm_both_pools(server: Server) -> dict[int, set[int]]:
-    """Batches until each uvicorn worker has started its pool worker (connections land on either)."""
+    """A batch on each uvicorn worker, so that each has started its pool worker."""
     deadline = time.monotonic() + 60
-    body = batch_body(random_rows(3000, 30))
     while True:
-        with ThreadPoolExecutor(4) as pool:
-            statuses = list(
-                pool.map(
-                    lambda _: (
-                        httpx.post(
-                            server.base_url + "/api/v1/calculate-locate/batch",
-                            content=body,
-                            headers=server.headers(),
-                            timeout=60,
-                        ).status_code
-                    ),
-                    range(4),
-                )
-            )
-        assert set(statuses) == {200}, statuses
+        warm = Batches(server, 3000, seed=30)
+        warm.send(each=1)
+        warm.join()
+        assert {result.get("status") for result in warm.results} == {200}, warm.results
         pools = pool_workers(server.running)
         if len(pools) == 2 and all(len(children) == 1 for children in pools.values()):
             return pools
-        assert time.monotonic() < deadline, pools
+        assert time.monotonic() < deadline, pools  # a pool worker still starting
 
 
 async def audited_count(schema: str, request_ids: list[str]) -> int:
@@ -161,7 +251,6 @@ async def audited_count(schema: str, request_ids: list[str]) -> int:
 
 def test_batches_and_singles_at_once_on_both_workers(server: Server) -> None:
     pools = warm_both_pools(server)
-    rows = [random_rows(20_000, seed) for seed in range(6)]
     singles: list[int] = []
     done = threading.Event()
 
@@ -171,23 +260,18 @@ def test_batches_and_singles_at_once_on_both_workers(server: Server) -> None:
                 singles.append(client.post("/api/v1/calculate-locate", json=QUOTE).status_code)
                 time.sleep(0.01)
 
-    def send_batch(index: int) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        post_raw(server.running, batch_body(rows[index]), result)
-        return result
-
     sender = threading.Thread(target=send_singles)
     sender.start()
+    batches = Batches(server, 20_000, seed=31)
     try:
-        with ThreadPoolExecutor(6) as pool:
-            results = list(pool.map(send_batch, range(6)))
+        batches.send(each=3)
+        batches.join()
     finally:
         done.set()
         sender.join()
-    for index, result in enumerate(results):
+    for result in batches.results:
         assert result.get("status") == 200, result
-        body = json.loads(result["body"])
-        assert body["count"] == len(rows[index])
+        assert json.loads(result["body"])["count"] == 20_000
     assert len(singles) >= 5
     assert set(singles) == {200}
     # No pool worker died nor was added: each server worker priced its batches in its own.
@@ -197,26 +281,17 @@ def test_batches_and_singles_at_once_on_both_workers(server: Server) -> None:
 
 def test_a_pool_worker_killed_mid_batch_under_two_server_workers(server: Server) -> None:
     pools = warm_both_pools(server)
-    victims = {next(iter(children)) for children in pools.values()}
-    results: list[dict[str, Any]] = [{} for _ in range(4)]
-    senders = [
-        threading.Thread(
-            target=post_raw,
-            args=(server.running, batch_body(random_rows(BUSY_ROWS, 40 + n)), results[n]),
-        )
-        for n in range(4)
-    ]
-    for sender in senders:
-        sender.start()
-    victim = next(iter(victims))
-    wait_until_busy(victim)
+    victims = sorted(next(iter(children)) for children in pools.values())
+    batches = Batches(server, BUSY_ROWS, seed=40)
+    batches.send()
+    wait_until_all_busy(victims)
+    victim = victims[0]
     os.kill(victim, signal.SIGKILL)
-    for sender in senders:
-        sender.join(timeout=120)
-    statuses = [result.get("status") for result in results]
-    assert set(statuses) <= {200, 503}, results
-    assert statuses.count(200) >= 2, statuses  # the other server worker's batches are untouched
-    for result in results:
+    batches.join()
+    statuses = [result.get("status") for result in batches.results]
+    assert set(statuses) <= {200, 503}, batches.results
+    assert statuses.count(200) >= 1, statuses  # the other server worker's batches are untouched
+    for result in batches.results:
         if result["status"] == 503:
             assert json.loads(result["body"])["error_code"] == "SERVICE_UNAVAILABLE"
     deadline = time.monotonic() + 30
@@ -247,21 +322,12 @@ def test_a_server_worker_killed_mid_batch_leaves_no_pool_worker_nor_scratch(serv
     directory (tmpfs: memory) is removed by the next pool to start."""
     pools = warm_both_pools(server)
     victim_worker, victim_pool = next((worker, next(iter(pool))) for worker, pool in pools.items())
-    results: list[dict[str, Any]] = [{} for _ in range(4)]
-    senders = [
-        threading.Thread(
-            target=post_raw,
-            args=(server.running, batch_body(random_rows(BUSY_ROWS, 70 + n)), results[n]),
-        )
-        for n in range(4)
-    ]
-    for sender in senders:
-        sender.start()
-    wait_until_busy(victim_pool)
+    batches = Batches(server, BUSY_ROWS, seed=70)
+    batches.send()
+    wait_until_all_busy([next(iter(pool)) for pool in pools.values()])
     assert scratch_of({victim_worker})
     os.kill(victim_worker, signal.SIGKILL)
-    for sender in senders:
-        sender.join(timeout=120)
+    batches.join()
     deadline = time.monotonic() + 30
     while alive(victim_pool) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -269,53 +335,28 @@ def test_a_server_worker_killed_mid_batch_leaves_no_pool_worker_nor_scratch(serv
     # The replacement's pool starts with its first large batch and removes what the killed one left.
     assert victim_worker not in warm_both_pools(server)
     assert not scratch_of({victim_worker}), "the killed worker's scratch directory is left"
-    assert {result.get("status") for result in results} <= {200, None}, results
+    # The killed worker's clients lose their connection; the other worker's get their answers.
+    assert {result.get("status") for result in batches.results} <= {200, None}, batches.results
 
 
 def test_sigterm_while_batches_run_on_both_workers(server: Server) -> None:
     pools = warm_both_pools(server)
     everything = descendants(server.running.process.pid) | {server.running.process.pid}
     uvicorn_workers = set(pools)
-    request_ids = [f"{n:02d}" * 16 for n in range(4)]
-    results: list[dict[str, Any]] = [{} for _ in range(4)]
-
-    def send(n: int) -> None:
-        import http.client
-
-        host, port = server.base_url.removeprefix("http://").split(":")
-        connection = http.client.HTTPConnection(host, int(port), timeout=120)
-        try:
-            connection.request(
-                "POST",
-                "/api/v1/calculate-locate/batch",
-                body=batch_body(random_rows(BUSY_ROWS, 60 + n, invalid=False)),
-                headers={**server.headers(), "X-Request-ID": request_ids[n]},
-            )
-            response = connection.getresponse()
-            results[n]["status"] = response.status
-            results[n]["body"] = response.read()
-        except OSError as error:
-            results[n]["error"] = error
-        finally:
-            connection.close()
-
-    senders = [threading.Thread(target=send, args=(n,)) for n in range(4)]
-    for sender in senders:
-        sender.start()
-    for children in pools.values():  # both server workers are pricing a batch
-        wait_until_busy(next(iter(children)))
+    batches = Batches(server, 2 * BUSY_ROWS, seed=60)
+    batches.send()
+    wait_until_all_busy([next(iter(children)) for children in pools.values()])
     assert scratch_of(uvicorn_workers), "the pools' scratch directories exist while they run"
     server.running.process.send_signal(signal.SIGTERM)
-    for sender in senders:
-        sender.join(timeout=120)
+    batches.join()
     returncode = server.running.process.wait(timeout=60)
     log = server.running.log()
-    for result in results:
+    for result in batches.results:
         assert result.get("status") == 200, (result, log[-3000:])
-    priced = sum(json.loads(result["body"])["priced"] for result in results)
+    priced = sum(json.loads(result["body"])["priced"] for result in batches.results)
     assert returncode == 0, log[-3000:]
     assert log.count("Application shutdown complete.") == 2, log[-3000:]
-    assert asyncio.run(audited_count(server.schema, request_ids)) == priced
+    assert asyncio.run(audited_count(server.schema, batches.request_ids)) == priced
     deadline = time.monotonic() + 10
     while (left := [pid for pid in everything if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.1)

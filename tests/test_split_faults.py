@@ -597,11 +597,14 @@ def test_postgres_hung_under_traffic_answers_within_a_deadline(deployment: Deplo
         time.sleep(1.0)
     assert refused is not None, f"no answer within {refused_after:.1f} s"
     assert refused.status_code == 503, refused.text
-    assert refused.json()["error_code"] == "SERVICE_UNAVAILABLE"
+    # The same answer as when the database refuses connections (DESIGN §2.3: the dependency, nothing else).
+    assert refused.json()["error"] == "The key store (database) is unavailable", refused.text
+    assert refused.json()["details"] == {"dependency": "database"}
     assert refused_after < STORE_DEADLINE, refused_after
     assert rate is not None, f"no rate within {rate_after:.1f} s"
     assert rate.status_code == 503, rate.text
     assert rate.json()["error_code"] == "SERVICE_UNAVAILABLE"
+    assert rate.json()["error"] == "The market data store (database) is unavailable", rate.text
     assert rate_after < RATES_DEADLINE, rate_after
     assert set(traffic.outcomes(0)) == {(200, "")}, traffic.outcomes(0)
     during = traffic.latencies(paused_at, resumed_at)

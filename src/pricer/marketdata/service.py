@@ -253,7 +253,7 @@ class MarketData:
             return await within(RATES_TIMEOUT_SECONDS, work)
         except TimeoutError:
             raise ServiceUnavailable(
-                "The market data store did not answer in time", details={"operation": "rates"}
+                "The market data store did not answer in time", details={"operation": "availability.rates"}
             ) from None
 
     async def _shared_or_computed(

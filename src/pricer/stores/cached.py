@@ -162,7 +162,7 @@ class _Cache(Generic[V]):
             return await within(self._read_timeout, read(key))
         except TimeoutError:
             raise ServiceUnavailable(
-                "The database did not answer in time", details={"operation": f"{self._topic}.get"}
+                "The database did not answer in time", details={"operation": f"{self._topic}s.get"}
             ) from None
 
     def _read_done(self, key: str, task: asyncio.Task[V | None]) -> None:
