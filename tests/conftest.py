@@ -163,6 +163,19 @@ def wait_for_health(server: RunningServer, timeout: float = 30) -> RunningServer
     raise RuntimeError(f"server did not start:\n{server.log()}")
 
 
+def wait_for_workers(server: RunningServer, workers: int, timeout: float = 60) -> RunningServer:
+    """Wait until `workers` uvicorn workers of a WORKERS > 1 server have started (not only the first to
+    answer /health); stop it and raise with its log if they do not. The server logs at INFO or finer."""
+    wait_for_health(server, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while server.log().count("Application startup complete.") < workers:
+        if time.monotonic() > deadline or server.process.poll() is not None:
+            stop_server(server)
+            raise RuntimeError(f"the workers did not start:\n{server.log()}")
+        time.sleep(0.1)
+    return server
+
+
 def stop_server(server: RunningServer) -> None:
     if server.process.poll() is None:
         server.process.terminate()

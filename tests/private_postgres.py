@@ -117,9 +117,30 @@ class PrivatePostgres:
             return None
         return pid
 
+    def _processes(self) -> list[int]:
+        """The postmaster and its children (the backends holding the clients' connections)."""
+        pid = self._postmaster_pid()
+        if pid is None:
+            return []
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [pid, *map(int, children)]
+
+    def pause(self) -> None:
+        """SIGSTOP to every process of the server: a hung database (connections stay open, nothing is
+        answered, new connections wait in the listen backlog) until `resume`."""
+        for pid in self._processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def destroy(self) -> None:
         """Stop the server if it runs (fast, then immediate, then its own postmaster by pid) and remove
         its directory."""
+        self.resume()
         if self.running:
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 self.stop("fast")

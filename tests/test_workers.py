@@ -21,7 +21,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TEST_SECRETS, RunningServer, free_port, stop_server, wait_for_health
+from tests.conftest import (
+    TEST_SECRETS,
+    RunningServer,
+    free_port,
+    stop_server,
+    wait_for_health,
+    wait_for_workers,
+)
 from tests.pg import PG_DSN, drop_schema, new_schema_name
 from tests.test_shutdown import check_drain, run_through_sigterm
 
@@ -66,14 +73,7 @@ def start_workers(directory: Path, schema: str, **env: str) -> RunningServer:
             text=True,
         )
     server = RunningServer(base_url=f"http://127.0.0.1:{port}", process=process, keys={}, log_path=log_path)
-    wait_for_health(server, timeout=60)
-    deadline = time.monotonic() + 60  # both workers serving, not only the first
-    while server.log().count("Application startup complete.") < 2:
-        if time.monotonic() > deadline or server.process.poll() is not None:
-            stop_server(server)
-            raise RuntimeError(f"the workers did not start:\n{server.log()}")
-        time.sleep(0.1)
-    return server
+    return wait_for_workers(server, 2)
 
 
 def worker_pids(parent: int) -> set[int]:

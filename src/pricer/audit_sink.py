@@ -11,6 +11,7 @@ from typing import Protocol
 
 from pricer.audit_format import append_file, encode_record
 from pricer.audit_spool import Spool
+from pricer.deadline import within
 from pricer.errors import InvalidParameter
 from pricer.logs import fields
 from pricer.quotes import QUOTE_ID_LENGTH, AuditRecord, PricedQuote
@@ -18,6 +19,13 @@ from pricer.quotes import QUOTE_ID_LENGTH, AuditRecord, PricedQuote
 log = logging.getLogger("pricer.audit")
 
 POISON_ATTEMPTS = 3  # writes failing while the database answers a probe, before the record is looked for
+# A database that answers nothing (hung, partitioned) is given up on after these, as one that refuses
+# connections is at once; otherwise the records would wait in memory for the driver's timeouts (30 s per
+# query, 60 s per connection attempt), and a graceful shutdown with them, past the pod's grace period.
+# A write's deadline grows with its rows (about ten times what a loaded database takes).
+PROBE_TIMEOUT_SECONDS = 2.0
+WRITE_TIMEOUT_SECONDS = 5.0
+WRITE_TIMEOUT_SECONDS_PER_ROW = 20e-6
 _PROBE_QUOTE_ID = "0" * QUOTE_ID_LENGTH
 
 
@@ -27,6 +35,10 @@ class QuoteSink(Protocol):
     async def write(self, batches: Sequence[AuditRecord]) -> None: ...
 
     async def get(self, quote_id: str) -> PricedQuote | None: ...
+
+
+class WriteTimedOut(Exception):
+    """The database did not finish a write within its deadline: away, as far as the trail is concerned."""
 
 
 def _refused(error: Exception) -> bool:
@@ -80,6 +92,10 @@ class SinkWriter:
         error = await self._attempt(batches)
         if error is None:
             return True
+        if isinstance(error, WriteTimedOut):
+            # Not a record's fault: spooled and replayed later (a probe would only wait again).
+            self.database_down(error)
+            return False
         if not _refused(error):
             for attempt in range(POISON_ATTEMPTS):
                 probe = await self.probe()
@@ -107,8 +123,11 @@ class SinkWriter:
         )
 
     async def _attempt(self, batches: Sequence[AuditRecord]) -> Exception | None:
+        seconds = WRITE_TIMEOUT_SECONDS + WRITE_TIMEOUT_SECONDS_PER_ROW * sum(batch.size for batch in batches)
         try:
-            await self._sink.write(batches)
+            await within(seconds, self._sink.write(batches))
+        except TimeoutError:
+            return WriteTimedOut(f"no answer within {seconds:.1f} s")
         except Exception as error:
             return error
         self.database_up = True
@@ -118,7 +137,7 @@ class SinkWriter:
     async def probe(self) -> Exception | None:
         """A cheap query (a quote id no batch has): None when the database answers, else its error."""
         try:
-            await self._sink.get(_PROBE_QUOTE_ID)
+            await within(PROBE_TIMEOUT_SECONDS, self._sink.get(_PROBE_QUOTE_ID))
         except Exception as error:
             return error
         return None

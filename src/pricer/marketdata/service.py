@@ -14,12 +14,13 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
-from typing import Final, Protocol, cast
+from typing import Final, Protocol, TypeVar, cast
 
 import numpy as np
 
+from pricer.deadline import within
 from pricer.errors import ServiceUnavailable
 from pricer.invalidation import InvalidationBus
 from pricer.logs import fields
@@ -51,6 +52,10 @@ _STATUSES = [BorrowStatus(name) for name in STATUS_NAMES]
 
 # Risk of an earnings report with no risk of its own, by days left to it (DESIGN §3).
 EARNINGS_RISK_BY_DAYS = ((1, 8), (3, 6), (7, 4))
+# Rates of the tickers a request misses in the cache, from the stores (one query each for stocks and
+# events, the snapshots in force cached): milliseconds on a healthy database, even for thousands of tickers.
+RATES_TIMEOUT_SECONDS = 2.0
+T = TypeVar("T")
 
 
 def event_risk(events: Sequence[MarketEvent], today: dt.date) -> int:
@@ -213,7 +218,7 @@ class MarketData:
         """The rate of each (normalised, distinct) ticker at `now`; None for an unknown ticker."""
         cache = self._cache
         if cache is None:
-            return await self._compute(tickers, now)
+            return await self._in_time(self._compute(tickers, now))
         today = now.date()
         generation = cache.generation
         found, missing = cache.lookup(tickers, today)
@@ -222,7 +227,7 @@ class MarketData:
             self._metrics.cache_misses += len(missing)
         if missing:
             try:
-                by_ticker = await self._shared_or_computed(missing, now)
+                by_ticker = await self._in_time(self._shared_or_computed(missing, now))
             except ServiceUnavailable:
                 # Stale-if-error: rates this process priced stand in for a while (RATE_CACHE_STALE_SECONDS);
                 # a ticker it never priced has no fallback (503).
@@ -244,6 +249,17 @@ class MarketData:
                 for ticker, hit in zip(tickers, found, strict=True)
             ]
         return cast("list[TickerRate | None]", found)
+
+    async def _in_time(self, work: Awaitable[T]) -> T:
+        """`work` (rates computed from the stores) within RATES_TIMEOUT_SECONDS: a database that answers
+        nothing fails the rates as one that refuses connections does (a cached rate, else 503), not after
+        the driver's timeouts (30 s and more)."""
+        try:
+            return await within(RATES_TIMEOUT_SECONDS, work)
+        except TimeoutError:
+            raise ServiceUnavailable(
+                "The market data store did not answer in time", details={"operation": "availability.rates"}
+            ) from None
 
     async def _shared_or_computed(
         self, tickers: Sequence[str], now: dt.datetime

@@ -10,7 +10,10 @@ Availability (issue 16): when the database cannot be reached, an entry past its 
 keep arriving and are applied, and a reconnection of the bus clears every cache (messages may have been
 missed). What is not cached still fails (503, DESIGN §2.3). After a failed read the database is not asked
 again for `retry_after` seconds for entries that can be served stale, so an outage does not cost every
-request a failed connection attempt.
+request a failed connection attempt. A read has `read_timeout` (READ_TIMEOUT_SECONDS) to answer: a database
+that accepts connections but answers nothing (hung, partitioned, SIGSTOPped) fails the read then, as one
+that refuses them does, instead of after the driver's timeouts (a minute), with every request of that
+entry waiting meanwhile.
 
 Unknown ids are cached apart (a short lifetime, a bounded number, the oldest dropped first), so that a
 flood of random key ids can neither evict the known keys nor reach the database again for an id it just
@@ -27,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from pricer.deadline import within
 from pricer.errors import ServiceUnavailable
 from pricer.invalidation import InvalidationBus
 from pricer.logs import fields
@@ -45,6 +49,10 @@ DISCONNECTED_TTL_SECONDS = 0.5
 UNKNOWN_TTL_SECONDS = 10.0
 MAX_UNKNOWN_ENTRIES = 10_000
 RETRY_AFTER_SECONDS = 1.0
+# A read of one key or client by its primary key answers in milliseconds; past this the database is down
+# for the caller. A request may read both a key and a client (the gateway), and its service a client again,
+# within the gateway's deadline for the call (BACKEND_TIMEOUT_SECONDS, default 2 s).
+READ_TIMEOUT_SECONDS = 1.0
 
 
 class _Cache(Generic[V]):
@@ -59,9 +67,11 @@ class _Cache(Generic[V]):
         unknown_ttl: float = UNKNOWN_TTL_SECONDS,
         max_entries: int = 100_000,
         max_unknown: int = MAX_UNKNOWN_ENTRIES,
+        read_timeout: float = READ_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._bus = bus
+        self._read_timeout = read_timeout
         self._topic = topic
         self._ttl = ttl
         self._stale = stale
@@ -147,6 +157,14 @@ class _Cache(Generic[V]):
         # Shielded: a request that goes away does not cancel the read others are waiting for.
         return await asyncio.shield(task)
 
+    async def _read_in_time(self, key: str, read: Callable[[str], Awaitable[V | None]]) -> V | None:
+        try:
+            return await within(self._read_timeout, read(key))
+        except TimeoutError:
+            raise ServiceUnavailable(
+                "The database did not answer in time", details={"operation": f"{self._topic}s.get"}
+            ) from None
+
     def _read_done(self, key: str, task: asyncio.Task[V | None]) -> None:
         if self._reads.get(key) is task:
             del self._reads[key]
@@ -156,7 +174,7 @@ class _Cache(Generic[V]):
     async def _read(self, key: str, read: Callable[[str], Awaitable[V | None]]) -> V | None:
         generation = self._generation
         try:
-            value = await read(key)
+            value = await self._read_in_time(key, read)
         except ServiceUnavailable:
             self._failed_at = self._clock()
             stale = self._stale_value(key)

@@ -7,8 +7,11 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
+from pricer.deadline import within
 from pricer.errors import ServiceUnavailable
 from pricer.stores.postgres.common import keep_session, quote_identifier, translate_errors, valid_schema_name
+
+CLOSE_TIMEOUT_SECONDS = 2.0
 
 
 class DeferredPool:
@@ -35,8 +38,14 @@ class DeferredPool:
             )
 
     async def close(self) -> None:
+        """Close the connections; those a hung database holds (a query that never answers, abandoned by
+        its caller's deadline) are terminated after CLOSE_TIMEOUT_SECONDS, so that the process exits
+        within its grace period."""
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                await within(CLOSE_TIMEOUT_SECONDS, self._pool.close())
+            except TimeoutError:
+                self._pool.terminate()
 
     @property
     def opened(self) -> bool:
