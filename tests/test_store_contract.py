@@ -57,6 +57,7 @@ from pricer.schemas import FeeScheduleView
 from pricer.stores.cached import MAX_UNKNOWN_ENTRIES, CachedKeyStore
 from pricer.stores.memory import memory_stores
 from pricer.stores.migrate import migrate, migration_lock_key, migrations, pending_migrations
+from pricer.stores.postgres import audit as postgres_audit
 from pricer.stores.postgres.assembly import connect_stores, postgres_stores
 from pricer.stores.postgres.audit import PgQuoteStore
 from pricer.stores.postgres.copy_rows import is_single_quote
@@ -690,9 +691,12 @@ async def _assert_input_indexes(pool: Any, batches: Sequence[PricedBatch]) -> No
     assert stored == expected
 
 
-async def test_a_write_of_single_quotes_only() -> None:
-    """Single quotes alone (batches and rows by COPY): each is stored once, with its exact figures, and
-    concurrent writers of the same quotes (replicas replaying one spool) add nothing twice."""
+@pytest.mark.parametrize("statement_limit", [5_000, 7], ids=["one statement", "by COPY"])
+async def test_a_write_of_single_quotes_only(statement_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Single quotes alone go as one statement (up to SINGLE_STATEMENT_QUOTES), more of them by COPY:
+    either way each is stored once, with its exact figures, and concurrent writers of the same quotes
+    (replicas replaying one spool) add nothing twice."""
+    monkeypatch.setattr(postgres_audit, "SINGLE_STATEMENT_QUOTES", statement_limit)
     singles = [make_batch(1, rates=[MIXED_RATES[i % len(MIXED_RATES)]], seed=i) for i in range(30)]
     records = [batch_to_columns(batch) for batch in singles]
     async with pg_stores() as (stores, pool, _dsn, _schema):
@@ -711,10 +715,10 @@ async def test_a_write_of_single_quotes_only() -> None:
         await _assert_input_indexes(pool, singles)
 
 
-async def test_batch_fields_that_copy_text_must_escape_are_stored_as_given() -> None:
-    """Batches go by text COPY: a tab, line break, backslash or a literal `\\N` in an id, a time with an
-    offset of seconds and fee figures at the columns' scale and precision come back exactly, written once
-    and replayed."""
+async def test_odd_batch_fields_are_stored_as_given_by_either_path() -> None:
+    """Single quotes (array parameters) and a batch (JSON and COPY) with a tab, line break, backslash or a
+    literal `\\N` in an id, no key, a time with an offset of seconds and fee figures at the columns' scale
+    and precision come back exactly, written once and replayed."""
     odd = [
         dataclasses.replace(
             make_batch(size, rates=MIXED_RATES[:1], seed=size, key_id=key_id, fee_schedule=schedule),
@@ -738,7 +742,8 @@ async def test_batch_fields_that_copy_text_must_escape_are_stored_as_given() -> 
     records = [batch_to_columns(batch) if batch.size == 1 else batch for batch in odd]
     async with pg_stores() as (stores, pool, _dsn, _schema):
         store = PgQuoteStore(pool)
-        assert await store.add_many(records) == 5
+        assert await store.add_many(records[:2]) == 2  # single quotes only: one statement
+        assert await store.add_many(records) == 3
         assert await store.add_many(records) == 0
         for batch in odd:
             for row in range(batch.size):
@@ -747,7 +752,7 @@ async def test_batch_fields_that_copy_text_must_escape_are_stored_as_given() -> 
 
 async def test_single_quotes_and_the_same_quotes_as_batches_written_at_once() -> None:
     """A replica replaying its spool writes PricedBatches by COPY while another writes the same quotes
-    as QuoteColumns: both take the batches' locks first, so neither deadlocks."""
+    as QuoteColumns in one statement: both take the batches' locks first, so neither deadlocks."""
     singles = [make_batch(1, rates=[MIXED_RATES[i % len(MIXED_RATES)]], seed=i) for i in range(60)]
     compact = [batch_to_columns(batch) for batch in singles]
     async with pg_stores() as (_stores, pool, _dsn, _schema):

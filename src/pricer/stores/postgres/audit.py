@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final, cast
 
 import asyncpg  # type: ignore[import-untyped]
@@ -33,55 +32,85 @@ from pricer.stores.postgres.copy_rows import (
     _row_stream,
     _single_rows,
     is_single_quote,
+    single_row_values,
 )
 
 # ---- quotes (the audit trail) --------------------------------------------------------------------
 
 # The trail is three tables (migration 002): `quote_rows`, one narrow row per priced position;
 # `quote_batches`, one row per priced call; `quote_rates`, one row per rate snapshot, keyed by a digest of
-# its contents. A write is one transaction: its few distinct rates by one INSERT (array parameters: floats
-# as their shortest decimal text, rates as integer 1e-8 units, scaled in SQL; what is stored already is
-# skipped), then its batches and its rows by binary COPY. Rows are fixed-width (uuid, int8, int4, and
-# NUMERIC sent with a fixed number of base-10000 digits, which the server normalises), so NumPy builds
-# their whole stream as one structured array; batches are asyncpg's records (its binary encoders, in C).
-# Most writes are a few hundred single quotes, one batch each: COPY is what costs PostgreSQL least per
-# batch and row (an INSERT of the same rows from one JSON parameter took it about 15 us of CPU per single
-# quote, on the cores the engine shares), and the round trips of one write (a few per 20 ms linger) cost
-# the event loop little beside its rows.
-_INSERT_RATES = """INSERT INTO quote_rates (rate_id, ticker, borrow_rate, base_rate, volatility_index,
-                         volatility_adjustment, event_risk_factor, event_adjustment, min_rate, borrow_status,
-                         rate_source, available_shares, rate_as_of)
-SELECT rate_id, ticker, rate_units * 0.00000001, base_rate, volatility_index, volatility_adjustment,
-       event_risk_factor, event_adjustment, min_rate_units * 0.00000001, borrow_status, rate_source,
-       available_shares, rate_as_of
-FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::numeric[], $5::numeric[], $6::numeric[], $7::int2[],
-            $8::numeric[], $9::int8[], $10::text[], $11::text[], $12::int8[], $13::timestamptz[])
-    AS x (rate_id, ticker, rate_units, base_rate, volatility_index, volatility_adjustment,
-          event_risk_factor, event_adjustment, min_rate_units, borrow_status, rate_source,
-          available_shares, rate_as_of)
-ON CONFLICT (rate_id) DO NOTHING"""
-_BATCH_COLUMNS: Final = (
-    "batch_id",
-    "calculated_at",
-    "request_id",
-    "client_id",
-    "key_id",
-    "markup_percentage",
-    "transaction_fee_type",
-    "transaction_amount",
-    "day_count",
+# its contents. Rows go by binary COPY straight into `quote_rows`: all their fields are fixed-width (uuid,
+# int8, int4, and NUMERIC sent with a fixed number of base-10000 digits, which the server normalises), so
+# NumPy builds the whole stream as one structured array. A write's batches and its few distinct rates go
+# before, in one statement: a round trip costs the event loop ~100 µs whatever it carries, and most
+# writes are a few hundred single quotes, so statements, not bytes, are what a write pays for. The
+# batches are one JSON array parameter, [id, time, request id, [client, key, fee schedule...]] each,
+# the last part encoded once per client and key (msgspec encodes it in C; as array parameters,
+# asyncpg's per-element checks cost a few microseconds a batch), the rates array parameters (floats as their
+# shortest decimal text, rates as integer 1e-8 units, scaled in SQL). Both skip what is already stored.
+_NEW_RATES = """new_rates AS (
+    INSERT INTO quote_rates (rate_id, ticker, borrow_rate, base_rate, volatility_index, volatility_adjustment,
+                             event_risk_factor, event_adjustment, min_rate, borrow_status, rate_source,
+                             available_shares, rate_as_of)
+    SELECT rate_id, ticker, rate_units * 0.00000001, base_rate, volatility_index, volatility_adjustment,
+           event_risk_factor, event_adjustment, min_rate_units * 0.00000001, borrow_status, rate_source,
+           available_shares, rate_as_of
+    FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::numeric[], $5::numeric[], $6::numeric[], $7::int2[],
+                $8::numeric[], $9::int8[], $10::text[], $11::text[], $12::int8[], $13::timestamptz[])
+        AS x (rate_id, ticker, rate_units, base_rate, volatility_index, volatility_adjustment,
+              event_risk_factor, event_adjustment, min_rate_units, borrow_status, rate_source,
+              available_shares, rate_as_of)
+    ON CONFLICT (rate_id) DO NOTHING
+)"""
+_BATCHES_FROM = """INSERT INTO quote_batches (batch_id, calculated_at, request_id, client_id, key_id,
+                           markup_percentage, transaction_fee_type, transaction_amount, day_count)
+SELECT (b->>0)::uuid, (b->>1)::timestamptz, b->>2, b->3->>0, b->3->>1, (b->3->>2)::numeric, b->3->>3,
+       (b->3->>4)::numeric, (b->3->>5)::integer
+FROM {source}
+ORDER BY 1
+ON CONFLICT (batch_id) DO NOTHING"""
+_INSERT_RATES_AND_BATCHES = (
+    f"WITH {_NEW_RATES}\n{_BATCHES_FROM.format(source='jsonb_array_elements($14::text::jsonb) AS b')}"
 )
-# A plain COPY is about twice as fast as an INSERT with ON CONFLICT (no speculative insertion); a COPY
-# fails on an existing id only when it is a replay or another replica wrote the same batch at the same
-# time, and then the write is done again through staging tables, skipping what exists.
-_STAGE_BATCHES = (
-    "CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_batches (LIKE quote_batches INCLUDING DEFAULTS) "
-    "ON COMMIT DELETE ROWS"
+# A write of single quotes only is one statement, so one round trip and atomic without a transaction.
+# Its quotes are one JSON array of objects ($20, `_SingleQuote`: batch id, time, request id, the index of
+# its client, key and fee schedule in $14-$19, its rate id, then its row's values, cents as integers),
+# which `json_to_recordset` turns into typed columns in one pass: a JSON array of arrays taken apart
+# with `->>` and casts cost PostgreSQL about 15 us of CPU per quote, on the cores the engine shares. A
+# quote's id is its batch id (row 0). Fee figures go as text (a float's shortest repr), cast to NUMERIC
+# as a JSON number would be.
+_INSERT_SINGLE_QUOTES = f"""WITH {_NEW_RATES},
+single_quotes AS MATERIALIZED (
+    SELECT * FROM json_to_recordset($20::json)
+        AS q (quote_id uuid, calculated_at timestamptz, request_id text, tail int4, rate_id uuid,
+              input_index int8, loan_days int4, position_cents int8, borrow_cost int8, markup int8,
+              transaction_fees int8, total_fee int8)
+),
+new_batches AS (
+    INSERT INTO quote_batches (batch_id, calculated_at, request_id, client_id, key_id, markup_percentage,
+                               transaction_fee_type, transaction_amount, day_count)
+    SELECT quote_id, calculated_at, request_id, ($14::text[])[tail], ($15::text[])[tail],
+           ($16::text[])[tail]::numeric, ($17::text[])[tail], ($18::text[])[tail]::numeric,
+           ($19::int4[])[tail]
+    FROM single_quotes
+    ORDER BY 1
+    ON CONFLICT (batch_id) DO NOTHING
+    RETURNING 1
 )
-_MERGE_BATCHES = (
-    "INSERT INTO quote_batches SELECT * FROM pricer_stage_quote_batches ORDER BY batch_id "
-    "ON CONFLICT (batch_id) DO NOTHING"
-)
+INSERT INTO quote_rows (quote_id, input_index, rate_id, loan_days, position_value, borrow_cost, markup,
+                        transaction_fees, total_fee)
+SELECT quote_id, input_index, rate_id, loan_days, position_cents * 0.01, borrow_cost * 0.01, markup * 0.01,
+       transaction_fees * 0.01, total_fee * 0.01
+FROM single_quotes
+WHERE (SELECT count(*) FROM new_batches) >= 0  -- the batches first, as the COPY path does
+ORDER BY 1
+ON CONFLICT (quote_id) DO NOTHING
+"""  # noqa: S608
+# Up to this many single quotes (and no larger batch) go as one statement; more go by COPY.
+SINGLE_STATEMENT_QUOTES: Final = 5_000
+# A plain COPY is about twice as fast as an INSERT with ON CONFLICT (no speculative insertion); a COPY of
+# rows fails on an existing id only when it is a replay or another replica wrote the same batch at the
+# same time, and then it is done again through a staging table, skipping what exists.
 _STAGE_ROWS = (
     "CREATE TEMP TABLE IF NOT EXISTS pricer_stage_quote_rows (LIKE quote_rows) ON COMMIT DELETE ROWS"
 )
@@ -121,34 +150,33 @@ def rate_id(rate: TickerRate) -> bytes:
     return hashlib.blake2b(_RATE_ENCODER.encode(rate), digest_size=16).digest()
 
 
-# Text COPY escapes (https://www.postgresql.org/docs/current/sql-copy.html): a value's backslashes and
-# the characters that end a field or a line.
-_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_BATCH_ENCODER: Final = msgspec.json.Encoder()
 
 
-_NEEDS_ESCAPE: Final = re.compile(r"[\\\t\n\r]")
+class _SingleQuote(msgspec.Struct, array_like=False, omit_defaults=False):
+    """A single quote's element of `_INSERT_SINGLE_QUOTES`' JSON array (its SQL column names)."""
 
-
-def _copy_text(value: object) -> str:
-    """`value` as a field of text COPY data; None as NULL (which a NOT NULL column refuses, as it
-    refuses a record missing a field)."""
-    if value is None:
-        return "\\N"
-    text = value if type(value) is str else str(value)
-    return text.translate(_COPY_ESCAPES) if _NEEDS_ESCAPE.search(text) else text
-
-
-async def _chunk(data: bytes) -> AsyncIterator[bytes]:
-    """`data` as one chunk of a COPY's source."""
-    yield data
+    quote_id: str
+    calculated_at: dt.datetime
+    request_id: str
+    tail: int
+    rate_id: str
+    input_index: int
+    loan_days: int
+    position_cents: int
+    borrow_cost: int
+    markup: int
+    transaction_fees: int
+    total_fee: int
 
 
 class _Write:
-    """One write: its distinct rates as the array parameters of `_INSERT_RATES` (in digest order), its
-    batches as text COPY data of `_BATCH_COLUMNS` (a line each) and every row as a binary COPY tuple of
-    `quote_rows`, both in quote id order."""
+    """One write: for up to SINGLE_STATEMENT_QUOTES single quotes and nothing else, everything as the
+    parameters of `_INSERT_SINGLE_QUOTES` (`rows` is then None); otherwise its batches as the JSON array
+    and its distinct rates as the array parameters of `_INSERT_RATES_AND_BATCHES`, and every row as a
+    binary COPY tuple of `quote_rows` (in quote id order)."""
 
-    __slots__ = ("batches", "rate_arguments", "rows")
+    __slots__ = ("batch_arguments", "rows")
 
     def __init__(
         self, records: Sequence[AuditRecord], known_rate_ids: dict[int, tuple[TickerRate, bytes]]
@@ -156,9 +184,15 @@ class _Write:
         rate_columns: list[list[Any]] = [[] for _ in range(13)]
         # A client's fee schedule and key are shared by its batches, a rate by the quotes of a ticker in a
         # cache period: each is converted once per write.
-        batch_tails: dict[tuple[int, str, str | None], str] = {}
-        written_rates: set[bytes] = set()
-        batches: list[str] = []
+        tail_indexes: dict[tuple[int, str, str | None], int] = {}
+        tails: list[tuple[str, str | None, float, str, float, int]] = []
+        written_rates: dict[bytes, str] = {}  # digest: its hex
+        # Per record: its batch's uuid, time, request id and tail (1-based, as SQL indexes arrays).
+        batch_ids: list[str] = []
+        times: list[dt.datetime] = []
+        request_ids: list[str] = []
+        tail_of: list[int] = []
+        single_values: list[_SingleQuote] = []
         only_single_quotes = True
         rate_ids: list[bytes] = []  # every record's, in order
         rate_counts: list[int] = []
@@ -169,11 +203,11 @@ class _Write:
                 known = known_rate_ids[id(rate)] = (rate, rate_id(rate))
             digest = known[1]
             if digest not in written_rates:
-                written_rates.add(digest)
+                written_rates[digest] = digest.hex()
                 _append_row(
                     rate_columns,
                     (
-                        digest.hex(),
+                        written_rates[digest],
                         rate.ticker,
                         rate.rate_units,
                         _num(rate.base_rate),
@@ -193,38 +227,70 @@ class _Write:
         for record in records:
             schedule = record.fee_schedule
             tail_key = (id(schedule), record.client_id, record.key_id)
-            tail = batch_tails.get(tail_key)
+            tail = tail_indexes.get(tail_key)
             if tail is None:
-                # Money as the float's shortest decimal text (what a JSON parameter carried), which the
-                # NUMERIC column rounds to its scale; never the float's binary expansion.
-                tail = batch_tails[tail_key] = "\t".join(
+                tails.append(
                     (
-                        _copy_text(record.client_id),
-                        _copy_text(record.key_id),
-                        repr(float(schedule.markup_percentage)),
-                        _copy_text(str(schedule.transaction_fee_type)),
-                        repr(float(schedule.transaction_amount)),
-                        str(int(schedule.day_count)),
+                        record.client_id,
+                        record.key_id,
+                        float(schedule.markup_percentage),
+                        str(schedule.transaction_fee_type),
+                        float(schedule.transaction_amount),
+                        int(schedule.day_count),
                     )
                 )
+                tail = tail_indexes[tail_key] = len(tails)
             calculated_at = record.calculated_at
-            # In UTC, with its offset (naive datetimes are UTC here).
+            # In UTC: msgspec writes an offset in whole minutes (some zones' offsets have seconds).
+            # Naive datetimes are UTC here, as asyncpg takes them.
             calculated_at = (
                 calculated_at.replace(tzinfo=dt.UTC)
                 if calculated_at.tzinfo is None
                 else calculated_at.astimezone(dt.UTC)
             )
-            batches.append(
-                f"{record.batch_id}00000000\t{calculated_at.isoformat()}\t{_copy_text(record.request_id)}\t{tail}\n"
-            )
-            if isinstance(record, QuoteColumns) and is_single_quote(record):
-                rate_ids.append(digest_of(record.rates[0]))
+            batch_ids.append(f"{record.batch_id}00000000")
+            times.append(calculated_at)
+            request_ids.append(record.request_id)
+            tail_of.append(tail)
+            if only_single_quotes and isinstance(record, QuoteColumns) and is_single_quote(record):
+                digest = digest_of(record.rates[0])
+                rate_ids.append(digest)
                 rate_counts.append(1)
+                single_values.append(
+                    _SingleQuote(
+                        batch_ids[-1],
+                        calculated_at,
+                        record.request_id,
+                        tail,
+                        written_rates[digest],
+                        *single_row_values(record)[1:],
+                    )
+                )
             else:
+                # A single quote's rate and count above are also what it has as a batch.
                 only_single_quotes = False
                 rate_counts.append(len(record.rates))
                 rate_ids.extend(map(digest_of, record.rates))
-        # Rows in quote id order whatever the records: concurrent writers of the same quotes then lock them
+        if len(rate_columns[0]) > 1:
+            # In digest order: two writers inserting the same new rates lock them in the same order.
+            order = sorted(range(len(rate_columns[0])), key=rate_columns[0].__getitem__)
+            rate_columns = [[column[i] for i in order] for column in rate_columns]
+        self.rows: np.ndarray[Any, Any] | None = None
+        if only_single_quotes and len(records) <= SINGLE_STATEMENT_QUOTES:
+            tail_columns = list(zip(*tails, strict=True))
+            fees = [[repr(figure) for figure in tail_columns[i]] for i in (2, 4)]
+            self.batch_arguments: tuple[Any, ...] = (
+                *rate_columns,
+                tail_columns[0],
+                tail_columns[1],
+                fees[0],
+                tail_columns[3],
+                fees[1],
+                tail_columns[5],
+                _BATCH_ENCODER.encode(single_values).decode(),
+            )
+            return
+        # Rows in quote id order whatever the path: concurrent writers of the same quotes then lock them
         # in the same order (a write mixing single quotes and batches, rare, turns its single quotes
         # back into batches for that).
         if only_single_quotes:
@@ -238,12 +304,12 @@ class _Write:
                 b"".join(rate_ids),
                 rate_counts,
             )
-        if len(rate_columns[0]) > 1:
-            # In digest order: two writers inserting the same new rates lock them in the same order.
-            order = sorted(range(len(rate_columns[0])), key=rate_columns[0].__getitem__)
-            rate_columns = [[column[i] for i in order] for column in rate_columns]
-        self.rate_arguments = rate_columns
-        self.batches = "".join(batches).encode()
+        tail_json = [msgspec.Raw(_BATCH_ENCODER.encode(tail)) for tail in tails]
+        entries = [
+            (batch_id, time, request_id, tail_json[tail - 1])
+            for batch_id, time, request_id, tail in zip(batch_ids, times, request_ids, tail_of, strict=True)
+        ]
+        self.batch_arguments = (*rate_columns, _BATCH_ENCODER.encode(entries).decode())
 
 
 # A write of fewer rows per connection than this stays on one connection (one transaction).
@@ -275,13 +341,14 @@ class PgQuoteStore(_PgStore):
     async def add_many(self, batches: Iterable[AuditRecord]) -> int:
         """Record every position of the batches; the number of rows that were new.
 
-        Up to `PARALLEL_WRITE_ROWS` rows per connection go in one transaction: the rates in one
-        statement, then the batches and the rows by COPY. A larger write records its batches and rates first,
+        Up to `PARALLEL_WRITE_ROWS` rows per connection go in one transaction: the batches and rates in
+        one statement, then the rows in one COPY. A larger write records its batches and rates first,
         then its rows, cut into ranges written at once over `write_connections` connections (each its
         own transaction): PostgreSQL's side of a write is CPU-bound, so a 10^5-row batch spreads over the
         database's cores. If one part fails, the caller writes everything again (the audit trail's spool
         does) and what is already in is skipped. A batch whose columns are inconsistent (lengths, a rate
-        index out of range) raises ValueError before anything is written."""
+        index out of range) raises ValueError before anything is written. Up to SINGLE_STATEMENT_QUOTES
+        single quotes and nothing else go as one statement."""
         kept: dict[str, AuditRecord] = {}
         for batch in batches:
             if batch.size:
@@ -299,6 +366,11 @@ class PgQuoteStore(_PgStore):
             write = await asyncio.to_thread(_Write, records, self._rate_ids)
         else:
             write = _Write(records, self._rate_ids)
+        if write.rows is None:
+            with translate_errors("quotes.add"):
+                async with self._pool.acquire() as connection:
+                    status = await connection.execute(_INSERT_SINGLE_QUOTES, *write.batch_arguments)
+            return int(str(status).rsplit(" ", 1)[-1])
         parts = min(self._write_connections, len(write.rows) // PARALLEL_WRITE_ROWS)
         if parts <= 1:
             return await self._write(write, write.rows, batches=True)
@@ -329,17 +401,7 @@ class PgQuoteStore(_PgStore):
         connection: Any, write: _Write, rows: np.ndarray[Any, Any] | None, *, batches: bool, merge: bool
     ) -> int:
         if batches:
-            await connection.execute(_INSERT_RATES, *write.rate_arguments)
-            if not merge:
-                await connection.copy_to_table(
-                    "quote_batches", source=_chunk(write.batches), columns=_BATCH_COLUMNS
-                )
-            else:
-                await connection.execute(_STAGE_BATCHES)
-                await connection.copy_to_table(
-                    "pricer_stage_quote_batches", source=_chunk(write.batches), columns=_BATCH_COLUMNS
-                )
-                await connection.execute(_MERGE_BATCHES)
+            await connection.execute(_INSERT_RATES_AND_BATCHES, *write.batch_arguments)
         if rows is None:
             return 0
         if not merge:
