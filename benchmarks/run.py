@@ -226,14 +226,15 @@ MISS_ANALYSIS: dict[str, str] = {
     # The production shape first: its row's name also holds "req/s engine / FastAPI baseline".
     "Redis limiter + PostgreSQL": (
         "The production shape adds to the embedded engine's CPU per quote its Redis and PostgreSQL "
-        "clients' work and the database's own: measured per quote (server and PostgreSQL backend CPU "
-        "from /proc, wrk at 32 connections), the engine process spends about 10-15 µs more than embedded "
-        "(the audit writer: the recent-quotes store, the COPY data, the sends to PostgreSQL) and the "
-        "PostgreSQL backends 10-14 µs (after the audit writes went from one INSERT parsing a JSON "
-        "parameter, 15-22 µs, to COPY of batches and rows), on the two cores the engine and wrk share. "
-        "The Redis limiter costs under 2 µs per quote: with a lease (256 tokens, refilled at half) about "
-        "one script call per 128 decisions. What would close it: the audit writer's row building and "
-        "sends in a process of its own on a third core, or fewer bytes per single quote to PostgreSQL."
+        "clients' work and the database's own. Measured per quote (server and PostgreSQL backend CPU "
+        "from /proc): the engine process spends about 10-15 µs more than embedded (the audit writer: "
+        "3.5-4.5 µs to build and send each write of a few hundred single quotes, the rest in the "
+        "recent-quotes store and the queue), and PostgreSQL about 11 µs to insert each quote's batch "
+        "and row (12-14 µs before the single quotes' JSON went to json_to_recordset), part of it on the "
+        "engine's core. The Redis limiter costs under 2 µs per quote: a lease of 256 tokens, refilled "
+        "at half, takes one script call per 128 decisions. Tried and measured: batches and rows by COPY "
+        "cut PostgreSQL to ~8 µs but doubled the engine's share (seven round trips per write). What "
+        "would close it: the audit writer in a process of its own on a core the engine does not use."
     ),
     "req/s engine / FastAPI baseline": (
         "The engine spends about 70-100 µs of server CPU per quote where the raw-ASGI ceiling spends "
@@ -258,9 +259,8 @@ MISS_ANALYSIS: dict[str, str] = {
     ),
     "PostgreSQL store + audit": (
         "The PostgreSQL engine spends 5-25 µs more of its own CPU per quote than the in-memory one (the "
-        "spread is this VM's run-to-run noise): the audit writer runs on the event loop (a write of a few "
-        "hundred queued single quotes is one transaction: rates by one INSERT, batches and rows by "
-        "COPY, a few µs per quote), "
+        "spread is this VM's run-to-run noise): the audit writer runs on the event loop (its write of a few "
+        "hundred queued single quotes is one statement with one JSON parameter, a few µs per quote), "
         "plus the cached stores, and PostgreSQL's backends (~10-15 µs per "
         "quote) share the same two cores. What would close it: the writer in a process of its own (its "
         "work is off the request path but not off the core), or single quotes priced together per "
