@@ -715,6 +715,41 @@ async def test_a_write_of_single_quotes_only(statement_limit: int, monkeypatch: 
         await _assert_input_indexes(pool, singles)
 
 
+async def test_odd_batch_fields_are_stored_as_given_by_either_path() -> None:
+    """Single quotes (array parameters) and a batch (JSON and COPY) with a tab, line break, backslash or a
+    literal `\\N` in an id, no key, a time with an offset of seconds and fee figures at the columns' scale
+    and precision come back exactly, written once and replayed."""
+    odd = [
+        dataclasses.replace(
+            make_batch(size, rates=MIXED_RATES[:1], seed=size, key_id=key_id, fee_schedule=schedule),
+            request_id=request_id,
+            client_id=client_id,
+            calculated_at=calculated_at,
+        )
+        for size, key_id, schedule, request_id, client_id, calculated_at in (
+            (1, "\\N", FeeScheduleView(0.1, FeeType.FLAT, 0.0001, 360), "a\tb\nc\\d\re", "c\\1", T0),
+            (1, None, FeeScheduleView(0.0001, FeeType.PERCENTAGE, 0.5, 365), "\\N", "tab\there", T0),
+            (
+                3,
+                "k\n",
+                FeeScheduleView(99.9999, FeeType.FLAT, 123456789012.5, 365),
+                "r",
+                "c2",
+                T0.astimezone(dt.timezone(dt.timedelta(hours=5, minutes=30, seconds=17))),
+            ),
+        )
+    ]
+    records = [batch_to_columns(batch) if batch.size == 1 else batch for batch in odd]
+    async with pg_stores() as (stores, pool, _dsn, _schema):
+        store = PgQuoteStore(pool)
+        assert await store.add_many(records[:2]) == 2  # single quotes only: one statement
+        assert await store.add_many(records) == 3
+        assert await store.add_many(records) == 0
+        for batch in odd:
+            for row in range(batch.size):
+                assert await stores.quotes.get(batch.quote_id(row)) == batch.quote(row)
+
+
 async def test_single_quotes_and_the_same_quotes_as_batches_written_at_once() -> None:
     """A replica replaying its spool writes PricedBatches by COPY while another writes the same quotes
     as QuoteColumns in one statement: both take the batches' locks first, so neither deadlocks."""
