@@ -14,7 +14,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Final, Protocol, TypeVar, cast
 
@@ -52,9 +52,14 @@ _STATUSES = [BorrowStatus(name) for name in STATUS_NAMES]
 
 # Risk of an earnings report with no risk of its own, by days left to it (DESIGN §3).
 EARNINGS_RISK_BY_DAYS = ((1, 8), (3, 6), (7, 4))
-# Rates of the tickers a request misses in the cache, from the stores (one query each for stocks and
-# events, the snapshots in force cached): milliseconds on a healthy database, even for thousands of tickers.
-RATES_TIMEOUT_SECONDS = 2.0
+# The store reads behind the rates a request misses in the cache (one query each for stocks and events,
+# the snapshots in force cached): milliseconds on a healthy database, even for thousands of tickers. Well
+# under the gateway's BACKEND_TIMEOUT_SECONDS (2 s by default), so that a calculation service behind it
+# serves a stale rate, as ROLE=all does, before the gateway gives up on it. After a failure the stores are
+# not asked again for RATES_RETRY_SECONDS: requests in between take the fallback at once instead of each
+# waiting for the deadline and leaving one more abandoned query on the pool.
+RATES_TIMEOUT_SECONDS = 0.75
+RATES_RETRY_SECONDS = 1.0
 T = TypeVar("T")
 
 
@@ -185,6 +190,7 @@ class MarketData:
         )
         self._stale = cache_stale_seconds
         self._serving_stale = False
+        self._failure: tuple[ServiceUnavailable, float] | None = None  # the last one, and until when it holds
         self._metrics = metrics
         self._shared = shared_cache
         self._default_volatility = VolatilityReading(
@@ -218,7 +224,7 @@ class MarketData:
         """The rate of each (normalised, distinct) ticker at `now`; None for an unknown ticker."""
         cache = self._cache
         if cache is None:
-            return await self._in_time(self._compute(tickers, now))
+            return await self._compute(tickers, now)
         today = now.date()
         generation = cache.generation
         found, missing = cache.lookup(tickers, today)
@@ -226,14 +232,19 @@ class MarketData:
             self._metrics.cache_hits += len(tickers) - len(missing)
             self._metrics.cache_misses += len(missing)
         if missing:
-            try:
-                by_ticker = await self._in_time(self._shared_or_computed(missing, now))
-            except ServiceUnavailable:
+            failure = self._recent_failure()
+            if failure is None:
+                try:
+                    by_ticker = await self._shared_or_computed(missing, now)
+                except ServiceUnavailable as error:
+                    failure = error
+                    self._failure = (error, time.monotonic() + RATES_RETRY_SECONDS)
+            if failure is not None:
                 # Stale-if-error: rates this process priced stand in for a while (RATE_CACHE_STALE_SECONDS);
                 # a ticker it never priced has no fallback (503).
                 stale = cache.stale_rates(missing, today, self._stale)
                 if stale is None:
-                    raise
+                    raise failure.with_traceback(None)
                 if not self._serving_stale:
                     self._serving_stale = True
                     log.warning(
@@ -243,6 +254,7 @@ class MarketData:
                 by_ticker = stale
             else:
                 self._serving_stale = False
+                self._failure = None
                 cache.store(missing, [by_ticker[ticker] for ticker in missing], today, generation)
             return [
                 by_ticker[ticker] if hit is _MISS else cast("TickerRate | None", hit)
@@ -250,10 +262,15 @@ class MarketData:
             ]
         return cast("list[TickerRate | None]", found)
 
+    def _recent_failure(self) -> ServiceUnavailable | None:
+        failure = self._failure
+        return failure[0] if failure is not None and time.monotonic() < failure[1] else None
+
     async def _in_time(self, work: Awaitable[T]) -> T:
-        """`work` (rates computed from the stores) within RATES_TIMEOUT_SECONDS: a database that answers
-        nothing fails the rates as one that refuses connections does (a cached rate, else 503), not after
-        the driver's timeouts (30 s and more)."""
+        """`work` (store reads) within RATES_TIMEOUT_SECONDS: a database that answers nothing fails the
+        rates as one that refuses connections does (a cached rate, else 503), not after the driver's
+        timeouts (30 s and more). Only the reads: a live source's cold fetch has its own deadline
+        (SOURCE_COLD_FETCH_MS), and building the rates is CPU on a loop that may be busy."""
         try:
             return await within(RATES_TIMEOUT_SECONDS, work)
         except TimeoutError:
@@ -278,20 +295,30 @@ class MarketData:
             found.update(computed)
         return found
 
+    async def _read_rows(
+        self, tickers: Sequence[str]
+    ) -> tuple[AvailabilitySnapshot | None, Mapping[str, Stock]]:
+        stores = self._stores
+        return await stores.availability.current(), await stores.stocks.get_many(tickers)
+
+    async def _read_risks(
+        self, tickers: Sequence[str], today: dt.date
+    ) -> tuple[Mapping[str, Sequence[MarketEvent]], VolatilityReading]:
+        events = await self._stores.events.between(tickers, today, today + self._event_window)
+        return events, await self.volatility()
+
     async def _compute(self, tickers: Sequence[str], now: dt.datetime) -> list[TickerRate | None]:
         """The rates of `tickers` from one read of the stores. A batch over every ticker of the file (5,000)
         held the loop for 50-70 ms here: the rows are built a few hundred per loop turn (after the reads,
         so that the whole batch still sees one snapshot)."""
-        stores = self._stores
         book = self._book
         live = self.live
         if live is not None:
             cold = live.cold_candidates(tickers)
             if cold:
                 await live.cold_fetch(cold)
-        snapshot = await stores.availability.current()
+        snapshot, stocks = await self._in_time(self._read_rows(tickers))
         entries = snapshot.entries if snapshot is not None else {}
-        stocks = await stores.stocks.get_many(tickers)
         answers = {ticker: book.answer(ticker) for ticker in tickers} if book is not None else {}
         known = [
             ticker
@@ -305,8 +332,7 @@ class MarketData:
         if live is not None:
             live.note_priced(known)
         today = now.date()
-        events = await stores.events.between(known, today, today + self._event_window)
-        reading = await self.volatility()
+        events, reading = await self._in_time(self._read_risks(known, today))
 
         policy_min = self._policy.min_rate_units
         count = len(known)
