@@ -33,12 +33,15 @@ from hypothesis import strategies as st
 from pricer.audit import (
     LOCK_FILE,
     REPLAY_CHUNK,
+    REPLAY_CHUNK_ROWS,
     AuditTrail,
     QuoteSink,
     Spool,
     encode_record,
+    replay_chunks,
     scan,
 )
+from pricer.audit_sink import WRITE_TIMEOUT_MAX_SECONDS, write_deadline
 from pricer.endpoints.views import quote_response
 from pricer.errors import ServiceUnavailable
 from pricer.logs import FIELDS_ATTR
@@ -1093,3 +1096,24 @@ async def test_disk_mode_spools_without_a_second_fsync_and_loses_nothing(tmp_pat
         await memory.close()  # to the spool, fsynced: its only copy
         await still_away.close()
         assert memory.spool.syncs == 1
+
+
+def test_replay_chunks_stop_at_their_batch_and_row_counts_and_cover_every_batch_once() -> None:
+    big = REPLAY_CHUNK_ROWS
+    sizes = [1] * (REPLAY_CHUNK + 3) + [big, big // 2, big // 2, 1, big * 3]
+    chunks = replay_chunks(sizes)
+    assert [index for start, end in chunks for index in range(start, end)] == list(range(len(sizes)))
+    for start, end in chunks:
+        assert end - start <= REPLAY_CHUNK
+        assert end - start == 1 or sum(sizes[start:end]) <= REPLAY_CHUNK_ROWS
+    assert chunks[0] == (0, REPLAY_CHUNK)
+    assert (len(sizes) - 1, len(sizes)) in chunks  # a batch bigger than the bound goes alone
+    assert replay_chunks([]) == []
+
+
+def test_a_writes_deadline_grows_with_its_rows_up_to_the_cap() -> None:
+    """Capped so that a SIGTERM with the database hung (a write in flight, a replay chunk, the drain)
+    ends within the pod's 45 s grace period."""
+    assert write_deadline(1) < write_deadline(100_000) < WRITE_TIMEOUT_MAX_SECONDS
+    assert write_deadline(10**7) == WRITE_TIMEOUT_MAX_SECONDS
+    assert 3 * WRITE_TIMEOUT_MAX_SECONDS + 5 < 45

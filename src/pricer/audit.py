@@ -54,6 +54,7 @@ import functools
 import logging
 import os
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,6 +79,7 @@ from pricer.stores.memory import MemoryQuoteStore
 __all__ = [
     "LOCK_FILE",
     "REPLAY_CHUNK",
+    "REPLAY_CHUNK_ROWS",
     "AuditTrail",
     "QuoteSink",
     "Spool",
@@ -89,7 +91,25 @@ log = logging.getLogger("pricer.audit")
 
 
 REPLAY_CHUNK = 64
+# A replay chunk also stops at this many rows (one bigger batch still goes alone): its write's deadline
+# is capped, and a chunk of 64 large spooled batches would not be written within it.
+REPLAY_CHUNK_ROWS = 200_000
 ADOPT_SECONDS = 5.0
+
+
+def replay_chunks(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) ranges of batches (by their row counts) written together in a replay: at most
+    REPLAY_CHUNK batches and REPLAY_CHUNK_ROWS rows, at least one batch."""
+    chunks: list[tuple[int, int]] = []
+    start = rows = 0
+    for index, size in enumerate(sizes):
+        if index > start and (index - start >= REPLAY_CHUNK or rows + size > REPLAY_CHUNK_ROWS):
+            chunks.append((start, index))
+            start, rows = index, 0
+        rows += size
+    if start < len(sizes):
+        chunks.append((start, len(sizes)))
+    return chunks
 
 
 class AuditTrail:
@@ -366,10 +386,10 @@ class AuditTrail:
             self._set_aside(path, error, replayed=0)
             return True
         batches = found.batches
-        for start in range(0, len(batches), REPLAY_CHUNK):
+        for start, end in replay_chunks([batch.size for batch in batches]):
             self._writer.unproven = False
             try:
-                written = await self._writer.write(batches[start : start + REPLAY_CHUNK])
+                written = await self._writer.write(batches[start:end])
             except Exception as error:
                 self._set_aside(path, error, replayed=start)
                 return True

@@ -22,11 +22,19 @@ POISON_ATTEMPTS = 3  # writes failing while the database answers a probe, before
 # A database that answers nothing (hung, partitioned) is given up on after these, as one that refuses
 # connections is at once; otherwise the records would wait in memory for the driver's timeouts (30 s per
 # query, 60 s per connection attempt), and a graceful shutdown with them, past the pod's grace period.
-# A write's deadline grows with its rows (about ten times what a loaded database takes).
+# A write's deadline grows with its rows (about ten times what a loaded database takes), up to a cap, so
+# that a graceful stop with the database hung (one write in flight, one replay chunk, one drain) stays
+# well inside the pod's 45 s grace period.
 PROBE_TIMEOUT_SECONDS = 2.0
 WRITE_TIMEOUT_SECONDS = 5.0
 WRITE_TIMEOUT_SECONDS_PER_ROW = 20e-6
+WRITE_TIMEOUT_MAX_SECONDS = 12.0
 _PROBE_QUOTE_ID = "0" * QUOTE_ID_LENGTH
+
+
+def write_deadline(rows: int) -> float:
+    """Seconds a write of `rows` rows is given before the database counts as away."""
+    return min(WRITE_TIMEOUT_SECONDS + WRITE_TIMEOUT_SECONDS_PER_ROW * rows, WRITE_TIMEOUT_MAX_SECONDS)
 
 
 class QuoteSink(Protocol):
@@ -123,7 +131,7 @@ class SinkWriter:
         )
 
     async def _attempt(self, batches: Sequence[AuditRecord]) -> Exception | None:
-        seconds = WRITE_TIMEOUT_SECONDS + WRITE_TIMEOUT_SECONDS_PER_ROW * sum(batch.size for batch in batches)
+        seconds = write_deadline(sum(batch.size for batch in batches))
         try:
             await within(seconds, self._sink.write(batches))
         except TimeoutError:
