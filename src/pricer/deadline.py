@@ -22,16 +22,27 @@ async def within(seconds: float, awaitable: Awaitable[T]) -> T:
     try:
         await asyncio.wait((attempt,), timeout=seconds)
     except asyncio.CancelledError:
-        attempt.cancel()
+        _abandon(attempt)
         raise
     if attempt.done():
         return attempt.result()
-    attempt.cancel()
-    attempt.add_done_callback(_retrieved)
+    _abandon(attempt)
     raise TimeoutError(f"no answer within {seconds} s")
+
+
+# Abandoned attempts, held until they end: the loop keeps only weak references to tasks.
+_abandoned: set[asyncio.Future[Any]] = set()
+
+
+def _abandon(attempt: asyncio.Future[Any]) -> None:
+    attempt.cancel()
+    if not attempt.done():
+        _abandoned.add(attempt)
+    attempt.add_done_callback(_retrieved)
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
     """The abandoned attempt's error is nobody's: retrieved so that asyncio does not log it."""
+    _abandoned.discard(task)
     if not task.cancelled():
         task.exception()
