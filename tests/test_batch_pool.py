@@ -30,6 +30,7 @@ import pytest
 
 from pricer import batch_pool
 from pricer.batch_pool import SCRATCH_PREFIX, BatchPool
+from pricer.batch_process import WorkerDied, WorkerProcess
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.decimal_reference import reference_fee
 
@@ -375,3 +376,35 @@ def test_a_scratch_directory_of_a_killed_server_goes_though_its_pid_was_reused(
     for live in (pool, again):
         asyncio.run(live.stop())
     assert not any(tmp_path.iterdir())
+
+
+def test_a_workers_pipes_are_closed_by_the_last_thread_out_of_them_never_under_it() -> None:
+    """A request cancelled while a thread waits on the worker's pipe kills and closes the worker: the
+    descriptor must stay open until that thread has returned (else its number may be reused by a socket
+    or a scratch file, and the rest of a message written into it)."""
+    worker = WorkerProcess()
+    assert worker.receive()[0] == "ready"
+    fd = worker.replies.fileno()
+    outcome: list[BaseException | tuple[Any, ...]] = []
+
+    def wait_for_a_reply() -> None:
+        try:
+            outcome.append(worker.receive())
+        except WorkerDied as error:
+            outcome.append(error)
+
+    waiting = threading.Thread(target=wait_for_a_reply)
+    waiting.start()
+    time.sleep(0.2)
+    worker.close()
+    os.fstat(fd)  # still open: the thread is in it
+    worker.kill()  # its wait ends with the process
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], WorkerDied)
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert worker.wait(10)
+    with pytest.raises(WorkerDied):
+        worker.send(None)

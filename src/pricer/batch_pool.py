@@ -134,8 +134,8 @@ class BatchPool:
         worker = WorkerProcess()
         self._workers.add(worker)
         try:
-            ready = await asyncio.to_thread(worker.replies.recv)
-        except (EOFError, OSError):
+            ready = await asyncio.to_thread(worker.receive)
+        except WorkerDied:
             ready = None
         if self._closing:
             return

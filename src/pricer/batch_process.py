@@ -9,6 +9,7 @@ import fcntl
 import os
 import signal
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -54,23 +55,43 @@ class WorkerProcess:
         self.requests = Connection(to_worker_write, readable=False)
         self.replies = Connection(from_worker_read, writable=False)
         self.reaped = False
+        # Pipe calls run on threads, and a request cancelled meanwhile kills and closes the worker: its
+        # descriptors are closed by the last thread out, never under a thread (the number could be reused
+        # by a socket or a scratch file, and the rest of a message written into it).
+        self._io_lock = threading.Lock()
+        self._in_io = 0
+        self._closed = False
 
     async def call(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
         # Sent from a thread: a message over the pipe's 64 KiB (a batch's rates: hundreds of KB for 5,000
         # tickers) blocks the writer until the worker has read it, and the worker runs niced (10-18 ms
         # of the loop's time measured when it was sent from the loop).
         await asyncio.to_thread(self.send, message)
-        try:
-            reply: tuple[Any, ...] = await asyncio.to_thread(self.replies.recv)
-        except (EOFError, OSError) as error:
-            raise WorkerDied from error
-        return reply
+        return await asyncio.to_thread(self.receive)
 
     def send(self, message: tuple[Any, ...] | None) -> None:
+        self._pipe_call(self.requests.send, message)
+
+    def receive(self) -> tuple[Any, ...]:
+        """The worker's next reply (blocking: run on a thread)."""
+        reply: tuple[Any, ...] = self._pipe_call(self.replies.recv)
+        return reply
+
+    def _pipe_call(self, call: Any, *args: Any) -> Any:
+        with self._io_lock:
+            if self._closed:
+                raise WorkerDied("the worker's pipes are closed")
+            self._in_io += 1
         try:
-            self.requests.send(message)
-        except OSError as error:
+            return call(*args)
+        except (EOFError, OSError) as error:
             raise WorkerDied from error
+        finally:
+            with self._io_lock:
+                self._in_io -= 1
+                last_out = self._closed and not self._in_io
+            if last_out:
+                self._close_pipes()
 
     def kill(self) -> None:
         if not self.reaped:
@@ -79,6 +100,13 @@ class WorkerProcess:
         self.close()
 
     def close(self) -> None:
+        with self._io_lock:
+            self._closed = True
+            if self._in_io:
+                return  # the thread in a pipe call closes them when it returns (SIGKILL ends its wait)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
         for connection in (self.requests, self.replies):
             with contextlib.suppress(OSError):
                 connection.close()
