@@ -316,11 +316,12 @@ MISS_ANALYSIS: dict[str, str] = {
         "most of them a task woken by a timer or event (likely the audit writer's group commit, 1-4 ms, "
         "in all as well): too rare to make a p99. "
         "TCP_NODELAY is on for the pooled connections (now set explicitly) and each request and answer is "
-        "one write. The latency phases now run the backends on a core of their own, as deployed (the "
-        "calculation service requests a CPU of its own in ops/k8s). This session's runs were on a machine "
-        "loaded by other work (load average 5-8): p99s of 5 ms to seconds in both shapes, so none of them "
-        "can show the 1 ms target either way. What would close it: this measured on the quiet machine; "
-        "fewer wake-ups per forwarded request."
+        "one write. On the quiet machine, with the split's three processes on all's one core, the split "
+        "spends about 141 µs of CPU per quote (gateway 68, calculation service 73) against all's 61: at "
+        "the same offered rate its core is more than twice as busy, and the tail is queueing behind it. "
+        "Moving the backends to the second core did not help here: the load generator runs there. What "
+        "would close it: fewer wake-ups and less CPU per forwarded request (e.g. several quotes of one "
+        "loop turn forwarded in one backend call), or the measurement on machines with a core per process."
     ),
     "providers warm / files only": (
         "Rounds vary: in one run three of five rounds read 0.91-0.93 while the files-only engine stayed "
@@ -1007,8 +1008,9 @@ def roles_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: 
         "Three processes (gateway, calculation service, data service) against ROLE=all, same run, same "
         "database and Redis, single quotes; medians over alternating rounds. The gateway's CPU per request "
         "against all's is the split's throughput per gateway core as a share of all's. The capacity phase "
-        "runs the three on one core; the latency rows run the calculation and data services on a core of "
-        "their own, as deployed (the one-core row is the shape the latency was first measured in).",
+        "runs the three on one core. The hop's p99 target compares all's engine on one core with the split's "
+        "three processes on that same core; the other latency row runs the calculation and data services "
+        "on the second core, which the load generator also uses on this 2-core machine.",
         "",
         str(doc.get("table", "")),
         "",

@@ -21,6 +21,8 @@ from pricer.settings import Settings
 from pricer.stores.memory import memory_stores
 from pricer.stores.protocols import StockStore
 
+pytestmark = pytest.mark.anyio
+
 
 class HangingStocks:
     """A stock store that, while `hung`, never answers (the call waits until it is cancelled)."""
