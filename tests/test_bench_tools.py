@@ -1154,6 +1154,7 @@ def test_million_section_renders_the_four_forms_and_targets() -> None:
         "floor_s": 1.3,
         "server_cpu_over_floor": 2.0 / 1.3,
         "rounds": 2,
+        "round_trips_s": [2.7, 2.3],
     }
     million = {
         "positions": 1_000_000,
@@ -1164,8 +1165,8 @@ def test_million_section_renders_the_four_forms_and_targets() -> None:
     }
     target = bench_http.make_target("row JSON: server / floor", 1.54, 2.0, "<=", "x")
     text = "\n".join(run.million_section({"million": million, "targets": [target]}, [], None))
-    assert "| row JSON | 62 | 248 | 2.50 | 2.00 | 1.30 (0.40 + 0.90) | 1.54 | 512 |" in text
-    assert "| columnar msgpack | 62 | 248 | 0.40 |" in text
+    assert "| row JSON | 62 | 248 | 2.50 | 2.70, 2.30 | 2.00 | 1.30 (0.40 + 0.90) | 1.54 | 512 |" in text
+    assert "| columnar msgpack | 62 | 248 | 0.40 | 2.70, 2.30 |" in text
     assert "PASS" in text
     assert "python -m pricer serve" in text
     assert run.million_section(None, [], "bench_batch.py exited with status 1")  # the failure is reported
