@@ -344,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     entry[deployment.name]["sequential_p50_ms"] = summary["latency_ms"]["p50"]
                     entry[deployment.name]["sequential_p99_ms"] = summary["latency_ms"]["p99"]
                 rate = round(0.5 * float(entry["split"]["capacity_rps"]), 1)
-                for deployment in order:
+
+                def open_loop(deployment: Deployment, rate: float = rate) -> dict[str, Any]:
+                    """The deployment's latencies at `rate`, open loop (the half-capacity phase)."""
                     config = loadtest.RunConfig(
                         deployment.front.url,
                         scenario.name,
@@ -356,7 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         cpu=args.generator_cpu,
                     )
                     result, _cpu = run_load(deployment, config, files[deployment.name])
-                    summary = loadtest.summarize(result, scenario)
+                    return loadtest.summarize(result, scenario)
+
+                for deployment in order:
+                    summary = open_loop(deployment)
                     entry[deployment.name]["half_rate_rps"] = rate
                     entry[deployment.name]["half_p99_ms"] = summary["latency_ms"]["p99"]
                     entry[deployment.name]["half_p50_ms"] = summary["latency_ms"]["p50"]
@@ -369,18 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.backend_cpu != "same":
                     # The old method's shape, for comparison: the three of the split on one core.
                     pin(backends, args.server_cpu)
-                    config = loadtest.RunConfig(
-                        split.front.url,
-                        scenario.name,
-                        "open",
-                        rate,
-                        args.connections,
-                        args.duration,
-                        args.warmup,
-                        cpu=args.generator_cpu,
-                    )
-                    result, _cpu = run_load(split, config, files[split.name])
-                    summary = loadtest.summarize(result, scenario)
+                    summary = open_loop(split)
                     entry["split"]["half_one_core_p99_ms"] = summary["latency_ms"]["p99"]
                     entry["split"]["half_one_core_valid"] = summary["valid"]
                     print(
