@@ -30,10 +30,13 @@ class HangingStocks:
     def __init__(self, inner: StockStore) -> None:
         self._inner = inner
         self.hung = False
+        self.refusing = False
         self.calls = 0
 
     async def get_many(self, tickers: Sequence[str]) -> Mapping[str, Stock]:
         self.calls += 1
+        if self.refusing:
+            raise ServiceUnavailable("refused", details={"operation": "stocks.get_many"})
         if self.hung:
             await asyncio.Event().wait()
         return await self._inner.get_many(tickers)
@@ -90,3 +93,26 @@ async def test_a_hung_store_fails_the_rates_at_the_deadline_then_at_once_until_t
     await asyncio.sleep(0.1)
     assert await market.ticker_rates(["AAPL"], now) == [priced]  # asked again, at once: no back-off left
     assert stocks.calls == asked + 2
+
+
+async def test_a_store_that_refuses_at_once_is_asked_again_at_once() -> None:
+    """No back-off after a fast refusal: it costs no deadline and leaves no query behind, and the rates
+    come back with the first request after the database does."""
+    stores = memory_stores(max_quote_rows=1000)
+    stocks = HangingStocks(stores.stocks)
+    stores = dataclasses.replace(stores, stocks=stocks)
+    now = dt.datetime.now(dt.UTC)
+    entries = {"GME": AvailabilityEntry("GME", 0.05, 1_000)}
+    await stores.availability.add(AvailabilitySnapshot(as_of=now, entries=entries, loaded_at=now))
+    market = MarketData(
+        stores, policy=RatePolicy(), default_volatility_index="20", event_window_days=7, cache_ttl_seconds=5
+    )
+    stocks.refusing = True
+    for _ in range(2):
+        with pytest.raises(ServiceUnavailable):
+            await market.ticker_rates(["GME"], now)
+    assert stocks.calls == 2
+    stocks.refusing = False
+    [rate] = await market.ticker_rates(["GME"], now)
+    assert rate is not None
+    assert stocks.calls == 3

@@ -55,11 +55,12 @@ EARNINGS_RISK_BY_DAYS = ((1, 8), (3, 6), (7, 4))
 # The store reads behind the rates a request misses in the cache (one query each for stocks and events,
 # the snapshots in force cached): milliseconds on a healthy database, even for thousands of tickers. Well
 # under the gateway's BACKEND_TIMEOUT_SECONDS (2 s by default), so that a calculation service behind it
-# serves a stale rate, as ROLE=all does, before the gateway gives up on it. After a failure the stores are
-# not asked again for RATES_RETRY_SECONDS: requests in between take the fallback at once instead of each
-# waiting for the deadline and leaving one more abandoned query on the pool.
+# serves a stale rate, as ROLE=all does, before the gateway gives up on it. After a read that timed out the
+# stores are not asked again for RATES_RETRY_SECONDS: requests in between take the fallback at once
+# instead of each waiting for the deadline and leaving one more abandoned query on the pool. Short, since
+# after a market-data change there is no stale rate to stand in (503 until the stores answer).
 RATES_TIMEOUT_SECONDS = 0.75
-RATES_RETRY_SECONDS = 1.0
+RATES_RETRY_SECONDS = 0.5
 T = TypeVar("T")
 
 
@@ -238,7 +239,6 @@ class MarketData:
                     by_ticker = await self._shared_or_computed(missing, now)
                 except ServiceUnavailable as error:
                     failure = error
-                    self._failure = (error, time.monotonic() + RATES_RETRY_SECONDS)
             if failure is not None:
                 # Stale-if-error: rates this process priced stand in for a while (RATE_CACHE_STALE_SECONDS);
                 # a ticker it never priced has no fallback (503).
@@ -274,9 +274,13 @@ class MarketData:
         try:
             return await within(RATES_TIMEOUT_SECONDS, work)
         except TimeoutError:
-            raise ServiceUnavailable(
+            error = ServiceUnavailable(
                 "The market data store did not answer in time", details={"operation": "availability.rates"}
-            ) from None
+            )
+            # Only a store that answers nothing is left alone for a while: each try of it costs the
+            # deadline and an abandoned query; one that refuses at once is asked again at once.
+            self._failure = (error, time.monotonic() + RATES_RETRY_SECONDS)
+            raise error from None
 
     async def _shared_or_computed(
         self, tickers: Sequence[str], now: dt.datetime
