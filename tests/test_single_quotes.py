@@ -26,7 +26,7 @@ from pricer.models import AvailabilityEntry, AvailabilitySnapshot, Client, FeeTy
 from pricer.observability.metrics import Metrics
 from pricer.observability.tracing import build_tracing
 from pricer.pricing.core import FeeRow, RatePolicy, price_locate
-from pricer.quotes import PricedBatch, batch_to_columns, new_batch_id
+from pricer.quotes import PricedBatch, batch_to_columns, fallback_rows, new_batch_id
 from pricer.quoting import Quoter
 from pricer.stores.memory import memory_stores
 from tests.decimal_reference import reference_rate
@@ -169,7 +169,7 @@ def test_single_path_and_batch_path_equal_decimal(
             now=now,
         )
         assert unknown == []
-        quoter.record_batch(batch, market_seconds)
+        quoter.record_batch(batch, market_seconds, fallback=fallback_rows(batch))
         return list(singles), batch, metrics
 
     singles, batch, metrics = asyncio.run(price_both())

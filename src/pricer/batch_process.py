@@ -63,8 +63,8 @@ class WorkerProcess:
         self._closed = False
 
     async def call(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        # Sent from a thread: a message over the pipe's 64 KiB (a batch's rates: hundreds of KB for 5,000
-        # tickers) blocks the writer until the worker has read it, and the worker runs niced (10-18 ms
+        # Sent from a thread: a message larger than the pipe's buffer (a batch's rates: about 1.2 MB for
+        # 5,000 tickers) blocks the writer until the worker has read it, and the worker runs niced (10-18 ms
         # of the loop's time measured when it was sent from the loop).
         await asyncio.to_thread(self.send, message)
         return await asyncio.to_thread(self.receive)

@@ -25,7 +25,7 @@ from pricer.pricing.core import (
     price_locate,
     to_scaled_int,
 )
-from pricer.quotes import PricedBatch, TickerRate, fallback_rows, new_batch_id
+from pricer.quotes import PricedBatch, TickerRate, new_batch_id
 from pricer.schemas import FeeScheduleView
 from pricer.stores.protocols import Stores
 
@@ -102,13 +102,13 @@ class Quoter:
             found = await self._market.ticker_rates(tickers, now)
         return list(found), time.perf_counter() - started
 
-    def record_batch(self, batch: PricedBatch, seconds: float, *, fallback: int | None = None) -> None:
-        """A priced batch in the metrics: its rows, its calculation time, its rows at a fallback rate
-        (`fallback`: counted already, by the batch worker)."""
+    def record_batch(self, batch: PricedBatch, seconds: float, *, fallback: int) -> None:
+        """A priced batch in the metrics: its rows, its calculation time, its `fallback` rows at a fallback
+        rate (`quotes.fallback_rows`, counted where the batch was priced: a batch worker, for its batch)."""
         metrics = self._metrics
         metrics.calculations["batch"] += batch.size
         metrics.observe_calculation(seconds)
-        metrics.fallback_usage += fallback_rows(batch) if fallback is None else fallback
+        metrics.fallback_usage += fallback
 
     async def price_single(
         self,
