@@ -120,8 +120,7 @@ def run_generator(
             str(out),
             "--progress",
         ]
-        if config.cpu:
-            command = ["taskset", "-c", config.cpu, *command]
+        command = bench_http.generator(config.cpu or None, command)
         server_before = process_cpu_seconds(server_pid) if server_pid else None
         started = time.monotonic()
         lines = []
