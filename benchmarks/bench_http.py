@@ -463,6 +463,9 @@ def machine_facts(wrk: str | None) -> dict[str, Any]:
             )
         },
         "wrk": wrk_version(wrk) if wrk else None,
+        "generator_priority": f"SCHED_FIFO (chrt -f {GENERATOR_PRIORITY})"
+        if realtime_allowed()
+        else "normal",
     }
 
 
@@ -995,7 +998,7 @@ def _facts_lines(facts: Mapping[str, Any]) -> list[str]:
         + f"; measured CPUs {format_number(facts.get('busy_before_start_percent'), '.0f')}% busy "
         "before start",
         f"Python {facts['python']} ({facts['python_implementation']}); {versions}",
-        f"Generator: {facts['wrk']}",
+        f"Generator: {facts['wrk']}; its priority: {facts['generator_priority']}",
     ]
 
 

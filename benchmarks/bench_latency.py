@@ -1,7 +1,8 @@
 """Latency at half capacity, open loop (no coordinated omission), and where the engine's time goes.
 
 For each variant (the embedded defaults; the same with the rate limiter on Redis), one engine process is
-started pinned to CPU 0 and driven by the C generator of `loadtest.py` pinned to CPU 1:
+started pinned to CPU 0 and driven by the C generator of `loadtest.py` pinned to CPU 1 (under SCHED_FIFO where
+allowed: `bench_http.generator`):
 
 1. capacity: closed loop, 32 connections (py-spy samples the engine meanwhile when installed);
 2. half capacity: open loop at 50 % of that rate, latency measured from each request's scheduled time.

@@ -471,7 +471,8 @@ def machine_section(
             "work just before it started",
             f"- Python {facts['python']} ({facts['python_implementation']})",
             f"- Packages: {versions}",
-            f"- Load generator: {facts['wrk']}",
+            f"- Load generator: {facts['wrk']}; priority of the load generators: "
+            f"{facts.get('generator_priority', 'normal')}",
         ]
     if pricing is not None and isinstance(pricing.get("machine"), Mapping):
         facts_text = ", ".join(f"{key} {value}" for key, value in pricing["machine"].items())
@@ -530,7 +531,9 @@ def http_section(http: Mapping[str, Any] | None, command: Sequence[str], error: 
         f"rotating over {len(settings['request_bodies'])} quotes (both servers checked to return the same "
         "figures for each before measuring). Each server is one uvicorn worker (uvloop, httptools, access "
         f"log off) pinned to CPU {settings['server_cpu']}; wrk (1 thread) is pinned to CPU "
-        f"{settings['wrk_cpu']}. Rounds are interleaved (engine, baseline, engine, baseline, ...), each "
+        f"{settings['wrk_cpu']}, at real-time priority where allowed (see Machine: PostgreSQL and Redis "
+        "share its CPU, and must not delay it). Rounds are interleaved (engine, baseline, engine, "
+        "baseline, ...), each "
         f"measured run of {settings['duration']} preceded by a {settings['warmup']} warm-up; figures are "
         f"medians over {settings['rounds']} rounds.",
         "",
@@ -806,7 +809,8 @@ def latency_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
         return lines
     lines += [
         "Each variant is one engine process pinned to CPU 0, driven by the project's C generator "
-        "(benchmarks/loadgen/openloop.c through benchmarks/loadtest.py) pinned to CPU 1: first a closed loop "
+        "(benchmarks/loadgen/openloop.c through benchmarks/loadtest.py) pinned to CPU 1 (at real-time "
+        "priority where allowed, see Machine): first a closed loop "
         "at 32 connections measures capacity, then an open loop offers half of it at a constant rate. "
         "Open-loop latency runs from each request's scheduled send time, so a stall of the server shows in "
         "every request it delayed (no coordinated omission); service time runs from the actual "
