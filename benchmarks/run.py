@@ -90,7 +90,7 @@ QUICK_ARGS = {
         for name in VARIANT_SECTIONS
     },
     "audit": ["--repeat", "3"],
-    "latency": ["--capacity-seconds", "4", "--duration", "4", "--warmup", "1"],
+    "latency": ["--capacity-seconds", "4", "--duration", "4", "--warmup", "1", "--rounds", "1"],
     "profile": ["--duration", "4s", "--warmup", "1s", "--rounds", "1"],
     "batch": ["--duration", "2s", "--rounds", "2", "--clients", "20000"],
     "million": ["--million", "100000", "--million-rounds", "1", "--skip-batch", "--skip-rss"],
@@ -811,7 +811,9 @@ def latency_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
         "Each variant is one engine process pinned to CPU 0, driven by the project's C generator "
         "(benchmarks/loadgen/openloop.c through benchmarks/loadtest.py) pinned to CPU 1 (at real-time "
         "priority where allowed, see Machine): first a closed loop "
-        "at 32 connections measures capacity, then an open loop offers half of it at a constant rate. "
+        "at 32 connections measures capacity, then an open loop offers half of it at a constant rate, "
+        "in several runs (`--rounds`): the row is the run with the median p99, the target's note lists "
+        "every run's p99. "
         "Open-loop latency runs from each request's scheduled send time, so a stall of the server shows in "
         "every request it delayed (no coordinated omission); service time runs from the actual "
         "send.",

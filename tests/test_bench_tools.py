@@ -921,6 +921,17 @@ def test_hot_functions_from_collapsed_stacks() -> None:
     assert bench_latency.hot_functions("") == {"self": [], "inclusive": []}
 
 
+def test_latency_reports_the_run_with_the_median_p99_whole() -> None:
+    runs = [
+        ({"latency_ms": {"p99": p99, "p50": p50}}, {"run": n})
+        for n, (p99, p50) in enumerate([(12.9, 0.3), (1.5, 0.2), (2.3, 0.25)])
+    ]
+    chosen = bench_latency.median_round(runs)
+    assert chosen == {"summary": {"latency_ms": {"p99": 2.3, "p50": 0.25}}, "result": {"run": 2}}
+    assert bench_latency.median_round(runs[:2])["summary"]["latency_ms"]["p99"] == 1.5  # lower middle
+    assert bench_latency.median_round(runs[1:2])["result"] == {"run": 1}
+
+
 def _half_summary(p99: float) -> dict[str, Any]:
     lat = {"p50": 0.2, "p90": 0.3, "p99": p99, "p99.9": 3.0, "max": 5.0, "mean": 0.25}
     return {
