@@ -536,14 +536,14 @@ def realtime_allowed() -> bool:
     return probe.returncode == 0
 
 
-def generator(cpu: str | None, command: list[str]) -> list[str]:
+def generator(cpu: str | None, command: list[str], *, realtime: bool = True) -> list[str]:
     """A load generator's command line: pinned to its CPU and, where allowed, under SCHED_FIFO. PostgreSQL
     and Redis run on the generator's CPU too (the engine has the other one to itself); in a database's
     burst (an audit write takes ~1.5 ms of its CPU) a generator at normal priority waited for that CPU and
     the engine ran out of requests (idle ~10 % of a closed-loop run, requests late in an open loop): the
     generator's own stall, not the engine's. Real-time priority lets it preempt them at once; it is never
     busy enough (13-55 % of its CPU) to starve them."""
-    if realtime_allowed():
+    if realtime and realtime_allowed():
         command = ["chrt", "-f", str(GENERATOR_PRIORITY), *command]
     return pinned(cpu, command)
 

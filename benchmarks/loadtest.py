@@ -83,6 +83,9 @@ class RunConfig:
     timeout: float = 10.0
     cpu: str | None = None  # taskset CPU list for the generator
     label: str | None = None
+    # SCHED_FIFO where allowed (bench_http.generator): the benchmarks' default; a load test by hand, or a
+    # test, runs at normal priority unless asked (--realtime).
+    realtime: bool = True
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -120,7 +123,7 @@ def run_generator(
             str(out),
             "--progress",
         ]
-        command = bench_http.generator(config.cpu or None, command)
+        command = bench_http.generator(config.cpu or None, command, realtime=config.realtime)
         server_before = process_cpu_seconds(server_pid) if server_pid else None
         started = time.monotonic()
         lines = []
@@ -321,7 +324,15 @@ def command_run(args: argparse.Namespace) -> int:
             raise SystemExit("loadtest: open loop needs --rate N (requests per second) or --rate half")
         if args.rate is not None and args.rate.startswith("half"):
             probe = RunConfig(
-                args.url, scenario.name, "closed", 0, args.connections, args.probe, args.warmup, cpu=args.cpu
+                args.url,
+                scenario.name,
+                "closed",
+                0,
+                args.connections,
+                args.probe,
+                args.warmup,
+                cpu=args.cpu,
+                realtime=args.realtime,
             )
             print(
                 f"probing capacity: closed loop, {args.connections} connections, {args.probe:g} s",
@@ -342,6 +353,7 @@ def command_run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             cpu=args.cpu,
             label=args.label,
+            realtime=args.realtime,
         )
         print(
             f"{scenario.name}: {scenario.description}\n{mode} loop"
@@ -485,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keys-file", help="`client_id key` lines, or the engine's demo keys file")
     run.add_argument("--server-pid", type=int, help="the server's pid, to report its CPU")
     run.add_argument("--cpu", help="pin the generator (taskset -c LIST)")
+    run.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run the generator under SCHED_FIFO (chrt -f; root or CAP_SYS_NICE), so that other processes on "
+        "its CPU (a database, Redis) cannot delay its sends",
+    )
     run.add_argument("--label", help="name of this run in tables and plots")
     run.add_argument("--json", help="write the results here")
     run.add_argument("--plot", help="write a latency-percentile PNG here")

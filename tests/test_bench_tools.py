@@ -1201,3 +1201,20 @@ def test_million_top_lines_of_a_raw_profile() -> None:
     top = bench_million.top_lines(raw, 2)
     assert [entry["line"] for entry in top] == ["f (b.py:2)", "g (c.py:3)"]
     assert [round(entry["share"], 2) for entry in top] == [0.83, 0.17]
+
+
+def test_generators_run_pinned_and_under_sched_fifo_only_where_asked_and_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert bench_http.generator("1", ["wrk", "-t1"], realtime=False) == ["taskset", "-c", "1", "wrk", "-t1"]
+    assert bench_http.generator(None, ["wrk"], realtime=False) == ["wrk"]
+    bench_http.realtime_allowed.cache_clear()
+    monkeypatch.setenv("BENCH_GENERATOR_REALTIME", "0")
+    try:
+        assert bench_http.generator("1", ["wrk"]) == ["taskset", "-c", "1", "wrk"]
+        bench_http.realtime_allowed.cache_clear()
+        monkeypatch.delenv("BENCH_GENERATOR_REALTIME")
+        fifo = ["chrt", "-f", str(bench_http.GENERATOR_PRIORITY)] if bench_http.realtime_allowed() else []
+        assert bench_http.generator("1", ["wrk"]) == ["taskset", "-c", "1", *fifo, "wrk"]
+    finally:
+        bench_http.realtime_allowed.cache_clear()

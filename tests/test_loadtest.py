@@ -326,7 +326,7 @@ def _run(url: str, key: str, tmp_path: Path, **config: Any) -> dict[str, Any]:
     requests = scenarios.build_requests(scenario, [scenarios.ApiKey("demo_client", key)], url[7:])
     requests_file = tmp_path / "requests.bin"
     scenarios.write_requests_file(requests, requests_file)
-    run = loadtest.RunConfig(url=url, scenario="single-post", **config)
+    run = loadtest.RunConfig(url=url, scenario="single-post", realtime=False, **config)
     return loadtest.run_generator(run, requests_file, progress=False)
 
 
