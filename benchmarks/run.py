@@ -257,7 +257,7 @@ MISS_ANALYSIS: dict[str, str] = {
     "p99 at half capacity": (
         "At half of its capacity in requests per second the engine is 86-92 % busy, not 50 %: a request "
         "that arrives at an idle process costs about 1.7x its CPU at capacity (135 against 78 µs in one "
-        "run; the raw-ASGI floor 99 against 22 µs). perf (cpu-clock samples) puts the extra in the "
+        "run; the raw-ASGI floor 99 against 31 µs). perf (cpu-clock samples) puts the extra in the "
         "interpreter's own code (libpython 61 %, kernel 23 % of the samples at the half rate), so it is "
         "the caches gone cold while the core idled between requests, not extra work; a busy-poll that kept "
         "the loop from sleeping made it worse (the spin holds the interpreter). The tail is queueing "
