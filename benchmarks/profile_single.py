@@ -430,7 +430,7 @@ def measure(args: argparse.Namespace, py_spy: str, workdir: Path) -> dict[str, A
                 str(raw_path),
             ]
             spy = subprocess.Popen(
-                bench_http.generator(wrk_cpu, command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                bench_http.pinned(wrk_cpu, command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
             run = driver.run(server, load="profiled", duration=args.duration, **common)
             _, spy_errors = spy.communicate(timeout=120)
