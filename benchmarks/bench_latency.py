@@ -8,6 +8,10 @@ allowed: `bench_http.generator`):
 2. half capacity: open loop at 50 % of that rate, latency measured from each request's scheduled time;
    `--rounds` runs (3), the median run's p99 reported with every run's.
 
+Both run with the kernel's CPU latency QoS held at 0 µs where allowed (`bench_http.cpu_latency_qos`: idle
+CPUs poll instead of halting, as on a host tuned for latency), then one more half-capacity run without it
+shows what that tuning is worth on this machine (`--no-latency-qos`: neither).
+
     python benchmarks/bench_latency.py --json out.json --plot out.png
 
 Reports p50/p90/p99/p99.9/max of both loads, which side was the bottleneck, and the engine's hottest
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -88,7 +94,9 @@ def measure_variant(
     server = bench_http.start_engine(
         workdir, args.server_cpu, {"SHUTDOWN_DRAIN_SECONDS": "0", **env}, name=name
     )
+    qos = contextlib.ExitStack()
     try:
+        qos_held = args.latency_qos and qos.enter_context(bench_http.cpu_latency_qos())
         scenario = scenarios.load_scenario("single-post")
         requests_file = single_quote_requests(scenario, server, workdir / f"{name}-requests.bin")
         closed = loadtest.RunConfig(
@@ -156,8 +164,17 @@ def measure_variant(
                 open_config, requests_file, progress=not args.quiet, server_pid=server.process.pid
             )
             rounds.append((loadtest.summarize(result, scenario), result))
+        untuned = None
+        if qos_held:
+            qos.close()  # one more run at the same rate with idle CPUs halting: what the tuning is worth
+            print(f"{name}: open loop at {rate:.0f} req/s without the CPU latency QoS", flush=True)
+            result = loadtest.run_generator(
+                open_config, requests_file, progress=not args.quiet, server_pid=server.process.pid
+            )
+            untuned = {"summary": loadtest.summarize(result, scenario), "result": result}
         rss = server.rss_mb()
     finally:
+        qos.close()
         server.stop()
     profile = None
     if profile_path.exists():
@@ -169,6 +186,8 @@ def measure_variant(
         "capacity": {"summary": loadtest.summarize(capacity_result, scenario), "result": capacity_result},
         "half": median_round(rounds),
         "half_rounds_p99_ms": [summary["latency_ms"]["p99"] for summary, _ in rounds],
+        "latency_qos": bool(qos_held),
+        "untuned": untuned,
         "rss_mb_after": rss,
         "profile": profile,
     }
@@ -202,12 +221,27 @@ def measure_floor(rate: float, workdir: Path, args: argparse.Namespace) -> dict[
             cpu=args.generator_cpu,
         )
         print(f"raw-ASGI floor: open loop at {rate:.0f} req/s", flush=True)
-        result = loadtest.run_generator(
-            config, requests_file, progress=not args.quiet, server_pid=server.process.pid
-        )
+        with contextlib.ExitStack() as qos:
+            qos_held = args.latency_qos and qos.enter_context(bench_http.cpu_latency_qos())
+            result = loadtest.run_generator(
+                config, requests_file, progress=not args.quiet, server_pid=server.process.pid
+            )
+        untuned = None
+        if qos_held:
+            print(f"raw-ASGI floor: open loop at {rate:.0f} req/s without the CPU latency QoS", flush=True)
+            untuned_result = loadtest.run_generator(
+                config, requests_file, progress=not args.quiet, server_pid=server.process.pid
+            )
+            untuned = {"summary": loadtest.summarize(untuned_result, scenario), "result": untuned_result}
     finally:
         server.stop()
-    return {"offered_rps": rate, "summary": loadtest.summarize(result, scenario), "result": result}
+    return {
+        "offered_rps": rate,
+        "summary": loadtest.summarize(result, scenario),
+        "result": result,
+        "latency_qos": bool(qos_held),
+        "untuned": untuned,
+    }
 
 
 def render(results: Mapping[str, Mapping[str, Any]], floor: Mapping[str, Any] | None = None) -> str:
@@ -215,8 +249,12 @@ def render(results: Mapping[str, Mapping[str, Any]], floor: Mapping[str, Any] | 
     for name, variant in results.items():
         rows.append((f"{name} capacity (closed)", variant["capacity"]["summary"]))
         rows.append((f"{name} half (open {variant['offered_rps']:.0f}/s)", variant["half"]["summary"]))
+        if variant.get("untuned"):
+            rows.append((f"{name} half, no QoS", variant["untuned"]["summary"]))
     if floor is not None:
         rows.append((f"raw floor (open {floor['offered_rps']:.0f}/s)", floor["summary"]))
+        if floor.get("untuned"):
+            rows.append(("raw floor, no QoS", floor["untuned"]["summary"]))
     return loadtest.table(rows)
 
 
@@ -238,12 +276,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated variants (embedded, redis_limiter)")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-floor", action="store_true", help="skip the raw-ASGI floor at the same rate")
+    parser.add_argument(
+        "--no-latency-qos",
+        dest="latency_qos",
+        action="store_false",
+        help="do not hold the CPU latency QoS at 0 µs (idle CPUs halt; no extra run without it either)",
+    )
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds: at least 1")
+    if args.generator_cpu:
+        # This script drives the load: it belongs on the generator's CPU, not on the server's.
+        os.sched_setaffinity(0, bench_http.parse_cpu_list(args.generator_cpu))
     py_spy = None if args.no_profile else shutil.which("py-spy") or _venv_tool("py-spy")
     chosen = variants(args.redis_url)
     if args.only:
@@ -282,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             note=f"{variant['offered_rps']:.0f} req/s offered, half of {variant['capacity_rps']:.0f}; "
             f"median of {len(variant['half_rounds_p99_ms'])} runs' p99s: "
             + ", ".join(f"{p99:.2f}" for p99 in variant["half_rounds_p99_ms"])
-            + f" ms; service-time p99 {variant['half']['summary']['service_ms']['p99']:.2f} ms",
+            + f" ms; service-time p99 {variant['half']['summary']['service_ms']['p99']:.2f} ms"
+            + untuned_note(variant),
         )
         for name, variant in results.items()
     ]
@@ -313,6 +361,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         loadtest.plot(documents, args.plot, "Single quote at half capacity (open loop)")
         print(f"Plot written to {args.plot}")
     return 0 if valid else 1
+
+
+def untuned_note(variant: Mapping[str, Any]) -> str:
+    """What the target's note says of the CPU latency QoS its runs were measured under."""
+    if not variant.get("latency_qos"):
+        return "; idle CPUs halting (no CPU latency QoS held)"
+    untuned = variant.get("untuned")
+    if not untuned:
+        return "; CPU latency QoS 0 µs held"
+    summary = untuned["summary"]
+    return (
+        f"; CPU latency QoS 0 µs held (one run without it: p99 {summary['latency_ms']['p99']:.2f} ms, "
+        f"server CPU {summary['server_cpu_percent']:.0f} %)"
+    )
 
 
 def _venv_tool(name: str) -> str | None:

@@ -471,6 +471,8 @@ def machine_section(
             f"- Load generator: {facts['wrk']}; priority of the load generators: "
             f"{facts.get('generator_priority', 'normal')}",
         ]
+        if facts.get("cpu_idle"):
+            lines.append(f"- CPU idle: {facts['cpu_idle']}")
     if pricing is not None and isinstance(pricing.get("machine"), Mapping):
         facts_text = ", ".join(f"{key} {value}" for key, value in pricing["machine"].items())
         lines.append(f"- Pricing benchmark: {facts_text}")
@@ -800,6 +802,19 @@ def _latency_row(name: str, label: str, summary: Mapping[str, Any]) -> str:
     )
 
 
+def _latency_qos_text(doc: Mapping[str, Any]) -> str:
+    if not any(variant.get("latency_qos") for variant in doc["variants"].values()):
+        return "Idle CPUs halted between requests (no CPU latency QoS held)."
+    return (
+        "These runs hold the kernel's CPU latency QoS at 0 µs (/dev/cpu_dma_latency, as a host tuned for "
+        "latency does: tuned's latency-performance profile): an idle CPU polls for work instead of "
+        "halting. On this VM a request that finds the server's vCPU halted, and its answer the client's, "
+        "pays a halt exit and a cross-CPU interrupt, and an open loop at half capacity pays them on "
+        'nearly every request (at capacity the process never sleeps). The rows marked "no latency QoS" '
+        "are one more run at the same rate with the CPUs halting as this machine is set up."
+    )
+
+
 def latency_section(doc: Mapping[str, Any] | None, command: Sequence[str], error: str | None) -> list[str]:
     lines = _problem_lines(error, "Latency at half capacity, open loop (bench_latency.py), and the profile")
     if doc is None:
@@ -813,7 +828,7 @@ def latency_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
         "every run's p99. "
         "Open-loop latency runs from each request's scheduled send time, so a stall of the server shows in "
         "every request it delayed (no coordinated omission); service time runs from the actual "
-        "send.",
+        "send. " + _latency_qos_text(doc),
         "",
         "| variant | load | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | service p99 ms "
         "| generator CPU | server CPU | bottleneck |",
@@ -825,11 +840,17 @@ def latency_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
             ("half", f"open at {variant['offered_rps']:.0f}/s"),
         ):
             lines.append(_latency_row(name, label, variant[load]["summary"]))
+        if variant.get("untuned"):
+            label = f"open at {variant['offered_rps']:.0f}/s, no latency QoS"
+            lines.append(_latency_row(name, label, variant["untuned"]["summary"]))
     floor = doc.get("floor")
     if floor:
         lines.append(
             _latency_row("raw-ASGI floor", f"open at {floor['offered_rps']:.0f}/s", floor["summary"])
         )
+        if floor.get("untuned"):
+            label = f"open at {floor['offered_rps']:.0f}/s, no latency QoS"
+            lines.append(_latency_row("raw-ASGI floor", label, floor["untuned"]["summary"]))
         lines += [
             "",
             "The raw-ASGI floor is benchmarks/baseline_raw_asgi.py (no middleware, no pricing) offered the "

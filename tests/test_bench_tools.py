@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
+import os
 import re
+import struct
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -941,6 +943,7 @@ def _half_summary(p99: float) -> dict[str, Any]:
         "generator_cpu_percent": 20.0,
         "server_cpu_percent": 60.0,
         "bottleneck": "neither: the offered rate was served",
+        "status_counts": {"200": 4000},
     }
 
 
@@ -1218,3 +1221,72 @@ def test_generators_run_pinned_and_under_sched_fifo_only_where_asked_and_allowed
         assert bench_http.generator("1", ["wrk"]) == ["taskset", "-c", "1", *fifo, "wrk"]
     finally:
         bench_http.realtime_allowed.cache_clear()
+
+
+def test_cpu_latency_qos_holds_zero_while_open_and_only_where_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = tmp_path / "cpu_dma_latency"  # a plain file stands for the device: what is written, when
+    device.write_bytes(b"")
+    with bench_http.cpu_latency_qos(device) as held:
+        assert held is True
+        assert struct.unpack("=i", device.read_bytes()) == (0,)
+    with bench_http.cpu_latency_qos(tmp_path / "absent") as held:
+        assert held is False  # not allowed or not there: the benchmark runs as the machine is
+    monkeypatch.setenv("BENCH_CPU_LATENCY_QOS", "0")
+    device.write_bytes(b"")
+    with bench_http.cpu_latency_qos(device) as held:
+        assert held is False
+        assert device.read_bytes() == b""
+
+
+def test_cpu_latency_qos_on_the_real_device_is_dropped_when_closed() -> None:
+    device = bench_http.CPU_LATENCY_DEVICE
+    if not os.access(device, os.W_OK):
+        pytest.skip("/dev/cpu_dma_latency is not writable by this user (CI runs as root)")
+
+    def current() -> int:
+        with device.open("rb") as reader:
+            return int(struct.unpack("=i", reader.read(4))[0])
+
+    before = current()
+    with bench_http.cpu_latency_qos() as held:
+        assert held is True
+        assert current() == 0
+    assert current() == before
+    assert "governor" in bench_http.cpu_idle_facts() or bench_http.cpu_idle_facts() == "unknown"
+
+
+def test_latency_rows_and_notes_say_what_the_latency_qos_was() -> None:
+    held = {"latency_qos": True, "untuned": {"summary": _half_summary(3.25)}}
+    assert bench_latency.untuned_note(held) == (
+        "; CPU latency QoS 0 µs held (one run without it: p99 3.25 ms, server CPU 60 %)"
+    )
+    assert bench_latency.untuned_note({"latency_qos": True, "untuned": None}) == "; CPU latency QoS 0 µs held"
+    assert "halting" in bench_latency.untuned_note({"latency_qos": False})
+    doc = {
+        "variants": {
+            "embedded": {
+                "offered_rps": 4000.0,
+                "capacity_rps": 8000.0,
+                "capacity": {"summary": _half_summary(6.0)},
+                "half": {"summary": _half_summary(1.5)},
+                "latency_qos": True,
+                "untuned": {"summary": _half_summary(3.25)},
+            }
+        },
+        "floor": {
+            "offered_rps": 4000.0,
+            "summary": _half_summary(0.9),
+            "untuned": {"summary": _half_summary(1.1)},
+        },
+    }
+    text = "\n".join(run.latency_section(doc, ["python", "benchmarks/bench_latency.py"], None))
+    assert "| embedded | open at 4000/s, no latency QoS | 4,000 |" in text
+    assert "| raw-ASGI floor | open at 4000/s, no latency QoS |" in text
+    assert "/dev/cpu_dma_latency" in text
+    doc["variants"]["embedded"]["latency_qos"] = False
+    assert "no CPU latency QoS held" in "\n".join(run.latency_section(doc, ["python"], None))
+    table = bench_latency.render(doc["variants"], doc["floor"])
+    assert "embedded half, no QoS" in table
+    assert "raw floor, no QoS" in table
