@@ -18,7 +18,8 @@ pooled keep-alive) against the data service's /health.
 
 The servers are pinned to --server-cpu for the capacity phase (the three of the split share it: its
 capacity on this machine is bounded by one core for all three, which is why the per-gateway-core figure is
-the comparison that says what a gateway costs); the generator to --generator-cpu.
+the comparison that says what a gateway costs); the generator to --generator-cpu. The rounds hold the
+kernel's CPU latency QoS at 0 µs where allowed, as bench_latency's runs do (`--no-latency-qos`: not).
 
 For the latency phases (2 and 3) the split's calculation and data services move to --backend-cpu, as
 deployed: a backend runs in a pod of its own, not on its gateway's CPU. With all three on one core, each
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
 import statistics
@@ -255,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     # Three: a median that one disturbed round on a shared machine does not decide.
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--no-latency-qos",
+        dest="latency_qos",
+        action="store_false",
+        help="do not hold the CPU latency QoS at 0 µs during the rounds (bench_http.cpu_latency_qos)",
+    )
     parser.add_argument("--server-cpu", default="0")
     parser.add_argument(
         "--backend-cpu",
@@ -287,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             **RUN_SECRETS,
         }
         everything, split = start_deployments(workdir, args.server_cpu, common, key)
+        qos = contextlib.ExitStack()
+        qos_held = False
         try:
             scenario = scenarios.load_scenario("single-post")
             files = {}
@@ -295,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 requests = scenarios.build_requests(scenario, [scenarios.ApiKey("demo_client", key)], host)
                 files[deployment.name] = workdir / f"{deployment.name}-requests.bin"
                 scenarios.write_requests_file(requests, files[deployment.name])
+            # The latency phases run on a host tuned for latency, as bench_latency's (idle CPUs poll).
+            qos_held = args.latency_qos and qos.enter_context(bench_http.cpu_latency_qos())
             for number in range(args.rounds):
                 entry: dict[str, Any] = {}
                 order = (everything, split) if number % 2 == 0 else (split, everything)
@@ -405,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             codec = hop_codec_costs(answer.content)
         finally:
+            qos.close()
             everything.stop()
             split.stop()
             drop_schema(args.database_url, schema)
@@ -436,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             valid=valid,
             note=f"p99 all {summary['all_half_p99_ms']} ms, split on one core "
             f"{summary['split_one_core_half_p99_ms']} ms (backends on the generator's core: "
-            f"{summary['split_half_p99_ms']} ms) at half of the split's capacity",
+            f"{summary['split_half_p99_ms']} ms) at half of the split's capacity; "
+            + ("CPU latency QoS 0 µs held" if qos_held else "idle CPUs halting (no CPU latency QoS held)"),
         ),
     ]
     lines = [
@@ -478,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hop_codec": codec,
         "rounds": rounds,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "latency_qos": qos_held,
         "table": table,
     }
     if args.json:
