@@ -557,17 +557,17 @@ CPUIDLE = Path("/sys/devices/system/cpu/cpuidle")
 
 @contextlib.contextmanager
 def cpu_latency_qos(device: Path = CPU_LATENCY_DEVICE) -> Iterator[bool]:
-    """While open, holds the kernel's CPU latency QoS at 0 µs where allowed (root, and BENCH_CPU_LATENCY_QOS
-    not 0); yields whether it is held. An idle CPU then polls for work instead of halting: the setting of a
-    host tuned for latency (tuned's latency-performance and network-latency profiles hold it the same way,
-    through this device). Why the latency benchmarks hold it: on this VM a request that finds the server's
-    vCPU halted (and the client's, for the answer) pays a halt exit and a cross-CPU interrupt that an
-    open loop at half capacity pays on nearly every request; measured in the same process, the raw-ASGI
-    floor at 7,000 req/s spent 48 µs of CPU per request with it held and 85 µs without, the engine ran
-    74-81 % busy instead of 87-93 %. The request is dropped when the device is closed, even by a kill."""
-    if os.environ.get("BENCH_CPU_LATENCY_QOS", "1") == "0":
-        yield False
-        return
+    """While open, holds the kernel's CPU latency QoS at 0 µs where allowed (root); yields whether it is
+    held. An idle CPU then polls for work instead of halting: the setting of a host tuned for latency
+    (tuned's latency-performance and network-latency profiles hold it the same way, through this device).
+    The latency benchmarks hold it only when asked (`--latency-qos`). On this VM a request that finds the
+    server's vCPU halted (and the client's, for the answer) pays a halt exit and a cross-CPU interrupt,
+    which an open loop at half capacity pays on nearly every request: held, the raw-ASGI floor at 7,000
+    req/s spent 48 µs of CPU per request instead of 85, the engine ran 74-81 % busy instead of 87-93 %.
+    But polling vCPUs cost the host CPU time, and the host then stalled the busy vCPU more often (a
+    spinner on CPU 0 saw 17-23 gaps over 0.5 ms in 15 s, up to 16 ms, against 0-2 of at most 0.56 ms),
+    so its tails were not better in a full run. The request is dropped when the device is closed, even by
+    a kill."""
     try:
         fd = os.open(device, os.O_WRONLY)
     except OSError:

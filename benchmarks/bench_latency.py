@@ -8,9 +8,9 @@ allowed: `bench_http.generator`):
 2. half capacity: open loop at 50 % of that rate, latency measured from each request's scheduled time;
    `--rounds` runs (3), the median run's p99 reported with every run's.
 
-Both run with the kernel's CPU latency QoS held at 0 µs where allowed (`bench_http.cpu_latency_qos`: idle
-CPUs poll instead of halting, as on a host tuned for latency), then one more half-capacity run without it
-shows what that tuning is worth on this machine (`--no-latency-qos`: neither).
+With `--latency-qos` both run with the kernel's CPU latency QoS held at 0 µs where allowed
+(`bench_http.cpu_latency_qos`: idle CPUs poll instead of halting, as on a host tuned for latency), then one
+more half-capacity run without it shows what that tuning is worth on the machine.
 
     python benchmarks/bench_latency.py --json out.json --plot out.png
 
@@ -277,10 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-floor", action="store_true", help="skip the raw-ASGI floor at the same rate")
     parser.add_argument(
-        "--no-latency-qos",
-        dest="latency_qos",
-        action="store_false",
-        help="do not hold the CPU latency QoS at 0 µs (idle CPUs halt; no extra run without it either)",
+        "--latency-qos",
+        action="store_true",
+        help="hold the CPU latency QoS at 0 µs (idle CPUs poll), then add one run without it",
     )
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--json", type=Path)
@@ -366,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def untuned_note(variant: Mapping[str, Any]) -> str:
     """What the target's note says of the CPU latency QoS its runs were measured under."""
     if not variant.get("latency_qos"):
-        return "; idle CPUs halting (no CPU latency QoS held)"
+        return ""
     untuned = variant.get("untuned")
     if not untuned:
         return "; CPU latency QoS 0 µs held"

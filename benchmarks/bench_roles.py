@@ -18,8 +18,8 @@ pooled keep-alive) against the data service's /health.
 
 The servers are pinned to --server-cpu for the capacity phase (the three of the split share it: its
 capacity on this machine is bounded by one core for all three, which is why the per-gateway-core figure is
-the comparison that says what a gateway costs); the generator to --generator-cpu. The rounds hold the
-kernel's CPU latency QoS at 0 µs where allowed, as bench_latency's runs do (`--no-latency-qos`: not).
+the comparison that says what a gateway costs); the generator to --generator-cpu. With `--latency-qos` the
+rounds hold the kernel's CPU latency QoS at 0 µs where allowed, as bench_latency's can.
 
 For the latency phases (2 and 3) the split's calculation and data services move to --backend-cpu, as
 deployed: a backend runs in a pod of its own, not on its gateway's CPU. With all three on one core, each
@@ -258,10 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Three: a median that one disturbed round on a shared machine does not decide.
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--no-latency-qos",
-        dest="latency_qos",
-        action="store_false",
-        help="do not hold the CPU latency QoS at 0 µs during the rounds (bench_http.cpu_latency_qos)",
+        "--latency-qos",
+        action="store_true",
+        help="hold the CPU latency QoS at 0 µs during the rounds (bench_http.cpu_latency_qos)",
     )
     parser.add_argument("--server-cpu", default="0")
     parser.add_argument(
@@ -305,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 requests = scenarios.build_requests(scenario, [scenarios.ApiKey("demo_client", key)], host)
                 files[deployment.name] = workdir / f"{deployment.name}-requests.bin"
                 scenarios.write_requests_file(requests, files[deployment.name])
-            # The latency phases run on a host tuned for latency, as bench_latency's (idle CPUs poll).
+            # Asked for: the rounds run as on a host tuned for latency (idle CPUs poll).
             qos_held = args.latency_qos and qos.enter_context(bench_http.cpu_latency_qos())
             for number in range(args.rounds):
                 entry: dict[str, Any] = {}
@@ -450,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             note=f"p99 all {summary['all_half_p99_ms']} ms, split on one core "
             f"{summary['split_one_core_half_p99_ms']} ms (backends on the generator's core: "
             f"{summary['split_half_p99_ms']} ms) at half of the split's capacity; "
-            + ("CPU latency QoS 0 µs held" if qos_held else "idle CPUs halting (no CPU latency QoS held)"),
+            + ("CPU latency QoS 0 µs held" if qos_held else "idle CPUs halting"),
         ),
     ]
     lines = [

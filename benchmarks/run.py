@@ -804,7 +804,11 @@ def _latency_row(name: str, label: str, summary: Mapping[str, Any]) -> str:
 
 def _latency_qos_text(doc: Mapping[str, Any]) -> str:
     if not any(variant.get("latency_qos") for variant in doc["variants"].values()):
-        return "Idle CPUs halted between requests (no CPU latency QoS held)."
+        return (
+            "Idle CPUs halted between requests, as this machine is set up (`--latency-qos` holds the "
+            "kernel's CPU latency QoS at 0 µs instead and adds one run without it: see bench_http's "
+            "`cpu_latency_qos` for what it did here)."
+        )
     return (
         "These runs hold the kernel's CPU latency QoS at 0 µs (/dev/cpu_dma_latency, as a host tuned for "
         "latency does: tuned's latency-performance profile): an idle CPU polls for work instead of "
