@@ -287,9 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds: at least 1")
-    if args.generator_cpu:
-        # This script drives the load: it belongs on the generator's CPU, not on the server's.
-        os.sched_setaffinity(0, bench_http.parse_cpu_list(args.generator_cpu))
+    # This script drives the load: it belongs on the generator's CPU, not on the server's.
+    load_cpus = set(bench_http.parse_cpu_list(args.generator_cpu or "")) & os.sched_getaffinity(0)
+    if load_cpus:
+        os.sched_setaffinity(0, load_cpus)
     py_spy = None if args.no_profile else shutil.which("py-spy") or _venv_tool("py-spy")
     chosen = variants(args.redis_url)
     if args.only:

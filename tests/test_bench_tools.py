@@ -947,16 +947,22 @@ def _half_summary(p99: float) -> dict[str, Any]:
     }
 
 
+def _latency_variant(**extra: Any) -> dict[str, Any]:
+    return {
+        "offered_rps": 4000.0,
+        "capacity_rps": 8000.0,
+        "capacity": {"summary": _half_summary(6.0)},
+        "half": {"summary": _half_summary(1.5)},
+        **extra,
+    }
+
+
 def test_latency_section_and_full_stack_lines_render() -> None:
     doc = {
         "variants": {
-            "embedded": {
-                "offered_rps": 4000.0,
-                "capacity_rps": 8000.0,
-                "capacity": {"summary": _half_summary(6.0)},
-                "half": {"summary": _half_summary(1.5)},
-                "profile": {"self": [("price (c.py)", 12.5)], "inclusive": [("x (pricer/y.py)", 40.0)]},
-            }
+            "embedded": _latency_variant(
+                profile={"self": [("price (c.py)", 12.5)], "inclusive": [("x (pricer/y.py)", 40.0)]}
+            )
         },
         "targets": [{"name": "p99", "value": 1.5, "limit": 2, "op": "<=", "unit": "ms", "verdict": "PASS"}],
         "floor": {"offered_rps": 4000.0, "summary": _half_summary(0.9)},
@@ -1259,14 +1265,7 @@ def test_latency_rows_and_notes_say_what_the_latency_qos_was() -> None:
     assert bench_latency.untuned_note({"latency_qos": False}) == ""
     doc = {
         "variants": {
-            "embedded": {
-                "offered_rps": 4000.0,
-                "capacity_rps": 8000.0,
-                "capacity": {"summary": _half_summary(6.0)},
-                "half": {"summary": _half_summary(1.5)},
-                "latency_qos": True,
-                "untuned": {"summary": _half_summary(3.25)},
-            }
+            "embedded": _latency_variant(latency_qos=True, untuned={"summary": _half_summary(3.25)})
         },
         "floor": {
             "offered_rps": 4000.0,
