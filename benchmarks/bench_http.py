@@ -556,9 +556,9 @@ CPUIDLE = Path("/sys/devices/system/cpu/cpuidle")
 
 
 @contextlib.contextmanager
-def cpu_latency_qos(device: Path = CPU_LATENCY_DEVICE) -> Iterator[bool]:
-    """While open, holds the kernel's CPU latency QoS at 0 µs where allowed (root); yields whether it is
-    held. An idle CPU then polls for work instead of halting: the setting of a host tuned for latency
+def cpu_latency_qos(enabled: bool = True, device: Path = CPU_LATENCY_DEVICE) -> Iterator[bool]:
+    """While open, holds the kernel's CPU latency QoS at 0 µs if `enabled` and allowed (root); yields whether
+    it is held. An idle CPU then polls for work instead of halting: the setting of a host tuned for latency
     (tuned's latency-performance and network-latency profiles hold it the same way, through this device).
     The latency benchmarks hold it only when asked (`--latency-qos`). On this VM a request that finds the
     server's vCPU halted (and the client's, for the answer) pays a halt exit and a cross-CPU interrupt,
@@ -569,8 +569,10 @@ def cpu_latency_qos(device: Path = CPU_LATENCY_DEVICE) -> Iterator[bool]:
     so its tails were not better in a full run. The request is dropped when the device is closed, even by
     a kill."""
     try:
-        fd = os.open(device, os.O_WRONLY)
+        fd = os.open(device, os.O_WRONLY) if enabled else None
     except OSError:
+        fd = None
+    if fd is None:
         yield False
         return
     try:
@@ -584,11 +586,10 @@ def cpu_idle_facts() -> str:
     """The kernel's idle driver and governor, and CPU 0's idle states with their exit latencies."""
     try:
         driver = (CPUIDLE / "current_driver").read_text().strip()
-        governor = (
-            (CPUIDLE / "current_governor_ro").read_text().strip()
-            if (CPUIDLE / "current_governor_ro").exists()
-            else (CPUIDLE / "current_governor").read_text().strip()
-        )
+        governor_file = CPUIDLE / "current_governor_ro"  # older kernels: current_governor only
+        if not governor_file.exists():
+            governor_file = CPUIDLE / "current_governor"
+        governor = governor_file.read_text().strip()
     except OSError:
         return "unknown"
     states = []

@@ -96,7 +96,7 @@ def measure_variant(
     )
     qos = contextlib.ExitStack()
     try:
-        qos_held = args.latency_qos and qos.enter_context(bench_http.cpu_latency_qos())
+        qos_held = qos.enter_context(bench_http.cpu_latency_qos(args.latency_qos))
         scenario = scenarios.load_scenario("single-post")
         requests_file = single_quote_requests(scenario, server, workdir / f"{name}-requests.bin")
         closed = loadtest.RunConfig(
@@ -168,10 +168,7 @@ def measure_variant(
         if qos_held:
             qos.close()  # one more run at the same rate with idle CPUs halting: what the tuning is worth
             print(f"{name}: open loop at {rate:.0f} req/s without the CPU latency QoS", flush=True)
-            result = loadtest.run_generator(
-                open_config, requests_file, progress=not args.quiet, server_pid=server.process.pid
-            )
-            untuned = {"summary": loadtest.summarize(result, scenario), "result": result}
+            untuned = open_run(open_config, requests_file, scenario, server, args)
         rss = server.rss_mb()
     finally:
         qos.close()
@@ -186,7 +183,7 @@ def measure_variant(
         "capacity": {"summary": loadtest.summarize(capacity_result, scenario), "result": capacity_result},
         "half": median_round(rounds),
         "half_rounds_p99_ms": [summary["latency_ms"]["p99"] for summary, _ in rounds],
-        "latency_qos": bool(qos_held),
+        "latency_qos": qos_held,
         "untuned": untuned,
         "rss_mb_after": rss,
         "profile": profile,
@@ -221,27 +218,29 @@ def measure_floor(rate: float, workdir: Path, args: argparse.Namespace) -> dict[
             cpu=args.generator_cpu,
         )
         print(f"raw-ASGI floor: open loop at {rate:.0f} req/s", flush=True)
-        with contextlib.ExitStack() as qos:
-            qos_held = args.latency_qos and qos.enter_context(bench_http.cpu_latency_qos())
-            result = loadtest.run_generator(
-                config, requests_file, progress=not args.quiet, server_pid=server.process.pid
-            )
+        with bench_http.cpu_latency_qos(args.latency_qos) as qos_held:
+            run = open_run(config, requests_file, scenario, server, args)
         untuned = None
         if qos_held:
             print(f"raw-ASGI floor: open loop at {rate:.0f} req/s without the CPU latency QoS", flush=True)
-            untuned_result = loadtest.run_generator(
-                config, requests_file, progress=not args.quiet, server_pid=server.process.pid
-            )
-            untuned = {"summary": loadtest.summarize(untuned_result, scenario), "result": untuned_result}
+            untuned = open_run(config, requests_file, scenario, server, args)
     finally:
         server.stop()
-    return {
-        "offered_rps": rate,
-        "summary": loadtest.summarize(result, scenario),
-        "result": result,
-        "latency_qos": bool(qos_held),
-        "untuned": untuned,
-    }
+    return {"offered_rps": rate, **run, "latency_qos": qos_held, "untuned": untuned}
+
+
+def open_run(
+    config: loadtest.RunConfig,
+    requests_file: Path,
+    scenario: scenarios.Scenario,
+    server: bench_http.Server,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One generator run against `server`: its summary and its whole result."""
+    result = loadtest.run_generator(
+        config, requests_file, progress=not args.quiet, server_pid=server.process.pid
+    )
+    return {"summary": loadtest.summarize(result, scenario), "result": result}
 
 
 def render(results: Mapping[str, Mapping[str, Any]], floor: Mapping[str, Any] | None = None) -> str:

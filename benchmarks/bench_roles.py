@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 files[deployment.name] = workdir / f"{deployment.name}-requests.bin"
                 scenarios.write_requests_file(requests, files[deployment.name])
             # Asked for: the rounds run as on a host tuned for latency (idle CPUs poll).
-            qos_held = args.latency_qos and qos.enter_context(bench_http.cpu_latency_qos())
+            qos_held = qos.enter_context(bench_http.cpu_latency_qos(args.latency_qos))
             for number in range(args.rounds):
                 entry: dict[str, Any] = {}
                 order = (everything, split) if number % 2 == 0 else (split, everything)

@@ -327,7 +327,8 @@ MISS_ANALYSIS: dict[str, str] = {
         "VM's wake-up cost (about 55-60 µs of CPU: see the latency target's miss) and a split request "
         "wakes three processes where all's wakes one. Making the gateway or the service cheaper "
         "raises the split's capacity and so the rate it is measured at, not how busy its core is then. "
-        "Moving the backends to the generator's core (run under SCHED_FIFO) read 3.8-4.1 ms. What would "
+        "Moving the backends to the generator's core (run under SCHED_FIFO) read 3.8-4.1 ms in the previous "
+        "report. What would "
         "close it: a core per process (as deployed: each pod has its own), which this machine does not "
         "have."
     ),
@@ -809,6 +810,15 @@ def _latency_row(name: str, label: str, summary: Mapping[str, Any]) -> str:
     )
 
 
+def _open_rows(name: str, entry: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:
+    """The open-loop row of a variant or of the floor, and its run without the latency QoS if it had one."""
+    label = f"open at {entry['offered_rps']:.0f}/s"
+    rows = [_latency_row(name, label, summary)]
+    if entry.get("untuned"):
+        rows.append(_latency_row(name, f"{label}, no latency QoS", entry["untuned"]["summary"]))
+    return rows
+
+
 def _latency_qos_text(doc: Mapping[str, Any]) -> str:
     if not any(variant.get("latency_qos") for variant in doc["variants"].values()):
         return (
@@ -846,22 +856,11 @@ def latency_section(doc: Mapping[str, Any] | None, command: Sequence[str], error
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, variant in doc["variants"].items():
-        for load, label in (
-            ("capacity", "capacity (closed, c=32)"),
-            ("half", f"open at {variant['offered_rps']:.0f}/s"),
-        ):
-            lines.append(_latency_row(name, label, variant[load]["summary"]))
-        if variant.get("untuned"):
-            label = f"open at {variant['offered_rps']:.0f}/s, no latency QoS"
-            lines.append(_latency_row(name, label, variant["untuned"]["summary"]))
+        lines.append(_latency_row(name, "capacity (closed, c=32)", variant["capacity"]["summary"]))
+        lines += _open_rows(name, variant, variant["half"]["summary"])
     floor = doc.get("floor")
     if floor:
-        lines.append(
-            _latency_row("raw-ASGI floor", f"open at {floor['offered_rps']:.0f}/s", floor["summary"])
-        )
-        if floor.get("untuned"):
-            label = f"open at {floor['offered_rps']:.0f}/s, no latency QoS"
-            lines.append(_latency_row("raw-ASGI floor", label, floor["untuned"]["summary"]))
+        lines += _open_rows("raw-ASGI floor", floor, floor["summary"])
         lines += [
             "",
             "The raw-ASGI floor is benchmarks/baseline_raw_asgi.py (no middleware, no pricing) offered the "

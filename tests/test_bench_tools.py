@@ -1232,11 +1232,15 @@ def test_generators_run_pinned_and_under_sched_fifo_only_where_asked_and_allowed
 def test_cpu_latency_qos_holds_zero_while_open_and_only_where_allowed(tmp_path: Path) -> None:
     device = tmp_path / "cpu_dma_latency"  # a plain file stands for the device: what is written, when
     device.write_bytes(b"")
-    with bench_http.cpu_latency_qos(device) as held:
+    with bench_http.cpu_latency_qos(device=device) as held:
         assert held is True
         assert struct.unpack("=i", device.read_bytes()) == (0,)
-    with bench_http.cpu_latency_qos(tmp_path / "absent") as held:
+    with bench_http.cpu_latency_qos(device=tmp_path / "absent") as held:
         assert held is False  # not allowed or not there: the benchmark runs as the machine is
+    device.write_bytes(b"")
+    with bench_http.cpu_latency_qos(False, device) as held:
+        assert held is False  # not asked for: the device is not even opened
+        assert device.read_bytes() == b""
 
 
 def test_cpu_latency_qos_on_the_real_device_is_dropped_when_closed() -> None:
